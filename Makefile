@@ -1,0 +1,34 @@
+# Two commands set everything up on a fresh Debian machine (as root):
+#   make run    start a local mesh on loopback and print how to connect
+#   make test   install what is missing and run the test suite
+VENV    := .venv
+PY      := $(VENV)/bin/python
+PIP     := $(VENV)/bin/pip
+STAMP   := $(VENV)/.installed
+
+.PHONY: run test system-deps venv bench clean
+
+system-deps:
+	@command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null || { \
+	  echo "installing redis-server and redis-tools from Debian"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server redis-tools; }
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: system-deps venv
+	$(VENV)/bin/pytest -q
+
+run: system-deps venv
+	$(VENV)/bin/umctl-mesh up
+
+bench: system-deps venv
+	$(PY) tools/bench_proxy.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
