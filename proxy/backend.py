@@ -1,0 +1,253 @@
+"""Pipelined connections to the backend Redis.
+
+The data path runs in asyncio protocol callbacks (no task switch per command): a client
+session queues a command with `queue()`, which also records where its reply must go, and
+calls `flush()` once per batch; `data_received` finds each reply's end and hands the
+original bytes to the waiting `Pending`. Lifetimes (connect, reconnect, close) are owned by
+anyio tasks in the server's task group.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING, Protocol
+
+import anyio
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential_jitter
+
+from .resp import BackendProtocolError, ReplyScanner, encode_command
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+log = structlog.get_logger("proxy.backend")
+
+CONNECT_TIMEOUT = 2.0
+RECONNECT_MAX_WAIT = 2.0
+SHARED_CONNECTIONS_PER_PROTOCOL = 4
+BACKEND_DOWN = b"-CLUSTERDOWN The backend of this node is unreachable\r\n"
+
+
+class Pending:
+    """A reply slot: `data` is None until the reply's bytes arrive."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | None = None) -> None:
+        self.data = data
+
+
+class ReplySink(Protocol):
+    def replies_arrived(self) -> None: ...
+
+
+class BackendConnection(asyncio.Protocol):
+    """One connection to the backend; FIFO of reply slots; fails them all if the link drops."""
+
+    def __init__(self, host: str, port: int, resp3: bool, password: str | None = None) -> None:
+        self.host, self.port, self.resp3, self.password = host, port, resp3, password
+        self.transport: asyncio.Transport | None = None
+        self.up = False
+        self.down = False  # True once a connect failed or the link dropped: fail fast
+        self.raw_sink: RawSink | None = None  # pub/sub: every byte goes to one client
+        self._out: list[bytes] = []
+        self._waiting: deque[tuple[Pending, ReplySink | None]] = deque()
+        self._buf = bytearray()
+        self._scanner = ReplyScanner()
+        self.lost = anyio.Event()
+
+    # -- used by sessions, synchronously --------------------------------------------------
+    def queue(self, command: bytes, pending: Pending, sink: ReplySink) -> None:
+        if self.down:
+            pending.data = BACKEND_DOWN
+            return
+        self._out.append(command)
+        self._waiting.append((pending, sink))
+
+    def send_unmatched(self, command: bytes) -> None:
+        """Send a command whose replies go to `raw_sink` (pub/sub)."""
+        if not self.down:
+            self._out.append(command)
+
+    def flush(self) -> None:
+        if self._out and self.up:
+            self.transport.write(b"".join(self._out))  # type: ignore[union-attr]
+            self._out.clear()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._waiting)
+
+    # -- lifetime --------------------------------------------------------------------------
+    async def connect(self) -> None:
+        """Open the link and send the handshake; raises OSError on failure."""
+        loop = asyncio.get_running_loop()
+        self.down = False
+        self.lost = anyio.Event()
+        try:
+            with anyio.fail_after(CONNECT_TIMEOUT):
+                await loop.create_connection(lambda: self, self.host, self.port)
+        except (OSError, TimeoutError) as exc:
+            self._go_down()
+            raise OSError(f"cannot connect to backend {self.host}:{self.port}: {exc}") from None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        handshake = []
+        if self.resp3 or self.password:
+            args = [b"HELLO", b"3" if self.resp3 else b"2"]
+            if self.password:
+                args += [b"AUTH", b"default", self.password.encode()]
+            handshake.append(encode_command(args))
+        if handshake:
+            self._waiting.extendleft((Pending(), None) for _ in handshake)
+        self.transport.write(b"".join(handshake + self._out))  # type: ignore[union-attr]
+        self._out.clear()
+        self.up = True
+
+    def data_received(self, data: bytes) -> None:
+        if self.raw_sink is not None and not self._waiting:
+            self.raw_sink.raw_arrived(data)
+            return
+        buf = self._buf
+        buf += data
+        scanner = self._scanner
+        waiting = self._waiting
+        start = 0
+        sinks = set()
+        try:
+            end = scanner.next_end(buf)
+            while end >= 0:
+                if not waiting:
+                    if self.raw_sink is None:
+                        raise BackendProtocolError(b"a reply nobody asked for")
+                    break
+                pending, sink = waiting.popleft()
+                pending.data = bytes(buf[start:end])
+                sinks.add(sink)
+                start = end
+                end = scanner.next_end(buf) if end < len(buf) else -1
+        except BackendProtocolError as exc:
+            log.error("backend_protocol_error", backend=f"{self.host}:{self.port}", data=str(exc))
+            self.transport.abort()  # type: ignore[union-attr]
+            return
+        if start:
+            del buf[:start]
+            scanner.shift(start)
+        if buf and self.raw_sink is not None and not waiting:
+            # the subscription stream took over after the last matched reply
+            rest = bytes(buf)
+            buf.clear()
+            self._scanner = ReplyScanner()
+            self.raw_sink.raw_arrived(rest)
+        for sink in sinks:
+            if sink is not None:
+                sink.replies_arrived()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._go_down()
+        self.lost.set()
+
+    def _go_down(self) -> None:
+        self.up = False
+        self.down = True
+        self.transport = None
+        self._out.clear()
+        self._buf.clear()
+        self._scanner = ReplyScanner()
+        sinks = set()
+        while self._waiting:
+            pending, sink = self._waiting.popleft()
+            pending.data = BACKEND_DOWN
+            sinks.add(sink)
+        for sink in sinks:
+            if sink is not None:
+                sink.replies_arrived()
+        if self.raw_sink is not None:
+            self.raw_sink.raw_closed()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class RawSink(Protocol):
+    def raw_arrived(self, data: bytes) -> None: ...
+    def raw_closed(self) -> None: ...
+
+
+class BackendPool:
+    """A few long-lived shared connections per RESP version, kept connected with backoff.
+
+    A client session is bound to one connection for its life, so its commands run in order.
+    """
+
+    def __init__(self, address: str, size: int = SHARED_CONNECTIONS_PER_PROTOCOL,
+                 password: str | None = None) -> None:
+        host, _, port = address.rpartition(":")
+        self.address = address
+        self.host, self.port = host, int(port)
+        self.password = password
+        self.shared = {
+            resp3: [BackendConnection(self.host, self.port, resp3, password) for _ in range(size)]
+            for resp3 in (False, True)
+        }
+        self._next = 0
+
+    def pick(self, resp3: bool) -> BackendConnection:
+        conns = self.shared[resp3]
+        self._next += 1
+        return conns[self._next % len(conns)]
+
+    def dedicated(self, resp3: bool) -> BackendConnection:
+        return BackendConnection(self.host, self.port, resp3, self.password)
+
+    @property
+    def healthy(self) -> bool:
+        return any(c.up for conns in self.shared.values() for c in conns)
+
+    async def run(self, tg: TaskGroup) -> None:
+        for conns in self.shared.values():
+            for conn in conns:
+                tg.start_soon(self._keep_connected, conn)
+
+    async def _keep_connected(self, conn: BackendConnection) -> None:
+        try:
+            while True:
+                async for attempt in AsyncRetrying(
+                    wait=wait_exponential_jitter(initial=0.05, max=RECONNECT_MAX_WAIT),
+                    retry=retry_if_exception_type(OSError), stop=stop_never, sleep=anyio.sleep,
+                    before_sleep=lambda state: log.warning(
+                        "backend_connect_failed", backend=self.address,
+                        attempt=state.attempt_number, error=str(state.outcome.exception())),
+                ):
+                    with attempt:
+                        await conn.connect()
+                log.debug("backend_connected", backend=self.address, resp3=conn.resp3)
+                await conn.lost.wait()
+                log.warning("backend_connection_lost", backend=self.address)
+        finally:
+            conn.close()
+
+
+class _Waiter:
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+
+    def replies_arrived(self) -> None:
+        self.event.set()
+
+
+async def request(conn: BackendConnection, argv: list[bytes]) -> bytes:
+    """Send one command and wait for its raw reply (control-path helper, not per command)."""
+    waiter = _Waiter()
+    pending = Pending()
+    conn.queue(encode_command(argv), pending, waiter)
+    conn.flush()
+    while pending.data is None:
+        await waiter.event.wait()
+        waiter.event = anyio.Event()
+    return pending.data

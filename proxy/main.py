@@ -1,0 +1,65 @@
+"""`mesh-proxy`: a Redis Cluster node in front of one Redis."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+import anyio
+import structlog
+
+from mesh import logs
+
+from .server import ProxyServer
+
+
+def parse_address(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got '{text}'")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mesh-proxy",
+        description="Serve one Redis as a Redis Cluster node. Without --etcd the proxy runs "
+                    "standalone and is configured in-band with UMCTL SETCLUSTER.")
+    parser.add_argument("--listen", type=parse_address, required=True, metavar="HOST:PORT",
+                        help="address clients connect to")
+    parser.add_argument("--backend", type=parse_address, required=True, metavar="HOST:PORT",
+                        help="the Redis this proxy fronts")
+    parser.add_argument("--announce", type=parse_address, metavar="HOST:PORT",
+                        help="address shown to clients in redirects and CLUSTER replies "
+                             "(default: --listen)")
+    parser.add_argument("--backend-password", metavar="PASSWORD",
+                        help="password of the backend Redis (requirepass)")
+    parser.add_argument("--log-level", choices=logs.LEVELS, default="info")
+    parser.add_argument("--log-json", action="store_true", help="log JSON lines instead of text")
+    return parser
+
+
+async def serve(args: argparse.Namespace) -> None:
+    server = ProxyServer(args.listen, args.backend, args.announce, args.backend_password)
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.run)
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                structlog.get_logger("proxy").info("proxy_stopping", signal=signum.name)
+                tg.cancel_scope.cancel()
+                break
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(args.log_level, args.log_json)
+    try:
+        anyio.run(serve, args, backend_options={"use_uvloop": True})
+    except OSError as exc:
+        structlog.get_logger("proxy").error("proxy_failed", error=str(exc))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The proxy server: listener, routing table, backend pool, and what they share."""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import anyio
+import hiredis
+import structlog
+from anyio.abc import TaskGroup
+
+from mesh.model.slots import key_slot
+
+from . import __version__
+from .backend import BackendConnection, BackendPool, Pending, request
+from .resp import OK, Err, error
+from .routing import RoutingTable, empty_table, format_ranges, table_from_meta
+from .session import Session
+from .umctl import ClusterMeta
+
+log = structlog.get_logger("proxy.server")
+
+SLOT_SCAN_TIMEOUT = 60.0
+SLOT_SCAN_BATCH = 1000
+LISTEN_BACKLOG = 1024
+
+
+class ProxyServer:
+    def __init__(self, listen: str, backend: str, announce: str | None = None,
+                 backend_password: str | None = None) -> None:
+        self.listen = listen
+        self.announce = announce or listen
+        self.backend_address = backend
+        self.pool = BackendPool(backend, password=backend_password)
+        self.table: RoutingTable = empty_table()
+        self.sessions: set[Session] = set()
+        self.commands_processed = 0
+        self.started_at = time.time()
+        self._tg: TaskGroup | None = None
+
+    # -- metadata --------------------------------------------------------------------------
+    def apply_setcluster(self, meta: ClusterMeta) -> bytes:
+        """Apply in-band metadata (standalone mode); returns the reply."""
+        if meta.epoch <= self.table.epoch and not meta.force:
+            return error(f"OLD_EPOCH current epoch is {self.table.epoch}")
+        foreign = [e.address for e in meta.local if e.address != self.backend_address]
+        if foreign:
+            return error(f"ERR_NOT_MY_META this proxy fronts {self.backend_address}, "
+                         f"not {foreign[0]}")
+        self.apply_table(table_from_meta(meta, self.announce))
+        return OK
+
+    def apply_table(self, table: RoutingTable) -> None:
+        self.table = table  # one reference swap: every command reads a whole table
+        me = table.myself
+        log.info("view_applied", cluster=table.cluster, epoch=table.epoch,
+                 slots=[list(r) for r in me.ranges] if me else [], nodes=len(table.nodes))
+
+    # -- reports ---------------------------------------------------------------------------
+    def info_section(self) -> str:
+        table = self.table
+        fields = {
+            "proxy_version": __version__,
+            "proxy_pid": os.getpid(),
+            "proxy_address": self.announce,
+            "proxy_backend": self.backend_address,
+            "proxy_backend_up": int(self.pool.healthy),
+            "proxy_cluster": table.cluster,
+            "proxy_epoch": table.epoch,
+            "proxy_connected_clients": len(self.sessions),
+            "proxy_commands_processed": self.commands_processed,
+            "proxy_uptime_in_seconds": int(time.time() - self.started_at),
+        }
+        return "# Proxy\r\n" + "".join(f"{k}:{v}\r\n" for k, v in fields.items())
+
+    def umctl_info(self) -> list:
+        table = self.table
+        me = table.myself
+        return [
+            "Cluster", [table.cluster, "epoch", table.epoch,
+                        "local", [f"{self.backend_address} {' '.join(format_ranges(me.ranges))}"]
+                        if me else [],
+                        "peer", [f"{n.address} {' '.join(format_ranges(n.ranges))}"
+                                 for n in table.nodes if not n.myself],
+                        "config", [f"{k} {v}" for k, v in table.config]],
+            "Backend", [self.backend_address, "up" if self.pool.healthy else "down"],
+        ]
+
+    # -- background work started by sessions ------------------------------------------------
+    def open_dedicated(self, session: Session, conn: BackendConnection) -> None:
+        assert self._tg is not None
+        self._tg.start_soon(self._run_dedicated, session, conn)
+
+    async def _run_dedicated(self, session: Session, conn: BackendConnection) -> None:
+        try:
+            await conn.connect()
+        except OSError as exc:
+            log.warning("dedicated_connect_failed", error=str(exc))
+        else:
+            await conn.lost.wait()
+        finally:
+            conn.close()
+        if session.dedicated is conn and session.transport is not None:
+            session.raw_closed()  # its transaction or subscriptions are gone with the link
+
+    def start_slot_scan(self, session: Session, pending: Pending, slot: int,
+                        count: int | None) -> None:
+        assert self._tg is not None
+        self._tg.start_soon(self._slot_scan, session, pending, slot, count)
+
+    async def _slot_scan(self, session: Session, pending: Pending, slot: int,
+                         count: int | None) -> None:
+        """CLUSTER COUNTKEYSINSLOT/GETKEYSINSLOT: the backend is no cluster node, so scan it."""
+        conn = self.pool.dedicated(False)
+        keys: list[bytes] = []
+        result: list[bytes] | Err = keys
+        try:
+            with anyio.fail_after(SLOT_SCAN_TIMEOUT):
+                await conn.connect()
+                cursor = b"0"
+                while True:
+                    raw = await request(conn, [b"SCAN", cursor, b"COUNT", b"%d" % SLOT_SCAN_BATCH])
+                    reader = hiredis.Reader()
+                    reader.feed(raw)
+                    reply = reader.gets()
+                    if not isinstance(reply, list):
+                        result = Err(f"ERR backend: {reply}")
+                        break
+                    cursor, batch = reply[0], reply[1]
+                    keys.extend(k for k in batch if key_slot(k) == slot)
+                    if cursor == b"0" or (count is not None and len(keys) >= count):
+                        break
+        except (OSError, TimeoutError) as exc:
+            result = Err(f"CLUSTERDOWN cannot scan the backend: {exc}")
+        finally:
+            conn.close()
+        session.slot_scan_done(pending, result, count)
+
+    # -- lifetime --------------------------------------------------------------------------
+    async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        host, _, port = self.listen.rpartition(":")
+        loop = asyncio.get_running_loop()
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await self.pool.run(tg)
+            server = await loop.create_server(lambda: Session(self), host.strip("[]"), int(port),
+                                              reuse_address=True, backlog=LISTEN_BACKLOG)
+            log.info("proxy_listening", listen=self.listen, backend=self.backend_address,
+                     announce=self.announce)
+            task_status.started()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                server.close()
+                for session in list(self.sessions):
+                    if session.transport is not None:
+                        session.transport.abort()
+                tg.cancel_scope.cancel()
+

@@ -1,0 +1,544 @@
+"""One client connection: parse, route, forward, and write replies back in request order.
+
+Runs in asyncio protocol callbacks. Every command appends one `Pending` to `replies`; a
+backend fills it later or the proxy fills it at once; `_write_ready` writes the resolved head
+of the queue, so replies always leave in request order, whichever path made them.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from typing import TYPE_CHECKING
+
+import structlog
+
+from mesh.model.slots import SLOT_COUNT, key_slot
+
+from . import clusterinfo, commands, policy
+from .backend import BackendConnection, Pending
+from .policy import Kind
+from .resp import (OK, PONG, Err, RequestError, RequestParser, bulk, encode, encode_command,
+                   error, integer)
+from .routing import hash_password
+from .umctl import UmctlError, parse_setcluster
+
+if TYPE_CHECKING:
+    from .server import ProxyServer
+
+log = structlog.get_logger("proxy.session")
+
+# Replies queued but not yet written before the proxy stops reading this client's commands.
+MAX_INFLIGHT_REPLIES = 4096
+# Bytes the client has not read yet before it is disconnected (Redis: client-output-buffer-limit).
+MAX_CLIENT_OUTPUT_BYTES = 256 * 1024 * 1024
+CLIENT_WRITE_HIGH_WATER = 4 * 1024 * 1024
+REDIS_COMPAT_VERSION = "7.0.0"
+
+CROSSSLOT = b"-CROSSSLOT Keys in request don't hash to the same slot\r\n"
+NOAUTH = b"-NOAUTH Authentication required.\r\n"
+EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+
+_session_ids = itertools.count(1)
+
+
+class Rewrite(Pending):
+    """A reply slot whose bytes are transformed before they are written."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn) -> None:  # noqa: ANN001
+        super().__init__()
+        self.fn = fn
+
+
+def _build_dispatch() -> dict[bytes, tuple[Kind, commands.CommandSpec]]:
+    table = {name: (policy.kind_of(name.decode()), spec)
+             for name, spec in commands.COMMANDS.items()}
+    # the proxy's own command, unknown to Redis
+    table[b"UMCTL"] = (Kind.LOCAL, commands.CommandSpec(
+        name=b"UMCTL", arity=-2, flags=frozenset(), first_key=0, last_key=0, key_step=0,
+        movable=False, min_argc=2, max_argc=1 << 31,
+        arity_error="ERR wrong number of arguments for 'umctl' command"))
+    return table
+
+
+DISPATCH = _build_dispatch()
+
+
+class Session(asyncio.Protocol):
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.id = next(_session_ids)
+        self.parser = RequestParser()
+        self.replies: deque[Pending] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.resp3 = False
+        self.conn: BackendConnection = server.pool.pick(False)
+        self.dedicated: BackendConnection | None = None
+        self.barrier: Pending | None = None  # commands wait until this reply has arrived
+        self.held: list[tuple[bytes, Pending | None]] = []  # None: a raw (pub/sub) command
+        self.authenticated = False
+        self.asking = False
+        self.in_multi = False
+        self.multi_failed = False
+        self.name = b""
+        self.closing = False
+        self.paused_for_depth = False
+        self.paused_for_output = False
+
+    # -- asyncio callbacks -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=CLIENT_WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        self.server.sessions.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.server.sessions.discard(self)
+        if self.dedicated is not None:
+            self.dedicated.raw_sink = None
+            self.dedicated.close()
+
+    def pause_writing(self) -> None:
+        self.paused_for_output = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.paused_for_output = False
+        self._update_reading()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            batch = self.parser.feed(data)
+        except RequestError as exc:
+            self.replies.append(Pending(error(str(exc))))
+            self.closing = True
+            batch = []
+        conn = self.conn
+        handle = self.handle
+        for argv in batch:
+            handle(argv)
+            if self.closing:
+                break
+        self.server.commands_processed += len(batch)
+        if conn is not self.conn:
+            conn.flush()
+        self.conn.flush()
+        self._write_ready()
+        if len(self.replies) > MAX_INFLIGHT_REPLIES and not self.paused_for_depth:
+            self.paused_for_depth = True
+            self._update_reading()
+
+    # -- replies -----------------------------------------------------------------------------
+    def replies_arrived(self) -> None:
+        if self.barrier is not None and self.barrier.data is not None:
+            self._release_held()
+        self._write_ready()
+
+    def raw_arrived(self, data: bytes) -> None:
+        self.replies.append(Pending(data))
+        self._write_ready()
+
+    def raw_closed(self) -> None:
+        self.closing = True
+        self._write_ready()
+
+    def _write_ready(self) -> None:
+        replies = self.replies
+        transport = self.transport
+        if transport is None:
+            replies.clear()
+            return
+        if replies and replies[0].data is not None:
+            out = []
+            while replies and replies[0].data is not None:
+                p = replies.popleft()
+                out.append(p.data if p.__class__ is Pending else p.fn(p.data))
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+            if transport.get_write_buffer_size() > MAX_CLIENT_OUTPUT_BYTES:
+                log.warning("client_output_limit", client=self.id)
+                transport.abort()
+                return
+        if self.paused_for_depth and len(replies) < MAX_INFLIGHT_REPLIES // 2:
+            self.paused_for_depth = False
+            self._update_reading()
+        if self.closing and not replies:
+            transport.close()
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.paused_for_depth or self.paused_for_output:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def reply(self, data: bytes) -> None:
+        self.replies.append(Pending(data))
+
+    def reply_value(self, value: object) -> None:
+        self.replies.append(Pending(encode(value, self.resp3)))
+
+    # -- dispatch ----------------------------------------------------------------------------
+    def handle(self, argv: list[bytes]) -> None:
+        name = argv[0].upper()
+        entry = DISPATCH.get(name)
+        if entry is None:
+            self._unknown(argv)
+            return
+        kind, spec = entry
+        if spec.subcommands is not None and len(argv) > 1 and kind is not Kind.LOCAL:
+            sub = spec.subcommands.get(argv[1].upper())
+            if sub is not None:
+                spec = sub
+                kind = policy.kind_of(spec.name.decode())
+        if not commands.check_arity(spec, len(argv)):
+            self.reply(error(commands.arity_error(spec)))
+            self._fail_multi()
+            return
+        if not self.authenticated and kind is not Kind.LOCAL and self._auth_required():
+            self.reply(NOAUTH)
+            return
+        if kind is Kind.KEYED:
+            if spec.first_key and not self._route(spec, argv):
+                return
+            self._forward(argv)
+        elif kind is Kind.LOCAL:
+            getattr(self, "cmd_" + spec.name.decode().replace("|", "_").replace("-", "_"))(argv)
+        elif kind is Kind.DEDICATED:
+            self._dedicated(spec, argv)
+        elif kind is Kind.SUBSCRIBE:
+            self._subscribe(spec, argv)
+        else:
+            self.reply(error(policy.refusal(spec.name.decode())))
+        self.asking = False
+
+    def _route(self, spec: commands.CommandSpec, argv: list[bytes]) -> bool:
+        """True when this node serves the command's keys; else the reply is queued."""
+        if spec.movable or spec.last_key != spec.first_key:
+            try:
+                positions = commands.key_indices(spec, argv)
+            except commands.CommandArgsError as exc:
+                self.reply(error(str(exc)))
+                return False
+            if not positions:
+                return True
+            slot = key_slot(argv[positions[0]])
+            for i in positions[1:]:
+                if key_slot(argv[i]) != slot:
+                    self.reply(CROSSSLOT)
+                    self._fail_multi()
+                    return False
+        else:
+            slot = key_slot(argv[spec.first_key])
+        redirect = self.server.table.routes[slot]
+        if redirect is None:
+            return True
+        self.reply(redirect)
+        self._fail_multi()
+        return False
+
+    def _forward(self, argv: list[bytes], pending: Pending | None = None) -> None:
+        pending = pending or Pending()
+        self.replies.append(pending)
+        if self.barrier is not None:
+            self.held.append((encode_command(argv), pending))
+        else:
+            self.conn.queue(encode_command(argv), pending, self)
+
+    def _auth_required(self) -> bool:
+        if self.server.table.password_hash is None:
+            return False
+        return True
+
+    def _fail_multi(self) -> None:
+        if self.in_multi:
+            self.multi_failed = True
+
+    def _unknown(self, argv: list[bytes]) -> None:
+        shown = " ".join(f"'{a.decode(errors='replace')[:128]}'" for a in argv[1:21])
+        self.reply(error(f"ERR unknown command '{argv[0].decode(errors='replace')[:128]}', "
+                         f"with args beginning with: {shown}"))
+        self._fail_multi()
+
+    # -- dedicated connections ---------------------------------------------------------------
+    def _switch_to(self, conn: BackendConnection) -> None:
+        """Send later commands on `conn`, only after everything already sent has replied."""
+        self.conn.flush()
+        for p in reversed(self.replies):
+            if p.data is None:
+                self.barrier = p
+                break
+        self.conn = conn
+
+    def _release_held(self) -> None:
+        self.barrier = None
+        for command, pending in self.held:
+            if pending is None:
+                self.conn.send_unmatched(command)
+            else:
+                self.conn.queue(command, pending, self)
+        self.held.clear()
+        self.conn.flush()
+
+    def _ensure_dedicated(self) -> BackendConnection:
+        if self.dedicated is None:
+            self.dedicated = self.server.pool.dedicated(self.resp3)
+            self.server.open_dedicated(self, self.dedicated)
+            self._switch_to(self.dedicated)
+        return self.dedicated
+
+    def _dedicated(self, spec: commands.CommandSpec, argv: list[bytes]) -> None:
+        name = spec.name
+        if name == b"EXEC" and self.multi_failed:
+            self._ensure_dedicated()
+            self.in_multi = self.multi_failed = False
+            pending = Rewrite(lambda _data: EXECABORT)
+            self._forward([b"DISCARD"], pending)
+            return
+        if spec.first_key and not self._route(spec, argv):
+            return
+        self._ensure_dedicated()
+        if name == b"MULTI":
+            self.in_multi = True
+        elif name in (b"EXEC", b"DISCARD"):
+            self.in_multi = self.multi_failed = False
+        self._forward(argv)
+
+    def _subscribe(self, spec: commands.CommandSpec, argv: list[bytes]) -> None:
+        if spec.first_key and not self._route(spec, argv):
+            return
+        conn = self._ensure_dedicated()
+        conn.raw_sink = self
+        command = encode_command(argv)
+        if self.barrier is not None:
+            self.held.append((command, None))
+        else:
+            conn.send_unmatched(command)
+
+    # -- commands answered by the proxy ------------------------------------------------------
+    def cmd_PING(self, argv: list[bytes]) -> None:
+        self.reply(PONG if len(argv) == 1 else bulk(argv[1]))
+
+    def cmd_ECHO(self, argv: list[bytes]) -> None:
+        self.reply(bulk(argv[1]))
+
+    def cmd_SELECT(self, argv: list[bytes]) -> None:
+        if argv[1] == b"0":
+            self.reply(OK)
+        else:
+            self.reply(error("ERR SELECT is not allowed in cluster mode"))
+
+    def cmd_QUIT(self, argv: list[bytes]) -> None:
+        self.reply(OK)
+        self.closing = True
+
+    def cmd_RESET(self, argv: list[bytes]) -> None:
+        if self.dedicated is not None:
+            self.dedicated.raw_sink = None
+            self.dedicated.close()
+            self.dedicated = None
+            self._switch_to(self.server.pool.pick(False))
+        elif self.resp3:
+            self._switch_to(self.server.pool.pick(False))
+        self.resp3 = self.in_multi = self.multi_failed = self.asking = False
+        self.authenticated = False
+        self.name = b""
+        self.reply(b"+RESET\r\n")
+
+    def cmd_ASKING(self, argv: list[bytes]) -> None:
+        self.asking = True
+        self.reply(OK)
+
+    def cmd_READONLY(self, argv: list[bytes]) -> None:
+        self.reply(OK)
+
+    def cmd_READWRITE(self, argv: list[bytes]) -> None:
+        self.reply(OK)
+
+    def cmd_AUTH(self, argv: list[bytes]) -> None:
+        if len(argv) > 3:
+            self.reply(error("ERR syntax error"))
+            return
+        user = argv[1] if len(argv) == 3 else b"default"
+        self._authenticate(user, argv[-1])
+
+    def _authenticate(self, user: bytes, password: bytes) -> bool:
+        expected = self.server.table.password_hash
+        if expected is None:
+            self.reply(error("ERR AUTH <password> called without any password configured for "
+                             "the default user. Are you sure your configuration is correct?"))
+            return False
+        if user != b"default" or hash_password(password.decode(errors="replace")) != expected:
+            self.reply(error("WRONGPASS invalid username-password pair or user is disabled."))
+            return False
+        self.authenticated = True
+        self.reply(OK)
+        return True
+
+    def cmd_HELLO(self, argv: list[bytes]) -> None:
+        protocol = 3 if self.resp3 else 2
+        i = 1
+        if len(argv) > 1:
+            try:
+                protocol = int(argv[1])
+            except ValueError:
+                self.reply(error("ERR Protocol version is not an integer or out of range"))
+                return
+            if protocol not in (2, 3):
+                self.reply(error("NOPROTO unsupported protocol version"))
+                return
+            i = 2
+        name = None
+        while i < len(argv):
+            opt = argv[i].upper()
+            if opt == b"AUTH" and i + 2 < len(argv):
+                if not self._authenticate(argv[i + 1], argv[i + 2]):
+                    return
+                self.replies.pop()  # the +OK of AUTH: HELLO answers with its map
+                i += 3
+            elif opt == b"SETNAME" and i + 1 < len(argv):
+                name = argv[i + 1]
+                i += 2
+            else:
+                self.reply(error(f"ERR Syntax error in HELLO option '{opt.decode(errors='replace')}'"))
+                return
+        if not self.authenticated and self._auth_required():
+            self.reply(error("NOAUTH HELLO must be called with the client already authenticated, "
+                             "otherwise the HELLO <proto> AUTH <user> <pass> option can be used "
+                             "to authenticate the client and select the RESP protocol version "
+                             "at the same time"))
+            return
+        if name is not None:
+            self.name = name
+        if (protocol == 3) != self.resp3:
+            self.resp3 = protocol == 3
+            if self.dedicated is None:
+                self._switch_to(self.server.pool.pick(self.resp3))
+            else:
+                self._forward([b"HELLO", str(protocol).encode()], Rewrite(lambda _d: b""))
+        self.reply_value({"server": "redis", "version": REDIS_COMPAT_VERSION, "proto": protocol,
+                          "id": self.id, "mode": "cluster", "role": "master", "modules": []})
+
+    def cmd_CLIENT_SETNAME(self, argv: list[bytes]) -> None:
+        self.name = argv[2]
+        self.reply(OK)
+
+    def cmd_CLIENT_GETNAME(self, argv: list[bytes]) -> None:
+        self.reply_value(self.name or None)
+
+    def cmd_CLIENT_ID(self, argv: list[bytes]) -> None:
+        self.reply(integer(self.id))
+
+    def cmd_CLIENT_SETINFO(self, argv: list[bytes]) -> None:
+        self.reply(OK)
+
+    def cmd_CLIENT_INFO(self, argv: list[bytes]) -> None:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        addr = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.reply(bulk(f"id={self.id} addr={addr} name={self.name.decode(errors='replace')} "
+                        f"db=0 resp={3 if self.resp3 else 2}\n"))
+
+    def cmd_INFO(self, argv: list[bytes]) -> None:
+        server = self.server
+        sections = {a.lower() for a in argv[1:]}
+        proxy_only = sections == {b"proxy"}
+        extra = server.info_section()
+        if proxy_only:
+            self.reply(bulk(extra))
+            return
+
+        def add_proxy_section(data: bytes) -> bytes:
+            if data[:1] not in (b"$", b"="):
+                return data
+            header_end = data.index(b"\r\n")
+            body = data[header_end + 2 : -2] + b"\r\n" + extra.encode()
+            return b"%s%d\r\n%s\r\n" % (data[:1], len(body), body)
+
+        self._forward([a for a in argv if a.lower() != b"proxy"], Rewrite(add_proxy_section))
+
+    def cmd_UMCTL(self, argv: list[bytes]) -> None:
+        sub = argv[1].upper() if len(argv) > 1 else b""
+        server = self.server
+        if sub == b"SETCLUSTER":
+            try:
+                meta = parse_setcluster(argv[2:])
+            except UmctlError as exc:
+                self.reply(error(str(exc)))
+                return
+            self.reply(server.apply_setcluster(meta))
+        elif sub == b"GETEPOCH":
+            self.reply(integer(server.table.epoch))
+        elif sub == b"READY":
+            me = server.table.myself
+            self.reply(integer(1 if me is not None and me.ranges and server.pool.healthy else 0))
+        elif sub == b"INFO":
+            self.reply_value(server.umctl_info())
+        elif sub == b"LISTCLUSTER":
+            self.reply_value([server.table.cluster] if server.table.configured else [])
+        else:
+            self.reply(error("ERR unknown UMCTL subcommand; try SETCLUSTER, GETEPOCH, INFO, "
+                             "READY or LISTCLUSTER"))
+
+    def cmd_CLUSTER(self, argv: list[bytes]) -> None:
+        sub = argv[1].upper().decode(errors="replace") if len(argv) > 1 else "HELP"
+        if sub not in policy.CLUSTER_LOCAL:
+            self.reply(error(f"ERR CLUSTER {sub} is not allowed through moonmesh: the mesh "
+                             "manages the cluster's topology"))
+            return
+        table = self.server.table
+        if sub == "NODES":
+            self.reply(bulk(clusterinfo.cluster_nodes(table)))
+        elif sub == "SLOTS":
+            self.reply_value(clusterinfo.cluster_slots(table))
+        elif sub == "SHARDS":
+            self.reply_value(clusterinfo.cluster_shards(table))
+        elif sub == "INFO":
+            self.reply(bulk(clusterinfo.cluster_info(table)))
+        elif sub == "MYID":
+            me = table.myself
+            self.reply(bulk(me.node_id if me else ""))
+        elif sub == "LINKS":
+            self.reply_value([])
+        elif sub in ("REPLICAS", "SLAVES"):
+            if len(argv) != 3:
+                self.reply(error(f"ERR wrong number of arguments for 'cluster|{sub.lower()}' command"))
+                return
+            master = argv[2].decode(errors="replace")
+            if not any(n.node_id == master for n in table.nodes):
+                self.reply(error(f"ERR Unknown node {master}"))
+                return
+            lines = clusterinfo.cluster_nodes(table).splitlines(keepends=True)
+            self.reply_value([line for line in lines if f" {master} " in line])
+        elif sub == "HELP":
+            self.reply_value([f"CLUSTER {s}" for s in sorted(policy.CLUSTER_LOCAL)])
+        elif sub == "KEYSLOT":
+            if len(argv) != 3:
+                self.reply(error("ERR wrong number of arguments for 'cluster|keyslot' command"))
+                return
+            self.reply(integer(key_slot(argv[2])))
+        else:  # COUNTKEYSINSLOT slot / GETKEYSINSLOT slot count
+            want = 3 if sub == "COUNTKEYSINSLOT" else 4
+            if len(argv) != want:
+                self.reply(error(f"ERR wrong number of arguments for 'cluster|{sub.lower()}' command"))
+                return
+            try:
+                slot = int(argv[2])
+                count = int(argv[3]) if want == 4 else None
+            except ValueError:
+                self.reply(error("ERR Invalid slot or number of keys"))
+                return
+            if not 0 <= slot < SLOT_COUNT or (count is not None and count < 0):
+                self.reply(error("ERR Invalid slot or number of keys"))
+                return
+            pending = Pending()
+            self.replies.append(pending)
+            self.server.start_slot_scan(self, pending, slot, count)
+
+    def slot_scan_done(self, pending: Pending, keys: list[bytes] | Err, count: int | None) -> None:
+        if isinstance(keys, Err):
+            pending.data = error(keys)
+        else:
+            pending.data = encode(len(keys) if count is None else keys[:count], self.resp3)
+        self._write_ready()
