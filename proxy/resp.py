@@ -30,27 +30,30 @@ class BackendProtocolError(Exception):
 class RequestParser:
     """Turns the client's byte stream into argv lists (list[bytes]).
 
-    Accepts RESP multibulk requests and, at request boundaries, inline (telnet style) lines.
+    A connection may start with inline (telnet style) lines and switch to RESP at a line
+    boundary. Once it has sent RESP it stays RESP: hiredis does not say where a request ended
+    inside a read, so an inline line after RESP cannot be told from a request's middle.
     """
 
-    __slots__ = ("_reader", "_pending_bytes", "_inline")
+    __slots__ = ("_reader", "_pending_bytes", "_inline", "_resp")
 
     def __init__(self) -> None:
         self._reader = hiredis.Reader(notEnoughData=_NEED_DATA)
         self._pending_bytes = 0  # upper bound of bytes fed that no finished request accounts for
         self._inline = b""
+        self._resp = False
 
     def feed(self, data: bytes) -> list[list[bytes]]:
         """Return the complete requests in `data` (plus what was buffered). Raises RequestError."""
-        reader = self._reader
-        if not reader.has_data() and (self._inline or data[:1] != b"*"):
+        if not self._resp:
             commands, data = self._parse_inline(data)
             if not data:
                 return commands
+            self._resp = True
+            _check_multibulk_header(data)
         else:
             commands = []
-        if not reader.has_data():
-            _check_multibulk_header(data)
+        reader = self._reader
         reader.feed(data)
         gets = reader.gets
         try:
@@ -69,7 +72,7 @@ class RequestParser:
         except hiredis.ProtocolError as exc:
             raise RequestError(f"Protocol error: {exc}") from None
         if commands:
-            self._pending_bytes = len(data) if reader.has_data() else 0
+            self._pending_bytes = len(data)
         else:
             self._pending_bytes += len(data)
             if self._pending_bytes > MAX_PENDING_REQUEST_BYTES:
@@ -97,8 +100,8 @@ class RequestParser:
 
 
 def _check_multibulk_header(data: bytes) -> None:
-    # Only a request that starts a read can be checked before hiredis allocates for it; the rest
-    # are bounded by MAX_PENDING_REQUEST_BYTES.
+    # Only the first request can be checked before hiredis parses it; later ones are bounded
+    # by MAX_PENDING_REQUEST_BYTES and checked once parsed.
     nl = data.find(b"\r\n", 0, 24)
     if nl > 1:
         try:

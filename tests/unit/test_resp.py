@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+import hiredis
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.resp import (MAX_MULTIBULK_LEN, BackendProtocolError, Err, ReplyScanner,
+                        RequestError, RequestParser, encode, encode_command, scan_reply)
+
+
+def feed_whole_and_bytewise(data: bytes) -> list[list[list[bytes]]]:
+    """The commands found when `data` arrives at once, byte by byte, and in two halves."""
+    whole = RequestParser().feed(data)
+    parser = RequestParser()
+    bytewise = [cmd for i in range(len(data)) for cmd in parser.feed(data[i : i + 1])]
+    parser = RequestParser()
+    half = len(data) // 2
+    halves = parser.feed(data[:half]) + parser.feed(data[half:])
+    return [whole, bytewise, halves]
+
+
+def test_request_parses_the_same_whole_bytewise_and_split():
+    data = encode_command([b"SET", b"k", b"v\r\nx"]) + encode_command([b"GET", b"k"])
+    for result in feed_whole_and_bytewise(data):
+        assert result == [[b"SET", b"k", b"v\r\nx"], [b"GET", b"k"]]
+
+
+def test_inline_commands_are_accepted():
+    for result in feed_whole_and_bytewise(b"PING\r\nset a  b\n"):
+        assert result == [[b"PING"], [b"set", b"a", b"b"]]
+
+
+def test_inline_then_resp_in_one_read():
+    assert RequestParser().feed(b"PING\r\n" + encode_command([b"GET", b"a"])) == [
+        [b"PING"], [b"GET", b"a"]]
+
+
+def test_after_resp_an_inline_line_is_a_protocol_error():
+    parser = RequestParser()
+    assert parser.feed(encode_command([b"PING"])) == [[b"PING"]]
+    with pytest.raises(RequestError):
+        parser.feed(b"PING\r\n")
+
+
+def test_empty_multibulk_and_blank_lines_are_ignored():
+    assert RequestParser().feed(b"\r\n\n*0\r\n" + encode_command([b"PING"])) == [[b"PING"]]
+
+
+@pytest.mark.parametrize("data", [
+    b"*1\r\n$-5\r\n", b"*1\r\n$abc\r\n", b"*x\r\n", b"*-3\r\n",
+    b"*%d\r\n" % (MAX_MULTIBULK_LEN + 1),
+    b"*1\r\n*1\r\n$1\r\na\r\n",  # nested array
+    b"*1\r\n:5\r\n",  # integer argument
+    encode_command([b"GET", b"a"]) + b"+OK\r\n",  # not a request
+])
+def test_malformed_requests_raise_request_error(data):
+    with pytest.raises(RequestError, match="Protocol error"):
+        RequestParser().feed(data)
+
+
+def test_too_big_inline_request_is_refused():
+    with pytest.raises(RequestError, match="too big inline"):
+        RequestParser().feed(b"A" * (70 * 1024))
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=500)
+def test_parser_only_ever_raises_request_error(data):
+    parser = RequestParser()
+    try:
+        for cmd in parser.feed(data):
+            assert cmd and all(isinstance(a, bytes) for a in cmd)
+    except RequestError:
+        pass
+
+
+# -- replies ----------------------------------------------------------------------------------
+
+REPLIES = [
+    b"+OK\r\n", b"-ERR bad\r\n", b":42\r\n", b"$-1\r\n", b"$0\r\n\r\n", b"$5\r\nhe\r\no\r\n",
+    b"*-1\r\n", b"*0\r\n", b"*2\r\n$1\r\na\r\n*1\r\n:1\r\n", b"_\r\n", b",3.14\r\n", b"#t\r\n",
+    b"(12345678901234567890\r\n", b"!3\r\nerr\r\n", b"=8\r\ntxt:abcd\r\n",
+    b"%2\r\n+a\r\n:1\r\n+b\r\n*1\r\n:2\r\n", b"~2\r\n:1\r\n:2\r\n", b">2\r\n+msg\r\n$1\r\nx\r\n",
+    b"|1\r\n+ttl\r\n:3\r\n$2\r\nok\r\n",  # an attribute, then the reply it annotates
+]
+
+
+@pytest.mark.parametrize("reply", REPLIES)
+def test_scanner_finds_the_end_of_each_reply_type(reply):
+    assert scan_reply(reply + b"+NEXT\r\n") == len(reply)
+    for cut in range(len(reply)):
+        assert scan_reply(reply[:cut]) == -1
+
+
+def test_scanner_resumes_a_partial_aggregate_without_rescanning():
+    big = b"*3\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n"
+    scanner = ReplyScanner()
+    buf = bytearray()
+    ends = []
+    for byte in big + b":1\r\n":
+        buf.append(byte)
+        end = scanner.next_end(buf)
+        if end >= 0:
+            ends.append(end)
+    assert ends == [len(big), len(big) + 4]
+
+
+def test_scanner_rejects_bytes_that_are_not_resp():
+    with pytest.raises(BackendProtocolError):
+        scan_reply(b"hello\r\n")
+    with pytest.raises(BackendProtocolError):
+        scan_reply(b"$x\r\n")
+
+
+resp_values = st.recursive(
+    st.one_of(st.binary(max_size=20), st.integers(-2**63, 2**63 - 1), st.none(),
+              st.builds(Err, st.sampled_from(["ERR x", "MOVED 1 a:1"]))),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.binary(max_size=5), children, max_size=3),
+    max_leaves=12)
+
+
+@given(st.lists(resp_values, min_size=1, max_size=6), st.booleans(),
+       st.lists(st.integers(1, 40), max_size=8))
+@settings(max_examples=300)
+def test_scanner_splits_a_stream_into_the_replies_it_was_made_of(values, resp3, cuts):
+    encoded = [encode(v, resp3) for v in values]
+    stream = b"".join(encoded)
+    scanner = ReplyScanner()
+    buf = bytearray()
+    found = []
+    pos = 0
+    chunks = []
+    for size in cuts + [len(stream)]:
+        chunks.append(stream[pos : pos + size])
+        pos += size
+    for chunk in chunks:
+        buf += chunk
+        while (end := scanner.next_end(buf)) >= 0:
+            found.append(bytes(buf[:end]))
+            del buf[:end]
+            scanner.shift(end)
+    assert found == encoded
+    for raw in found:  # and hiredis agrees each one is one whole reply
+        reader = hiredis.Reader(notEnoughData=Ellipsis)
+        reader.feed(raw)
+        reader.gets()
+        assert reader.gets() is Ellipsis
