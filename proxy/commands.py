@@ -9,6 +9,7 @@ and finds the key positions of a command exactly as Redis 7.0's ``COMMAND GETKEY
 * when a spec is ``unknown``/``incomplete`` or does not fit the arguments, Redis falls back
   to the command's own key-extraction function; the ones that can change the answer
   (SORT, SORT_RO, MIGRATE, XREAD, XREADGROUP, GEORADIUS, GEORADIUSBYMEMBER) are emulated here;
+* "PFMERGE dest" (no source key) is routed by dest although GETKEYS finds no key there;
 * when the arguments make key finding impossible (a numkeys argument that is not an integer,
   is out of range or promises more keys than there are arguments, or a wrong argument count)
   :class:`CommandArgsError` is raised carrying the error Redis itself replies when the command
@@ -131,6 +132,8 @@ def key_indices(spec: CommandSpec, argv: list[bytes]) -> list[int]:
 
     Returns [] for keyless commands (and when Redis would find no key, e.g. XREAD without
     STREAMS). Raises CommandArgsError for a wrong argument count or an unusable numkeys.
+    One deliberate difference: "PFMERGE dest" gives [1] (GETKEYS finds nothing, see
+    _ROUTE_BY_LEGACY_TRIPLE).
     """
     n = len(argv)
     if not spec.min_argc <= n <= spec.max_argc:
@@ -146,7 +149,8 @@ def key_indices(spec: CommandSpec, argv: list[bytes]) -> list[int]:
     s = spec.static_keys
     if s is not None:
         return list(s)
-    return spec._slow(spec, argv, n)
+    slow = spec._slow
+    return slow(spec, argv, n) if slow is not None else []   # [] for a hand-made keyless spec
 
 
 def shard_channel_indices(spec: CommandSpec, argv: list[bytes]) -> list[int]:
@@ -219,13 +223,14 @@ def _keys_from_plan(plan: tuple, argv: list[bytes], n: int) -> list[int] | None:
         if bs_kind == _BS_INDEX:
             first = bs_a
         elif bs_kind == _BS_KEYWORD:
-            # for (i = start; i != end; ...) with end = argc-1 (forward) or 0 (backward):
-            # the last argument is never taken for the keyword.
+            # Redis 7.0 searches forward from startfrom up to argc-2, or backward from
+            # argc+startfrom down to 2: neither the last argument nor argv[1] is ever taken
+            # for the keyword (checked against COMMAND GETKEYS of redis-server 7.0.15).
             first = 0
             if bs_b > 0:
                 candidates = range(bs_b, n - 1)
             else:
-                candidates = range(n + bs_b, 0, -1)
+                candidates = range(n + bs_b, 1, -1)
             for i in candidates:
                 if _ci(argv[i]) == bs_a:
                     first = i + 1
@@ -351,6 +356,13 @@ _FALLBACK: dict[bytes, Callable[[list[bytes], int], list[int]]] = {
     b"GEORADIUSBYMEMBER": _georadius_keys,
 }
 
+# Deliberate deviation from COMMAND GETKEYS. "PFMERGE dest" (no source) is valid and writes
+# dest, but its second key spec (sources: argv[2..-1]) is then empty, which Redis 7.0 treats as
+# an invalid spec, so GETKEYS (and Redis Cluster's own routing) find no key at all. Routing
+# it as keyless would create dest on an arbitrary node; the legacy triple (1, -1, 1) gives
+# [1] there and the same keys as GETKEYS whenever there is a source.
+_ROUTE_BY_LEGACY_TRIPLE = frozenset({b"PFMERGE"})
+
 # ---- numkeys checks: the errors each command replies itself (verified on redis 7.0.15) ----
 
 _NOT_INT = "ERR value is not an integer or out of range"
@@ -376,27 +388,56 @@ _NUMKEYS_RULES: dict[bytes, tuple[str, int, str, str]] = {
 _DEFAULT_NUMKEYS_RULE = _SCRIPT   # for a keynum command not listed above
 
 
+def _parse_numkeys(raw: bytes) -> int | None:
+    if raw.isdigit() and len(raw) < 19 and (raw[0] != 48 or len(raw) == 1):   # 48 == ord("0")
+        return int(raw)
+    return _string2ll(raw)
+
+
 def _make_slow(spec_name: bytes, plan: tuple, numkeys: tuple | None, skip_specs: bool,
-               fallback: Callable[[list[bytes], int], list[int]] | None):
-    """Build the general key finder for one command (movable or otherwise unusual)."""
+               fallback: Callable[[list[bytes], int], list[int]] | None,
+               keynum_prefix: tuple[int, ...] | None):
+    """Build the key finder for one command that is movable or otherwise unusual.
 
+    ``numkeys`` = (numkeys index, first key index, key step, not-int error, minimum,
+    below-minimum error, too-many error) for commands with a keynum key spec.
+    ``keynum_prefix``: when not None the keys are exactly these fixed positions followed by
+    the numkeys keys (EVAL, FCALL, ZUNIONSTORE, LMPOP, ...), so the generic key-spec walk is
+    skipped.
+    """
+    slow: Callable[[CommandSpec, list[bytes], int], list[int]]
     if numkeys is not None:
-        nk_idx, nk_first, not_int, minimum, below, too_many = numkeys
+        nk_idx, nk_first, nk_step, not_int, minimum, below, too_many = numkeys
 
-        def check_numkeys(argv: list[bytes], n: int) -> None:
-            v = _string2ll(argv[nk_idx])
-            if v is None:
-                raise CommandArgsError(not_int)
-            if v < minimum:
-                raise CommandArgsError(below)
-            if v > n - nk_first:
-                raise CommandArgsError(too_many)
+        if keynum_prefix is not None:
+            prefix = list(keynum_prefix)
+
+            def slow(spec: CommandSpec, argv: list[bytes], n: int) -> list[int]:
+                v = _parse_numkeys(argv[nk_idx])
+                if v is None:
+                    raise CommandArgsError(not_int)
+                if v < minimum:
+                    raise CommandArgsError(below)
+                if v > n - nk_first:
+                    raise CommandArgsError(too_many)
+                if not v:
+                    return []          # Redis: an empty keynum range invalidates every spec
+                return [*prefix, *range(nk_first, nk_first + v, nk_step)]
+        else:
+            def slow(spec: CommandSpec, argv: list[bytes], n: int) -> list[int]:
+                v = _parse_numkeys(argv[nk_idx])
+                if v is None:
+                    raise CommandArgsError(not_int)
+                if v < minimum:
+                    raise CommandArgsError(below)
+                if v > n - nk_first:
+                    raise CommandArgsError(too_many)
+                return _generic(argv, n)
     else:
-        check_numkeys = None
+        def slow(spec: CommandSpec, argv: list[bytes], n: int) -> list[int]:
+            return _generic(argv, n)
 
-    def slow(spec: CommandSpec, argv: list[bytes], n: int) -> list[int]:
-        if check_numkeys is not None:
-            check_numkeys(argv, n)
+    def _generic(argv: list[bytes], n: int) -> list[int]:
         if not skip_specs:
             keys = _keys_from_plan(plan, argv, n)
             if keys is not None:
@@ -439,8 +480,9 @@ def _build_spec(row: tuple, subcommands: Mapping[bytes, CommandSpec] | None) -> 
     simple = all(s.begin_search == "index" and s.find_keys == "range"
                  and "incomplete" not in s.flags for s in real)
     fallback = _FALLBACK.get(name)
-    # COMMAND GETKEYS skips the key specs when their flags are "variable" (SET, BITFIELD) and
-    # uses the command's own function; for those two it reports argv[1], like the spec does.
+    # No real key spec (keyless, or only not_key specs): Redis goes straight to the command's
+    # own key function, if any. (Redis also bypasses specs with "variable_flags" - SET and
+    # BITFIELD - but their key functions report argv[1], exactly as their spec does.)
     skip_specs = not real
     movable = "movablekeys" in flags or not simple or fallback is not None
 
@@ -448,7 +490,9 @@ def _build_spec(row: tuple, subcommands: Mapping[bytes, CommandSpec] | None) -> 
     static_keys: tuple[int, ...] | None = None
     var_range: tuple[int, int, int] | None = None
     slow = None
-    if not movable:
+    if name in _ROUTE_BY_LEGACY_TRIPLE:
+        var_range = (first_key, last_key, key_step)
+    elif not movable:
         fixed = all(s.lastkey >= 0 for s in real)
         if fixed:
             keys = _keys_from_plan(plan, [b""] * min_argc, min_argc) if real else []
@@ -464,15 +508,24 @@ def _build_spec(row: tuple, subcommands: Mapping[bytes, CommandSpec] | None) -> 
                 var_range = (s.index, s.lastkey, s.keystep)
     if not one_key and static_keys is None and var_range is None:
         numkeys = None
+        keynum_prefix: tuple[int, ...] | None = None
         keynum = [s for s in real if s.find_keys == "keynum"]
         if keynum:
             s = keynum[0]
             if len(keynum) != 1 or s.begin_search != "index":
                 raise ValueError(f"{name!r}: unsupported keynum key specs")
             not_int, minimum, below, too_many = _NUMKEYS_RULES.get(name, _DEFAULT_NUMKEYS_RULE)
-            numkeys = (s.index + s.keynumidx, s.index + s.firstkey, not_int.format(cmd=lower),
-                       minimum, below.format(cmd=lower), too_many.format(cmd=lower))
-        slow = _make_slow(name, plan, numkeys, skip_specs, fallback)
+            numkeys = (s.index + s.keynumidx, s.index + s.firstkey, s.keystep,
+                       not_int.format(cmd=lower), minimum, below.format(cmd=lower),
+                       too_many.format(cmd=lower))
+            # fast form: fixed single-position specs, then the keynum spec last
+            before = real[:real.index(s)]
+            if (real[-1] is s and fallback is None and not skip_specs
+                    and all(b.begin_search == "index" and b.find_keys == "range"
+                            and b.lastkey == 0 and not b.flags & {"incomplete"}
+                            and b.index < min_argc for b in before)):
+                keynum_prefix = tuple(b.index for b in before)
+        slow = _make_slow(name, plan, numkeys, skip_specs, fallback, keynum_prefix)
 
     return CommandSpec(
         name=name, arity=arity, flags=flags, first_key=first_key, last_key=last_key,

@@ -13,14 +13,19 @@ import hiredis
 MAX_BULK_LEN = 512 * 1024 * 1024
 MAX_MULTIBULK_LEN = 1024 * 1024
 MAX_INLINE_LEN = 64 * 1024
-# A request still incomplete after this many bytes is refused (one maximal bulk plus headers).
-MAX_PENDING_REQUEST_BYTES = MAX_BULK_LEN + 64 * 1024
+# An incomplete request may hold this much (Redis: client-query-buffer-limit).
+MAX_QUERY_BUFFER = 1024 * 1024 * 1024
 
 _NEED_DATA = Ellipsis
 
 
 class RequestError(Exception):
-    """The client's bytes are not a valid request; the connection must be closed after the reply."""
+    """The client's bytes are not a valid request; the connection must be closed after the reply.
+
+    `commands` holds the complete requests that came before the bad bytes: they still run.
+    """
+
+    commands: list[list[bytes]] = []
 
 
 class BackendProtocolError(Exception):
@@ -30,86 +35,139 @@ class BackendProtocolError(Exception):
 class RequestParser:
     """Turns the client's byte stream into argv lists (list[bytes]).
 
-    A connection may start with inline (telnet style) lines and switch to RESP at a line
-    boundary. Once it has sent RESP it stays RESP: hiredis does not say where a request ended
-    inside a read, so an inline line after RESP cannot be told from a request's middle.
+    hiredis does the parsing; the parser also counts the bytes each request took (Redis only
+    accepts canonical headers, so the size follows from the argv) to know where requests end.
+    That lets inline (telnet style) lines come at any request boundary, and lets the headers
+    of an incomplete request be checked as they arrive, before a client can make the proxy
+    buffer a bulk it would refuse.
     """
 
-    __slots__ = ("_reader", "_pending_bytes", "_inline", "_resp")
+    __slots__ = ("_reader", "_unconsumed", "_inline", "_check")
 
     def __init__(self) -> None:
         self._reader = hiredis.Reader(notEnoughData=_NEED_DATA)
-        self._pending_bytes = 0  # upper bound of bytes fed that no finished request accounts for
+        self._unconsumed = 0  # bytes fed to hiredis that no returned request accounts for
         self._inline = b""
-        self._resp = False
+        self._check = _HeaderCheck()
 
     def feed(self, data: bytes) -> list[list[bytes]]:
         """Return the complete requests in `data` (plus what was buffered). Raises RequestError."""
-        if not self._resp:
-            commands, data = self._parse_inline(data)
+        commands: list[list[bytes]] = []
+        try:
+            self._feed(data, commands)
+        except RequestError as exc:
+            exc.commands = commands
+            raise
+        return commands
+
+    def _feed(self, data: bytes, commands: list[list[bytes]]) -> None:
+        if self._unconsumed == 0 and (self._inline or data[:1] != b"*"):
+            data = self._parse_inline(data, commands)
             if not data:
-                return commands
-            self._resp = True
-            _check_multibulk_header(data)
-        else:
-            commands = []
-        reader = self._reader
-        reader.feed(data)
-        gets = reader.gets
+                return
+        first_new = len(commands)
+        self._reader.feed(data)
+        gets = self._reader.gets
+        consumed = 0
         try:
             cmd = gets()
             while cmd is not _NEED_DATA:
                 if cmd.__class__ is not list:
-                    raise RequestError("Protocol error: expected '*'")
+                    raise RequestError("ERR Protocol error: expected '*'")
+                size = 3 + len(str(len(cmd))) + 5 * len(cmd)
+                for arg in cmd:
+                    if arg.__class__ is not bytes:
+                        raise RequestError("ERR Protocol error: expected '$'")
+                    n = len(arg)
+                    size += n + (_DIGITS[n] if n < 256 else len(str(n)))
+                consumed += size
                 if cmd:
-                    if len(cmd) > MAX_MULTIBULK_LEN:
-                        raise RequestError("Protocol error: invalid multibulk length")
-                    for arg in cmd:
-                        if arg.__class__ is not bytes:
-                            raise RequestError("Protocol error: expected '$'")
                     commands.append(cmd)
                 cmd = gets()
         except hiredis.ProtocolError as exc:
-            raise RequestError(f"Protocol error: {exc}") from None
-        if commands:
-            self._pending_bytes = len(data)
-        else:
-            self._pending_bytes += len(data)
-            if self._pending_bytes > MAX_PENDING_REQUEST_BYTES:
-                raise RequestError("Protocol error: invalid bulk length")
-        return commands
+            raise RequestError(f"ERR Protocol error: {exc}") from None
+        if cmd is None:  # "*-1": a null request takes its 5 bytes and nothing else
+            consumed += 5
+        before = self._unconsumed
+        self._unconsumed = unconsumed = before + len(data) - consumed
+        if unconsumed:
+            if unconsumed > MAX_QUERY_BUFFER:
+                raise RequestError("ERR Protocol error: query buffer limit reached")
+            if before == 0 or len(commands) > first_new:
+                self._check.reset()
+                self._check.walk(data[len(data) - unconsumed :] if unconsumed < len(data) else data)
+            else:
+                self._check.walk(data)
 
-    def _parse_inline(self, data: bytes) -> tuple[list[list[bytes]], bytes]:
-        """Parse whole inline lines from the front of `data`; return them and the RESP rest."""
+    def _parse_inline(self, data: bytes, commands: list[list[bytes]]) -> bytes:
+        """Parse whole inline lines from the front of `data` into `commands`; return the rest."""
         buf = self._inline + data
-        commands: list[list[bytes]] = []
         pos = 0
         while pos < len(buf) and buf[pos] != 42:  # b"*"
             nl = buf.find(b"\n", pos)
             if nl < 0:
                 if len(buf) - pos > MAX_INLINE_LEN:
-                    raise RequestError("Protocol error: too big inline request")
+                    raise RequestError("ERR Protocol error: too big inline request")
                 self._inline = buf[pos:]
-                return commands, b""
+                return b""
             argv = buf[pos:nl].split()
             if argv:
                 commands.append(argv)
             pos = nl + 1
         self._inline = b""
-        return commands, buf[pos:]
+        return buf[pos:]
 
 
-def _check_multibulk_header(data: bytes) -> None:
-    # Only the first request can be checked before hiredis parses it; later ones are bounded
-    # by MAX_PENDING_REQUEST_BYTES and checked once parsed.
-    nl = data.find(b"\r\n", 0, 24)
-    if nl > 1:
-        try:
-            n = int(data[1:nl])
-        except ValueError:
-            return
-        if n > MAX_MULTIBULK_LEN:
-            raise RequestError("Protocol error: invalid multibulk length")
+_DIGITS = bytes(len(str(i)) for i in range(256))
+_MAX_HEADER = 24
+
+
+class _HeaderCheck:
+    """Checks the headers of the one incomplete request, incrementally, as Redis would."""
+
+    __slots__ = ("args_left", "skip", "fragment")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.args_left = -1  # -1: the multibulk header comes next
+        self.skip = 0  # payload bytes (plus CRLF) still to pass over
+        self.fragment = b""
+
+    def walk(self, data: bytes) -> None:
+        if self.fragment:  # an unfinished header line: only ever left when not skipping
+            data = self.fragment + data
+            self.fragment = b""
+        pos, n = 0, len(data)
+        while pos < n and self.args_left != 0:
+            if self.skip:
+                step = min(self.skip, n - pos)
+                self.skip -= step
+                pos += step
+                continue
+            nl = data.find(b"\r\n", pos)
+            if nl < 0:
+                self.fragment = data[pos:]
+                if len(self.fragment) > _MAX_HEADER:
+                    raise RequestError("ERR Protocol error: invalid header")
+                return
+            line = data[pos:nl]
+            pos = nl + 2
+            digits = line[1:]
+            multibulk = self.args_left < 0
+            if not digits.isdigit() or line[:1] != (b"*" if multibulk else b"$"):
+                raise RequestError("ERR Protocol error: invalid header")
+            value = int(digits)
+            if multibulk:
+                if value > MAX_MULTIBULK_LEN:
+                    raise RequestError("ERR Protocol error: invalid multibulk length")
+                self.args_left = value
+            else:
+                if value > MAX_BULK_LEN:
+                    raise RequestError("ERR Protocol error: invalid bulk length")
+                self.args_left -= 1
+                self.skip = value + 2
 
 
 def encode_command(argv: list[bytes]) -> bytes:

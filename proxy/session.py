@@ -111,16 +111,18 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             batch = self.parser.feed(data)
+            bad = None
         except RequestError as exc:
-            self.replies.append(Pending(error(str(exc))))
-            self.closing = True
-            batch = []
+            batch, bad = exc.commands, exc
         conn = self.conn
         handle = self.handle
         for argv in batch:
             handle(argv)
             if self.closing:
                 break
+        if bad is not None and not self.closing:
+            self.reply(error(str(bad)))
+            self.closing = True
         self.server.commands_processed += len(batch)
         if conn is not self.conn:
             conn.flush()
@@ -201,7 +203,7 @@ class Session(asyncio.Protocol):
             self.reply(NOAUTH)
             return
         if kind is Kind.KEYED:
-            if spec.first_key and not self._route(spec, argv):
+            if (spec.first_key or spec.movable) and not self._route(spec, argv):
                 return
             self._forward(argv)
         elif kind is Kind.LOCAL:
@@ -223,7 +225,9 @@ class Session(asyncio.Protocol):
                 self.reply(error(str(exc)))
                 return False
             if not positions:
-                return True
+                positions = commands.shard_channel_indices(spec, argv)
+                if not positions:
+                    return True
             slot = key_slot(argv[positions[0]])
             for i in positions[1:]:
                 if key_slot(argv[i]) != slot:
@@ -297,7 +301,7 @@ class Session(asyncio.Protocol):
             pending = Rewrite(lambda _data: EXECABORT)
             self._forward([b"DISCARD"], pending)
             return
-        if spec.first_key and not self._route(spec, argv):
+        if (spec.first_key or spec.movable) and not self._route(spec, argv):
             return
         self._ensure_dedicated()
         if name == b"MULTI":
@@ -307,7 +311,7 @@ class Session(asyncio.Protocol):
         self._forward(argv)
 
     def _subscribe(self, spec: commands.CommandSpec, argv: list[bytes]) -> None:
-        if spec.first_key and not self._route(spec, argv):
+        if (spec.first_key or spec.movable) and not self._route(spec, argv):
             return
         conn = self._ensure_dedicated()
         conn.raw_sink = self
@@ -439,6 +443,18 @@ class Session(asyncio.Protocol):
         addr = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.reply(bulk(f"id={self.id} addr={addr} name={self.name.decode(errors='replace')} "
                         f"db=0 resp={3 if self.resp3 else 2}\n"))
+
+    def cmd_CONFIG_SET(self, argv: list[bytes]) -> None:
+        if len(argv) % 2:
+            self.reply(error(commands.arity_error(commands.COMMANDS[b"CONFIG"].subcommands[b"SET"])))
+            return
+        for param in argv[2::2]:
+            name = param.decode(errors="replace").lower()
+            if name in policy.DANGEROUS_CONFIG:
+                self.reply(error(f"ERR CONFIG SET {name} is not allowed through moonmesh: it "
+                                 "would break the node's link, replication or persistence"))
+                return
+        self._forward(argv)
 
     def cmd_INFO(self, argv: list[bytes]) -> None:
         server = self.server

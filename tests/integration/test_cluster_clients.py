@@ -134,3 +134,28 @@ def test_redis_benchmark_cluster_runs_clean(shared_cluster):
     assert out.returncode == 0, out.stderr
     assert "SET:" in out.stdout and "GET:" in out.stdout, out.stdout + out.stderr
     assert "error" not in (out.stdout + out.stderr).lower()
+
+
+@pytest.mark.parametrize("argv", [
+    ["EVAL", "return 1", "1", "{K}"],
+    ["FCALL", "nofunc", "1", "{K}"],
+    ["XREAD", "STREAMS", "{K}", "0"],
+    ["ZUNIONSTORE", "{K}d", "2", "{K}a", "{K}b"],
+    ["SORT", "{K}", "STORE", "{K}dst"],
+    ["OBJECT", "ENCODING", "{K}"],
+    ["SPUBLISH", "{K}", "msg"],
+    ["SSUBSCRIBE", "{K}"],
+    ["BLPOP", "{K}", "0"],
+])
+def test_every_key_position_is_routed(shared_cluster, argv):
+    """Commands whose keys are not at argv[1] get MOVED for a slot the node does not own."""
+    theirs = next(t for t in (f"t{i}" for i in range(100)) if key_slot(t.encode()) > 8191)
+    argv = [a.replace("{K}", "{%s}" % theirs) for a in argv]
+    reply = command(shared_cluster.ports[0], *argv)
+    assert reply == b"-MOVED %d %s\r\n" % (key_slot(theirs.encode()),
+                                           shared_cluster.proxies[1].addr.encode())
+
+
+def test_cross_slot_keys_in_a_movable_command(shared_cluster):
+    reply = command(shared_cluster.ports[0], "EVAL", "return 1", "2", "a", "b")
+    assert reply.startswith(b"-CROSSSLOT")

@@ -36,11 +36,35 @@ def test_inline_then_resp_in_one_read():
         [b"PING"], [b"GET", b"a"]]
 
 
-def test_after_resp_an_inline_line_is_a_protocol_error():
+def test_inline_line_after_resp_at_a_request_boundary():
     parser = RequestParser()
     assert parser.feed(encode_command([b"PING"])) == [[b"PING"]]
-    with pytest.raises(RequestError):
-        parser.feed(b"PING\r\n")
+    assert parser.feed(b"ECHO hi\r\n" + encode_command([b"GET", b"k"])) == [
+        [b"ECHO", b"hi"], [b"GET", b"k"]]
+
+
+def test_huge_bulk_in_a_later_request_is_refused_when_its_header_arrives():
+    parser = RequestParser()
+    head = encode_command([b"PING"]) + b"*2\r\n$3\r\nGET\r\n"
+    assert parser.feed(head) == [[b"PING"]]
+    with pytest.raises(RequestError, match="invalid bulk length") as info:
+        for byte in b"$999999999999\r\n":
+            parser.feed(bytes([byte]))
+    assert info.value.commands == []
+
+
+def test_commands_before_bad_bytes_are_kept_on_the_error():
+    with pytest.raises(RequestError) as info:
+        RequestParser().feed(encode_command([b"PING"]) + b"*1\r\n$x\r\n")
+    assert info.value.commands == [[b"PING"]]
+
+
+def test_large_bulk_arriving_in_pieces_is_accepted():
+    value = b"v" * 300_000
+    data = encode_command([b"SET", b"k", value]) + encode_command([b"GET", b"k"])
+    parser = RequestParser()
+    got = [cmd for i in range(0, len(data), 7000) for cmd in parser.feed(data[i : i + 7000])]
+    assert got == [[b"SET", b"k", value], [b"GET", b"k"]]
 
 
 def test_empty_multibulk_and_blank_lines_are_ignored():
