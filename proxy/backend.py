@@ -1,9 +1,9 @@
 """Pipelined connections to the backend Redis.
 
 The data path runs in asyncio protocol callbacks (no task switch per command): a client
-session queues a command with `queue()`, which also records where its reply must go, and
-calls `flush()` once per batch; `data_received` finds each reply's end and hands the
-original bytes to the waiting `Pending`. Lifetimes (connect, reconnect, close) are owned by
+session queues a command with `queue()`, which also records where its reply must go; the
+connection writes everything queued once per event-loop turn; `data_received` finds each
+reply's end and hands the original bytes to the waiting `Pending`. Lifetimes (connect, reconnect, close) are owned by
 anyio tasks in the server's task group.
 """
 from __future__ import annotations
@@ -52,6 +52,7 @@ class BackendConnection(asyncio.Protocol):
         self.down = False  # True once a connect failed or the link dropped: fail fast
         self.raw_sink: RawSink | None = None  # pub/sub: every byte goes to one client
         self._out: list[bytes] = []
+        self._flush_scheduled = False
         self._waiting: deque[tuple[Pending, ReplySink | None]] = deque()
         self._buf = bytearray()
         self._scanner = ReplyScanner()
@@ -64,13 +65,24 @@ class BackendConnection(asyncio.Protocol):
             return
         self._out.append(command)
         self._waiting.append((pending, sink))
+        if not self._flush_scheduled:
+            self._schedule_flush()
 
     def send_unmatched(self, command: bytes) -> None:
         """Send a command whose replies go to `raw_sink` (pub/sub)."""
         if not self.down:
             self._out.append(command)
+            if not self._flush_scheduled:
+                self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        # One write per event-loop turn carries the commands of every client that queued
+        # on this connection in that turn.
+        self._flush_scheduled = True
+        asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
+        self._flush_scheduled = False
         if self._out and self.up:
             self.transport.write(b"".join(self._out))  # type: ignore[union-attr]
             self._out.clear()

@@ -170,8 +170,25 @@ class _HeaderCheck:
                 self.skip = value + 2
 
 
+_BULK_HEADERS = [b"$%d\r\n" % n for n in range(1024)]
+
+
 def encode_command(argv: list[bytes]) -> bytes:
-    return b"*%d\r\n" % len(argv) + b"".join([b"$%d\r\n%s\r\n" % (len(a), a) for a in argv])
+    """RESP multibulk for argv. Per-command hot path: short forms are spelled out."""
+    n = len(argv)
+    if n == 2:
+        a, b = argv
+        return b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(a), a, len(b), b)
+    if n == 3:
+        a, b, c = argv
+        return b"*3\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(a), a, len(b), b, len(c), c)
+    out = [b"*%d\r\n" % n]
+    for a in argv:
+        size = len(a)
+        out.append(_BULK_HEADERS[size] if size < 1024 else b"$%d\r\n" % size)
+        out.append(a)
+        out.append(b"\r\n")
+    return b"".join(out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -114,7 +114,6 @@ class Session(asyncio.Protocol):
             bad = None
         except RequestError as exc:
             batch, bad = exc.commands, exc
-        conn = self.conn
         handle = self.handle
         for argv in batch:
             handle(argv)
@@ -124,9 +123,6 @@ class Session(asyncio.Protocol):
             self.reply(error(str(bad)))
             self.closing = True
         self.server.commands_processed += len(batch)
-        if conn is not self.conn:
-            conn.flush()
-        self.conn.flush()
         self._write_ready()
         if len(self.replies) > MAX_INFLIGHT_REPLIES and not self.paused_for_depth:
             self.paused_for_depth = True
@@ -195,7 +191,7 @@ class Session(asyncio.Protocol):
             if sub is not None:
                 spec = sub
                 kind = policy.kind_of(spec.name.decode())
-        if not commands.check_arity(spec, len(argv)):
+        if not spec.min_argc <= len(argv) <= spec.max_argc:
             self.reply(error(commands.arity_error(spec)))
             self._fail_multi()
             return
@@ -269,7 +265,6 @@ class Session(asyncio.Protocol):
     # -- dedicated connections ---------------------------------------------------------------
     def _switch_to(self, conn: BackendConnection) -> None:
         """Send later commands on `conn`, only after everything already sent has replied."""
-        self.conn.flush()
         for p in reversed(self.replies):
             if p.data is None:
                 self.barrier = p
@@ -284,7 +279,6 @@ class Session(asyncio.Protocol):
             else:
                 self.conn.queue(command, pending, self)
         self.held.clear()
-        self.conn.flush()
 
     def _ensure_dedicated(self) -> BackendConnection:
         if self.dedicated is None:
