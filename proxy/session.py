@@ -451,12 +451,13 @@ class Session(asyncio.Protocol):
         self._forward(argv)
 
     def cmd_INFO(self, argv: list[bytes]) -> None:
-        server = self.server
         sections = {a.lower() for a in argv[1:]}
-        proxy_only = sections == {b"proxy"}
-        extra = server.info_section()
-        if proxy_only:
+        extra = self.server.info_section()
+        if sections == {b"proxy"}:
             self.reply(bulk(extra))
+            return
+        if sections and not sections & {b"proxy", b"all", b"everything", b"default"}:
+            self._forward(argv)
             return
 
         def add_proxy_section(data: bytes) -> bytes:
