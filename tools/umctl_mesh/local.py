@@ -87,6 +87,14 @@ def port_free(port: int) -> bool:
     return True
 
 
+def ready_count(ports: list[int]) -> int:
+    ready = 0
+    for port in ports:
+        with contextlib.suppress(OSError, LaunchError):
+            ready += send(port, ["UMCTL", "READY"], timeout=1.0) == b":1\r\n"
+    return ready
+
+
 def up(args: argparse.Namespace) -> int:
     if args.shards < 1:
         raise LaunchError("--shards must be at least 1")
@@ -135,10 +143,8 @@ def up(args: argparse.Namespace) -> int:
         print(f"connect with:  redis-cli -c -p {proxy_ports[0]}")
         print("stop with Ctrl-C\n")
         while not stopping:
-            dead = [p.args[0] for p in procs if p.poll() is not None]
-            ready = sum(send(p, ["UMCTL", "READY"]) == b":1\r\n" for p in proxy_ports
-                        if not dead)
-            status = (f"{ready}/{len(proxy_ports)} proxies ready"
+            dead = [" ".join(map(str, p.args[:3])) for p in procs if p.poll() is not None]
+            status = (f"{ready_count(proxy_ports)}/{len(proxy_ports)} proxies ready"
                       if not dead else f"a process exited: {dead[0]}")
             print(f"\r[{time.strftime('%H:%M:%S')}] {status}   ", end="", flush=True)
             deadline = time.monotonic() + STATUS_INTERVAL
