@@ -196,3 +196,33 @@ def test_pipelined_commands_before_a_transaction_run_first(node):
     replies = talk(node.port, *[["INCR", "seq"] for _ in range(200)], ["MULTI"],
                    ["GET", "seq"], ["EXEC"])
     assert replies[-1] == b"*1\r\n$3\r\n200\r\n"
+
+
+def test_pattern_and_sharded_subscriptions(node):
+    r = redis.Redis(port=node.port)
+    ps = r.pubsub()
+    ps.psubscribe("news.*")
+    assert ps.get_message(timeout=2)["type"] == "psubscribe"
+    assert r.publish("news.sport", "goal") == 1
+    msg = ps.get_message(timeout=2)
+    assert (msg["type"], msg["channel"], msg["data"]) == ("pmessage", b"news.sport", b"goal")
+    ps.close()
+    with socket.create_connection(("127.0.0.1", node.port), timeout=5) as s:
+        s.sendall(encode_command([b"SSUBSCRIBE", b"orders"]))
+        assert s.recv(1000) == b"*3\r\n$10\r\nssubscribe\r\n$6\r\norders\r\n:1\r\n"
+        assert command(node.port, "SPUBLISH", "orders", "o1") == b":1\r\n"
+        assert s.recv(1000) == b"*3\r\n$8\r\nsmessage\r\n$6\r\norders\r\n$2\r\no1\r\n"
+
+
+def test_json_logs(spawn):
+    import json
+
+    backend = spawn.redis()
+    proxy = spawn.proxy(backend, "--log-json", "--log-level", "info")
+    setcluster(proxy, backend)
+    time.sleep(0.3)
+    events = [json.loads(line) for line in proxy.log().splitlines() if line.startswith("{")]
+    names = [e["event"] for e in events]
+    assert "proxy_listening" in names and "view_applied" in names
+    applied = next(e for e in events if e["event"] == "view_applied")
+    assert applied["cluster"] == "mydb" and applied["epoch"] == 1 and applied["level"] == "info"
