@@ -409,29 +409,27 @@ def _make_slow(spec_name: bytes, plan: tuple, numkeys: tuple | None, skip_specs:
     if numkeys is not None:
         nk_idx, nk_first, nk_step, not_int, minimum, below, too_many = numkeys
 
+        def checked_numkeys(argv: list[bytes], n: int) -> int:
+            v = _parse_numkeys(argv[nk_idx])
+            if v is None:
+                raise CommandArgsError(not_int)
+            if v < minimum:
+                raise CommandArgsError(below)
+            if v > n - nk_first:
+                raise CommandArgsError(too_many)
+            return v
+
         if keynum_prefix is not None:
             prefix = list(keynum_prefix)
 
             def slow(spec: CommandSpec, argv: list[bytes], n: int) -> list[int]:
-                v = _parse_numkeys(argv[nk_idx])
-                if v is None:
-                    raise CommandArgsError(not_int)
-                if v < minimum:
-                    raise CommandArgsError(below)
-                if v > n - nk_first:
-                    raise CommandArgsError(too_many)
+                v = checked_numkeys(argv, n)
                 if not v:
                     return []          # Redis: an empty keynum range invalidates every spec
                 return [*prefix, *range(nk_first, nk_first + v, nk_step)]
         else:
             def slow(spec: CommandSpec, argv: list[bytes], n: int) -> list[int]:
-                v = _parse_numkeys(argv[nk_idx])
-                if v is None:
-                    raise CommandArgsError(not_int)
-                if v < minimum:
-                    raise CommandArgsError(below)
-                if v > n - nk_first:
-                    raise CommandArgsError(too_many)
+                checked_numkeys(argv, n)
                 return _generic(argv, n)
     else:
         def slow(spec: CommandSpec, argv: list[bytes], n: int) -> list[int]:
