@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mesh.model.slots import SLOT_COUNT
+from mesh.model.view import even_split
 from proxy.resp import scan_reply
 
 HOST = "127.0.0.1"
@@ -25,21 +25,10 @@ class LaunchError(Exception):
     pass
 
 
-def split_slots(shards: int) -> list[tuple[int, int]]:
-    """Even contiguous ranges: the first SLOT_COUNT % shards ranges get one slot more."""
-    base, extra = divmod(SLOT_COUNT, shards)
-    ranges, start = [], 0
-    for i in range(shards):
-        end = start + base + (1 if i < extra else 0) - 1
-        ranges.append((start, end))
-        start = end + 1
-    return ranges
-
-
 def setcluster_commands(cluster: str, proxies: list[str], backends: list[str],
                         epoch: int = 1) -> list[list[str]]:
     """One `UMCTL SETCLUSTER v2` command per proxy, each naming its peers."""
-    ranges = split_slots(len(proxies))
+    ranges = [r[0] for r in even_split(len(proxies))]
     commands = []
     for i, backend in enumerate(backends):
         cmd = ["UMCTL", "SETCLUSTER", "v2", str(epoch), "NOFLAGS", cluster,

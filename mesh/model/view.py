@@ -1,0 +1,208 @@
+"""The cluster view: the whole metadata of one cluster at one epoch. Pure values, strict JSON.
+
+A view is what etcd stores under `clusters/<name>/view`, what umctl-mesh edits and what every
+node applies. `validate()` is total: a view that passes it can be routed from alone.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+from .slots import SLOT_COUNT, SlotRange, normalize, slot_count
+
+CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+ADDRESS = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
+
+
+class ViewError(ValueError):
+    """The view breaks an invariant; the message says which."""
+
+
+class MigrationState(Enum):
+    MIGRATING = "migrating"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAddress:
+    proxy: str  # where clients reach the node's proxy
+    backend: str  # the node's Redis
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    id: str
+    master: str
+    replicas: tuple[str, ...] = ()
+    slots: tuple[SlotRange, ...] = ()
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return (self.master, *self.replicas)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    slots: tuple[SlotRange, ...]
+    source: str  # shard ids
+    target: str
+    epoch: int
+    state: MigrationState = MigrationState.MIGRATING
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    password_hash: str | None = None
+    replica_reads: bool = False
+    failover: str = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    cluster: str
+    epoch: int
+    shards: tuple[Shard, ...]
+    nodes: tuple[tuple[str, NodeAddress], ...]  # (node id, addresses), sorted by id
+    config: ClusterConfig = field(default_factory=ClusterConfig)
+    migrations: tuple[Migration, ...] = ()
+
+    def address_of(self, node_id: str) -> NodeAddress:
+        for nid, address in self.nodes:
+            if nid == node_id:
+                return address
+        raise KeyError(node_id)
+
+    def shard_of(self, node_id: str) -> Shard | None:
+        return next((s for s in self.shards if node_id in s.members), None)
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(nid for nid, _ in self.nodes)
+
+    def next(self, **changes: object) -> ClusterView:
+        """The same view one epoch later, with `changes` applied."""
+        return replace(self, epoch=self.epoch + 1, **changes)  # type: ignore[arg-type]
+
+
+def validate(view: ClusterView) -> None:
+    """Raise ViewError unless every invariant of DESIGN.md section 4 holds."""
+    if not CLUSTER_NAME.fullmatch(view.cluster):
+        raise ViewError(f"invalid cluster name {view.cluster!r}")
+    if view.epoch < 1:
+        raise ViewError("epoch must be at least 1")
+    addresses = dict(view.nodes)
+    if len(addresses) != len(view.nodes):
+        raise ViewError("a node is listed twice")
+    for nid, address in view.nodes:
+        if not NODE_ID.fullmatch(nid):
+            raise ViewError(f"invalid node id {nid!r}")
+        for a in (address.proxy, address.backend):
+            m = ADDRESS.fullmatch(a)
+            if not m or not 0 < int(m.group(2)) < 65536:
+                raise ViewError(f"invalid address {a!r} of node {nid}")
+    if not view.shards:
+        raise ViewError("a cluster needs at least one shard")
+    seen_shards: set[str] = set()
+    seen_nodes: set[str] = set()
+    owner = [""] * SLOT_COUNT
+    for shard in view.shards:
+        if not shard.id or shard.id in seen_shards:
+            raise ViewError(f"shard id {shard.id!r} is empty or repeated")
+        seen_shards.add(shard.id)
+        for nid in shard.members:
+            if nid in seen_nodes:
+                raise ViewError(f"node {nid} is in more than one shard or role")
+            if nid not in addresses:
+                raise ViewError(f"node {nid} of shard {shard.id} has no addresses")
+            seen_nodes.add(nid)
+        if normalize(shard.slots) != shard.slots:
+            raise ViewError(f"slots of shard {shard.id} are not sorted and merged")
+        for start, end in shard.slots:
+            if not 0 <= start <= end < SLOT_COUNT:
+                raise ViewError(f"shard {shard.id} has an invalid range {start}-{end}")
+            for slot in range(start, end + 1):
+                if owner[slot]:
+                    raise ViewError(f"slot {slot} is owned by {owner[slot]} and {shard.id}")
+                owner[slot] = shard.id
+    unowned = owner.count("")
+    if unowned:
+        raise ViewError(f"{unowned} slots have no owner (first: {owner.index('')})")
+    extra = set(addresses) - seen_nodes
+    if extra:
+        raise ViewError(f"nodes {sorted(extra)} are listed but in no shard")
+    for m in view.migrations:
+        if m.source not in seen_shards or m.target not in seen_shards or m.source == m.target:
+            raise ViewError(f"migration {m.source}->{m.target} names unknown shards")
+        for start, end in m.slots:
+            if any(owner[s] != m.source for s in range(start, end + 1)):
+                raise ViewError(f"migration moves slots {start}-{end} its source does not own")
+
+
+# -- JSON ------------------------------------------------------------------------------------
+
+def to_json(view: ClusterView) -> bytes:
+    doc = {
+        "cluster": view.cluster,
+        "epoch": view.epoch,
+        "config": {"password_hash": view.config.password_hash,
+                   "replica_reads": view.config.replica_reads,
+                   "failover": view.config.failover},
+        "shards": [{"id": s.id, "master": s.master, "replicas": list(s.replicas),
+                    "slots": [list(r) for r in s.slots]} for s in view.shards],
+        "migrations": [{"slots": [list(r) for r in m.slots], "from": m.source, "to": m.target,
+                        "epoch": m.epoch, "state": m.state.value} for m in view.migrations],
+        "nodes": {nid: {"proxy": a.proxy, "backend": a.backend} for nid, a in view.nodes},
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def from_json(data: bytes | str) -> ClusterView:
+    """Decode and validate; raises ViewError for anything malformed."""
+    try:
+        doc = json.loads(data)
+        config = doc.get("config") or {}
+        view = ClusterView(
+            cluster=str(doc["cluster"]),
+            epoch=_int(doc["epoch"]),
+            config=ClusterConfig(password_hash=config.get("password_hash"),
+                                 replica_reads=bool(config.get("replica_reads", False)),
+                                 failover=str(config.get("failover", "auto"))),
+            shards=tuple(Shard(id=str(s["id"]), master=str(s["master"]),
+                               replicas=tuple(map(str, s.get("replicas", []))),
+                               slots=tuple((_int(a), _int(b)) for a, b in s["slots"]))
+                         for s in doc["shards"]),
+            migrations=tuple(Migration(slots=tuple((_int(a), _int(b)) for a, b in m["slots"]),
+                                       source=str(m["from"]), target=str(m["to"]),
+                                       epoch=_int(m["epoch"]),
+                                       state=MigrationState(m.get("state", "migrating")))
+                             for m in doc.get("migrations", [])),
+            nodes=tuple(sorted((str(nid), NodeAddress(str(a["proxy"]), str(a["backend"])))
+                               for nid, a in doc["nodes"].items())),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ViewError(f"malformed view: {exc}") from None
+    validate(view)
+    return view
+
+
+def _int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ViewError(f"expected an integer, got {value!r}")
+    return value
+
+
+def even_split(shards: int) -> list[tuple[SlotRange, ...]]:
+    """Contiguous, even slot ranges: the first SLOT_COUNT % shards get one slot more."""
+    base, extra = divmod(SLOT_COUNT, shards)
+    ranges, start = [], 0
+    for i in range(shards):
+        end = start + base + (1 if i < extra else 0) - 1
+        ranges.append(((start, end),))
+        start = end + 1
+    return ranges
+
+
+def slots_of(shard: Shard) -> int:
+    return slot_count(shard.slots)

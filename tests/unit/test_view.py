@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from mesh.model.view import (ClusterConfig, ClusterView, Migration, NodeAddress, Shard, ViewError,
+                             even_split, from_json, to_json, validate)
+
+
+def make_view(shards: int = 2, replicas: int = 1) -> ClusterView:
+    ranges = even_split(shards)
+    shard_list, nodes = [], []
+    n = 0
+    for i in range(shards):
+        members = []
+        for _ in range(1 + replicas):
+            nid = f"node-{n}"
+            nodes.append((nid, NodeAddress(f"127.0.0.1:{7000 + n}", f"127.0.0.1:{17000 + n}")))
+            members.append(nid)
+            n += 1
+        shard_list.append(Shard(f"s{i + 1}", members[0], tuple(members[1:]), ranges[i]))
+    return ClusterView("mydb", 1, tuple(shard_list), tuple(sorted(nodes)))
+
+
+def test_a_well_formed_view_round_trips_through_json():
+    view = replace(make_view(3), config=ClusterConfig(password_hash="ab" * 32),
+                   migrations=(Migration(((0, 10),), "s1", "s2", 1),))
+    validate(view)
+    assert from_json(to_json(view)) == view
+
+
+def test_even_split_covers_every_slot_once():
+    for n in (1, 2, 3, 7, 16384):
+        ranges = [r for rs in even_split(n) for r in rs]
+        assert ranges[0][0] == 0 and ranges[-1][1] == 16383
+        assert all(a[1] + 1 == b[0] for a, b in zip(ranges, ranges[1:]))
+        sizes = [e - s + 1 for s, e in ranges]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def shard(view, i, **changes):
+    shards = list(view.shards)
+    shards[i] = replace(shards[i], **changes)
+    return replace(view, shards=tuple(shards))
+
+
+BAD = [
+    ("bad name", lambda v: replace(v, cluster="no spaces"), "invalid cluster name"),
+    ("epoch 0", lambda v: replace(v, epoch=0), "epoch"),
+    ("slot owned twice", lambda v: shard(v, 1, slots=((8000, 16383),)), "owned by"),
+    ("slot unowned", lambda v: shard(v, 1, slots=((8200, 16383),)), "no owner"),
+    ("node in two shards", lambda v: shard(v, 1, replicas=("node-0",)), "more than one"),
+    ("master is own replica", lambda v: shard(v, 0, replicas=("node-0",)), "more than one"),
+    ("node without address", lambda v: shard(v, 0, replicas=("ghost",)), "no addresses"),
+    ("unsorted ranges", lambda v: shard(v, 0, slots=((100, 8191), (0, 99))), "sorted"),
+    ("listed but unused", lambda v: replace(v, nodes=v.nodes + (
+        ("spare", NodeAddress("127.0.0.1:1", "127.0.0.1:2")),)), "in no shard"),
+    ("bad address", lambda v: replace(v, nodes=(("node-0", NodeAddress("x", "y:1")),)
+                                        + v.nodes[1:]), "invalid address"),
+    ("migration of foreign slots", lambda v: replace(
+        v, migrations=(Migration(((9000, 9001),), "s1", "s2", 1),)), "does not own"),
+    ("migration to unknown shard", lambda v: replace(
+        v, migrations=(Migration(((0, 1),), "s1", "s9", 1),)), "unknown shards"),
+]
+
+
+@pytest.mark.parametrize("name, change, message", BAD, ids=[b[0] for b in BAD])
+def test_invalid_views_are_refused(name, change, message):
+    with pytest.raises(ViewError, match=message):
+        validate(change(make_view()))
+
+
+@pytest.mark.parametrize("data", [b"", b"{}", b"[]", b'{"cluster": 1}',
+                                  b'{"cluster":"a","epoch":"1","shards":[],"nodes":{}}'])
+def test_malformed_json_is_a_view_error(data):
+    with pytest.raises(ViewError):
+        from_json(data)
