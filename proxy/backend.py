@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import structlog
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential_jitter
+from tenacity import (AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential,
+                      wait_random)
 
 from .resp import BackendProtocolError, ReplyScanner, encode_command
 
@@ -228,7 +229,8 @@ class BackendPool:
         try:
             while True:
                 async for attempt in AsyncRetrying(
-                    wait=wait_exponential_jitter(initial=0.05, max=RECONNECT_MAX_WAIT),
+                    wait=wait_exponential(multiplier=0.05, max=RECONNECT_MAX_WAIT)
+                    + wait_random(0, 0.05),
                     retry=retry_if_exception_type(OSError), stop=stop_never, sleep=anyio.sleep,
                     before_sleep=lambda state: log.warning(
                         "backend_connect_failed", backend=self.address,

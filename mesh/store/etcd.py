@@ -1,0 +1,279 @@
+"""etcd access: the only importer of the etcd client (aetcd).
+
+On top of aetcd: retries of transient failures (tenacity, here and nowhere else), a lease keeper
+that reports loss at once, a watch that resumes from the last revision after a stream error or
+an etcd restart and asks its caller to re-read after compaction, compare-and-swap writes, and
+leader election on a kept-alive lease.
+"""
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aetcd
+import aetcd.exceptions
+import anyio
+import structlog
+from tenacity import (AsyncRetrying, retry_if_exception_type, stop_after_delay,
+                      wait_exponential, wait_random)
+
+from .keys import Keys
+
+log = structlog.get_logger("mesh.store")
+
+RPC_TIMEOUT = 3  # seconds for one etcd call
+RETRY_WINDOW = 6.0  # how long a call is retried while etcd is unreachable
+WATCH_RESTART_MAX_WAIT = 1.0
+
+_TRANSIENT = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError,
+              aetcd.exceptions.InternalError, TimeoutError, OSError)
+
+
+class StoreError(Exception):
+    """etcd could not be reached or refused the request."""
+
+
+@dataclass(frozen=True, slots=True)
+class KV:
+    key: bytes
+    value: bytes
+    mod_revision: int
+    create_revision: int
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    key: bytes
+    value: bytes | None  # None: the key was deleted
+    revision: int
+
+
+def _kv(kv: object) -> KV:
+    return KV(kv.key, kv.value, kv.mod_revision, kv.create_revision, kv.lease)  # type: ignore[attr-defined]
+
+
+def parse_endpoints(text: str) -> list[tuple[str, int]]:
+    """'http://127.0.0.1:2379,127.0.0.1:22379' -> [('127.0.0.1', 2379), ('127.0.0.1', 22379)]."""
+    endpoints = []
+    for part in text.split(","):
+        part = part.strip().removeprefix("http://").rstrip("/")
+        host, sep, port = part.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise ValueError(f"invalid etcd endpoint '{part}' (expected HOST:PORT)")
+        endpoints.append((host.strip("[]"), int(port)))
+    if not endpoints:
+        raise ValueError("no etcd endpoint given")
+    return endpoints
+
+
+def _grpc_target(endpoints: list[tuple[str, int]]) -> tuple[str, int]:
+    """aetcd dials f'{host}:{port}'; gRPC's 'ipv4:a:p,b:q' target lets one channel fail over."""
+    if len(endpoints) == 1:
+        return endpoints[0]
+    try:
+        for host, _ in endpoints:
+            ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ValueError("several etcd endpoints must be IPv4 addresses") from None
+    *rest, (last_host, last_port) = endpoints
+    return "ipv4:" + ",".join(f"{h}:{p}" for h, p in rest) + "," + last_host, last_port
+
+
+class EtcdStore:
+    def __init__(self, endpoints: str, root: str = "/moonmesh") -> None:
+        self.endpoints = parse_endpoints(endpoints)
+        self.keys = Keys(root)
+        host, port = _grpc_target(self.endpoints)
+        self._client = aetcd.Client(host=host, port=port, timeout=RPC_TIMEOUT,
+                                    options={"grpc.lb_policy_name": "pick_first"})
+
+    async def __aenter__(self) -> EtcdStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._client.close()
+
+    async def _call(self, what: str, fn: Callable[[], Awaitable]):  # noqa: ANN202
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_delay(RETRY_WINDOW), reraise=True, sleep=anyio.sleep,
+                wait=wait_exponential(multiplier=0.05, max=0.5) + wait_random(0, 0.05),
+                retry=retry_if_exception_type(_TRANSIENT),
+            ):
+                with attempt:
+                    return await fn()
+        except _TRANSIENT as exc:
+            raise StoreError(f"etcd unreachable at {self.describe()}: {what}: {exc}") from None
+        except aetcd.exceptions.ClientError as exc:
+            raise StoreError(f"etcd refused {what}: {exc}") from None
+
+    def describe(self) -> str:
+        return ",".join(f"{h}:{p}" for h, p in self.endpoints)
+
+    # -- keys --------------------------------------------------------------------------------
+    async def get(self, key: bytes) -> KV | None:
+        got = await self._call("get", lambda: self._client.get(key))
+        return _kv(got) if got is not None else None
+
+    async def get_prefix(self, prefix: bytes) -> tuple[list[KV], int]:
+        """Every key under `prefix`, and the store revision they were read at."""
+        got = await self._call("get prefix", lambda: self._client.get_prefix(prefix))
+        return [_kv(kv) for kv in got], got.header.revision
+
+    async def put(self, key: bytes, value: bytes, lease: int | None = None) -> None:
+        await self._call("put", lambda: self._client.put(key, value, lease=lease))
+
+    async def delete(self, key: bytes) -> None:
+        await self._call("delete", lambda: self._client.delete(key))
+
+    async def cas(self, key: bytes, value: bytes | None, mod_revision: int, *,
+                  lease: int | None = None, fence: tuple[bytes, int] | None = None) -> bool:
+        """Write `value` (None deletes) only if `key` is still at `mod_revision` (0: absent)
+        and, with `fence=(key, create_revision)`, that key still exists as created then.
+        False when the comparison failed: the caller lost a race and must re-read."""
+        tx = self._client.transactions
+        compare = [tx.mod(key) == mod_revision]
+        if fence is not None:
+            compare.append(tx.create(fence[0]) == fence[1])
+        op = tx.delete(key) if value is None else tx.put(key, value, lease=lease)
+        attempts = 0
+
+        async def txn() -> bool:
+            nonlocal attempts
+            attempts += 1
+            ok, _ = await self._client.transaction(compare=compare, success=[op], failure=[])
+            if not ok and attempts > 1:
+                # a retried write may have landed the first time
+                current = await self._client.get(key)
+                return (current.value if current else None) == value
+            return ok
+
+        return await self._call("compare-and-swap", txn)
+
+    # -- leases ------------------------------------------------------------------------------
+    async def grant(self, ttl: int) -> int:
+        lease = await self._call("lease grant", lambda: self._client.lease(ttl))
+        return lease.id
+
+    async def refresh(self, lease_id: int) -> int:
+        """Remaining TTL after a keepalive; <= 0 means the lease is gone."""
+        reply = await self._call("lease keepalive", lambda: self._client.refresh_lease(lease_id))
+        return reply.TTL if reply is not None else 0
+
+    async def revoke(self, lease_id: int) -> None:
+        await self._call("lease revoke", lambda: self._client.revoke_lease(lease_id))
+
+    # -- watch -------------------------------------------------------------------------------
+    async def watch(self, prefix: bytes, start_revision: int,
+                    on_event: Callable[[Event], Awaitable[None]],
+                    on_resync: Callable[[], Awaitable[int]]) -> None:
+        """Deliver every change under `prefix` from `start_revision` on, forever.
+
+        After a stream error or an etcd restart the watch resumes after the last revision it
+        delivered; if that revision was compacted, `on_resync` re-reads and returns the
+        revision to continue from.
+        """
+        revision = start_revision
+        failures = 0
+        while True:
+            try:
+                watch = await self._client.watch_prefix(prefix, start_revision=revision)
+                async for event in watch:
+                    failures = 0
+                    kv = event.kv
+                    deleted = event.kind == aetcd.rtypes.EventKind.DELETE
+                    await on_event(Event(kv.key, None if deleted else kv.value,
+                                         kv.mod_revision))
+                    revision = kv.mod_revision + 1
+                raise aetcd.exceptions.ConnectionFailedError("watch stream ended")
+            except aetcd.exceptions.RevisionCompactedError:
+                log.warning("watch_compacted", prefix=prefix.decode(), revision=revision)
+                revision = await on_resync() + 1
+            except (aetcd.exceptions.ClientError, *_TRANSIENT) as exc:
+                failures += 1
+                wait = min(WATCH_RESTART_MAX_WAIT, 0.05 * 2**failures)
+                log.info("watch_restarting", prefix=prefix.decode(), revision=revision,
+                         error=str(exc), wait=wait)
+                await anyio.sleep(wait)
+
+
+class LeaseKeeper:
+    """Keeps one lease alive; `lost` is set the moment it cannot be trusted any more.
+
+    `deadline` (monotonic) is when etcd may expire the lease: the last successful keepalive
+    plus its TTL. Loss is declared when a keepalive says the lease is gone, or when the
+    deadline passes without one.
+    """
+
+    def __init__(self, store: EtcdStore, ttl: int) -> None:
+        self.store = store
+        self.ttl = ttl
+        self.lease_id = 0
+        self.deadline = 0.0
+        self.lost = anyio.Event()
+
+    async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        sent = time.monotonic()
+        self.lease_id = await self.store.grant(self.ttl)
+        self.deadline = sent + self.ttl
+        task_status.started()
+        while True:
+            await anyio.sleep(self.ttl / 3)
+            sent = time.monotonic()
+            try:
+                with anyio.fail_after(max(0.1, self.deadline - sent)):
+                    remaining = await self.store.refresh(self.lease_id)
+            except (StoreError, TimeoutError) as exc:
+                if time.monotonic() >= self.deadline:
+                    log.warning("lease_lost", lease=self.lease_id, reason=str(exc))
+                    self.lost.set()
+                    return
+                continue
+            if remaining <= 0:
+                log.warning("lease_lost", lease=self.lease_id, reason="expired at etcd")
+                self.lost.set()
+                return
+            self.deadline = sent + remaining
+
+
+async def campaign(store: EtcdStore, lease_id: int) -> tuple[bytes, int]:
+    """Block until this lease's candidate key is the oldest under election/; return the fence
+    (candidate key, its create_revision) that leader writes must compare."""
+    keys = store.keys
+    mine = keys.candidate(lease_id)
+    await store.cas(mine, b"", 0, lease=lease_id)
+    while True:
+        candidates, revision = await store.get_prefix(keys.election)
+        candidates.sort(key=lambda kv: kv.create_revision)
+        me = next((c for c in candidates if c.key == mine), None)
+        if me is None:
+            raise StoreError("our election key is gone: the lease expired")
+        ahead = [c for c in candidates if c.create_revision < me.create_revision]
+        if not ahead:
+            return mine, me.create_revision
+        await _wait_deleted(store, ahead[-1].key, revision + 1)
+
+
+async def _wait_deleted(store: EtcdStore, key: bytes, revision: int) -> None:
+    gone = anyio.Event()
+
+    async def on_event(event: Event) -> None:
+        if event.key == key and event.value is None:
+            gone.set()
+
+    async def on_resync() -> int:
+        kv, rev = await store.get_prefix(key)
+        if not kv:
+            gone.set()
+        return rev
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.watch, key, revision, on_event, on_resync)
+        if await store.get(key) is None:
+            gone.set()
+        await gone.wait()
+        tg.cancel_scope.cancel()

@@ -1,0 +1,100 @@
+"""The etcd store against a real etcd."""
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from mesh.store.etcd import EtcdStore, Event, LeaseKeeper, campaign
+from tests import procs
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+def etcd():
+    p = procs.start_etcd()
+    yield p
+    procs.cleanup([p])
+
+
+async def test_compare_and_swap_lets_one_writer_win(etcd):
+    async with EtcdStore(etcd.addr, root="/t") as store:
+        key = store.keys.view("c")
+        assert await store.cas(key, b"v1", 0)
+        assert not await store.cas(key, b"v1-again", 0)  # it exists now
+        kv = await store.get(key)
+        assert await store.cas(key, b"v2", kv.mod_revision)
+        assert not await store.cas(key, b"v3", kv.mod_revision)  # stale revision
+        assert (await store.get(key)).value == b"v2"
+
+
+async def test_watch_resumes_after_an_etcd_restart(etcd):
+    seen: list[Event] = []
+    async with EtcdStore(etcd.addr, root="/t") as store:
+        _, rev = await store.get_prefix(b"/t/")
+
+        async def on_event(e: Event) -> None:
+            seen.append(e)
+
+        async def on_resync() -> int:
+            raise AssertionError("no compaction here")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.watch, b"/t/w/", rev + 1, on_event, on_resync)
+            await store.put(b"/t/w/a", b"1")
+            with anyio.fail_after(5):
+                while len(seen) < 1:
+                    await anyio.sleep(0.05)
+            etcd.kill()
+            restarted = procs.start_etcd(etcd.port, etcd.workdir)
+            etcd.popen = restarted.popen
+            await store.put(b"/t/w/b", b"2")
+            await store.delete(b"/t/w/a")
+            with anyio.fail_after(15):
+                while len(seen) < 3:
+                    await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+    assert [(e.key, e.value) for e in seen] == [(b"/t/w/a", b"1"), (b"/t/w/b", b"2"),
+                                                 (b"/t/w/a", None)]
+
+
+async def test_lease_keeper_keeps_a_key_alive_and_reports_loss(etcd):
+    async with EtcdStore(etcd.addr, root="/t") as store:
+        async with anyio.create_task_group() as tg:
+            keeper = LeaseKeeper(store, ttl=2)
+            await tg.start(keeper.run)
+            await store.put(b"/t/alive", b"x", lease=keeper.lease_id)
+            await anyio.sleep(3)
+            assert await store.get(b"/t/alive") is not None and not keeper.lost.is_set()
+            await store.revoke(keeper.lease_id)
+            with anyio.fail_after(3):
+                await keeper.lost.wait()
+            assert await store.get(b"/t/alive") is None
+
+
+async def test_election_passes_to_the_next_candidate(etcd):
+    async with EtcdStore(etcd.addr, root="/t") as store:
+        first, second = await store.grant(5), await store.grant(5)
+        fence = await campaign(store, first)
+        order: list[str] = []
+
+        async def second_campaign():
+            await campaign(store, second)
+            order.append("second leads")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(second_campaign)
+            await anyio.sleep(0.5)
+            assert order == []
+            # a leader write is fenced on its candidate key
+            assert await store.cas(b"/t/x", b"1", 0, fence=fence)
+            await store.revoke(first)
+            with anyio.fail_after(5):
+                while not order:
+                    await anyio.sleep(0.05)
+        assert not await store.cas(b"/t/y", b"1", 0, fence=fence)  # the old fence is void
