@@ -51,6 +51,7 @@ class BackendConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.up = False
         self.down = False  # True once a connect failed or the link dropped: fail fast
+        self.closed = False  # closed by its owner: never (re)connects
         self.raw_sink: RawSink | None = None  # pub/sub: every byte goes to one client
         self._out: list[bytes] = []
         self._flush_scheduled = False
@@ -95,6 +96,8 @@ class BackendConnection(asyncio.Protocol):
     # -- lifetime --------------------------------------------------------------------------
     async def connect(self) -> None:
         """Open the link and send the handshake; raises OSError on failure."""
+        if self.closed:
+            return
         loop = asyncio.get_running_loop()
         self.down = False
         self.lost = anyio.Event()
@@ -106,6 +109,9 @@ class BackendConnection(asyncio.Protocol):
             raise OSError(f"cannot connect to backend {self.host}:{self.port}: {exc}") from None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.closed:  # its owner gave up on it while it was connecting
+            transport.close()
+            return
         self.transport = transport  # type: ignore[assignment]
         handshake = []
         if self.resp3 or self.password:
@@ -120,40 +126,41 @@ class BackendConnection(asyncio.Protocol):
         self.up = True
 
     def data_received(self, data: bytes) -> None:
-        if self.raw_sink is not None and not self._waiting:
-            self.raw_sink.raw_arrived(data)
-            return
         buf = self._buf
         buf += data
         scanner = self._scanner
         waiting = self._waiting
+        raw_sink = self.raw_sink
+        raw: list[bytes] = []
         start = 0
         sinks = set()
         try:
             end = scanner.next_end(buf)
             while end >= 0:
-                if not waiting:
-                    if self.raw_sink is None:
-                        raise BackendProtocolError(b"a reply nobody asked for")
-                    break
-                pending, sink = waiting.popleft()
-                pending.data = bytes(buf[start:end])
-                sinks.add(sink)
+                if waiting and not (raw_sink is not None and self.resp3 and buf[start] == 62):
+                    pending, sink = waiting.popleft()
+                    pending.data = bytes(buf[start:end])
+                    sinks.add(sink)
+                elif raw_sink is not None:  # pub/sub: messages, and RESP3 pushes
+                    raw.append(bytes(buf[start:end]))
+                else:
+                    raise BackendProtocolError(b"a reply nobody asked for")
                 start = end
                 end = scanner.next_end(buf) if end < len(buf) else -1
         except BackendProtocolError as exc:
             log.error("backend_protocol_error", backend=f"{self.host}:{self.port}", data=str(exc))
+            self._notify(sinks)
             self.transport.abort()  # type: ignore[union-attr]
             return
         if start:
             del buf[:start]
             scanner.shift(start)
-        if buf and self.raw_sink is not None and not waiting:
-            # the subscription stream took over after the last matched reply
-            rest = bytes(buf)
-            buf.clear()
-            self._scanner = ReplyScanner()
-            self.raw_sink.raw_arrived(rest)
+        if raw and raw_sink is not None:
+            raw_sink.raw_arrived(b"".join(raw))
+        self._notify(sinks)
+
+    @staticmethod
+    def _notify(sinks: set) -> None:
         for sink in sinks:
             if sink is not None:
                 sink.replies_arrived()
@@ -174,15 +181,17 @@ class BackendConnection(asyncio.Protocol):
             pending, sink = self._waiting.popleft()
             pending.data = BACKEND_DOWN
             sinks.add(sink)
-        for sink in sinks:
-            if sink is not None:
-                sink.replies_arrived()
+        self._notify(sinks)
         if self.raw_sink is not None:
             self.raw_sink.raw_closed()
 
     def close(self) -> None:
+        self.closed = True
         if self.transport is not None:
+            self.flush()
             self.transport.close()
+        else:
+            self._go_down()
 
 
 class RawSink(Protocol):

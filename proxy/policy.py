@@ -30,7 +30,7 @@ DEDICATED = {
     "WAIT", "XREAD", "XREADGROUP",  # only their BLOCK form blocks; a connection is cheap
 }
 
-SUBSCRIBE = {"SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE"}
+SUBSCRIBE = {"SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE"}
 
 _MESH = "the mesh manages it"
 REFUSED = {

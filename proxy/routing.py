@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from mesh.model.slots import SLOT_COUNT, SlotRange, format_range
 
+from mesh.model.view import ClusterView
+
 from .umctl import ClusterMeta
 
 SLOT_NOT_SERVED = b"-CLUSTERDOWN Hash slot not served\r\n"
@@ -94,3 +96,27 @@ def table_from_meta(meta: ClusterMeta, my_address: str) -> RoutingTable:
 
 def format_ranges(ranges: tuple[SlotRange, ...]) -> list[str]:
     return [format_range(r) for r in ranges]
+
+
+def table_from_view(view: ClusterView, me: str) -> RoutingTable:
+    """Build the table node `me` serves from a validated cluster view.
+
+    A shard's slots are served by its master's proxy; a replica's proxy redirects to it.
+    """
+    routes: list[bytes | None] = [SLOT_NOT_SERVED] * SLOT_COUNT
+    nodes: list[NodeInfo] = []
+    for shard in view.shards:
+        master_proxy = view.address_of(shard.master).proxy
+        master_id = node_id(view.cluster, shard.master)
+        nodes.append(NodeInfo(master_id, master_proxy, shard.master == me, shard.slots))
+        for replica in shard.replicas:
+            nodes.append(NodeInfo(node_id(view.cluster, replica), view.address_of(replica).proxy,
+                                  replica == me, (), master_id))
+        for start, end in shard.slots:
+            if shard.master == me:
+                routes[start : end + 1] = [None] * (end - start + 1)
+            else:
+                for slot in range(start, end + 1):
+                    routes[slot] = b"-MOVED %d %s\r\n" % (slot, master_proxy.encode())
+    return RoutingTable(cluster=view.cluster, epoch=view.epoch, nodes=tuple(nodes),
+                        routes=tuple(routes), password_hash=view.config.password_hash)

@@ -20,7 +20,7 @@ from .backend import BackendConnection, Pending
 from .policy import Kind
 from .resp import (OK, PONG, Err, RequestError, RequestParser, bulk, encode, encode_command,
                    error, integer)
-from .routing import hash_password
+from .routing import RoutingTable, hash_password
 from .umctl import UmctlError, parse_setcluster
 
 if TYPE_CHECKING:
@@ -38,6 +38,15 @@ REDIS_COMPAT_VERSION = "7.0.0"
 CROSSSLOT = b"-CROSSSLOT Keys in request don't hash to the same slot\r\n"
 NOAUTH = b"-NOAUTH Authentication required.\r\n"
 EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+
+# Answered without AUTH (as Redis does); everything else needs it when a password is set.
+NO_AUTH_NEEDED = frozenset({b"AUTH", b"HELLO", b"QUIT", b"RESET"})
+# The proxy's own commands that take effect at once even inside MULTI.
+RUN_INSIDE_MULTI = frozenset({b"QUIT", b"RESET", b"UMCTL"})
+# ... and those Redis can queue and answer in EXEC's reply.
+QUEUE_INSIDE_MULTI = frozenset({b"PING", b"ECHO"})
+UNSUBSCRIBE_KINDS = {b"UNSUBSCRIBE": b"unsubscribe", b"PUNSUBSCRIBE": b"punsubscribe",
+                     b"SUNSUBSCRIBE": b"sunsubscribe"}
 
 _session_ids = itertools.count(1)
 
@@ -76,9 +85,11 @@ class Session(asyncio.Protocol):
         self.resp3 = False
         self.conn: BackendConnection = server.pool.pick(False)
         self.dedicated: BackendConnection | None = None
+        self.owned: list[BackendConnection] = []  # every dedicated connection, closed with us
         self.barrier: Pending | None = None  # commands wait until this reply has arrived
         self.held: list[tuple[bytes, Pending | None]] = []  # None: a raw (pub/sub) command
-        self.authenticated = False
+        self.auth_hash: str | None = None  # the password hash this client authenticated against
+        self.subscribed = False  # a RESP2 client in subscribe mode: everything goes raw
         self.asking = False
         self.in_multi = False
         self.multi_failed = False
@@ -96,9 +107,11 @@ class Session(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.server.sessions.discard(self)
-        if self.dedicated is not None:
-            self.dedicated.raw_sink = None
-            self.dedicated.close()
+        self.dedicated = None
+        for conn in self.owned:
+            conn.raw_sink = None
+            conn.close()
+        self.owned.clear()
 
     def pause_writing(self) -> None:
         self.paused_for_output = True
@@ -109,6 +122,8 @@ class Session(asyncio.Protocol):
         self._update_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
         try:
             batch = self.parser.feed(data)
             bad = None
@@ -133,6 +148,13 @@ class Session(asyncio.Protocol):
         if self.barrier is not None and self.barrier.data is not None:
             self._release_held()
         self._write_ready()
+
+    def slot_scan_done(self, pending: Pending, keys: list[bytes] | Err, count: int | None) -> None:
+        if isinstance(keys, Err):
+            pending.data = error(keys)
+        else:
+            pending.data = encode(len(keys) if count is None else keys[:count], self.resp3)
+        self.replies_arrived()
 
     def raw_arrived(self, data: bytes) -> None:
         self.replies.append(Pending(data))
@@ -181,6 +203,10 @@ class Session(asyncio.Protocol):
     # -- dispatch ----------------------------------------------------------------------------
     def handle(self, argv: list[bytes]) -> None:
         name = argv[0].upper()
+        if self.subscribed and name != b"RESET":
+            # RESP2 subscribe mode: Redis itself answers (and refuses) what comes now
+            self._send(self.conn, encode_command(argv), None)
+            return
         entry = DISPATCH.get(name)
         if entry is None:
             self._unknown(argv)
@@ -191,28 +217,53 @@ class Session(asyncio.Protocol):
             if sub is not None:
                 spec = sub
                 kind = policy.kind_of(spec.name.decode())
+            elif name == b"CLIENT":
+                self._client_subcommand(argv)
+                return
         if not spec.min_argc <= len(argv) <= spec.max_argc:
             self.reply(error(commands.arity_error(spec)))
             self._fail_multi()
             return
-        if not self.authenticated and kind is not Kind.LOCAL and self._auth_required():
+        table = self.server.table
+        if self.auth_hash != table.password_hash and name not in NO_AUTH_NEEDED:
             self.reply(NOAUTH)
+            self._fail_multi()
             return
         if kind is Kind.KEYED:
-            if (spec.first_key or spec.movable) and not self._route(spec, argv):
+            if (spec.first_key or spec.movable) and not self._route(spec, argv, table):
                 return
             self._forward(argv)
         elif kind is Kind.LOCAL:
-            getattr(self, "cmd_" + spec.name.decode().replace("|", "_").replace("-", "_"))(argv)
+            if self.in_multi and name not in RUN_INSIDE_MULTI:
+                self._local_inside_multi(name, argv)
+            else:
+                getattr(self, "cmd_" + spec.name.decode().replace("|", "_").replace("-", "_"))(argv)
         elif kind is Kind.DEDICATED:
-            self._dedicated(spec, argv)
+            self._dedicated(spec, argv, table)
         elif kind is Kind.SUBSCRIBE:
-            self._subscribe(spec, argv)
+            self._subscribe(spec, argv, table)
         else:
             self.reply(error(policy.refusal(spec.name.decode())))
+            self._fail_multi()
         self.asking = False
 
-    def _route(self, spec: commands.CommandSpec, argv: list[bytes]) -> bool:
+    def _local_inside_multi(self, name: bytes, argv: list[bytes]) -> None:
+        if name in QUEUE_INSIDE_MULTI:
+            self._forward(argv)  # Redis queues it and answers it in EXEC's reply
+        else:
+            self.reply(error(f"ERR {name.decode()} inside MULTI is not supported through "
+                             "moonmesh"))
+            self._fail_multi()
+
+    def _client_subcommand(self, argv: list[bytes]) -> None:
+        sub = argv[1].upper()
+        if sub == b"SETINFO":  # Redis 7.2's, sent by new clients; nothing to keep
+            self.reply(OK)
+        else:
+            self.reply(error(f"ERR unknown or unsupported subcommand '{sub.decode(errors='replace')}'"
+                             " of CLIENT through moonmesh"))
+
+    def _route(self, spec: commands.CommandSpec, argv: list[bytes], table: RoutingTable) -> bool:
         """True when this node serves the command's keys; else the reply is queued."""
         if spec.movable or spec.last_key != spec.first_key:
             try:
@@ -232,7 +283,7 @@ class Session(asyncio.Protocol):
                     return False
         else:
             slot = key_slot(argv[spec.first_key])
-        redirect = self.server.table.routes[slot]
+        redirect = table.routes[slot]
         if redirect is None:
             return True
         self.reply(redirect)
@@ -242,15 +293,19 @@ class Session(asyncio.Protocol):
     def _forward(self, argv: list[bytes], pending: Pending | None = None) -> None:
         pending = pending or Pending()
         self.replies.append(pending)
-        if self.barrier is not None:
-            self.held.append((encode_command(argv), pending))
-        else:
+        if self.barrier is None:
             self.conn.queue(encode_command(argv), pending, self)
+        else:
+            self.held.append((self.conn, encode_command(argv), pending))
 
-    def _auth_required(self) -> bool:
-        if self.server.table.password_hash is None:
-            return False
-        return True
+    def _send(self, conn: BackendConnection, command: bytes, pending: Pending | None) -> None:
+        """Queue `command` on `conn`; pending None: its replies come back as raw pub/sub bytes."""
+        if self.barrier is not None:
+            self.held.append((conn, command, pending))
+        elif pending is None:
+            conn.send_unmatched(command)
+        else:
+            conn.queue(command, pending, self)
 
     def _fail_multi(self) -> None:
         if self.in_multi:
@@ -265,37 +320,49 @@ class Session(asyncio.Protocol):
     # -- dedicated connections ---------------------------------------------------------------
     def _switch_to(self, conn: BackendConnection) -> None:
         """Send later commands on `conn`, only after everything already sent has replied."""
-        for p in reversed(self.replies):
-            if p.data is None:
-                self.barrier = p
-                break
+        if self.barrier is None:  # with a barrier up, held entries already name their conn
+            for p in reversed(self.replies):
+                if p.data is None:
+                    self.barrier = p
+                    break
         self.conn = conn
 
     def _release_held(self) -> None:
+        """Send held commands, one connection's run at a time: a run waits for the last."""
         self.barrier = None
-        for command, pending in self.held:
+        held = self.held
+        sent_to = None
+        last: Pending | None = None
+        for i, (conn, command, pending) in enumerate(held):
+            if conn is not sent_to and last is not None and last.data is None:
+                self.barrier = last
+                del held[:i]
+                return
+            sent_to = conn
             if pending is None:
-                self.conn.send_unmatched(command)
+                conn.send_unmatched(command)
             else:
-                self.conn.queue(command, pending, self)
-        self.held.clear()
+                conn.queue(command, pending, self)
+                last = pending
+        held.clear()
 
     def _ensure_dedicated(self) -> BackendConnection:
         if self.dedicated is None:
             self.dedicated = self.server.pool.dedicated(self.resp3)
+            self.owned.append(self.dedicated)
             self.server.open_dedicated(self, self.dedicated)
             self._switch_to(self.dedicated)
         return self.dedicated
 
-    def _dedicated(self, spec: commands.CommandSpec, argv: list[bytes]) -> None:
+    def _dedicated(self, spec: commands.CommandSpec, argv: list[bytes],
+                   table: RoutingTable) -> None:
         name = spec.name
         if name == b"EXEC" and self.multi_failed:
             self._ensure_dedicated()
             self.in_multi = self.multi_failed = False
-            pending = Rewrite(lambda _data: EXECABORT)
-            self._forward([b"DISCARD"], pending)
+            self._forward([b"DISCARD"], Rewrite(lambda _data: EXECABORT))
             return
-        if (spec.first_key or spec.movable) and not self._route(spec, argv):
+        if (spec.first_key or spec.movable) and not self._route(spec, argv, table):
             return
         self._ensure_dedicated()
         if name == b"MULTI":
@@ -304,16 +371,25 @@ class Session(asyncio.Protocol):
             self.in_multi = self.multi_failed = False
         self._forward(argv)
 
-    def _subscribe(self, spec: commands.CommandSpec, argv: list[bytes]) -> None:
-        if (spec.first_key or spec.movable) and not self._route(spec, argv):
+    def _subscribe(self, spec: commands.CommandSpec, argv: list[bytes],
+                   table: RoutingTable) -> None:
+        if (spec.first_key or spec.movable) and not self._route(spec, argv, table):
+            return
+        unsubscribe = spec.name in UNSUBSCRIBE_KINDS
+        if unsubscribe and (self.dedicated is None or self.dedicated.raw_sink is None):
+            # not subscribed to anything: answer as Redis would, without a connection
+            kind = UNSUBSCRIBE_KINDS[spec.name]
+            head = b">3\r\n" if self.resp3 else b"*3\r\n"
+            for channel in argv[1:] or [None]:
+                self.reply(head + bulk(kind) + (bulk(channel) if channel is not None
+                                                 else (b"_\r\n" if self.resp3 else b"$-1\r\n"))
+                           + b":0\r\n")
             return
         conn = self._ensure_dedicated()
         conn.raw_sink = self
-        command = encode_command(argv)
-        if self.barrier is not None:
-            self.held.append((command, None))
-        else:
-            conn.send_unmatched(command)
+        if not self.resp3:
+            self.subscribed = True
+        self._send(conn, encode_command(argv), None)
 
     # -- commands answered by the proxy ------------------------------------------------------
     def cmd_PING(self, argv: list[bytes]) -> None:
@@ -333,17 +409,28 @@ class Session(asyncio.Protocol):
         self.closing = True
 
     def cmd_RESET(self, argv: list[bytes]) -> None:
-        if self.dedicated is not None:
-            self.dedicated.raw_sink = None
-            self.dedicated.close()
+        old = self.dedicated
+        if old is not None and old.raw_sink is not None:
+            old.raw_sink = None  # subscriptions end with their connection
+            old.close()
+            self.owned.remove(old)
+            self.reply(b"+RESET\r\n")
+        elif old is not None:
+            # let what is queued on it finish; RESET's own reply closes it
+            def close_old(data: bytes) -> bytes:
+                old.close()
+                self.owned.remove(old)
+                return data
+
+            self._forward(argv, Rewrite(close_old))
+        else:
+            self.reply(b"+RESET\r\n")
+        if old is not None or self.resp3:
             self.dedicated = None
             self._switch_to(self.server.pool.pick(False))
-        elif self.resp3:
-            self._switch_to(self.server.pool.pick(False))
-        self.resp3 = self.in_multi = self.multi_failed = self.asking = False
-        self.authenticated = False
+        self.resp3 = self.in_multi = self.multi_failed = self.asking = self.subscribed = False
+        self.auth_hash = None
         self.name = b""
-        self.reply(b"+RESET\r\n")
 
     def cmd_ASKING(self, argv: list[bytes]) -> None:
         self.asking = True
@@ -371,7 +458,7 @@ class Session(asyncio.Protocol):
         if user != b"default" or hash_password(password.decode(errors="replace")) != expected:
             self.reply(error("WRONGPASS invalid username-password pair or user is disabled."))
             return False
-        self.authenticated = True
+        self.auth_hash = expected
         self.reply(OK)
         return True
 
@@ -402,7 +489,7 @@ class Session(asyncio.Protocol):
             else:
                 self.reply(error(f"ERR Syntax error in HELLO option '{opt.decode(errors='replace')}'"))
                 return
-        if not self.authenticated and self._auth_required():
+        if self.auth_hash != self.server.table.password_hash:
             self.reply(error("NOAUTH HELLO must be called with the client already authenticated, "
                              "otherwise the HELLO <proto> AUTH <user> <pass> option can be used "
                              "to authenticate the client and select the RESP protocol version "
@@ -415,6 +502,7 @@ class Session(asyncio.Protocol):
             if self.dedicated is None:
                 self._switch_to(self.server.pool.pick(self.resp3))
             else:
+                self.dedicated.resp3 = self.resp3
                 self._forward([b"HELLO", str(protocol).encode()], Rewrite(lambda _d: b""))
         self.reply_value({"server": "redis", "version": REDIS_COMPAT_VERSION, "proto": protocol,
                           "id": self.id, "mode": "cluster", "role": "master", "modules": []})
@@ -547,9 +635,3 @@ class Session(asyncio.Protocol):
             self.replies.append(pending)
             self.server.start_slot_scan(self, pending, slot, count)
 
-    def slot_scan_done(self, pending: Pending, keys: list[bytes] | Err, count: int | None) -> None:
-        if isinstance(keys, Err):
-            pending.data = error(keys)
-        else:
-            pending.data = encode(len(keys) if count is None else keys[:count], self.resp3)
-        self._write_ready()

@@ -68,3 +68,21 @@ def test_cluster_slots_and_shards_cover_the_same_ranges():
 def test_password_in_config_is_kept_only_as_a_hash():
     t = table(SEED + " CONFIG password s3cret")
     assert t.password_hash and "s3cret" not in repr(t)
+
+
+def test_table_from_view_serves_the_masters_slots_and_lists_replicas():
+    from proxy.routing import table_from_view
+    from tests.unit.test_view import make_view
+
+    view = make_view(2, 1)  # s1: node-0 (+node-1), s2: node-2 (+node-3)
+    master = table_from_view(view, "node-0")
+    assert master.routes[0] is None and master.routes[16383] == b"-MOVED 16383 127.0.0.1:7002\r\n"
+    replica = table_from_view(view, "node-1")
+    assert replica.routes[0] == b"-MOVED 0 127.0.0.1:7000\r\n"
+    lines = clusterinfo.cluster_nodes(replica).splitlines()
+    mine = next(line for line in lines if "myself" in line).split()
+    assert mine[2] == "myself,slave" and mine[3] == node_id("mydb", "node-0")
+    slots = clusterinfo.cluster_slots(master)
+    assert [[n[1] for n in row[2:]] for row in slots] == [[7000, 7001], [7002, 7003]]
+    shards = clusterinfo.cluster_shards(master)
+    assert [[n["role"] for n in s["nodes"]] for s in shards] == [["master", "replica"]] * 2

@@ -1,0 +1,80 @@
+"""A minimal admin client for a node's Redis: one connection, one command at a time.
+
+For the control plane only (ROLE, REPLICAOF, FLUSHALL, INFO); the data path never uses it.
+Callers own timeouts.
+"""
+from __future__ import annotations
+
+import anyio
+import hiredis
+from anyio.abc import SocketStream
+
+from proxy.resp import ReplyScanner, encode_command
+
+READ_SIZE = 65536
+
+
+class RedisCtlError(Exception):
+    """The backend could not be reached or answered with an error."""
+
+
+class RedisCtl:
+    def __init__(self, address: str, password: str | None = None) -> None:
+        host, _, port = address.rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
+        self.password = password
+        self._stream: SocketStream | None = None
+        self._lock = anyio.Lock()
+
+    async def call(self, *argv: bytes | str | int) -> object:
+        """Send one command and return its parsed reply; an error reply raises RedisCtlError."""
+        args = [a if isinstance(a, bytes) else str(a).encode() for a in argv]
+        async with self._lock:
+            try:
+                if self._stream is None:
+                    self._stream = await anyio.connect_tcp(self.host, self.port)
+                    if self.password:
+                        await self._exchange([b"AUTH", self.password.encode()])
+                reply = await self._exchange(args)
+            except (OSError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+                await self.aclose()
+                raise RedisCtlError(f"backend {self.host}:{self.port}: {exc}") from None
+        if isinstance(reply, hiredis.ReplyError):
+            raise RedisCtlError(f"backend {self.host}:{self.port} replied: {reply}")
+        return reply
+
+    async def _exchange(self, argv: list[bytes]) -> object:
+        assert self._stream is not None
+        await self._stream.send(encode_command(argv))
+        buf = b""
+        scanner = ReplyScanner()
+        while (end := scanner.next_end(buf)) < 0:
+            buf += await self._stream.receive(READ_SIZE)
+        reader = hiredis.Reader()
+        reader.feed(buf[:end])
+        return reader.gets()
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+
+    # -- the few things the agent needs ------------------------------------------------------
+    async def role(self) -> tuple[str, str | None]:
+        """('master', None) or ('slave', 'host:port' of its master)."""
+        reply = await self.call("ROLE")
+        assert isinstance(reply, list)
+        kind = reply[0].decode()
+        if kind == "slave":
+            return kind, f"{reply[1].decode()}:{reply[2]}"
+        return kind, None
+
+    async def replication_offset(self) -> int:
+        info = await self.call("INFO", "replication")
+        assert isinstance(info, bytes)
+        for line in info.decode().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("master_repl_offset", "slave_repl_offset"):
+                return int(value)
+        return 0
