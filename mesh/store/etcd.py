@@ -136,23 +136,38 @@ class EtcdStore:
         and, with `fence=(key, create_revision)`, that key still exists as created then.
         False when the comparison failed: the caller lost a race and must re-read."""
         tx = self._client.transactions
-        compare = [tx.mod(key) == mod_revision]
+        op = tx.delete(key) if value is None else tx.put(key, value, lease=lease)
+        return await self._txn({key: mod_revision}, [op], (key, value), fence)
+
+    async def commit(self, checks: dict[bytes, int], puts: dict[bytes, bytes],
+                     deletes: tuple[bytes, ...] = (), *,
+                     fence: tuple[bytes, int] | None = None) -> bool:
+        """One transaction: if every key in `checks` is at its mod revision (0: absent) and
+        the fence holds, apply `puts` and `deletes`. False when a comparison failed."""
+        tx = self._client.transactions
+        ops = [tx.put(k, v) for k, v in puts.items()] + [tx.delete(k) for k in deletes]
+        probe = next(iter(puts.items()), None) or (deletes[0], None)
+        return await self._txn(checks, ops, probe, fence)
+
+    async def _txn(self, checks: dict[bytes, int], ops: list, probe: tuple[bytes, bytes | None],
+                   fence: tuple[bytes, int] | None) -> bool:
+        tx = self._client.transactions
+        compare = [tx.mod(key) == rev for key, rev in checks.items()]
         if fence is not None:
             compare.append(tx.create(fence[0]) == fence[1])
-        op = tx.delete(key) if value is None else tx.put(key, value, lease=lease)
         attempts = 0
 
         async def txn() -> bool:
             nonlocal attempts
             attempts += 1
-            ok, _ = await self._client.transaction(compare=compare, success=[op], failure=[])
+            ok, _ = await self._client.transaction(compare=compare, success=ops, failure=[])
             if not ok and attempts > 1:
-                # a retried write may have landed the first time
-                current = await self._client.get(key)
-                return (current.value if current else None) == value
+                # a retried write may have landed the first time: look for its effect
+                current = await self._client.get(probe[0])
+                return (current.value if current is not None else None) == probe[1]
             return ok
 
-        return await self._call("compare-and-swap", txn)
+        return await self._call("transaction", txn)
 
     # -- leases ------------------------------------------------------------------------------
     async def grant(self, ttl: int) -> int:

@@ -43,6 +43,14 @@ class Keys:
     def status(self, node_id: str) -> bytes:
         return self._k("status", node_id)
 
+    # which cluster a node belongs to (not leased; written with the view that uses the node)
+    @property
+    def assignments(self) -> bytes:
+        return self._k("assign", "")
+
+    def assignment(self, node_id: str) -> bytes:
+        return self._k("assign", node_id)
+
     # whose data a node's Redis holds (not leased: it outlives the process)
     @property
     def data_owners(self) -> bytes:
