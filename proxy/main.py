@@ -34,6 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: --listen)")
     parser.add_argument("--backend-password", metavar="PASSWORD",
                         help="password of the backend Redis (requirepass)")
+    mesh = parser.add_argument_group("mesh mode (with --etcd)")
+    mesh.add_argument("--etcd", metavar="URL[,URL...]",
+                      help="etcd endpoints; the proxy joins the pool and follows its views")
+    mesh.add_argument("--node-id", metavar="ID",
+                      help="this node's id in the pool (default: node-<announced port>)")
+    mesh.add_argument("--host-tag", metavar="HOST", default="",
+                      help="the machine this node runs on; replicas are placed on other hosts "
+                           "than their master (default: the announced host)")
+    mesh.add_argument("--etcd-root", default="/moonmesh", metavar="PREFIX",
+                      help="key prefix in etcd (default /moonmesh)")
     parser.add_argument("--log-level", choices=logs.LEVELS, default="info")
     parser.add_argument("--log-json", action="store_true", help="log JSON lines instead of text")
     return parser
@@ -43,9 +53,16 @@ async def serve(args: argparse.Namespace) -> None:
     server = ProxyServer(args.listen, args.backend, args.announce, args.backend_password)
     async with anyio.create_task_group() as tg:
         await tg.start(server.run)
+        agent = None
+        if args.etcd:
+            from mesh.node import start_agent
+
+            agent = await start_agent(tg, server, args)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 structlog.get_logger("proxy").info("proxy_stopping", signal=signum.name)
+                if agent is not None:
+                    await agent.leave()
                 tg.cancel_scope.cancel()
                 break
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from mesh.model.slots import SLOT_COUNT, SlotRange, format_range
 
-from mesh.model.view import ClusterView
+from mesh.model.view import ClusterView, hash_password
 
 from .umctl import ClusterMeta
 
@@ -61,10 +61,6 @@ class RoutingTable:
 
 def empty_table() -> RoutingTable:
     return RoutingTable(cluster="", epoch=0, nodes=(), routes=(SLOT_NOT_SERVED,) * SLOT_COUNT)
-
-
-def hash_password(password: str) -> str:
-    return hashlib.sha256(password.encode()).hexdigest()
 
 
 def table_from_meta(meta: ClusterMeta, my_address: str) -> RoutingTable:

@@ -36,12 +36,15 @@ class ProxyServer:
         self.table: RoutingTable = empty_table()
         self.sessions: set[Session] = set()
         self.commands_processed = 0
+        self.managed = False  # True in mesh mode: views come from etcd, not UMCTL SETCLUSTER
         self.started_at = time.time()
         self._tg: TaskGroup | None = None
 
     # -- metadata --------------------------------------------------------------------------
     def apply_setcluster(self, meta: ClusterMeta) -> bytes:
         """Apply in-band metadata (standalone mode); returns the reply."""
+        if self.managed:
+            return error("ERR this proxy follows the mesh's views in etcd; use umctl-mesh")
         if meta.epoch <= self.table.epoch and not meta.force:
             return error(f"OLD_EPOCH current epoch is {self.table.epoch}")
         foreign = [e.address for e in meta.local if e.address != self.backend_address]

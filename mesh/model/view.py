@@ -5,6 +5,7 @@ node applies. `validate()` is total: a view that passes it can be routed from al
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -185,6 +186,11 @@ def from_json(data: bytes | str) -> ClusterView:
         raise ViewError(f"malformed view: {exc}") from None
     validate(view)
     return view
+
+
+def hash_password(password: str) -> str:
+    """How a cluster password is kept in views and compared by proxies."""
+    return hashlib.sha256(password.encode()).hexdigest()
 
 
 def _int(value: object) -> int:

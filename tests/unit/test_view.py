@@ -76,3 +76,21 @@ def test_invalid_views_are_refused(name, change, message):
 def test_malformed_json_is_a_view_error(data):
     with pytest.raises(ViewError):
         from_json(data)
+
+
+def test_leaving_replica_is_dropped_and_leaving_master_hands_over():
+    from mesh.model.changes import without_departed
+
+    view = make_view(2, 2)  # s1: node-0 (+1, +2), s2: node-3 (+4, +5)
+    assert without_departed(view, set(), {}) is None
+    new = without_departed(view, {"node-1", "node-3"}, {"node-4": 10, "node-5": 20})
+    assert new.epoch == view.epoch + 1
+    assert [(s.master, s.replicas) for s in new.shards] == [("node-0", ("node-2",)),
+                                                             ("node-5", ("node-4",))]
+    assert "node-1" not in new.node_ids and "node-3" not in new.node_ids
+
+
+def test_leaving_master_without_replica_stays():
+    from mesh.model.changes import without_departed
+
+    assert without_departed(make_view(2, 0), {"node-0"}, {}) is None

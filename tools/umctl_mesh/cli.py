@@ -1,38 +1,274 @@
-"""`umctl-mesh`: the operator's tool."""
+"""`umctl-mesh`: the operator's tool.
+
+Exit codes: 0 done, 1 the operation failed (unknown cluster, not enough free nodes, ...),
+2 bad usage, 3 etcd unreachable.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
-from . import local
+import anyio
+
+from mesh.model.view import ClusterView, slots_of
+from mesh.store.etcd import EtcdStore, StoreError
+
+from . import local, ops
+
+EXIT_FAILED, EXIT_USAGE, EXIT_ETCD = 1, 2, 3
+DEFAULT_ETCD = os.environ.get("MOONMESH_ETCD", "127.0.0.1:2379")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="umctl-mesh",
-        description="Operate a Moonmesh: a mesh of Redis Cluster proxies.")
+        description="Operate a Moonmesh: a pool of Redis Cluster proxies that serves named "
+                    "clusters. Reads and edits the mesh's state in etcd.",
+        epilog="exit codes: 0 done, 1 operation failed, 2 bad usage, 3 etcd unreachable")
+    parser.add_argument("--etcd", default=DEFAULT_ETCD, metavar="URL[,URL...]",
+                        help="etcd endpoints (default $MOONMESH_ETCD or 127.0.0.1:2379)")
+    parser.add_argument("--etcd-root", default="/moonmesh", metavar="PREFIX")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    nodes = sub.add_parser("nodes", help="list the pool: every registered node",
+                           description="List every node of the pool with its addresses, host, "
+                                       "cluster, role, applied epoch and health; * marks the "
+                                       "leader.")
+    nodes.set_defaults(func=cmd_nodes)
+    nodes_sub = nodes.add_subparsers(dest="nodes_command", metavar="ACTION")
+    release = nodes_sub.add_parser("release", help="return a held node to the free pool",
+                                   description="Release a node kept out of the pool by "
+                                               "`cluster delete --keep-data`; its data is "
+                                               "erased when it next joins a cluster.")
+    release.add_argument("node")
+    release.set_defaults(func=cmd_release)
+
+    cluster = sub.add_parser("cluster", help="create, show, list and delete clusters")
+    csub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
+    create = csub.add_parser("create", help="create a cluster from free nodes",
+                             description="Take free nodes from the pool (masters and their "
+                                         "replicas on different hosts where possible), empty "
+                                         "their Redis, split the 16384 slots evenly and wait "
+                                         "until every node serves the new view.")
+    create.add_argument("name")
+    create.add_argument("--shards", type=int, required=True, help="number of masters")
+    create.add_argument("--replicas", type=int, default=0, help="replicas per master (default 0)")
+    create.add_argument("--password", help="clients must AUTH with it (kept hashed)")
+    create.add_argument("--no-wait", action="store_true",
+                        help="return once the view is written, without waiting for the nodes")
+    create.add_argument("--timeout", type=float, default=30.0,
+                        help="how long to wait for the nodes (default 30 s)")
+    create.set_defaults(func=cmd_create)
+    show = csub.add_parser("show", help="shards, nodes, slots and who has applied the view")
+    show.add_argument("name")
+    show.set_defaults(func=cmd_show)
+    lst = csub.add_parser("list", help="every cluster with its epoch and size")
+    lst.set_defaults(func=cmd_list)
+    delete = csub.add_parser("delete", help="delete a cluster; its nodes return to the pool",
+                             description="Delete the cluster's view. Its nodes become free "
+                                         "(their data is erased when they join another "
+                                         "cluster) unless --keep-data holds them for recovery.")
+    delete.add_argument("name")
+    delete.add_argument("--keep-data", action="store_true",
+                        help="keep the nodes (and their data) out of the pool until "
+                             "`umctl-mesh nodes release NODE`")
+    delete.set_defaults(func=cmd_delete)
+
     up = sub.add_parser(
         "up", help="start a local mesh on loopback and keep it running until Ctrl-C",
-        description="Start redis-servers and standalone mesh-proxies on 127.0.0.1, configure "
-                    "them with UMCTL SETCLUSTER so they form one Redis Cluster, print how to "
-                    "connect, and stop everything (removing its data) on Ctrl-C or SIGTERM.")
-    up.add_argument("--shards", type=int, default=2, help="number of proxies/redis pairs (default 2)")
+        description="Start etcd, redis-servers and mesh-proxies on 127.0.0.1, create a "
+                    "cluster, print how to connect and a live status line; Ctrl-C or SIGTERM "
+                    "stops everything and removes its data.")
+    up.add_argument("--shards", type=int, default=3, help="masters (default 3)")
+    up.add_argument("--replicas", type=int, default=1, help="replicas per master (default 1)")
     up.add_argument("--port", type=int, default=7000,
-                    help="first proxy port; proxies use PORT.., redis servers PORT+10000.. "
-                         "(default 7000)")
+                    help="first proxy port; redis servers use PORT+10000.. (default 7000)")
     up.add_argument("--cluster", default="mydb", help="cluster name (default mydb)")
+    up.add_argument("--password", help="cluster password")
+    up.add_argument("--standalone", action="store_true",
+                    help="no etcd: proxies configured with UMCTL SETCLUSTER, no replicas")
     up.set_defaults(func=local.up)
     return parser
 
 
+# -- rendering -------------------------------------------------------------------------------
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    cells = [headers] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def view_doc(view: ClusterView, pool: ops.Pool) -> dict:
+    shards = []
+    for shard in view.shards:
+        members = []
+        for nid in shard.members:
+            st = pool.statuses.get(nid)
+            members.append({
+                "node": nid, "role": "master" if nid == shard.master else "replica",
+                "proxy": view.address_of(nid).proxy, "backend": view.address_of(nid).backend,
+                "applied_epoch": st.epoch if st and st.cluster == view.cluster else None,
+                "alive": nid in pool.nodes, "backend_ok": st.backend_ok if st else None,
+            })
+        shards.append({"id": shard.id, "slots": [list(r) for r in shard.slots],
+                       "slot_count": slots_of(shard), "nodes": members})
+    return {"cluster": view.cluster, "epoch": view.epoch,
+            "password": view.config.password_hash is not None, "shards": shards,
+            "migrations": [{"slots": [list(r) for r in m.slots], "from": m.source,
+                            "to": m.target, "state": m.state.value} for m in view.migrations]}
+
+
+# -- commands --------------------------------------------------------------------------------
+
+async def cmd_nodes(store: EtcdStore, args: argparse.Namespace) -> int:
+    pool = await ops.read_pool(store)
+    ids = sorted(set(pool.nodes) | set(pool.assignments))
+    rows = []
+    for nid in ids:
+        rec = pool.nodes.get(nid)
+        st = pool.statuses.get(nid)
+        cluster, role = pool.role_of(nid)
+        assignment = pool.assignments.get(nid)
+        if assignment and assignment[0].held:
+            cluster, role = assignment[0].cluster, "held"
+        rows.append({
+            "node": nid, "leader": nid == pool.leader, "alive": rec is not None,
+            "proxy": rec.proxy if rec else "", "backend": rec.backend if rec else "",
+            "host": rec.host if rec else "", "cluster": cluster, "role": role or "free",
+            "applied_epoch": st.epoch if st else None,
+            "health": ("ok" if st.backend_ok else "backend down") if st else "gone",
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(table(["NODE", "PROXY", "BACKEND", "HOST", "CLUSTER", "ROLE", "EPOCH", "HEALTH"],
+                    [[("*" if r["leader"] else "") + r["node"], r["proxy"], r["backend"],
+                      r["host"], r["cluster"] or "-", r["role"],
+                      r["applied_epoch"] if r["applied_epoch"] is not None else "-",
+                      r["health"]] for r in rows]))
+        print(f"\n{len(pool.nodes)} nodes alive, {len(pool.free())} free; "
+              f"leader: {pool.leader or 'none'}")
+    return 0
+
+
+async def cmd_release(store: EtcdStore, args: argparse.Namespace) -> int:
+    await ops.release_node(store, args.node)
+    print(json.dumps({"released": args.node}) if args.json else f"node {args.node} is free")
+    return 0
+
+
+async def cmd_create(store: EtcdStore, args: argparse.Namespace) -> int:
+    view = await ops.create_cluster(store, args.name, args.shards, args.replicas, args.password)
+    behind: list[str] = []
+    if not args.no_wait:
+        def progress(done: int, total: int) -> None:
+            if not args.json and sys.stderr.isatty():
+                print(f"\rwaiting for nodes to apply epoch {view.epoch}: {done}/{total}",
+                      end="", file=sys.stderr, flush=True)
+
+        behind = await ops.wait_applied(store, view, args.timeout, progress)
+        if not args.json and sys.stderr.isatty():
+            print(file=sys.stderr)
+    pool = await ops.read_pool(store)
+    if args.json:
+        print(json.dumps({**view_doc(view, pool), "not_applied": behind}, indent=2))
+    else:
+        print_view(view, pool)
+        first = view.address_of(view.shards[0].master).proxy
+        host, _, port = first.rpartition(":")
+        print(f"\nconnect: redis-cli -c -h {host} -p {port}")
+    if behind:
+        print(f"umctl-mesh: nodes {', '.join(behind)} have not applied epoch {view.epoch} "
+              f"after {args.timeout:g}s", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def print_view(view: ClusterView, pool: ops.Pool) -> None:
+    doc = view_doc(view, pool)
+    print(f"cluster {view.cluster}  epoch {view.epoch}  "
+          f"{'password required' if doc['password'] else 'no password'}")
+    rows = []
+    for shard in doc["shards"]:
+        for n in shard["nodes"]:
+            ranges = " ".join(f"{a}-{b}" if a != b else str(a) for a, b in shard["slots"])
+            applied = n["applied_epoch"]
+            rows.append([shard["id"], n["role"], n["node"], n["proxy"], n["backend"],
+                         ranges if n["role"] == "master" else "",
+                         "yes" if applied is not None and applied >= view.epoch
+                         else f"no ({applied if applied is not None else '-'})"])
+    print(table(["SHARD", "ROLE", "NODE", "PROXY", "BACKEND", "SLOTS", "APPLIED"], rows))
+
+
+async def cmd_show(store: EtcdStore, args: argparse.Namespace) -> int:
+    pool = await ops.read_pool(store)
+    if args.name not in pool.views:
+        raise ops.OpError(f"unknown cluster '{args.name}'")
+    view = pool.views[args.name][0]
+    if args.json:
+        print(json.dumps(view_doc(view, pool), indent=2))
+    else:
+        print_view(view, pool)
+    return 0
+
+
+async def cmd_list(store: EtcdStore, args: argparse.Namespace) -> int:
+    pool = await ops.read_pool(store)
+    rows = [{"cluster": name, "epoch": view.epoch, "shards": len(view.shards),
+             "nodes": len(view.nodes), "password": view.config.password_hash is not None}
+            for name, (view, _) in sorted(pool.views.items())]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif rows:
+        print(table(["CLUSTER", "EPOCH", "SHARDS", "NODES", "PASSWORD"],
+                    [[r["cluster"], r["epoch"], r["shards"], r["nodes"],
+                      "yes" if r["password"] else "no"] for r in rows]))
+    else:
+        print("no clusters")
+    return 0
+
+
+async def cmd_delete(store: EtcdStore, args: argparse.Namespace) -> int:
+    view = await ops.delete_cluster(store, args.name, args.keep_data)
+    nodes = list(view.node_ids)
+    if args.json:
+        print(json.dumps({"deleted": args.name, "nodes": nodes, "held": args.keep_data}))
+    else:
+        fate = "held with their data" if args.keep_data else "returned to the pool"
+        print(f"cluster {args.name} deleted; {len(nodes)} nodes {fate}")
+    return 0
+
+
+async def run_with_store(store: EtcdStore, args: argparse.Namespace) -> int:
+    async with store:
+        return await args.func(store, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func is local.up:
+        try:
+            return local.up(args)
+        except local.LaunchError as exc:
+            print(f"umctl-mesh: {exc}", file=sys.stderr)
+            return EXIT_FAILED
     try:
-        return args.func(args)
-    except local.LaunchError as exc:
+        store = EtcdStore(args.etcd, root=args.etcd_root)
+    except ValueError as exc:  # a malformed --etcd
         print(f"umctl-mesh: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
+    try:
+        return anyio.run(run_with_store, store, args)
+    except ops.OpError as exc:
+        print(f"umctl-mesh: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except StoreError as exc:
+        print(f"umctl-mesh: {exc}", file=sys.stderr)
+        return EXIT_ETCD
 
 
 if __name__ == "__main__":

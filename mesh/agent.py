@@ -1,0 +1,246 @@
+"""The node agent: joins the pool, applies views to the proxy, reports status, may lead.
+
+One agent per mesh-proxy. Each incarnation holds one lease: the node record, the status key
+and the election key live on it. When the lease is lost everything under it is cancelled and
+a new incarnation starts; the proxy keeps serving the last view it applied meanwhile.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+
+import anyio
+import structlog
+
+from proxy import __version__
+from proxy.routing import empty_table, table_from_view
+from proxy.server import ProxyServer
+
+from .leader import lead
+from .model.nodes import NodeRecord, NodeStatus
+from .model.view import ClusterView, ViewError, from_json
+from .redisctl import RedisCtl, RedisCtlError
+from .store.etcd import EtcdStore, Event, LeaseKeeper, StoreError
+
+log = structlog.get_logger("mesh.agent")
+
+LEASE_TTL = 5  # seconds; a dead node leaves the pool this long after its last keepalive
+STATUS_HEARTBEAT = 3.0  # the status key is rewritten at least this often
+BACKEND_CHECK_INTERVAL = 1.0
+BACKEND_TIMEOUT = 2.0
+LEAVE_TIMEOUT = 10.0  # how long a clean shutdown waits to be taken out of its cluster
+RESTART_WAIT = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    node_id: str
+    proxy: str  # announced proxy address
+    backend: str
+    host: str = ""
+    backend_password: str | None = None
+
+
+class NodeAgent:
+    def __init__(self, store: EtcdStore, server: ProxyServer, config: NodeConfig) -> None:
+        self.store = store
+        self.server = server
+        self.config = config
+        self.keys = store.keys
+        self.ctl = RedisCtl(config.backend, config.backend_password)
+        self.views: dict[str, ClusterView] = {}
+        self.applied: ClusterView | None = None
+        self.status = NodeStatus(config.node_id)
+        self.status_changed = anyio.Event()
+        self.removed = anyio.Event()  # set when no view names this node any more
+        self._apply_lock = anyio.Lock()
+        self.log = log.bind(node=config.node_id)
+
+    # -- lifetime ----------------------------------------------------------------------------
+    async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            try:
+                await self._incarnation()
+            except* (StoreError, OSError) as group:
+                self.log.warning("agent_restarting", error=str(group.exceptions[0]))
+            await anyio.sleep(RESTART_WAIT)
+
+    async def _incarnation(self) -> None:
+        async with anyio.create_task_group() as tg:
+            keeper = LeaseKeeper(self.store, LEASE_TTL)
+            await tg.start(keeper.run)
+            self.lease = keeper.lease_id
+            record = NodeRecord(self.config.node_id, self.config.proxy, self.config.backend,
+                                self.config.host, __version__, time.time())
+            await self.store.put(self.keys.node(self.config.node_id), record.encode(),
+                                 lease=self.lease)
+            self.log.info("node_registered", lease=f"{self.lease:x}")
+            tg.start_soon(self._watch_views)
+            tg.start_soon(self._report_status)
+            tg.start_soon(self._check_backend)
+            tg.start_soon(lead, self.store, self.lease, self.config.node_id)
+            await keeper.lost.wait()
+            self.log.warning("lease_lost_reregistering")
+            tg.cancel_scope.cancel()
+
+    async def leave(self) -> None:
+        """Clean shutdown: ask to be taken out of the cluster, wait for it, then deregister."""
+        self._set_status(leaving=True)
+        with anyio.move_on_after(LEAVE_TIMEOUT) as scope:
+            if self.applied is not None:
+                await self.removed.wait()
+        if scope.cancelled_caught:
+            self.log.warning("leave_timed_out", cluster=self.applied.cluster if self.applied else "")
+        with anyio.move_on_after(3), anyio.CancelScope(shield=True):
+            await self.store.delete(self.keys.node(self.config.node_id))
+            await self.store.delete(self.keys.status(self.config.node_id))
+
+    # -- views -------------------------------------------------------------------------------
+    async def _watch_views(self) -> None:
+        revision = await self._read_views()
+        await self.store.watch(self.keys.clusters, revision + 1, self._on_view_event,
+                               self._read_views)
+
+    async def _read_views(self) -> int:
+        kvs, revision = await self.store.get_prefix(self.keys.clusters)
+        self.views = {}
+        for kv in kvs:
+            cluster = self.keys.cluster_of_view_key(kv.key)
+            if cluster is not None:
+                self._remember(cluster, kv.value)
+        await self.reconcile()
+        return revision
+
+    async def _on_view_event(self, event: Event) -> None:
+        cluster = self.keys.cluster_of_view_key(event.key)
+        if cluster is None:
+            return
+        if event.value is None:
+            self.views.pop(cluster, None)
+        else:
+            self._remember(cluster, event.value)
+        await self.reconcile()
+
+    def _remember(self, cluster: str, data: bytes) -> None:
+        try:
+            view = from_json(data)
+        except ViewError as exc:
+            self.log.error("view_invalid", cluster=cluster, error=str(exc))
+            return
+        self.views[cluster] = view
+
+    async def reconcile(self) -> None:
+        """Make the proxy and the backend match the newest view that names this node."""
+        me = self.config.node_id
+        mine = [v for v in self.views.values() if me in v.node_ids]
+        if len(mine) > 1:
+            self.log.error("node_in_several_clusters", clusters=sorted(v.cluster for v in mine))
+        target = max(mine, key=lambda v: v.epoch, default=None)
+        async with self._apply_lock:
+            current = self.applied
+            if target is None:
+                if current is not None:
+                    await self._leave_cluster(current)
+                self.removed.set()
+                return
+            self.removed = anyio.Event() if self.removed.is_set() else self.removed
+            if current is not None and current.cluster == target.cluster \
+                    and target.epoch <= current.epoch:
+                return
+            try:
+                await self._apply(target, joining=current is None
+                                  or current.cluster != target.cluster)
+            except (RedisCtlError, TimeoutError) as exc:
+                self.log.warning("view_apply_failed", cluster=target.cluster,
+                                 epoch=target.epoch, error=str(exc))
+
+    async def _apply(self, view: ClusterView, joining: bool) -> None:
+        me = self.config.node_id
+        shard = view.shard_of(me)
+        assert shard is not None
+        with anyio.fail_after(BACKEND_TIMEOUT * 3):
+            if joining:
+                await self._take_backend_for(view.cluster)
+            await self._set_role(view, shard.master == me)
+        self.server.apply_table(table_from_view(view, me))
+        self.applied = view
+        self._set_status(cluster=view.cluster, epoch=view.epoch,
+                         role="master" if shard.master == me else "replica")
+        self.log.info("view_applied", cluster=view.cluster, epoch=view.epoch,
+                      role=self.status.role, shard=shard.id)
+
+    async def _leave_cluster(self, view: ClusterView) -> None:
+        self.server.apply_table(empty_table())
+        self.applied = None
+        self._set_status(cluster="", epoch=0, role="master")
+        self.log.info("left_cluster", cluster=view.cluster, epoch=view.epoch)
+        try:
+            with anyio.fail_after(BACKEND_TIMEOUT):
+                await self.ctl.call("REPLICAOF", "NO", "ONE")
+        except (RedisCtlError, TimeoutError) as exc:
+            self.log.warning("backend_role_failed", error=str(exc))
+
+    async def _take_backend_for(self, cluster: str) -> None:
+        """Empty the backend unless it already holds this cluster's data: one tenant's keys
+        never reach another."""
+        key = self.keys.data_owner(self.config.node_id)
+        kv = await self.store.get(key)
+        owner = json.loads(kv.value).get("cluster") if kv is not None else None
+        if owner != cluster:
+            await self.ctl.call("FLUSHALL")
+            self.log.info("backend_emptied", previous=owner, cluster=cluster)
+            await self.store.put(key, json.dumps({"cluster": cluster}).encode())
+
+    async def _set_role(self, view: ClusterView, master: bool) -> None:
+        if master:
+            wanted = ("master", None)
+        else:
+            shard = view.shard_of(self.config.node_id)
+            wanted = ("slave", view.address_of(shard.master).backend)  # type: ignore[union-attr]
+        if await self.ctl.role() == wanted:
+            return
+        if wanted[1] is None:
+            await self.ctl.call("REPLICAOF", "NO", "ONE")
+        else:
+            host, _, port = wanted[1].rpartition(":")
+            await self.ctl.call("REPLICAOF", host, port)
+        self.log.info("backend_role_set", role=wanted[0], master=wanted[1])
+
+    # -- health and status -------------------------------------------------------------------
+    async def _check_backend(self) -> None:
+        """PING the backend every second, keep its role as the view says, track its offset."""
+        while True:
+            ok, offset = True, self.status.repl_offset
+            try:
+                with anyio.fail_after(BACKEND_TIMEOUT):
+                    await self.ctl.call("PING")
+                    offset = await self.ctl.replication_offset()
+                    async with self._apply_lock:
+                        view = self.applied
+                        if view is not None:
+                            shard = view.shard_of(self.config.node_id)
+                            if shard is not None:
+                                await self._set_role(view, shard.master == self.config.node_id)
+            except (RedisCtlError, TimeoutError):
+                ok = False
+            if self.applied is None and self.views:
+                await self.reconcile()  # an apply that failed earlier
+            self._set_status(backend_ok=ok, repl_offset=offset)
+            await anyio.sleep(BACKEND_CHECK_INTERVAL)
+
+    def _set_status(self, **changes: object) -> None:
+        new = replace(self.status, **changes)  # type: ignore[arg-type]
+        if new != self.status:
+            self.status = new
+            self.status_changed.set()
+
+    async def _report_status(self) -> None:
+        key = self.keys.status(self.config.node_id)
+        while True:
+            self.status_changed = anyio.Event()
+            status = replace(self.status, updated=time.time())
+            await self.store.put(key, status.encode(), lease=self.lease)
+            with anyio.move_on_after(STATUS_HEARTBEAT):
+                await self.status_changed.wait()

@@ -1,0 +1,154 @@
+"""What umctl-mesh does to the mesh: reads of the pool and clusters, fenced-free CAS edits."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import anyio
+
+from mesh.leader import read_statuses
+from mesh.model.nodes import Assignment, NodeRecord, NodeStatus, RecordError
+from mesh.model.placement import PlacementError, place
+from mesh.model.view import (CLUSTER_NAME, ClusterConfig, ClusterView, NodeAddress, Shard,
+                             ViewError, even_split, from_json, hash_password, to_json)
+from mesh.store.etcd import EtcdStore
+
+RACE_RETRIES = 5
+
+
+class OpError(Exception):
+    """A one-line error for the operator; the CLI exits non-zero with it."""
+
+
+@dataclass(frozen=True)
+class Pool:
+    nodes: dict[str, NodeRecord]
+    statuses: dict[str, NodeStatus]
+    assignments: dict[str, tuple[Assignment, int]]  # node id -> (assignment, mod revision)
+    views: dict[str, tuple[ClusterView, int]]  # cluster -> (view, mod revision)
+    leader: str | None
+
+    def free(self) -> list[NodeRecord]:
+        return [n for nid, n in self.nodes.items() if nid not in self.assignments]
+
+    def role_of(self, node_id: str) -> tuple[str, str]:
+        """(cluster, role) from the views."""
+        for name, (view, _) in self.views.items():
+            shard = view.shard_of(node_id)
+            if shard is not None:
+                return name, "master" if shard.master == node_id else "replica"
+        return "", ""
+
+
+async def read_pool(store: EtcdStore) -> Pool:
+    keys = store.keys
+    nodes: dict[str, NodeRecord] = {}
+    lease_owner: dict[int, str] = {}
+    for kv in (await store.get_prefix(keys.nodes))[0]:
+        try:
+            record = NodeRecord.decode(kv.value)
+        except RecordError:
+            continue
+        nodes[record.node_id] = record
+        lease_owner[kv.lease] = record.node_id
+    assignments = {}
+    for kv in (await store.get_prefix(keys.assignments))[0]:
+        try:
+            assignments[keys.last_part(kv.key)] = (Assignment.decode(kv.value), kv.mod_revision)
+        except RecordError:
+            continue
+    views = {}
+    for kv in (await store.get_prefix(keys.clusters))[0]:
+        name = keys.cluster_of_view_key(kv.key)
+        try:
+            views[name] = (from_json(kv.value), kv.mod_revision)
+        except ViewError:
+            continue
+    candidates = sorted((await store.get_prefix(keys.election))[0],
+                        key=lambda kv: kv.create_revision)
+    leader = lease_owner.get(candidates[0].lease) if candidates else None
+    return Pool(nodes, await read_statuses(store), assignments, views, leader)  # type: ignore[arg-type]
+
+
+def build_view(name: str, pool: Pool, shards: int, replicas: int,
+               password: str | None) -> ClusterView:
+    if not CLUSTER_NAME.fullmatch(name):
+        raise OpError(f"invalid cluster name '{name}' (letters, digits, '_', '.', '-'; "
+                      "at most 64)")
+    try:
+        layout = place(pool.free(), shards, replicas)
+    except PlacementError as exc:
+        raise OpError(str(exc)) from None
+    ranges = even_split(shards)
+    shard_list = tuple(Shard(f"s{i + 1}", master, tuple(reps), ranges[i])
+                       for i, (master, reps) in enumerate(layout))
+    members = sorted(m for s in shard_list for m in s.members)
+    nodes = tuple((nid, NodeAddress(pool.nodes[nid].proxy, pool.nodes[nid].backend))
+                  for nid in members)
+    config = ClusterConfig(password_hash=hash_password(password) if password else None)
+    return ClusterView(name, 1, shard_list, nodes, config)
+
+
+async def create_cluster(store: EtcdStore, name: str, shards: int, replicas: int,
+                         password: str | None) -> ClusterView:
+    keys = store.keys
+    for _ in range(RACE_RETRIES):
+        pool = await read_pool(store)
+        if name in pool.views:
+            raise OpError(f"cluster '{name}' already exists")
+        view = build_view(name, pool, shards, replicas, password)
+        checks = {keys.view(name): 0, **{keys.assignment(n): 0 for n in view.node_ids}}
+        puts = {keys.view(name): to_json(view),
+                **{keys.assignment(n): Assignment(name).encode() for n in view.node_ids}}
+        if await store.commit(checks, puts):
+            return view
+    raise OpError("lost the race for free nodes 5 times in a row; try again")
+
+
+async def delete_cluster(store: EtcdStore, name: str, keep_data: bool) -> ClusterView:
+    keys = store.keys
+    for _ in range(RACE_RETRIES):
+        kv = await store.get(keys.view(name))
+        if kv is None:
+            raise OpError(f"unknown cluster '{name}'")
+        view = from_json(kv.value)
+        checks = {keys.view(name): kv.mod_revision}
+        if keep_data:
+            puts = {keys.assignment(n): Assignment(name, held=True).encode()
+                    for n in view.node_ids}
+            deletes: tuple[bytes, ...] = (keys.view(name),)
+        else:
+            puts = {}
+            deletes = (keys.view(name), *(keys.assignment(n) for n in view.node_ids))
+        if await store.commit(checks, puts, deletes):
+            return view
+    raise OpError(f"cluster '{name}' kept changing; try again")
+
+
+async def release_node(store: EtcdStore, node_id: str) -> None:
+    kv = await store.get(store.keys.assignment(node_id))
+    if kv is None:
+        raise OpError(f"node '{node_id}' is not held")
+    assignment = Assignment.decode(kv.value)
+    if not assignment.held:
+        raise OpError(f"node '{node_id}' serves cluster '{assignment.cluster}'; "
+                      "delete the cluster first")
+    if not await store.cas(kv.key, None, kv.mod_revision):
+        raise OpError(f"node '{node_id}' changed meanwhile; try again")
+
+
+async def wait_applied(store: EtcdStore, view: ClusterView, timeout: float,
+                       progress=None) -> list[str]:  # noqa: ANN001
+    """Wait until every node of `view` reports it applied; returns the nodes still behind."""
+    behind = list(view.node_ids)
+    with anyio.move_on_after(timeout):
+        while True:
+            statuses = await read_statuses(store)
+            behind = [n for n in view.node_ids
+                      if not (statuses.get(n) and statuses[n].cluster == view.cluster
+                              and statuses[n].epoch >= view.epoch)]
+            if progress is not None:
+                progress(len(view.node_ids) - len(behind), len(view.node_ids))
+            if not behind:
+                break
+            await anyio.sleep(0.2)
+    return behind
