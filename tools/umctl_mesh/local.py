@@ -69,6 +69,7 @@ def send(port: int, args: list[str], timeout: float = 5.0) -> bytes:
 
 def port_free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is fine
         try:
             s.bind((HOST, port))
         except OSError:

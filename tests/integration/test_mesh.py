@@ -1,0 +1,246 @@
+"""The mesh: real etcd, redis-servers and mesh-proxies, driven by umctl-mesh and cluster clients."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+from redis.cluster import RedisCluster
+
+from tests import procs
+from tests.procs import command
+
+
+def cluster_client(port: int, **kwargs) -> RedisCluster:
+    return RedisCluster(host="127.0.0.1", port=port, socket_timeout=10, **kwargs)
+
+
+def wait_for(predicate, timeout: float = 15, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_cluster_create_serves_clients_and_every_proxy_agrees(mesh_factory):
+    mesh = mesh_factory(6)
+    mesh.wait_pool(6)
+    created = mesh.umctl("--json", "cluster", "create", "mydb", "--shards", "3",
+                         "--replicas", "1")
+    assert created["not_applied"] == [] and created["epoch"] == 1
+    shown = mesh.umctl("--json", "cluster", "show", "mydb")
+    masters = {s["id"]: next(n for n in s["nodes"] if n["role"] == "master") for s in shown["shards"]}
+    assert all(len(s["nodes"]) == 2 for s in shown["shards"])
+
+    entry = mesh.proxies[masters["s2"]["node"]].port
+    rc = cluster_client(entry)
+    pipe = rc.pipeline()
+    for i in range(10_000):
+        pipe.set(f"key:{i}", i)
+    pipe.execute()
+    pipe = rc.pipeline()
+    for i in range(10_000):
+        pipe.get(f"key:{i}")
+    assert pipe.execute() == [str(i).encode() for i in range(10_000)]
+    rc.close()
+
+    # every proxy, master or replica, tells the same story as `cluster show`
+    expected = sorted((s["slots"][0][0], s["slots"][0][1], masters[s["id"]]["proxy"],
+                       tuple(n["proxy"] for n in s["nodes"] if n["role"] == "replica"))
+                      for s in shown["shards"])
+    for node_id, proxy in mesh.proxies.items():
+        r = redis.Redis(port=proxy.port)
+        slots = r.execute_command("CLUSTER SLOTS")
+        got = sorted((row[0], row[1], f"{row[2][0].decode()}:{row[2][1]}",
+                      tuple(f"{n[0].decode()}:{n[1]}" for n in row[3:])) for row in slots)
+        assert got == expected, node_id
+        nodes = command(proxy.port, "CLUSTER", "NODES").decode()
+        assert nodes.count("master") == 3 and nodes.count("slave") == 3
+        assert len(r.execute_command("CLUSTER SHARDS")) == 3
+
+    # replicas really replicate their master
+    for shard in shown["shards"]:
+        replica = next(n for n in shard["nodes"] if n["role"] == "replica")
+        master_keys = command(mesh.redis[masters[shard["id"]]["node"]].port, "DBSIZE")
+        wait_for(lambda: command(mesh.redis[replica["node"]].port, "DBSIZE") == master_keys,
+                 what="replication")
+
+    # redis-cli -c through a replica's proxy follows MOVED to the masters
+    import subprocess
+
+    replica_port = mesh.proxies[shown["shards"][0]["nodes"][1]["node"]].port
+    out = subprocess.run(["redis-cli", "-c", "-p", str(replica_port)],
+                         input="".join(f"GET key:{i}\n" for i in range(0, 10_000, 500)),
+                         capture_output=True, text=True, timeout=60).stdout
+    values = [line for line in out.splitlines() if not line.startswith("-> ")]
+    assert values == [str(i) for i in range(0, 10_000, 500)]
+
+
+def test_two_tenants_share_a_pool_and_stay_apart(mesh_factory):
+    mesh = mesh_factory(4)
+    mesh.wait_pool(4)
+    mesh.umctl("cluster", "create", "alpha", "--shards", "2", "--password", "pa")
+    mesh.umctl("cluster", "create", "beta", "--shards", "2", "--password", "pb")
+    nodes = mesh.umctl("--json", "nodes")
+    by_cluster = {c: [n["node"] for n in nodes if n["cluster"] == c] for c in ("alpha", "beta")}
+    assert len(by_cluster["alpha"]) == len(by_cluster["beta"]) == 2
+    a_port = mesh.proxies[by_cluster["alpha"][0]].port
+    b_port = mesh.proxies[by_cluster["beta"][0]].port
+
+    alpha = cluster_client(a_port, password="pa")
+    beta = cluster_client(b_port, password="pb")
+    for i in range(200):
+        alpha.set(f"k{i}", "alpha")
+        beta.set(f"k{i}", "beta")
+    assert {alpha.get(f"k{i}") for i in range(200)} == {b"alpha"}
+    assert {beta.get(f"k{i}") for i in range(200)} == {b"beta"}
+    # the wrong password, or none, gets nothing through any proxy of the other tenant
+    for port in (a_port, b_port):
+        assert command(port, "GET", "k1") == b"-NOAUTH Authentication required.\r\n"
+    with pytest.raises(redis.exceptions.RedisClusterException):
+        cluster_client(b_port, password="pa").get("k1")
+    alpha.close()
+    beta.close()
+
+    # deleting beta returns its nodes; a new cluster on them starts empty
+    mesh.umctl("cluster", "delete", "beta")
+    assert mesh.umctl("--json", "cluster", "list") == [
+        {"cluster": "alpha", "epoch": 1, "shards": 2, "nodes": 2, "password": True}]
+    mesh.wait_pool(2)
+    mesh.umctl("cluster", "create", "gamma", "--shards", "2")
+    gamma = cluster_client(b_port)
+    assert gamma.dbsize() == 0 and gamma.get("k1") is None
+    gamma.close()
+
+
+def test_keep_data_holds_nodes_until_released(mesh_factory):
+    mesh = mesh_factory(1)
+    mesh.wait_pool(1)
+    mesh.umctl("cluster", "create", "keep", "--shards", "1")
+    node_id, proxy = next(iter(mesh.proxies.items()))
+    assert command(proxy.port, "SET", "precious", "1") == b"+OK\r\n"
+    mesh.umctl("cluster", "delete", "keep", "--keep-data")
+    [node] = mesh.umctl("--json", "nodes")
+    assert node["role"] == "held" and node["cluster"] == "keep"
+    failed = mesh.umctl("cluster", "create", "other", "--shards", "1", check=False)
+    assert failed.returncode == 1 and "not enough free nodes" in failed.stderr
+    assert command(mesh.redis[node_id].port, "GET", "precious") == b"$1\r\n1\r\n"
+    mesh.umctl("nodes", "release", node_id)
+    mesh.umctl("cluster", "create", "other", "--shards", "1")
+    wait_for(lambda: command(mesh.redis[node_id].port, "DBSIZE") == b":0\r\n",
+             what="the released node's data to be erased")
+
+
+def test_operator_errors_are_one_line_with_exit_codes(mesh_factory):
+    mesh = mesh_factory(1)
+    out = mesh.umctl("cluster", "show", "nosuch", check=False)
+    assert out.returncode == 1 and out.stderr.strip() == "umctl-mesh: unknown cluster 'nosuch'"
+    out = mesh.umctl("cluster", "create", "big", "--shards", "5", check=False)
+    assert out.returncode == 1 and "not enough free nodes" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    out = mesh.umctl("cluster", "create", "bad name", "--shards", "1", check=False)
+    assert out.returncode == 1 and "invalid cluster name" in out.stderr
+    import subprocess
+    import sys
+
+    down = subprocess.run([sys.executable, "-m", "tools.umctl_mesh.cli", "--etcd",
+                           f"127.0.0.1:{procs.free_port()}", "cluster", "list"],
+                          capture_output=True, text=True, timeout=60)
+    assert down.returncode == 3 and "etcd unreachable" in down.stderr
+    assert len(down.stderr.strip().splitlines()) == 1
+
+
+def test_racing_writers_never_share_a_node(mesh_factory):
+    mesh = mesh_factory(3)
+    mesh.wait_pool(3)
+    results = {}
+
+    def create(name):
+        results[name] = mesh.umctl("cluster", "create", name, "--shards", "2", "--no-wait",
+                                   check=False)
+
+    threads = [threading.Thread(target=create, args=(n,)) for n in ("r1", "r2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(r.returncode for r in results.values())
+    assert codes == [0, 1]  # one got two nodes; the other found only one free and said so
+    loser = next(r for r in results.values() if r.returncode == 1)
+    assert "not enough free nodes" in loser.stderr
+    clusters = mesh.umctl("--json", "cluster", "list")
+    assert len(clusters) == 1
+    nodes = mesh.umctl("--json", "nodes")
+    assert sum(1 for n in nodes if n["cluster"]) == 2
+
+
+def test_etcd_restart_is_invisible_to_clients_and_later_views_apply(mesh_factory):
+    mesh = mesh_factory(2)
+    mesh.wait_pool(2)
+    mesh.umctl("cluster", "create", "live", "--shards", "2")
+    port = next(iter(mesh.proxies.values())).port
+    errors: list[Exception] = []
+    done = threading.Event()
+
+    def client_loop():
+        rc = cluster_client(port)
+        i = 0
+        deadline = time.monotonic() + 60
+        while not done.is_set() and time.monotonic() < deadline:
+            try:
+                rc.set(f"live:{i % 500}", i)
+                rc.get(f"live:{i % 500}")
+            except Exception as exc:  # noqa: BLE001 - every client error counts
+                errors.append(exc)
+            i += 1
+        rc.close()
+
+    t = threading.Thread(target=client_loop)
+    t.start()
+    time.sleep(1)
+    mesh.etcd.kill()
+    time.sleep(2)
+    restarted = procs.start_etcd(mesh.etcd.port, mesh.etcd.workdir)
+    mesh.etcd.popen = restarted.popen
+    time.sleep(2)
+    done.set()
+    t.join()
+    assert errors == []
+    # a view written after the restart reaches every node
+    mesh.umctl("cluster", "create", "after", "--shards", "1", check=False)  # no free node: fine
+    mesh.add_node()
+    mesh.wait_pool(1)
+    created = mesh.umctl("--json", "cluster", "create", "after", "--shards", "1")
+    assert created["not_applied"] == []
+    for proxy in mesh.proxies.values():
+        assert wait_for(lambda: command(proxy.port, "CLUSTER", "INFO"), what="cluster info")
+
+
+def test_killing_the_leader_elects_another(mesh_factory):
+    mesh = mesh_factory(3)
+    mesh.wait_pool(3)
+    leader = wait_for(lambda: next((n["node"] for n in mesh.umctl("--json", "nodes")
+                                    if n["leader"]), None), what="a leader")
+    mesh.proxies[leader].kill()
+    started = time.monotonic()
+    new = wait_for(lambda: next((n["node"] for n in mesh.umctl("--json", "nodes")
+                                 if n["leader"] and n["node"] != leader), None),
+                   timeout=20, what="a new leader")
+    assert new != leader and time.monotonic() - started < 15
+
+
+def test_a_replica_that_shuts_down_cleanly_leaves_its_cluster(mesh_factory):
+    mesh = mesh_factory(2)
+    mesh.wait_pool(2)
+    created = mesh.umctl("--json", "cluster", "create", "tidy", "--shards", "1",
+                         "--replicas", "1")
+    replica = next(n["node"] for n in created["shards"][0]["nodes"] if n["role"] == "replica")
+    mesh.proxies[replica].stop()  # SIGTERM: a clean shutdown
+    shown = wait_for(lambda: (lambda v: v if v["epoch"] == 2 else None)(
+        mesh.umctl("--json", "cluster", "show", "tidy")), what="the replica's removal")
+    assert [n["node"] for n in shown["shards"][0]["nodes"]] != [] and \
+        all(n["node"] != replica for n in shown["shards"][0]["nodes"])
