@@ -150,3 +150,26 @@ def start_etcd(port: int | None = None, workdir: str | None = None) -> Process:
     )
     wait_port(port)
     return Process("etcd", port, popen, workdir)
+
+
+def start_etcd_cluster(members: int = 3) -> list[Process]:
+    """A multi-member etcd on loopback; returns one Process per member."""
+    ports = [(free_port(), free_port()) for _ in range(members)]
+    initial = ",".join(f"m{i}=http://{HOST}:{peer}" for i, (_, peer) in enumerate(ports))
+    started = []
+    for i, (client, peer) in enumerate(ports):
+        workdir = tempfile.mkdtemp(prefix=f"mm-etcd-m{i}-")
+        out = open(os.path.join(workdir, "out.log"), "ab")
+        url = f"http://{HOST}:{client}"
+        popen = subprocess.Popen(
+            [etcd_binary(), "--name", f"m{i}", "--data-dir", os.path.join(workdir, "data"),
+             "--listen-client-urls", url, "--advertise-client-urls", url,
+             "--listen-peer-urls", f"http://{HOST}:{peer}",
+             "--initial-advertise-peer-urls", f"http://{HOST}:{peer}",
+             "--initial-cluster", initial, "--initial-cluster-state", "new",
+             "--log-level", "warn", "--unsafe-no-fsync"],
+            stdout=out, stderr=subprocess.STDOUT)
+        started.append(Process("etcd", client, popen, workdir))
+    for p in started:
+        wait_port(p.port)
+    return started

@@ -98,3 +98,49 @@ async def test_election_passes_to_the_next_candidate(etcd):
                 while not order:
                     await anyio.sleep(0.05)
         assert not await store.cas(b"/t/y", b"1", 0, fence=fence)  # the old fence is void
+
+
+async def test_losing_one_of_three_etcd_members_is_invisible():
+    members = procs.start_etcd_cluster(3)
+    try:
+        endpoints = ",".join(m.addr for m in members)
+        async with EtcdStore(endpoints, root="/t") as store:
+            with anyio.fail_after(20):
+                while True:  # the members elect a raft leader first
+                    try:
+                        await store.put(b"/t/k", b"0")
+                        break
+                    except Exception:  # noqa: BLE001
+                        await anyio.sleep(0.2)
+            members[0].kill()  # the member the client talks to first
+            with anyio.fail_after(15):
+                for i in range(20):
+                    await store.put(b"/t/k", b"%d" % i)
+                assert (await store.get(b"/t/k")).value == b"19"
+    finally:
+        procs.cleanup(members)
+
+
+async def test_watch_after_compaction_asks_for_a_reread(etcd):
+    async with EtcdStore(etcd.addr, root="/t") as store:
+        for i in range(5):
+            await store.put(b"/t/c/k", b"%d" % i)
+        kv = await store.get(b"/t/c/k")
+        await store._client.compact(kv.mod_revision)
+        resyncs: list[int] = []
+
+        async def on_event(e: Event) -> None:
+            pass
+
+        async def on_resync() -> int:
+            resyncs.append(1)
+            _, rev = await store.get_prefix(b"/t/c/")
+            return rev
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.watch, b"/t/c/", 2, on_event, on_resync)
+            with anyio.fail_after(5):
+                while not resyncs:
+                    await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+        assert resyncs == [1]
