@@ -40,7 +40,9 @@ NOAUTH = b"-NOAUTH Authentication required.\r\n"
 EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
 
 # Answered without AUTH (as Redis does); everything else needs it when a password is set.
-NO_AUTH_NEEDED = frozenset({b"AUTH", b"HELLO", b"QUIT", b"RESET"})
+NO_AUTH_NEEDED = frozenset({b"AUTH", b"HELLO", b"QUIT", b"RESET", b"UMCTL"})
+# UMCTL's read-only probes (readiness, epoch) work without AUTH; the rest needs it.
+UMCTL_WITHOUT_AUTH = frozenset({b"READY", b"GETEPOCH"})
 # The proxy's own commands that take effect at once even inside MULTI.
 RUN_INSIDE_MULTI = frozenset({b"QUIT", b"RESET", b"UMCTL"})
 # ... and those Redis can queue and answer in EXEC's reply.
@@ -560,6 +562,9 @@ class Session(asyncio.Protocol):
     def cmd_UMCTL(self, argv: list[bytes]) -> None:
         sub = argv[1].upper() if len(argv) > 1 else b""
         server = self.server
+        if self.auth_hash != server.table.password_hash and sub not in UMCTL_WITHOUT_AUTH:
+            self.reply(NOAUTH)
+            return
         if sub == b"SETCLUSTER":
             try:
                 meta = parse_setcluster(argv[2:])

@@ -202,7 +202,7 @@ def test_password_change_requires_authenticating_again(spawn):
         assert read_replies(s, 1) == [b"+OK\r\n"]
         # the cluster gets a password: a client that never authenticated must now
         assert setcluster(2, "CONFIG", "password", "p1") == b"+OK\r\n"
-        s.sendall(enc("GET", "k") + enc("UMCTL", "GETEPOCH") + enc("INFO"))
-        assert read_replies(s, 3) == [b"-NOAUTH Authentication required.\r\n"] * 3
+        s.sendall(enc("GET", "k") + enc("UMCTL", "INFO") + enc("INFO") + enc("UMCTL", "READY"))
+        assert read_replies(s, 4) == [b"-NOAUTH Authentication required.\r\n"] * 3 + [b":1\r\n"]
         s.sendall(enc("AUTH", "p1") + enc("GET", "k"))
         assert read_replies(s, 2) == [b"+OK\r\n", b"$1\r\nv\r\n"]
