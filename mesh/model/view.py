@@ -23,7 +23,8 @@ class ViewError(ValueError):
 
 
 class MigrationState(Enum):
-    MIGRATING = "migrating"
+    PENDING = "pending"  # planned; the leader starts it when the source has no other
+    MIGRATING = "migrating"  # the source moves keys; ownership changes at commit
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +50,13 @@ class Migration:
     slots: tuple[SlotRange, ...]
     source: str  # shard ids
     target: str
-    epoch: int
+    epoch: int  # the epoch it was planned (pending) or started (migrating) in
     state: MigrationState = MigrationState.MIGRATING
+
+    @property
+    def id(self) -> str:
+        """Stable while the migration runs: names its progress in the source's status."""
+        return f"{self.source}>{self.target}@{self.epoch}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,12 +139,21 @@ def validate(view: ClusterView) -> None:
     extra = set(addresses) - seen_nodes
     if extra:
         raise ViewError(f"nodes {sorted(extra)} are listed but in no shard")
+    moving = [False] * SLOT_COUNT
     for m in view.migrations:
         if m.source not in seen_shards or m.target not in seen_shards or m.source == m.target:
             raise ViewError(f"migration {m.source}->{m.target} names unknown shards")
+        if not m.slots or normalize(m.slots) != m.slots:
+            raise ViewError(f"migration {m.source}->{m.target} has no or unsorted slots")
         for start, end in m.slots:
-            if any(owner[s] != m.source for s in range(start, end + 1)):
-                raise ViewError(f"migration moves slots {start}-{end} its source does not own")
+            if not 0 <= start <= end < SLOT_COUNT:
+                raise ViewError(f"migration has an invalid range {start}-{end}")
+            for s in range(start, end + 1):
+                if owner[s] != m.source:
+                    raise ViewError(f"migration moves slot {s}, which its source does not own")
+                if moving[s]:
+                    raise ViewError(f"slot {s} is in two migrations")
+                moving[s] = True
 
 
 # -- JSON ------------------------------------------------------------------------------------
