@@ -19,7 +19,7 @@ from proxy.server import ProxyServer
 
 from .leader import lead
 from .model.nodes import NodeRecord, NodeStatus
-from .model.view import ClusterView, ViewError, from_json
+from .model.view import ClusterView, MigrationState, ViewError, from_json
 from .redisctl import RedisCtl, RedisCtlError
 from .store.etcd import EtcdStore, Event, LeaseKeeper, StoreError
 
@@ -30,6 +30,8 @@ STATUS_HEARTBEAT = 3.0  # the status key is rewritten at least this often
 BACKEND_CHECK_INTERVAL = 1.0
 BACKEND_TIMEOUT = 2.0
 LEAVE_TIMEOUT = 10.0  # how long a clean shutdown waits to be taken out of its cluster
+BARRIER_POLL = 0.05  # how often a migration barrier re-reads its peer's applied epoch
+COMMIT_BARRIER_TIMEOUT = 5.0  # a source gives up its slots at most this long after the commit
 RESTART_WAIT = 1.0
 
 
@@ -54,6 +56,7 @@ class NodeAgent:
         self.status = NodeStatus(config.node_id)
         self.status_changed = anyio.Event()
         self.removed = anyio.Event()  # set when no view names this node any more
+        self.active: set[str] = set()  # migrations whose source side runs here (barrier passed)
         self._apply_lock = anyio.Lock()
         self.log = log.bind(node=config.node_id)
 
@@ -80,6 +83,7 @@ class NodeAgent:
             tg.start_soon(self._watch_views)
             tg.start_soon(self._report_status)
             tg.start_soon(self._check_backend)
+            tg.start_soon(self._migration_barriers)
             tg.start_soon(lead, self.store, self.lease, self.config.node_id)
             await keeper.lost.wait()
             self.log.warning("lease_lost_reregistering")
@@ -150,6 +154,8 @@ class NodeAgent:
                     and target.epoch <= current.epoch:
                 return
             try:
+                if current is not None and current.cluster == target.cluster:
+                    await self._commit_barrier(current, target)
                 await self._apply(target, joining=current is None
                                   or current.cluster != target.cluster)
             except (RedisCtlError, TimeoutError) as exc:
@@ -164,7 +170,8 @@ class NodeAgent:
             if joining:
                 await self._take_backend_for(view.cluster)
             await self._set_role(view, shard.master == me)
-        self.server.apply_table(table_from_view(view, me))
+        self.active &= {m.id for m in view.migrations}
+        self.server.apply_table(table_from_view(view, me, frozenset(self.active)))
         self.applied = view
         self._set_status(cluster=view.cluster, epoch=view.epoch,
                          role="master" if shard.master == me else "replica")
@@ -172,7 +179,10 @@ class NodeAgent:
                       role=self.status.role, shard=shard.id)
 
     async def _leave_cluster(self, view: ClusterView) -> None:
-        self.server.apply_table(empty_table())
+        # taken out of a cluster that goes on: keep redirecting its clients to the new owners
+        still = self.views.get(view.cluster)
+        self.server.apply_table(table_from_view(still, self.config.node_id) if still
+                                else empty_table())
         self.applied = None
         self._set_status(cluster="", epoch=0, role="master")
         self.log.info("left_cluster", cluster=view.cluster, epoch=view.epoch)
@@ -208,6 +218,54 @@ class NodeAgent:
             await self.ctl.call("REPLICAOF", host, port)
         self.log.info("backend_role_set", role=wanted[0], master=wanted[1])
 
+    # -- migration barriers ------------------------------------------------------------------
+    def _my_outgoing(self, view: ClusterView) -> list:
+        masters = {s.id: s.master for s in view.shards}
+        return [m for m in view.migrations if m.state is MigrationState.MIGRATING
+                and masters[m.source] == self.config.node_id]
+
+    async def _peer_epoch(self, view: ClusterView, shard_id: str) -> int:
+        master = next(s.master for s in view.shards if s.id == shard_id)
+        kv = await self.store.get(self.keys.status(master))
+        if kv is None:
+            return 0
+        status = NodeStatus.decode(kv.value)
+        return status.epoch if status.cluster == view.cluster else 0
+
+    async def _migration_barriers(self) -> None:
+        """Start redirecting a migration's missing keys only once its target has applied the
+        view that started it: before that the target would not serve them."""
+        while True:
+            view = self.applied
+            waiting = [m for m in (self._my_outgoing(view) if view else []) if m.id not in self.active]
+            for m in waiting:
+                if await self._peer_epoch(view, m.target) >= m.epoch:  # type: ignore[arg-type]
+                    async with self._apply_lock:
+                        if self.applied is view:
+                            self.active.add(m.id)
+                            self.server.apply_table(table_from_view(view, self.config.node_id,
+                                                                    frozenset(self.active)))
+                            self.log.info("migration_started", migration=m.id,
+                                          epoch=view.epoch, slots=[list(r) for r in m.slots])  # type: ignore[union-attr]
+            await anyio.sleep(BARRIER_POLL if waiting else BARRIER_POLL * 4)
+
+    async def _commit_barrier(self, current: ClusterView, target: ClusterView) -> None:
+        """A source gives up a migration's slots only after the target has applied the commit:
+        until then it keeps sending every (now missing) key there with -ASK, which the target
+        serves whatever its epoch, so clients never bounce between the two."""
+        ended = [m for m in self._my_outgoing(current)
+                 if m.id not in {x.id for x in target.migrations}]
+        if not ended:
+            return
+        with anyio.move_on_after(COMMIT_BARRIER_TIMEOUT):
+            for m in ended:
+                if m.target not in {s.id for s in target.shards}:
+                    continue
+                while await self._peer_epoch(target, m.target) < target.epoch:
+                    await anyio.sleep(BARRIER_POLL)
+        for m in ended:
+            self.log.info("migration_committed", migration=m.id, epoch=target.epoch)
+
     # -- health and status -------------------------------------------------------------------
     async def _check_backend(self) -> None:
         """PING the backend every second, keep its role as the view says, track its offset."""
@@ -227,7 +285,8 @@ class NodeAgent:
                 ok = False
             if self.applied is None and self.views:
                 await self.reconcile()  # an apply that failed earlier
-            self._set_status(backend_ok=ok, repl_offset=offset)
+            progress = {mid: p.as_dict() for mid, p in self.server.migration_progress.items()}
+            self._set_status(backend_ok=ok, repl_offset=offset, migrations=progress)
             await anyio.sleep(BACKEND_CHECK_INTERVAL)
 
     def _set_status(self, **changes: object) -> None:

@@ -10,14 +10,15 @@ from __future__ import annotations
 import anyio
 import structlog
 
+from .model import migrations as plans
 from .model.changes import without_departed
 from .model.nodes import NodeStatus, RecordError
-from .model.view import ViewError, from_json, to_json
+from .model.view import ClusterView, MigrationState, ViewError, from_json, to_json
 from .store.etcd import EtcdStore, StoreError, campaign
 
 log = structlog.get_logger("mesh.leader")
 
-DUTY_INTERVAL = 1.0
+DUTY_INTERVAL = 0.5
 
 
 async def lead(store: EtcdStore, lease_id: int, node_id: str) -> None:
@@ -26,6 +27,7 @@ async def lead(store: EtcdStore, lease_id: int, node_id: str) -> None:
     while True:
         try:
             await remove_departed_nodes(store, fence)
+            await drive_migrations(store, fence)
         except StoreError as exc:
             log.warning("leader_duty_failed", error=str(exc))
         await anyio.sleep(DUTY_INTERVAL)
@@ -65,3 +67,44 @@ async def remove_departed_nodes(store: EtcdStore, fence: tuple[bytes, int]) -> N
                               fence=fence):
             log.info("nodes_removed", cluster=new.cluster, epoch=new.epoch,
                      nodes=sorted(set(view.node_ids) - set(new.node_ids)))
+
+
+def next_migration_step(view: ClusterView, statuses: dict[str, NodeStatus]
+                        ) -> tuple[ClusterView, list[str], str] | None:
+    """The leader's next move for a cluster's migrations: commit one whose source reports all
+    its keys moved, else start pending ones. (new view, nodes that left, what) or None."""
+    masters = {s.id: s.master for s in view.shards}
+    for m in view.migrations:
+        if m.state is not MigrationState.MIGRATING:
+            continue
+        status = statuses.get(masters[m.source])
+        progress = status.migrations.get(m.id, {}) if status else {}
+        if status and status.cluster == view.cluster and progress.get("done"):
+            new, left = plans.commit(view, m.id)
+            return new, left, f"commit {m.id}"
+    started = plans.start_next(view)
+    if started is not None:
+        return started, [], "start"
+    return None
+
+
+async def drive_migrations(store: EtcdStore, fence: tuple[bytes, int]) -> None:
+    keys = store.keys
+    kvs, _ = await store.get_prefix(keys.clusters)
+    statuses = None
+    for kv in kvs:
+        try:
+            view = from_json(kv.value)
+        except ViewError:
+            continue
+        if not view.migrations:
+            continue
+        statuses = statuses if statuses is not None else await read_statuses(store)
+        step = next_migration_step(view, statuses)
+        if step is None:
+            continue
+        new, left, what = step
+        if await store.commit({kv.key: kv.mod_revision}, {kv.key: to_json(new)},
+                              tuple(keys.assignment(n) for n in left), fence=fence):
+            log.info("migration_step", cluster=new.cluster, epoch=new.epoch, step=what,
+                     nodes_left=left)

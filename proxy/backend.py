@@ -46,8 +46,10 @@ class ReplySink(Protocol):
 class BackendConnection(asyncio.Protocol):
     """One connection to the backend; FIFO of reply slots; fails them all if the link drops."""
 
-    def __init__(self, host: str, port: int, resp3: bool, password: str | None = None) -> None:
+    def __init__(self, host: str, port: int, resp3: bool, password: str | None = None,
+                 handshake: tuple[list[bytes], ...] = ()) -> None:
         self.host, self.port, self.resp3, self.password = host, port, resp3, password
+        self.handshake = handshake  # more commands to send first, replies ignored
         self.transport: asyncio.Transport | None = None
         self.up = False
         self.down = False  # True once a connect failed or the link dropped: fail fast
@@ -113,12 +115,12 @@ class BackendConnection(asyncio.Protocol):
             transport.close()
             return
         self.transport = transport  # type: ignore[assignment]
-        handshake = []
+        handshake = [encode_command(argv) for argv in self.handshake]
         if self.resp3 or self.password:
             args = [b"HELLO", b"3" if self.resp3 else b"2"]
             if self.password:
                 args += [b"AUTH", b"default", self.password.encode()]
-            handshake.append(encode_command(args))
+            handshake.insert(0, encode_command(args))
         if handshake:
             self._waiting.extendleft((Pending(), None) for _ in handshake)
         self.transport.write(b"".join(handshake + self._out))  # type: ignore[union-attr]
@@ -235,22 +237,29 @@ class BackendPool:
                 tg.start_soon(self._keep_connected, conn)
 
     async def _keep_connected(self, conn: BackendConnection) -> None:
-        try:
-            while True:
-                async for attempt in AsyncRetrying(
-                    wait=wait_exponential(multiplier=0.05, max=RECONNECT_MAX_WAIT)
-                    + wait_random(0, 0.05),
-                    retry=retry_if_exception_type(OSError), stop=stop_never, sleep=anyio.sleep,
-                    before_sleep=lambda state: log.warning(
-                        "backend_connect_failed", backend=self.address,
-                        attempt=state.attempt_number, error=str(state.outcome.exception())),
-                ):
-                    with attempt:
-                        await conn.connect()
-                log.debug("backend_connected", backend=self.address, resp3=conn.resp3)
-                await conn.lost.wait()
-                log.warning("backend_connection_lost", backend=self.address)
-        finally:
+        await keep_connected(conn)
+
+
+async def keep_connected(conn: BackendConnection, close_on_exit: bool = True) -> None:
+    """Connect `conn` and reconnect it with backoff whenever it drops, until cancelled."""
+    address = f"{conn.host}:{conn.port}"
+    try:
+        while True:
+            async for attempt in AsyncRetrying(
+                wait=wait_exponential(multiplier=0.05, max=RECONNECT_MAX_WAIT)
+                + wait_random(0, 0.05),
+                retry=retry_if_exception_type(OSError), stop=stop_never, sleep=anyio.sleep,
+                before_sleep=lambda state: log.warning(
+                    "backend_connect_failed", backend=address,
+                    attempt=state.attempt_number, error=str(state.outcome.exception())),
+            ):
+                with attempt:
+                    await conn.connect()
+            log.debug("backend_connected", backend=address, resp3=conn.resp3)
+            await conn.lost.wait()
+            log.warning("backend_connection_lost", backend=address)
+    finally:
+        if close_on_exit:
             conn.close()
 
 
@@ -266,11 +275,17 @@ class _Waiter:
 
 async def request(conn: BackendConnection, argv: list[bytes]) -> bytes:
     """Send one command and wait for its raw reply (control-path helper, not per command)."""
+    return (await request_many(conn, [argv]))[0]
+
+
+async def request_many(conn: BackendConnection, commands: list[list[bytes]]) -> list[bytes]:
+    """Pipeline `commands` and wait for all their raw replies, in order."""
     waiter = _Waiter()
-    pending = Pending()
-    conn.queue(encode_command(argv), pending, waiter)
+    pendings = [Pending() for _ in commands]
+    for argv, pending in zip(commands, pendings):
+        conn.queue(encode_command(argv), pending, waiter)
     conn.flush()
-    while pending.data is None:
+    while pendings[-1].data is None:
         await waiter.event.wait()
         waiter.event = anyio.Event()
-    return pending.data
+    return [p.data for p in pendings]  # type: ignore[misc]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from mesh.model.slots import SLOT_COUNT, SlotRange, format_range
 
-from mesh.model.view import ClusterView, hash_password
+from mesh.model.view import ClusterView, MigrationState, hash_password
 
 from .umctl import ClusterMeta
 
@@ -40,13 +40,32 @@ class NodeInfo:
         return int(self.address.rpartition(":")[2])
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class MigratingSlots:
+    """The route of every slot of a running migration, on its source and on its target.
+
+    On the source, a key still present is served here and a missing one gets -ASK to `peer`;
+    on the target, a command is served after ASKING and redirected to `peer` (the source,
+    still the owner) without it.
+    """
+
+    migration_id: str
+    source: bool
+    peer: str  # the other side's proxy address
+
+    def redirect(self, slot: int) -> bytes:
+        kind = b"ASK" if self.source else b"MOVED"
+        return b"-%s %d %s\r\n" % (kind, slot, self.peer.encode())
+
+
 @dataclass(frozen=True, slots=True)
 class RoutingTable:
     cluster: str
     epoch: int
     nodes: tuple[NodeInfo, ...]
-    # per slot: None when this proxy serves it, else the complete redirect/error reply
-    routes: tuple[bytes | None, ...] = field(repr=False)
+    # per slot: None when this proxy serves it, the complete redirect/error reply, or the
+    # slot's running migration
+    routes: tuple[bytes | MigratingSlots | None, ...] = field(repr=False)
     config: tuple[tuple[str, str], ...] = ()
     password_hash: str | None = None
 
@@ -57,6 +76,17 @@ class RoutingTable:
     @property
     def configured(self) -> bool:
         return bool(self.cluster)
+
+    def migrations(self) -> dict[str, tuple[MigratingSlots, bytearray]]:
+        """Each running migration this proxy takes part in, with a mask of its slots."""
+        found: dict[str, tuple[MigratingSlots, bytearray]] = {}
+        for slot, route in enumerate(self.routes):
+            if route.__class__ is MigratingSlots:
+                entry = found.get(route.migration_id)  # type: ignore[union-attr]
+                if entry is None:
+                    entry = found[route.migration_id] = (route, bytearray(SLOT_COUNT))  # type: ignore
+                entry[1][slot] = 1
+        return found
 
 
 def empty_table() -> RoutingTable:
@@ -94,13 +124,18 @@ def format_ranges(ranges: tuple[SlotRange, ...]) -> list[str]:
     return [format_range(r) for r in ranges]
 
 
-def table_from_view(view: ClusterView, me: str) -> RoutingTable:
+def table_from_view(view: ClusterView, me: str,
+                    active: frozenset[str] | None = None) -> RoutingTable:
     """Build the table node `me` serves from a validated cluster view.
 
     A shard's slots are served by its master's proxy; a replica's proxy redirects to it.
+    Running migrations mark their slots on the source's and the target's master; the source
+    side only once its id is in `active` (the target has applied the view: the barrier),
+    until then the source serves the slots as before. None: all are active.
     """
-    routes: list[bytes | None] = [SLOT_NOT_SERVED] * SLOT_COUNT
+    routes: list[bytes | MigratingSlots | None] = [SLOT_NOT_SERVED] * SLOT_COUNT
     nodes: list[NodeInfo] = []
+    masters = {s.id: s.master for s in view.shards}
     for shard in view.shards:
         master_proxy = view.address_of(shard.master).proxy
         master_id = node_id(view.cluster, shard.master)
@@ -114,5 +149,17 @@ def table_from_view(view: ClusterView, me: str) -> RoutingTable:
             else:
                 for slot in range(start, end + 1):
                     routes[slot] = b"-MOVED %d %s\r\n" % (slot, master_proxy.encode())
+    for m in view.migrations:
+        if m.state is not MigrationState.MIGRATING:
+            continue
+        source, target = masters[m.source], masters[m.target]
+        if me == source and (active is None or m.id in active):
+            marker = MigratingSlots(m.id, True, view.address_of(target).proxy)
+        elif me == target:
+            marker = MigratingSlots(m.id, False, view.address_of(source).proxy)
+        else:
+            continue
+        for start, end in m.slots:
+            routes[start : end + 1] = [marker] * (end - start + 1)
     return RoutingTable(cluster=view.cluster, epoch=view.epoch, nodes=tuple(nodes),
                         routes=tuple(routes), password_hash=view.config.password_hash)

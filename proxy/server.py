@@ -13,7 +13,8 @@ from anyio.abc import TaskGroup
 from mesh.model.slots import key_slot
 
 from . import __version__
-from .backend import BackendConnection, BackendPool, Pending, request
+from .backend import BackendConnection, BackendPool, Pending, keep_connected, request
+from .migration import MOVE_RETRY_WAIT, MigrationProgress, SlotGate, run_mover
 from .resp import OK, Err, error
 from .routing import RoutingTable, empty_table, format_ranges, table_from_meta
 from .session import Session
@@ -37,6 +38,9 @@ class ProxyServer:
         self.sessions: set[Session] = set()
         self.commands_processed = 0
         self.managed = False  # True in mesh mode: views come from etcd, not UMCTL SETCLUSTER
+        self.gates: dict[str, SlotGate] = {}  # running migrations this proxy takes part in
+        self.migration_scopes: dict[str, anyio.CancelScope] = {}
+        self.migration_progress: dict[str, MigrationProgress] = {}
         self.started_at = time.time()
         self._tg: TaskGroup | None = None
 
@@ -56,9 +60,77 @@ class ProxyServer:
 
     def apply_table(self, table: RoutingTable) -> None:
         self.table = table  # one reference swap: every command reads a whole table
+        self._reconcile_migrations(table)
         me = table.myself
         log.info("view_applied", cluster=table.cluster, epoch=table.epoch,
                  slots=[list(r) for r in me.ranges] if me else [], nodes=len(table.nodes))
+
+    # -- migrations --------------------------------------------------------------------------
+    def _reconcile_migrations(self, table: RoutingTable) -> None:
+        running = table.migrations()
+        for mid, (marker, mask) in running.items():
+            gate = self.gates.get(mid)
+            if gate is not None and gate.marker.source == marker.source:
+                continue
+            if gate is not None:
+                self._end_migration(mid)
+            conns = {resp3: self.pool.dedicated(resp3) for resp3 in (False, True)}
+            forwards = {resp3: self._peer_connection(marker.peer, resp3) for resp3 in (False, True)}
+            gate = self.gates[mid] = SlotGate(marker, conns, forwards if marker.source else {})
+            assert self._tg is not None
+            self._tg.start_soon(self._run_migration, gate, mask)
+        for mid in [m for m in self.gates if m not in running]:
+            self._end_migration(mid)
+
+    def _peer_connection(self, address: str, resp3: bool) -> BackendConnection:
+        """A connection to another proxy of this cluster, authenticated as a peer."""
+        host, _, port = address.rpartition(":")
+        password_hash = self.table.password_hash
+        handshake = ([b"UMCTL", b"AUTHPEER", password_hash.encode()],) if password_hash else ()
+        return BackendConnection(host.strip("[]"), int(port), resp3, handshake=handshake)
+
+    def _end_migration(self, mid: str) -> None:
+        self.gates.pop(mid).close()
+        scope = self.migration_scopes.pop(mid, None)
+        if scope is not None:
+            scope.cancel()
+        self.migration_progress.pop(mid, None)
+
+    async def _run_migration(self, gate: SlotGate, mask: bytearray) -> None:
+        mid = gate.marker.migration_id
+        links = [*gate.conns.values(), *gate.forwards.values()]
+        with anyio.CancelScope() as scope:
+            self.migration_scopes[mid] = scope
+            try:
+                async with anyio.create_task_group() as tg:
+                    for link in links:  # closed below, once commands in flight are answered
+                        tg.start_soon(keep_connected, link, False)
+                    if gate.marker.source:
+                        await self._move_keys(gate, mask)
+            finally:
+                with anyio.move_on_after(5, shield=True):
+                    while gate.busy:  # let checks in flight finish on their connection
+                        await anyio.sleep(0.01)
+                for link in links:
+                    link.close()
+
+    async def _move_keys(self, gate: SlotGate, mask: bytearray) -> None:
+        mid = gate.marker.migration_id
+        progress = self.migration_progress.setdefault(mid, MigrationProgress(mid))
+        while True:
+            backend = self.pool.dedicated(False)
+            target = self._peer_connection(gate.marker.peer, False)
+            try:
+                await backend.connect()
+                await target.connect()
+                await run_mover(gate, mask, backend, target, progress)
+            except OSError as exc:
+                progress.error = str(exc)
+                log.warning("migration_batch_failed", migration=mid, error=str(exc))
+            finally:
+                backend.close()
+                target.close()
+            await anyio.sleep(MOVE_RETRY_WAIT)
 
     # -- reports ---------------------------------------------------------------------------
     def info_section(self) -> str:

@@ -20,7 +20,8 @@ from .backend import BackendConnection, Pending
 from .policy import Kind
 from .resp import (OK, PONG, Err, RequestError, RequestParser, bulk, encode, encode_command,
                    error, integer)
-from .routing import RoutingTable, hash_password
+from .migration import TRYAGAIN, SlotGate
+from .routing import MigratingSlots, RoutingTable, hash_password
 from .umctl import UmctlError, parse_setcluster
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
 # Answered without AUTH (as Redis does); everything else needs it when a password is set.
 NO_AUTH_NEEDED = frozenset({b"AUTH", b"HELLO", b"QUIT", b"RESET", b"UMCTL"})
 # UMCTL's read-only probes (readiness, epoch) work without AUTH; the rest needs it.
-UMCTL_WITHOUT_AUTH = frozenset({b"READY", b"GETEPOCH"})
+UMCTL_WITHOUT_AUTH = frozenset({b"READY", b"GETEPOCH", b"AUTHPEER"})
 # The proxy's own commands that take effect at once even inside MULTI.
 RUN_INSIDE_MULTI = frozenset({b"QUIT", b"RESET", b"UMCTL"})
 # ... and those Redis can queue and answer in EXEC's reply.
@@ -93,6 +94,7 @@ class Session(asyncio.Protocol):
         self.auth_hash: str | None = None  # the password hash this client authenticated against
         self.subscribed = False  # a RESP2 client in subscribe mode: everything goes raw
         self.asking = False
+        self.asked = False
         self.in_multi = False
         self.multi_failed = False
         self.name = b""
@@ -205,6 +207,8 @@ class Session(asyncio.Protocol):
     # -- dispatch ----------------------------------------------------------------------------
     def handle(self, argv: list[bytes]) -> None:
         name = argv[0].upper()
+        self.asked = self.asking  # ASKING covers the one command after it
+        self.asking = False
         if self.subscribed and name != b"RESET":
             # RESP2 subscribe mode: Redis itself answers (and refuses) what comes now
             self._send(self.conn, encode_command(argv), None)
@@ -247,7 +251,6 @@ class Session(asyncio.Protocol):
         else:
             self.reply(error(policy.refusal(spec.name.decode())))
             self._fail_multi()
-        self.asking = False
 
     def _local_inside_multi(self, name: bytes, argv: list[bytes]) -> None:
         if name in QUEUE_INSIDE_MULTI:
@@ -265,8 +268,11 @@ class Session(asyncio.Protocol):
             self.reply(error(f"ERR unknown or unsupported subcommand '{sub.decode(errors='replace')}'"
                              " of CLIENT through moonmesh"))
 
-    def _route(self, spec: commands.CommandSpec, argv: list[bytes], table: RoutingTable) -> bool:
-        """True when this node serves the command's keys; else the reply is queued."""
+    def _route(self, spec: commands.CommandSpec, argv: list[bytes], table: RoutingTable,
+               gated: bool = True) -> bool:
+        """True when this node serves the command's keys now; else the reply is taken care of
+        (a redirect, an error, or the migration gate). `gated`: the command may go through the
+        gate of a migrating slot; otherwise such a slot answers -TRYAGAIN on the source."""
         if spec.movable or spec.last_key != spec.first_key:
             try:
                 positions = commands.key_indices(spec, argv)
@@ -284,12 +290,48 @@ class Session(asyncio.Protocol):
                     self._fail_multi()
                     return False
         else:
+            positions = None
             slot = key_slot(argv[spec.first_key])
-        redirect = table.routes[slot]
-        if redirect is None:
+        route = table.routes[slot]
+        if route is None:
             return True
-        self.reply(redirect)
-        self._fail_multi()
+        if route.__class__ is bytes:
+            self.reply(route)  # type: ignore[arg-type]
+            self._fail_multi()
+            return False
+        return self._migrating(route, slot, argv, positions or [spec.first_key], gated)  # type: ignore[arg-type]
+
+    def _migrating(self, route: MigratingSlots, slot: int, argv: list[bytes],
+                   positions: list[int], gated: bool) -> bool:
+        if not route.source:  # the target serves a migrating slot only after ASKING
+            if not self.asked:
+                self.reply(route.redirect(slot))
+                self._fail_multi()
+                return False
+            if len(positions) == 1 or not gated:
+                return True
+        elif not gated:
+            self.reply(TRYAGAIN)
+            self._fail_multi()
+            return False
+        gate = self.server.gates.get(route.migration_id)
+        if gate is None:
+            self.reply(TRYAGAIN)
+            return False
+        pending = Pending()
+        self.replies.append(pending)
+        keys = [argv[i] for i in positions]
+        if self.barrier is None:  # what this client sent before must have run first
+            for p in reversed(self.replies):
+                if p is not pending and p.data is None:
+                    self.barrier = p
+                    break
+        if self.barrier is not None:
+            self.held.append((gate, (argv, keys, slot), pending))  # type: ignore[arg-type]
+        else:
+            gate.submit(self, argv, keys, slot, pending)
+            if pending.data is None:
+                self.barrier = pending
         return False
 
     def _forward(self, argv: list[bytes], pending: Pending | None = None) -> None:
@@ -340,6 +382,14 @@ class Session(asyncio.Protocol):
                 self.barrier = last
                 del held[:i]
                 return
+            if conn.__class__ is SlotGate:
+                conn.submit(self, *command, pending)  # type: ignore[union-attr]
+                if pending.data is None:  # type: ignore[union-attr]
+                    self.barrier = pending
+                    del held[: i + 1]
+                    return
+                sent_to = last = None
+                continue
             sent_to = conn
             if pending is None:
                 conn.send_unmatched(command)
@@ -364,7 +414,7 @@ class Session(asyncio.Protocol):
             self.in_multi = self.multi_failed = False
             self._forward([b"DISCARD"], Rewrite(lambda _data: EXECABORT))
             return
-        if (spec.first_key or spec.movable) and not self._route(spec, argv, table):
+        if (spec.first_key or spec.movable) and not self._route(spec, argv, table, gated=False):
             return
         self._ensure_dedicated()
         if name == b"MULTI":
@@ -375,7 +425,7 @@ class Session(asyncio.Protocol):
 
     def _subscribe(self, spec: commands.CommandSpec, argv: list[bytes],
                    table: RoutingTable) -> None:
-        if (spec.first_key or spec.movable) and not self._route(spec, argv, table):
+        if (spec.first_key or spec.movable) and not self._route(spec, argv, table, gated=False):
             return
         unsubscribe = spec.name in UNSUBSCRIBE_KINDS
         if unsubscribe and (self.dedicated is None or self.dedicated.raw_sink is None):
@@ -572,6 +622,13 @@ class Session(asyncio.Protocol):
                 self.reply(error(str(exc)))
                 return
             self.reply(server.apply_setcluster(meta))
+        elif sub == b"AUTHPEER":  # a peer proxy moving keys here proves it knows the cluster
+            if len(argv) == 3 and server.table.password_hash is not None \
+                    and argv[2].decode(errors="replace") == server.table.password_hash:
+                self.auth_hash = server.table.password_hash
+                self.reply(OK)
+            else:
+                self.reply(error("WRONGPASS invalid peer credentials"))
         elif sub == b"GETEPOCH":
             self.reply(integer(server.table.epoch))
         elif sub == b"READY":

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 
 class RecordError(ValueError):
@@ -52,6 +52,7 @@ class NodeStatus:
     backend_ok: bool = True
     repl_offset: int = 0
     leaving: bool = False  # set by a node shutting down cleanly
+    migrations: dict = field(default_factory=dict)  # migration id -> progress (as source)
     updated: float = 0.0
 
     def encode(self) -> bytes:

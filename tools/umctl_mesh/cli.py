@@ -32,14 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--etcd-root", default="/moonmesh", metavar="PREFIX")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # --json is also accepted after the command (`umctl-mesh nodes --json`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON instead of tables")
 
-    nodes = sub.add_parser("nodes", help="list the pool: every registered node",
+    nodes = sub.add_parser("nodes", parents=[common], help="list the pool: every registered node",
                            description="List every node of the pool with its addresses, host, "
                                        "cluster, role, applied epoch and health; * marks the "
                                        "leader.")
     nodes.set_defaults(func=cmd_nodes)
     nodes_sub = nodes.add_subparsers(dest="nodes_command", metavar="ACTION")
-    release = nodes_sub.add_parser("release", help="return a held node to the free pool",
+    release = nodes_sub.add_parser("release", parents=[common], help="return a held node to the free pool",
                                    description="Release a node kept out of the pool by "
                                                "`cluster delete --keep-data`; its data is "
                                                "erased when it next joins a cluster.")
@@ -48,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cluster = sub.add_parser("cluster", help="create, show, list and delete clusters")
     csub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
-    create = csub.add_parser("create", help="create a cluster from free nodes",
+    create = csub.add_parser("create", parents=[common], help="create a cluster from free nodes",
                              description="Take free nodes from the pool (masters and their "
                                          "replicas on different hosts where possible), empty "
                                          "their Redis, split the 16384 slots evenly and wait "
@@ -62,12 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--timeout", type=float, default=30.0,
                         help="how long to wait for the nodes (default 30 s)")
     create.set_defaults(func=cmd_create)
-    show = csub.add_parser("show", help="shards, nodes, slots and who has applied the view")
+    show = csub.add_parser("show", parents=[common], help="shards, nodes, slots and who has applied the view")
     show.add_argument("name")
     show.set_defaults(func=cmd_show)
-    lst = csub.add_parser("list", help="every cluster with its epoch and size")
+    lst = csub.add_parser("list", parents=[common], help="every cluster with its epoch and size")
     lst.set_defaults(func=cmd_list)
-    delete = csub.add_parser("delete", help="delete a cluster; its nodes return to the pool",
+    delete = csub.add_parser("delete", parents=[common], help="delete a cluster; its nodes return to the pool",
                              description="Delete the cluster's view. Its nodes become free "
                                          "(their data is erased when they join another "
                                          "cluster) unless --keep-data holds them for recovery.")
@@ -76,6 +80,42 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the nodes (and their data) out of the pool until "
                              "`umctl-mesh nodes release NODE`")
     delete.set_defaults(func=cmd_delete)
+
+    def plan_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+        p.add_argument("--wait", action="store_true",
+                       help="wait until every migration is committed, with a progress bar")
+        p.add_argument("--timeout", type=float, default=3600.0,
+                       help="how long --wait waits (default 3600 s)")
+
+    scale = csub.add_parser("scale", parents=[common], help="grow or shrink a cluster online",
+                            description="Add shards (free nodes from the pool, with as many "
+                                        "replicas as the cluster's shards have) or remove the "
+                                        "last ones; slots move online until counts are even. "
+                                        "Removed shards' nodes return to the pool.")
+    scale.add_argument("name")
+    scale.add_argument("--shards", type=int, required=True, help="the number of shards wanted")
+    plan_options(scale)
+    scale.set_defaults(func=cmd_scale)
+    rebalance = csub.add_parser("rebalance", parents=[common], help="even out slot counts between shards")
+    rebalance.add_argument("name")
+    plan_options(rebalance)
+    rebalance.set_defaults(func=cmd_rebalance)
+
+    migrate = sub.add_parser(
+        "migrate", parents=[common], help="move slots to a shard, or cancel migrations",
+        description="`migrate NAME --slots A-B --to SHARD` moves slots online; "
+                    "`migrate cancel NAME` drops planned migrations and sends running ones "
+                    "back to their source.")
+    migrate.add_argument("words", nargs="+", metavar="NAME | cancel NAME")
+    migrate.add_argument("--slots", action="append", default=[], metavar="A-B",
+                         help="slot range to move (repeatable)")
+    migrate.add_argument("--to", metavar="SHARD", help="the shard that receives the slots")
+    plan_options(migrate)
+    migrate.set_defaults(func=cmd_migrate)
+    migrations = sub.add_parser("migrations", parents=[common], help="each migration of a cluster with progress")
+    migrations.add_argument("name")
+    migrations.set_defaults(func=cmd_migrations)
 
     up = sub.add_parser(
         "up", help="start a local mesh on loopback and keep it running until Ctrl-C",
@@ -240,6 +280,104 @@ async def cmd_delete(store: EtcdStore, args: argparse.Namespace) -> int:
     else:
         fate = "held with their data" if args.keep_data else "returned to the pool"
         print(f"cluster {args.name} deleted; {len(nodes)} nodes {fate}")
+    return 0
+
+
+def print_plan(old: ClusterView, new: ClusterView, dry_run: bool, as_json: bool) -> None:
+    rows = [{"slots": [list(r) for r in m.slots], "slot_count": sum(b - a + 1 for a, b in m.slots),
+             "from": m.source, "to": m.target} for m in new.migrations]
+    added = [s.id for s in new.shards if s.id not in {x.id for x in old.shards}]
+    if as_json:
+        print(json.dumps({"cluster": new.cluster, "epoch": new.epoch, "dry_run": dry_run,
+                          "new_shards": added, "migrations": rows}, indent=2))
+        return
+    verb = "would move" if dry_run else "moves"
+    total = sum(r["slot_count"] for r in rows)
+    print(f"cluster {new.cluster}: {verb} {total} slots in {len(rows)} migrations"
+          + (f", adding shards {', '.join(added)}" if added else ""))
+    print(table(["FROM", "TO", "SLOTS", "RANGES"],
+                [[r["from"], r["to"], r["slot_count"],
+                  " ".join(f"{a}-{b}" for a, b in r["slots"])] for r in rows]))
+
+
+async def follow(store: EtcdStore, args: argparse.Namespace, name: str) -> int:
+    total: list[int] = []
+
+    def progress(view: ClusterView, pool: ops.Pool) -> None:
+        left = len(view.migrations)
+        if not total:
+            total.append(max(left, 1))
+        rows = ops.migration_rows(view, pool)
+        moved = sum(r["moved_keys"] for r in rows)
+        rate = sum(r["keys_per_sec"] for r in rows)
+        done = total[0] - left
+        bar = "#" * int(20 * done / total[0]) + "." * (20 - int(20 * done / total[0]))
+        line = (f"[{bar}] {done}/{total[0]} migrations committed, {moved} keys moved "
+                f"in the running ones, {rate:.0f} keys/s, epoch {view.epoch}")
+        if not args.json:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+
+    ok = await ops.wait_migrations(store, name, args.timeout, progress)
+    if not args.json:
+        print(file=sys.stderr)
+    if not ok:
+        print(f"umctl-mesh: migrations of '{name}' not finished after {args.timeout:g}s",
+              file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+async def cmd_scale(store: EtcdStore, args: argparse.Namespace) -> int:
+    old, new = await ops.scale_cluster(store, args.name, args.shards, args.dry_run)
+    print_plan(old, new, args.dry_run, args.json)
+    return await follow(store, args, args.name) if args.wait and not args.dry_run else 0
+
+
+async def cmd_rebalance(store: EtcdStore, args: argparse.Namespace) -> int:
+    old, new = await ops.rebalance_cluster(store, args.name, args.dry_run)
+    print_plan(old, new, args.dry_run, args.json)
+    return await follow(store, args, args.name) if args.wait and not args.dry_run else 0
+
+
+async def cmd_migrate(store: EtcdStore, args: argparse.Namespace) -> int:
+    if args.words[0] == "cancel":
+        if len(args.words) != 2:
+            raise ops.OpError("usage: umctl-mesh migrate cancel NAME")
+        old, new = await ops.cancel_migrations(store, args.words[1])
+        back = [m for m in new.migrations]
+        if args.json:
+            print(json.dumps({"cluster": new.cluster, "epoch": new.epoch,
+                              "returning": [m.id for m in back]}))
+        else:
+            print(f"cluster {new.cluster}: {len(old.migrations) - len(back)} planned "
+                  f"migrations dropped, {len(back)} running ones sent back")
+        return await follow(store, args, new.cluster) if args.wait else 0
+    if len(args.words) != 1 or not args.slots or not args.to:
+        raise ops.OpError("usage: umctl-mesh migrate NAME --slots A-B [--slots C-D] --to SHARD")
+    from mesh.model.slots import SlotRangeError, normalize, parse_range
+
+    try:
+        ranges = normalize(parse_range(r) for r in args.slots)
+    except SlotRangeError as exc:
+        raise ops.OpError(str(exc)) from None
+    old, new = await ops.migrate_slots(store, args.words[0], ranges, args.to, args.dry_run)
+    print_plan(old, new, args.dry_run, args.json)
+    return await follow(store, args, args.words[0]) if args.wait and not args.dry_run else 0
+
+
+async def cmd_migrations(store: EtcdStore, args: argparse.Namespace) -> int:
+    pool = await ops.read_pool(store)
+    if args.name not in pool.views:
+        raise ops.OpError(f"unknown cluster '{args.name}'")
+    rows = ops.migration_rows(pool.views[args.name][0], pool)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif rows:
+        print(table(["ID", "FROM", "TO", "SLOTS", "STATE", "KEYS MOVED", "KEYS/S", "ERROR"],
+                    [[r["id"], r["from"], r["to"], r["slot_count"], r["state"],
+                      r["moved_keys"], r["keys_per_sec"], r["error"] or "-"] for r in rows]))
+    else:
+        print(f"cluster {args.name} has no migrations")
     return 0
 
 

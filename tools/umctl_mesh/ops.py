@@ -1,11 +1,13 @@
 """What umctl-mesh does to the mesh: reads of the pool and clusters, fenced-free CAS edits."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import anyio
 
 from mesh.leader import read_statuses
+from mesh.model import migrations as plans
+from mesh.model.slots import slot_count
 from mesh.model.nodes import Assignment, NodeRecord, NodeStatus, RecordError
 from mesh.model.placement import PlacementError, place
 from mesh.model.view import (CLUSTER_NAME, ClusterConfig, ClusterView, NodeAddress, Shard,
@@ -152,3 +154,124 @@ async def wait_applied(store: EtcdStore, view: ClusterView, timeout: float,
                 break
             await anyio.sleep(0.2)
     return behind
+
+
+# -- scaling and migrations ------------------------------------------------------------------
+
+async def _edit_view(store: EtcdStore, name: str, change, dry_run: bool = False):  # noqa: ANN001, ANN202
+    """Read the view, let `change(pool, view)` return (new view, new assignments), write it
+    with one compare-and-swap (retried on a lost race). Returns (old, new)."""
+    keys = store.keys
+    for _ in range(RACE_RETRIES):
+        pool = await read_pool(store)
+        if name not in pool.views:
+            raise OpError(f"unknown cluster '{name}'")
+        view, revision = pool.views[name]
+        new, claimed = change(pool, view)
+        if dry_run:
+            return view, new
+        checks = {keys.view(name): revision, **{keys.assignment(n): 0 for n in claimed}}
+        puts = {keys.view(name): to_json(new),
+                **{keys.assignment(n): Assignment(name).encode() for n in claimed}}
+        if await store.commit(checks, puts):
+            return view, new
+    raise OpError(f"cluster '{name}' kept changing; try again")
+
+
+def _planned(view: ClusterView, migrations, new_shards=()):  # noqa: ANN001, ANN202
+    try:
+        return plans.with_plan(view, migrations, tuple(new_shards))
+    except (plans.PlanError, ViewError) as exc:
+        raise OpError(str(exc)) from None
+
+
+async def scale_cluster(store: EtcdStore, name: str, shards: int, dry_run: bool):  # noqa: ANN201
+    if shards < 1:
+        raise OpError("--shards must be at least 1")
+
+    def change(pool: Pool, view: ClusterView):  # noqa: ANN202
+        current = [s.id for s in view.shards]
+        if shards == len(current):
+            raise OpError(f"cluster '{name}' already has {shards} shards")
+        if shards < len(current):
+            return _planned(view, plans.plan(view, current[:shards])), []
+        replicas = len(view.shards[0].replicas)
+        try:
+            layout = place(pool.free(), shards - len(current), replicas)
+        except PlacementError as exc:
+            raise OpError(str(exc)) from None
+        next_id = max(int(s[1:]) for s in current if s[1:].isdigit()) + 1
+        new_shards = [Shard(f"s{next_id + i}", master, tuple(reps))
+                      for i, (master, reps) in enumerate(layout)]
+        claimed = [n for s in new_shards for n in s.members]
+        grown = replace(view, nodes=tuple(sorted(
+            list(view.nodes) + [(n, NodeAddress(pool.nodes[n].proxy, pool.nodes[n].backend))
+                                for n in claimed])))
+        grown_with_shards = replace(grown, shards=grown.shards + tuple(new_shards))
+        migrations = plans.plan(grown_with_shards, current + [s.id for s in new_shards])
+        return _planned(grown, migrations, new_shards), claimed
+
+    return await _edit_view(store, name, change, dry_run)
+
+
+async def rebalance_cluster(store: EtcdStore, name: str, dry_run: bool):  # noqa: ANN201
+    def change(pool: Pool, view: ClusterView):  # noqa: ANN202
+        migrations = plans.plan(view, [s.id for s in view.shards])
+        if not migrations:
+            raise OpError(f"cluster '{name}' is already balanced")
+        return _planned(view, migrations), []
+
+    return await _edit_view(store, name, change, dry_run)
+
+
+async def migrate_slots(store: EtcdStore, name: str, ranges, target: str, dry_run: bool):  # noqa: ANN001, ANN201
+    def change(pool: Pool, view: ClusterView):  # noqa: ANN202
+        try:
+            migrations = plans.manual(view, ranges, target)
+        except plans.PlanError as exc:
+            raise OpError(str(exc)) from None
+        return _planned(view, migrations), []
+
+    return await _edit_view(store, name, change, dry_run)
+
+
+async def cancel_migrations(store: EtcdStore, name: str):  # noqa: ANN201
+    def change(pool: Pool, view: ClusterView):  # noqa: ANN202
+        try:
+            return plans.cancel(view), []
+        except plans.PlanError as exc:
+            raise OpError(str(exc)) from None
+
+    return await _edit_view(store, name, change)
+
+
+def migration_rows(view: ClusterView, pool: Pool) -> list[dict]:
+    masters = {s.id: s.master for s in view.shards}
+    rows = []
+    for m in view.migrations:
+        status = pool.statuses.get(masters[m.source])
+        progress = status.migrations.get(m.id, {}) if status else {}
+        rows.append({"id": m.id, "slots": [list(r) for r in m.slots],
+                     "slot_count": slot_count(m.slots), "from": m.source, "to": m.target,
+                     "state": m.state.value if not progress.get("done") else "committing",
+                     "moved_keys": progress.get("moved_keys", 0),
+                     "moved_bytes": progress.get("moved_bytes", 0),
+                     "keys_per_sec": progress.get("keys_per_sec", 0.0),
+                     "error": progress.get("error", "")})
+    return rows
+
+
+async def wait_migrations(store: EtcdStore, name: str, timeout: float, progress=None) -> bool:  # noqa: ANN001
+    """Wait until the cluster has no migrations and every node applied the final view."""
+    with anyio.move_on_after(timeout):
+        while True:
+            pool = await read_pool(store)
+            if name not in pool.views:
+                raise OpError(f"unknown cluster '{name}'")
+            view = pool.views[name][0]
+            if progress is not None:
+                progress(view, pool)
+            if not view.migrations:
+                return not await wait_applied(store, view, max(1.0, timeout / 10))
+            await anyio.sleep(0.5)
+    return False

@@ -1,0 +1,243 @@
+"""Slot migration on the data path: the gate that serializes clients against the key mover,
+and the mover itself.
+
+Every command on a migrating slot, on the source, goes through the gate: it asks the backend
+whether the command's keys are here (`EXISTS`), then runs it here, forwards it to the target
+proxy after ASKING (none are here: they moved, or never existed), or answers `-TRYAGAIN`
+(some are). Forwarding instead of answering `-ASK` is deliberate: redis-py 8 fails with an
+AttributeError on an ASK to a node missing from its slot map, which a new shard always is. The mover moves a batch of keys
+only while no client command on those keys is between its check and its reply, and clients
+that arrive for keys being moved wait for the batch. That is the whole race of DESIGN.md
+section 7.4: a key is either here and served here, or gone and served at the target, never
+both, and a delete here can never be undone by a late copy.
+
+On the target, a multi-key command after ASKING runs only when all its keys are there.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import anyio
+import hiredis
+import structlog
+
+from mesh.model.slots import key_slot
+
+from .backend import BackendConnection, Pending, request, request_many
+from .resp import encode_command
+from .routing import MigratingSlots
+
+if TYPE_CHECKING:
+    from .session import Session
+
+log = structlog.get_logger("proxy.migration")
+
+TRYAGAIN = b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n"
+_ASKING = encode_command([b"ASKING"])
+SCAN_COUNT = 1000
+MOVE_BATCH = 64  # keys per DUMP/RESTORE/DEL round
+MAX_KEYS_PER_SECOND = 20_000  # the mover's rate limit
+MOVE_RETRY_WAIT = 0.5  # after a failed batch (the target unreachable, say)
+
+
+@dataclass
+class MigrationProgress:
+    """What the source reports about one migration (published in its status)."""
+
+    migration_id: str
+    moved_keys: int = 0
+    moved_bytes: int = 0
+    passes: int = 0
+    started_at: float = field(default_factory=time.time)
+    done: bool = False
+    error: str = ""
+
+    def as_dict(self) -> dict:
+        elapsed = max(time.time() - self.started_at, 1e-6)
+        return {"moved_keys": self.moved_keys, "moved_bytes": self.moved_bytes,
+                "passes": self.passes, "done": self.done, "error": self.error,
+                "keys_per_sec": round(self.moved_keys / elapsed, 1),
+                "started_at": self.started_at}
+
+
+class _Request:
+    __slots__ = ("gate", "session", "argv", "keys", "slot", "pending", "check")
+
+    def __init__(self, gate: SlotGate, session: Session, argv: list[bytes], keys: list[bytes],
+                 slot: int, pending: Pending) -> None:
+        self.gate, self.session, self.argv, self.keys = gate, session, argv, keys
+        self.slot, self.pending = slot, pending
+        self.check = Pending()
+
+    def replies_arrived(self) -> None:  # the backend answered the EXISTS, or ran the command
+        if self.check is not None:
+            self.gate._checked(self)
+        else:
+            self.gate._finished(self)
+
+
+class SlotGate:
+    """Check-then-run for the keys of one migration, ordered against the mover.
+
+    `conns` reach the local backend and `forwards` the target proxy, one per RESP version so a
+    client gets replies in its own protocol.
+    """
+
+    def __init__(self, marker: MigratingSlots, conns: dict[bool, BackendConnection],
+                 forwards: dict[bool, BackendConnection]) -> None:
+        self.marker = marker
+        self.conns = conns
+        self.forwards = forwards
+        self.moving: set[bytes] = set()
+        self.busy: Counter[bytes] = Counter()
+        self.waiting: list[_Request] = []
+        self.quiet = anyio.Event()  # set when a busy key is released
+        self.closed = False
+
+    def submit(self, session: Session, argv: list[bytes], keys: list[bytes], slot: int,
+               pending: Pending) -> None:
+        req = _Request(self, session, argv, keys, slot, pending)
+        if self.closed:
+            self._answer(req, TRYAGAIN)
+        elif self.moving.intersection(keys):
+            self.waiting.append(req)
+        else:
+            self._start(req)
+
+    def _start(self, req: _Request) -> None:
+        for k in req.keys:
+            self.busy[k] += 1
+        self.conns[req.session.resp3].queue(encode_command([b"EXISTS", *req.keys]), req.check, req)
+        if req.check.data is not None:  # the connection is down: answered at once
+            self._checked(req)
+
+    def _checked(self, req: _Request) -> None:
+        reply = req.check.data
+        req.check = None  # type: ignore[assignment]
+        if reply is None or reply[:1] != b":":
+            self._finish(req, reply or TRYAGAIN)
+            return
+        present = int(reply[1:-2])
+        resp3 = req.session.resp3
+        if present == len(req.keys):
+            self.conns[resp3].queue(encode_command(req.argv), req.pending, req)
+            if req.pending.data is not None:
+                self._finished(req)
+        elif present == 0 and self.marker.source:
+            forward = self.forwards[resp3]
+            forward.queue(_ASKING, Pending(), None)  # type: ignore[arg-type]
+            forward.queue(encode_command(req.argv), req.pending, req)
+            if req.pending.data is not None:
+                self._finished(req)
+        else:
+            self._finish(req, TRYAGAIN)
+
+    def _finish(self, req: _Request, reply: bytes) -> None:
+        req.pending.data = reply
+        self._finished(req)
+
+    def _finished(self, req: _Request) -> None:
+        for k in req.keys:
+            self.busy[k] -= 1
+            if not self.busy[k]:
+                del self.busy[k]
+        self.quiet.set()
+        req.session.replies_arrived()
+
+    def _answer(self, req: _Request, reply: bytes) -> None:
+        req.pending.data = reply
+        req.session.replies_arrived()
+
+    # -- the mover's side --------------------------------------------------------------------
+    async def hold(self, keys: list[bytes]) -> None:
+        """Stop new client commands on `keys` and wait for those in flight."""
+        self.moving.update(keys)
+        while any(k in self.busy for k in keys):
+            self.quiet = anyio.Event()
+            await self.quiet.wait()
+
+    def release(self, keys: list[bytes]) -> None:
+        self.moving.difference_update(keys)
+        ready = [r for r in self.waiting if not self.moving.intersection(r.keys)]
+        self.waiting = [r for r in self.waiting if self.moving.intersection(r.keys)]
+        for req in ready:
+            self._start(req)
+
+    def close(self) -> None:
+        """The migration ended: waiting commands get TRYAGAIN (their slot has a new home)."""
+        self.closed = True
+        for req in self.waiting:
+            self._answer(req, TRYAGAIN)
+        self.waiting.clear()
+
+
+def _parse(raw: bytes) -> object:
+    reader = hiredis.Reader()
+    reader.feed(raw)
+    return reader.gets()
+
+
+async def run_mover(gate: SlotGate, mask: bytearray, backend: BackendConnection,
+                    target: BackendConnection, progress: MigrationProgress) -> None:
+    """Move every key of the migration's slots from the backend to the target proxy, then
+    keep reporting done until cancelled (the commit removes the migration)."""
+    log_ = log.bind(migration=gate.marker.migration_id)
+    log_.info("migration_mover_started")
+    interval = MOVE_BATCH / MAX_KEYS_PER_SECOND
+    while not progress.done:
+        cursor = b"0"
+        found = 0
+        while True:
+            reply = _parse(await request(backend, [b"SCAN", cursor, b"COUNT", b"%d" % SCAN_COUNT]))
+            if not isinstance(reply, list):
+                raise OSError(f"SCAN failed: {reply}")
+            cursor, batch = reply
+            keys = [k for k in batch if mask[key_slot(k)]]
+            found += len(keys)
+            for i in range(0, len(keys), MOVE_BATCH):
+                started = time.monotonic()
+                await _move_batch(gate, keys[i : i + MOVE_BATCH], backend, target, progress)
+                await anyio.sleep(max(0.0, interval - (time.monotonic() - started)))
+            if cursor == b"0":
+                break
+        progress.passes += 1
+        if found == 0:
+            progress.done = True
+            log_.info("migration_keys_moved", keys=progress.moved_keys, passes=progress.passes)
+    await anyio.sleep_forever()
+
+
+async def _move_batch(gate: SlotGate, keys: list[bytes], backend: BackendConnection,
+                      target: BackendConnection, progress: MigrationProgress) -> None:
+    await gate.hold(keys)
+    try:
+        dumps = await request_many(backend, [c for k in keys
+                                             for c in ([b"DUMP", k], [b"PEXPIRETIME", k])])
+        restore: list[list[bytes]] = []
+        moved: list[bytes] = []
+        size = 0
+        for i, key in enumerate(keys):
+            payload, expires = _parse(dumps[2 * i]), _parse(dumps[2 * i + 1])
+            if not isinstance(payload, bytes) or not isinstance(expires, int) or expires == -2:
+                continue  # gone meanwhile (deleted or expired): nothing to move
+            cmd = [b"RESTORE", key, b"%d" % max(expires, 0), payload, b"REPLACE"]
+            if expires > 0:
+                cmd.append(b"ABSTTL")
+            restore += [[b"ASKING"], cmd]
+            moved.append(key)
+            size += len(payload)
+        if moved:
+            replies = await request_many(target, restore)
+            failed = [r for r in replies[1::2] if r != b"+OK\r\n"]
+            if failed:
+                raise OSError(f"RESTORE at {gate.marker.peer} failed: {failed[0]!r}")
+            deleted = await request(backend, [b"UNLINK", *moved])
+            if deleted[:1] != b":":
+                raise OSError(f"UNLINK failed: {deleted!r}")
+            progress.moved_keys += len(moved)
+            progress.moved_bytes += size
+    finally:
+        gate.release(keys)
