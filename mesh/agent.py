@@ -6,6 +6,7 @@ a new incarnation starts; the proxy keeps serving the last view it applied meanw
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, replace
@@ -62,12 +63,17 @@ class NodeAgent:
 
     # -- lifetime ----------------------------------------------------------------------------
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        """Run incarnations forever. Nothing the agent meets (etcd down, a backend that
+        misbehaves, a bug) may stop the proxy: the data path keeps serving meanwhile."""
         task_status.started()
         while True:
             try:
                 await self._incarnation()
-            except* (StoreError, OSError) as group:
-                self.log.warning("agent_restarting", error=str(group.exceptions[0]))
+            except* (StoreError, OSError, RedisCtlError) as group:
+                self.log.warning("agent_restarting", error=repr(group.exceptions[0]))
+            except* Exception as group:  # noqa: BLE001
+                self.log.error("agent_failed", error=repr(group.exceptions[0]),
+                               exc_info=group.exceptions[0])
             await anyio.sleep(RESTART_WAIT)
 
     async def _incarnation(self) -> None:
@@ -85,9 +91,14 @@ class NodeAgent:
             tg.start_soon(self._check_backend)
             tg.start_soon(self._migration_barriers)
             tg.start_soon(lead, self.store, self.lease, self.config.node_id)
-            await keeper.lost.wait()
-            self.log.warning("lease_lost_reregistering")
-            tg.cancel_scope.cancel()
+            try:
+                await keeper.lost.wait()
+                self.log.warning("lease_lost_reregistering")
+                tg.cancel_scope.cancel()
+            finally:
+                with anyio.move_on_after(2, shield=True):  # hand the election on at once
+                    with contextlib.suppress(StoreError):
+                        await self.store.revoke(self.lease)
 
     async def leave(self) -> None:
         """Clean shutdown: ask to be taken out of the cluster, wait for it, then deregister."""
@@ -97,9 +108,10 @@ class NodeAgent:
                 await self.removed.wait()
         if scope.cancelled_caught:
             self.log.warning("leave_timed_out", cluster=self.applied.cluster if self.applied else "")
-        with anyio.move_on_after(3), anyio.CancelScope(shield=True):
+        with anyio.move_on_after(3, shield=True), contextlib.suppress(StoreError):
             await self.store.delete(self.keys.node(self.config.node_id))
             await self.store.delete(self.keys.status(self.config.node_id))
+            await self.store.revoke(self.lease)
 
     # -- views -------------------------------------------------------------------------------
     async def _watch_views(self) -> None:
@@ -144,23 +156,24 @@ class NodeAgent:
         target = max(mine, key=lambda v: v.epoch, default=None)
         async with self._apply_lock:
             current = self.applied
+            same = current is not None and target is not None and current.uid == target.uid \
+                and current.cluster == target.cluster
             if target is None:
                 if current is not None:
                     await self._leave_cluster(current)
                 self.removed.set()
                 return
             self.removed = anyio.Event() if self.removed.is_set() else self.removed
-            if current is not None and current.cluster == target.cluster \
-                    and target.epoch <= current.epoch:
+            if same and target.epoch <= current.epoch:  # type: ignore[union-attr]
                 return
             try:
-                if current is not None and current.cluster == target.cluster:
-                    await self._commit_barrier(current, target)
-                await self._apply(target, joining=current is None
-                                  or current.cluster != target.cluster)
-            except (RedisCtlError, TimeoutError) as exc:
+                if same:
+                    await self._commit_barrier(current, target)  # type: ignore[arg-type]
+                await self._apply(target, joining=not same)
+            except (RedisCtlError, TimeoutError, StoreError) as exc:
+                # retried by the backend check every second until it applies
                 self.log.warning("view_apply_failed", cluster=target.cluster,
-                                 epoch=target.epoch, error=str(exc))
+                                 epoch=target.epoch, error=repr(exc))
 
     async def _apply(self, view: ClusterView, joining: bool) -> None:
         me = self.config.node_id
@@ -168,7 +181,7 @@ class NodeAgent:
         assert shard is not None
         with anyio.fail_after(BACKEND_TIMEOUT * 3):
             if joining:
-                await self._take_backend_for(view.cluster)
+                await self._take_backend_for(view)
             await self._set_role(view, shard.master == me)
         self.active &= {m.id for m in view.migrations}
         self.server.apply_table(table_from_view(view, me, frozenset(self.active)))
@@ -192,16 +205,18 @@ class NodeAgent:
         except (RedisCtlError, TimeoutError) as exc:
             self.log.warning("backend_role_failed", error=str(exc))
 
-    async def _take_backend_for(self, cluster: str) -> None:
-        """Empty the backend unless it already holds this cluster's data: one tenant's keys
-        never reach another."""
+    async def _take_backend_for(self, view: ClusterView) -> None:
+        """Empty the backend unless it already holds this very cluster's data (same creation,
+        not just the same name): one tenant's keys never reach another."""
         key = self.keys.data_owner(self.config.node_id)
         kv = await self.store.get(key)
-        owner = json.loads(kv.value).get("cluster") if kv is not None else None
-        if owner != cluster:
+        owner = json.loads(kv.value) if kv is not None else {}
+        if (owner.get("cluster"), owner.get("uid")) != (view.cluster, view.uid):
+            await self.ctl.call("REPLICAOF", "NO", "ONE")  # a replica refuses FLUSHALL
             await self.ctl.call("FLUSHALL")
-            self.log.info("backend_emptied", previous=owner, cluster=cluster)
-            await self.store.put(key, json.dumps({"cluster": cluster}).encode())
+            self.log.info("backend_emptied", previous=owner.get("cluster"), cluster=view.cluster)
+            await self.store.put(key, json.dumps({"cluster": view.cluster,
+                                                  "uid": view.uid}).encode())
 
     async def _set_role(self, view: ClusterView, master: bool) -> None:
         if master:
@@ -283,8 +298,7 @@ class NodeAgent:
                                 await self._set_role(view, shard.master == self.config.node_id)
             except (RedisCtlError, TimeoutError):
                 ok = False
-            if self.applied is None and self.views:
-                await self.reconcile()  # an apply that failed earlier
+            await self.reconcile()  # retries an apply that failed; a no-op otherwise
             progress = {mid: p.as_dict() for mid, p in self.server.migration_progress.items()}
             self._set_status(backend_ok=ok, repl_offset=offset, migrations=progress)
             await anyio.sleep(BACKEND_CHECK_INTERVAL)

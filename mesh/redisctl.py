@@ -38,7 +38,10 @@ class RedisCtl:
                 reply = await self._exchange(args)
             except (OSError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
                 await self.aclose()
-                raise RedisCtlError(f"backend {self.host}:{self.port}: {exc}") from None
+                raise RedisCtlError(f"backend {self.host}:{self.port}: {exc!r}") from None
+            except BaseException:
+                await self.aclose()  # cancelled mid-reply: the next reply would be this one's
+                raise
         if isinstance(reply, hiredis.ReplyError):
             raise RedisCtlError(f"backend {self.host}:{self.port} replied: {reply}")
         return reply
@@ -64,7 +67,8 @@ class RedisCtl:
     async def role(self) -> tuple[str, str | None]:
         """('master', None) or ('slave', 'host:port' of its master)."""
         reply = await self.call("ROLE")
-        assert isinstance(reply, list)
+        if not isinstance(reply, list) or not reply:
+            raise RedisCtlError(f"unexpected ROLE reply {reply!r}")
         kind = reply[0].decode()
         if kind == "slave":
             return kind, f"{reply[1].decode()}:{reply[2]}"
@@ -72,7 +76,8 @@ class RedisCtl:
 
     async def replication_offset(self) -> int:
         info = await self.call("INFO", "replication")
-        assert isinstance(info, bytes)
+        if not isinstance(info, bytes):
+            raise RedisCtlError(f"unexpected INFO reply {info!r}")
         for line in info.decode().splitlines():
             key, _, value = line.partition(":")
             if key in ("master_repl_offset", "slave_repl_offset"):

@@ -74,6 +74,9 @@ class ClusterView:
     nodes: tuple[tuple[str, NodeAddress], ...]  # (node id, addresses), sorted by id
     config: ClusterConfig = field(default_factory=ClusterConfig)
     migrations: tuple[Migration, ...] = ()
+    # one creation of the cluster: a cluster deleted and created again under the same name is
+    # another tenant's (its nodes empty their Redis, its epochs start over)
+    uid: str = ""
 
     def address_of(self, node_id: str) -> NodeAddress:
         for nid, address in self.nodes:
@@ -161,6 +164,7 @@ def validate(view: ClusterView) -> None:
 def to_json(view: ClusterView) -> bytes:
     doc = {
         "cluster": view.cluster,
+        "uid": view.uid,
         "epoch": view.epoch,
         "config": {"password_hash": view.config.password_hash,
                    "replica_reads": view.config.replica_reads,
@@ -181,6 +185,7 @@ def from_json(data: bytes | str) -> ClusterView:
         config = doc.get("config") or {}
         view = ClusterView(
             cluster=str(doc["cluster"]),
+            uid=str(doc.get("uid", "")),
             epoch=_int(doc["epoch"]),
             config=ClusterConfig(password_hash=config.get("password_hash"),
                                  replica_reads=bool(config.get("replica_reads", False)),

@@ -7,6 +7,7 @@ leader election on a kept-alive lease.
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import time
 from collections.abc import Awaitable, Callable
@@ -195,6 +196,7 @@ class EtcdStore:
         revision = start_revision
         failures = 0
         while True:
+            watch = None
             try:
                 watch = await self._client.watch_prefix(prefix, start_revision=revision)
                 async for event in watch:
@@ -214,6 +216,11 @@ class EtcdStore:
                 log.info("watch_restarting", prefix=prefix.decode(), revision=revision,
                          error=str(exc), wait=wait)
                 await anyio.sleep(wait)
+            finally:
+                if watch is not None:  # aetcd keeps feeding a watch nobody cancels
+                    with anyio.move_on_after(1, shield=True), \
+                            contextlib.suppress(Exception):
+                        await watch.cancel()
 
 
 class LeaseKeeper:

@@ -244,3 +244,15 @@ def test_a_replica_that_shuts_down_cleanly_leaves_its_cluster(mesh_factory):
         mesh.umctl("--json", "cluster", "show", "tidy")), what="the replica's removal")
     assert [n["node"] for n in shown["shards"][0]["nodes"]] != [] and \
         all(n["node"] != replica for n in shown["shards"][0]["nodes"])
+
+
+def test_a_cluster_created_again_under_the_same_name_starts_empty(mesh_factory):
+    mesh = mesh_factory(1)
+    mesh.wait_pool(1)
+    mesh.umctl("cluster", "create", "acme", "--shards", "1")
+    port = next(iter(mesh.proxies.values())).port
+    assert command(port, "SET", "secret", "tenant-a") == b"+OK\r\n"
+    mesh.umctl("cluster", "delete", "acme")
+    mesh.wait_pool(1)
+    mesh.umctl("cluster", "create", "acme", "--shards", "1")
+    assert command(port, "GET", "secret") == b"$-1\r\n"

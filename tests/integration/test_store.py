@@ -10,8 +10,9 @@ from tests import procs
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def anyio_backend():
+    # one event loop for the module: grpc's asyncio poller outlives a test's loop otherwise
     return "asyncio"
 
 

@@ -175,12 +175,22 @@ async def cmd_nodes(store: EtcdStore, args: argparse.Namespace) -> int:
         assignment = pool.assignments.get(nid)
         if assignment and assignment[0].held:
             cluster, role = assignment[0].cluster, "held"
+        view = pool.views.get(cluster, (None,))[0] if role in ("master", "replica") else None
+        applied = st.epoch if st and view and st.cluster == cluster else None
+        if st is None:
+            health = "gone"
+        elif not st.backend_ok:
+            health = "backend down"
+        elif view is not None and (applied is None or applied < view.epoch):
+            health = "behind"
+        else:
+            health = "ok"
         rows.append({
             "node": nid, "leader": nid == pool.leader, "alive": rec is not None,
             "proxy": rec.proxy if rec else "", "backend": rec.backend if rec else "",
             "host": rec.host if rec else "", "cluster": cluster, "role": role or "free",
-            "applied_epoch": st.epoch if st else None,
-            "health": ("ok" if st.backend_ok else "backend down") if st else "gone",
+            "applied_epoch": applied, "health": health,
+            "leaving": bool(st and st.leaving),
         })
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -1,6 +1,7 @@
 """What umctl-mesh does to the mesh: reads of the pool and clusters, fenced-free CAS edits."""
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, replace
 
 import anyio
@@ -30,7 +31,9 @@ class Pool:
     leader: str | None
 
     def free(self) -> list[NodeRecord]:
-        return [n for nid, n in self.nodes.items() if nid not in self.assignments]
+        """Registered, in no cluster, not held, and not shutting down."""
+        return [n for nid, n in self.nodes.items() if nid not in self.assignments
+                and not (nid in self.statuses and self.statuses[nid].leaving)]
 
     def role_of(self, node_id: str) -> tuple[str, str]:
         """(cluster, role) from the views."""
@@ -87,7 +90,7 @@ def build_view(name: str, pool: Pool, shards: int, replicas: int,
     nodes = tuple((nid, NodeAddress(pool.nodes[nid].proxy, pool.nodes[nid].backend))
                   for nid in members)
     config = ClusterConfig(password_hash=hash_password(password) if password else None)
-    return ClusterView(name, 1, shard_list, nodes, config)
+    return ClusterView(name, 1, shard_list, nodes, config, uid=uuid.uuid4().hex)
 
 
 async def create_cluster(store: EtcdStore, name: str, shards: int, replicas: int,
@@ -112,7 +115,10 @@ async def delete_cluster(store: EtcdStore, name: str, keep_data: bool) -> Cluste
         kv = await store.get(keys.view(name))
         if kv is None:
             raise OpError(f"unknown cluster '{name}'")
-        view = from_json(kv.value)
+        try:
+            view = from_json(kv.value)
+        except ViewError as exc:
+            raise OpError(f"the view of '{name}' in etcd is invalid: {exc}") from None
         checks = {keys.view(name): kv.mod_revision}
         if keep_data:
             puts = {keys.assignment(n): Assignment(name, held=True).encode()
