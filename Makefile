@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test system-deps venv bench clean
+.PHONY: run test system-deps venv bench bench-migration clean
 
 system-deps:
 	@command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null || { \
@@ -29,6 +29,9 @@ run: system-deps venv
 
 bench: system-deps venv
 	$(PY) tools/bench_proxy.py
+
+bench-migration: system-deps venv
+	$(PY) tools/bench_migration.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,6 +10,7 @@ import structlog
 
 from mesh import logs
 
+from .migration import DEFAULT_KEYS_PER_SECOND
 from .server import ProxyServer
 
 
@@ -44,13 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "than their master (default: the announced host)")
     mesh.add_argument("--etcd-root", default="/moonmesh", metavar="PREFIX",
                       help="key prefix in etcd (default /moonmesh)")
+    mesh.add_argument("--migration-rate", type=int, default=DEFAULT_KEYS_PER_SECOND,
+                      metavar="KEYS/S",
+                      help="how many keys per second this node moves when its slots migrate "
+                           f"(default {DEFAULT_KEYS_PER_SECOND}; 0: no limit)")
     parser.add_argument("--log-level", choices=logs.LEVELS, default="info")
     parser.add_argument("--log-json", action="store_true", help="log JSON lines instead of text")
     return parser
 
 
 async def serve(args: argparse.Namespace) -> None:
-    server = ProxyServer(args.listen, args.backend, args.announce, args.backend_password)
+    server = ProxyServer(args.listen, args.backend, args.announce, args.backend_password,
+                         args.migration_rate)
     async with anyio.create_task_group() as tg:
         await tg.start(server.run)
         agent = None

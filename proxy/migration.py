@@ -38,8 +38,8 @@ log = structlog.get_logger("proxy.migration")
 TRYAGAIN = b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n"
 _ASKING = encode_command([b"ASKING"])
 SCAN_COUNT = 1000
-MOVE_BATCH = 64  # keys per DUMP/RESTORE/DEL round
-MAX_KEYS_PER_SECOND = 20_000  # the mover's rate limit
+MOVE_BATCH = 128  # keys per DUMP/RESTORE/UNLINK round
+DEFAULT_KEYS_PER_SECOND = 20_000  # the mover's rate limit (mesh-proxy --migration-rate)
 MOVE_RETRY_WAIT = 0.5  # after a failed batch (the target unreachable, say)
 
 
@@ -48,6 +48,7 @@ class MigrationProgress:
     """What the source reports about one migration (published in its status)."""
 
     migration_id: str
+    total_keys: int = -1  # counted by a first scan before anything moves; -1: not yet
     moved_keys: int = 0
     moved_bytes: int = 0
     passes: int = 0
@@ -57,9 +58,13 @@ class MigrationProgress:
 
     def as_dict(self) -> dict:
         elapsed = max(time.time() - self.started_at, 1e-6)
-        return {"moved_keys": self.moved_keys, "moved_bytes": self.moved_bytes,
-                "passes": self.passes, "done": self.done, "error": self.error,
-                "keys_per_sec": round(self.moved_keys / elapsed, 1),
+        rate = self.moved_keys / elapsed
+        left = 0 if self.done else max(self.total_keys - self.moved_keys, 0)
+        return {"total_keys": self.total_keys, "moved_keys": self.moved_keys,
+                "left_keys": left if self.total_keys >= 0 else None,
+                "moved_bytes": self.moved_bytes, "passes": self.passes, "done": self.done,
+                "error": self.error, "keys_per_sec": round(rate, 1),
+                "eta_sec": round(left / rate, 1) if rate and self.total_keys >= 0 else None,
                 "started_at": self.started_at}
 
 
@@ -181,12 +186,24 @@ def _parse(raw: bytes) -> object:
 
 
 async def run_mover(gate: SlotGate, mask: bytearray, backend: BackendConnection,
-                    target: BackendConnection, progress: MigrationProgress) -> None:
+                    target: BackendConnection, progress: MigrationProgress,
+                    keys_per_second: int = DEFAULT_KEYS_PER_SECOND) -> None:
     """Move every key of the migration's slots from the backend to the target proxy, then
     keep reporting done until cancelled (the commit removes the migration)."""
     log_ = log.bind(migration=gate.marker.migration_id)
-    log_.info("migration_mover_started")
-    interval = MOVE_BATCH / MAX_KEYS_PER_SECOND
+    interval = MOVE_BATCH / keys_per_second if keys_per_second > 0 else 0.0
+    if progress.total_keys < 0:  # count first, so progress has a total and an ETA
+        total, cursor = 0, b"0"
+        while True:
+            reply = _parse(await request(backend, [b"SCAN", cursor, b"COUNT", b"%d" % SCAN_COUNT]))
+            if not isinstance(reply, list):
+                raise OSError(f"SCAN failed: {reply}")
+            cursor, batch = reply
+            total += sum(1 for k in batch if mask[key_slot(k)])
+            if cursor == b"0":
+                break
+        progress.total_keys = total
+    log_.info("migration_mover_started", keys=progress.total_keys)
     while not progress.done:
         cursor = b"0"
         found = 0
@@ -239,5 +256,6 @@ async def _move_batch(gate: SlotGate, keys: list[bytes], backend: BackendConnect
                 raise OSError(f"UNLINK failed: {deleted!r}")
             progress.moved_keys += len(moved)
             progress.moved_bytes += size
+        progress.error = ""
     finally:
         gate.release(keys)

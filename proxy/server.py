@@ -14,7 +14,8 @@ from mesh.model.slots import key_slot
 
 from . import __version__
 from .backend import BackendConnection, BackendPool, Pending, keep_connected, request
-from .migration import MOVE_RETRY_WAIT, MigrationProgress, SlotGate, run_mover
+from .migration import (DEFAULT_KEYS_PER_SECOND, MOVE_RETRY_WAIT, MigrationProgress, SlotGate,
+                        run_mover)
 from .resp import OK, Err, error
 from .routing import RoutingTable, empty_table, format_ranges, table_from_meta
 from .session import Session
@@ -29,7 +30,8 @@ LISTEN_BACKLOG = 1024
 
 class ProxyServer:
     def __init__(self, listen: str, backend: str, announce: str | None = None,
-                 backend_password: str | None = None) -> None:
+                 backend_password: str | None = None,
+                 migration_rate: int = DEFAULT_KEYS_PER_SECOND) -> None:
         self.listen = listen
         self.announce = announce or listen
         self.backend_address = backend
@@ -38,6 +40,7 @@ class ProxyServer:
         self.sessions: set[Session] = set()
         self.commands_processed = 0
         self.managed = False  # True in mesh mode: views come from etcd, not UMCTL SETCLUSTER
+        self.migration_rate = migration_rate  # keys/s the mover may move; 0: no limit
         self.gates: dict[str, SlotGate] = {}  # running migrations this proxy takes part in
         self.migration_scopes: dict[str, anyio.CancelScope] = {}
         self.migration_progress: dict[str, MigrationProgress] = {}
@@ -123,7 +126,7 @@ class ProxyServer:
             try:
                 await backend.connect()
                 await target.connect()
-                await run_mover(gate, mask, backend, target, progress)
+                await run_mover(gate, mask, backend, target, progress, self.migration_rate)
             except OSError as exc:
                 progress.error = str(exc)
                 log.warning("migration_batch_failed", migration=mid, error=str(exc))

@@ -99,7 +99,8 @@ def moonmesh(args: argparse.Namespace, launcher: Launcher) -> dict:
         launcher.redis(redis_port)
         launcher.start(f"proxy-{port}", [sys.executable, "-m", "proxy.main", "--listen",
                                          f"{HOST}:{port}", "--backend", f"{HOST}:{redis_port}",
-                                         "--etcd", etcd, "--log-level", "warning"], port)
+                                         "--etcd", etcd, "--log-level", "warning",
+                                         "--migration-rate", str(args.migration_rate)], port)
         ports.append(port)
 
     async def create() -> str:
@@ -171,6 +172,8 @@ def main() -> int:
     parser.add_argument("--keys", type=int, default=2_000_000)
     parser.add_argument("--value-size", type=int, default=512)
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--migration-rate", type=int, default=20_000,
+                        help="mesh-proxy --migration-rate (keys/s, 0: no limit)")
     args = parser.parse_args()
     results = []
     launcher = Launcher()
@@ -213,7 +216,8 @@ def main() -> int:
     finally:
         launcher.cleanup()
 
-    print(f"{args.keys} keys of {args.value_size} B, 2 -> 3 shards; load = one redis-py client")
+    print(f"{args.keys} keys of {args.value_size} B, 2 -> 3 shards; load = one redis-py client; "
+          f"moonmesh --migration-rate {args.migration_rate}")
     print(f"{'':34} {'keys':>8} {'moved':>8} {'time s':>7} {'keys/s':>9} {'MB/s':>6} "
           f"{'load before':>11} {'during':>8} {'after':>8} {'errors':>6}")
     for r in results:

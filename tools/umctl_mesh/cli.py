@@ -383,9 +383,12 @@ async def cmd_migrations(store: EtcdStore, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     elif rows:
-        print(table(["ID", "FROM", "TO", "SLOTS", "STATE", "KEYS MOVED", "KEYS/S", "ERROR"],
+        print(table(["ID", "FROM", "TO", "SLOTS", "STATE", "MOVED", "LEFT", "KEYS/S", "ETA",
+                     "ERROR"],
                     [[r["id"], r["from"], r["to"], r["slot_count"], r["state"],
-                      r["moved_keys"], r["keys_per_sec"], r["error"] or "-"] for r in rows]))
+                      r["moved_keys"], "-" if r["left_keys"] is None else r["left_keys"],
+                      r["keys_per_sec"], "-" if r["eta_sec"] is None else f"{r['eta_sec']:g}s",
+                      r["error"] or "-"] for r in rows]))
     else:
         print(f"cluster {args.name} has no migrations")
     return 0

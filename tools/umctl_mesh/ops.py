@@ -261,6 +261,8 @@ def migration_rows(view: ClusterView, pool: Pool) -> list[dict]:
                      "slot_count": slot_count(m.slots), "from": m.source, "to": m.target,
                      "state": m.state.value if not progress.get("done") else "committing",
                      "moved_keys": progress.get("moved_keys", 0),
+                     "left_keys": progress.get("left_keys"),
+                     "eta_sec": progress.get("eta_sec"),
                      "moved_bytes": progress.get("moved_bytes", 0),
                      "keys_per_sec": progress.get("keys_per_sec", 0.0),
                      "error": progress.get("error", "")})
