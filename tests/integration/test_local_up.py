@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import subprocess
@@ -10,13 +11,16 @@ import time
 
 from redis.cluster import RedisCluster
 
-from tests.procs import free_port
 
 
 def test_up_starts_a_mesh_that_clients_use_and_stops_cleanly():
-    port = free_port()
-    while port > 50000:  # redis ports are port+10000
-        port = free_port()
+    from tools.umctl_mesh.local import REDIS_PORT_OFFSET, port_free
+
+    rng = random.Random()
+    while True:  # 4 proxy ports and their redis ports (+10000), all free
+        port = rng.randrange(20000, 30000)
+        if all(port_free(p) and port_free(p + REDIS_PORT_OFFSET) for p in range(port, port + 4)):
+            break
     proc = subprocess.Popen([sys.executable, "-m", "tools.umctl_mesh.cli", "up", "--shards", "2",
                              "--replicas", "1", "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
