@@ -31,6 +31,10 @@ STATUS_HEARTBEAT = 3.0  # the status key is rewritten at least this often
 BACKEND_CHECK_INTERVAL = 1.0
 BACKEND_TIMEOUT = 2.0
 LEAVE_TIMEOUT = 10.0  # how long a clean shutdown waits to be taken out of its cluster
+BACKEND_FAIL_LIMIT = 3  # consecutive failed checks before the node reports its Redis dead
+FENCE_MARGIN = 1.5  # seconds before the lease may expire at etcd that writes stop
+FENCE_POLL = 0.1
+PEER_TIMEOUT = 0.5
 BARRIER_POLL = 0.05  # how often a migration barrier re-reads its peer's applied epoch
 COMMIT_BARRIER_TIMEOUT = 5.0  # a source gives up its slots at most this long after the commit
 RESTART_WAIT = 1.0
@@ -58,6 +62,7 @@ class NodeAgent:
         self.status_changed = anyio.Event()
         self.removed = anyio.Event()  # set when no view names this node any more
         self.active: set[str] = set()  # migrations whose source side runs here (barrier passed)
+        self.keeper: LeaseKeeper | None = None
         self._apply_lock = anyio.Lock()
         self.log = log.bind(node=config.node_id)
 
@@ -66,6 +71,11 @@ class NodeAgent:
         """Run incarnations forever. Nothing the agent meets (etcd down, a backend that
         misbehaves, a bug) may stop the proxy: the data path keeps serving meanwhile."""
         task_status.started()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._fence_guard)
+            await self._incarnations()
+
+    async def _incarnations(self) -> None:
         while True:
             try:
                 await self._incarnation()
@@ -80,6 +90,7 @@ class NodeAgent:
         async with anyio.create_task_group() as tg:
             keeper = LeaseKeeper(self.store, LEASE_TTL)
             await tg.start(keeper.run)
+            self.keeper = keeper
             self.lease = keeper.lease_id
             record = NodeRecord(self.config.node_id, self.config.proxy, self.config.backend,
                                 self.config.host, __version__, time.time())
@@ -116,6 +127,11 @@ class NodeAgent:
     # -- views -------------------------------------------------------------------------------
     async def _watch_views(self) -> None:
         revision = await self._read_views()
+        if self.server.fenced:  # the current view is applied again: writes may resume
+            self.server.fenced = False
+            self.log.warning("unfenced", epoch=self.applied.epoch if self.applied else 0)
+        if self.keeper is not None:
+            self.server.write_deadline = self.keeper.deadline - FENCE_MARGIN
         await self.store.watch(self.keys.clusters, revision + 1, self._on_view_event,
                                self._read_views)
 
@@ -233,6 +249,59 @@ class NodeAgent:
             await self.ctl.call("REPLICAOF", host, port)
         self.log.info("backend_role_set", role=wanted[0], master=wanted[1])
 
+    # -- fencing -----------------------------------------------------------------------------
+    async def _fence_guard(self) -> None:
+        """Stop writes before the lease can expire at etcd (then the leader may promote a
+        replica), unless every peer that answers has lost etcd too: then nobody can be
+        promoted, and refusing writes would only turn an etcd outage into a write outage.
+
+        Assumption: this machine's monotonic clock runs no more than FENCE_MARGIN / LEASE_TTL
+        (30%) slower than etcd's, so the local deadline passes before etcd's does."""
+        self.server.write_deadline = 0.0  # no writes before the first lease
+        while True:
+            keeper = self.keeper
+            now = time.monotonic()
+            healthy = keeper is not None and not keeper.lost.is_set() \
+                and now < keeper.deadline - FENCE_MARGIN
+            self.server.lease_ok = healthy
+            if healthy and not self.server.fenced:
+                self.server.write_deadline = keeper.deadline - FENCE_MARGIN  # type: ignore[union-attr]
+            elif not healthy and not self.server.fenced and self.applied is not None:
+                peers = await self._peers_reach_etcd()
+                if peers is False:
+                    # nobody can be promoted while nobody reaches etcd: keep taking writes
+                    self.server.write_deadline = time.monotonic() + FENCE_POLL * 10
+                    self.log.warning("lease_at_risk_not_fencing", reason="no peer reaches etcd")
+                    await anyio.sleep(FENCE_POLL * 5)
+                    continue
+                self.server.fenced = True
+                self.log.warning("fenced", reason="lease may expire", peers_reach_etcd=peers)
+            await anyio.sleep(FENCE_POLL)
+
+    async def _peers_reach_etcd(self) -> bool | None:
+        """True if a peer of this cluster holds a live lease, False if every peer that
+        answered has none, None if no peer answered."""
+        view = self.applied
+        peers = [a.proxy for n, a in view.nodes if n != self.config.node_id] if view else []
+        answers: list[bool] = []
+
+        async def ask(address: str) -> None:
+            ctl = RedisCtl(address)
+            try:
+                with anyio.fail_after(PEER_TIMEOUT):
+                    answers.append(await ctl.call("UMCTL", "LEASEOK") == 1)
+            except (RedisCtlError, TimeoutError, OSError):
+                pass
+            finally:
+                await ctl.aclose()
+
+        async with anyio.create_task_group() as tg:
+            for address in peers:
+                tg.start_soon(ask, address)
+        if not answers:
+            return None
+        return any(answers)
+
     # -- migration barriers ------------------------------------------------------------------
     def _my_outgoing(self, view: ClusterView) -> list:
         masters = {s.id: s.master for s in view.shards}
@@ -283,7 +352,9 @@ class NodeAgent:
 
     # -- health and status -------------------------------------------------------------------
     async def _check_backend(self) -> None:
-        """PING the backend every second, keep its role as the view says, track its offset."""
+        """PING the backend every second, keep its role as the view says, track its offset.
+        The backend is reported dead after BACKEND_FAIL_LIMIT failures in a row."""
+        failures = 0
         while True:
             ok, offset = True, self.status.repl_offset
             try:
@@ -298,6 +369,8 @@ class NodeAgent:
                                 await self._set_role(view, shard.master == self.config.node_id)
             except (RedisCtlError, TimeoutError):
                 ok = False
+            failures = 0 if ok else failures + 1
+            ok = failures < BACKEND_FAIL_LIMIT
             await self.reconcile()  # retries an apply that failed; a no-op otherwise
             progress = {mid: p.as_dict() for mid, p in self.server.migration_progress.items()}
             self._set_status(backend_ok=ok, repl_offset=offset, migrations=progress)

@@ -13,7 +13,10 @@ import structlog
 from .model import migrations as plans
 from .model.changes import without_departed
 from .model.nodes import NodeStatus, RecordError
-from .model.view import ClusterView, MigrationState, ViewError, from_json, to_json
+from .model.failover import Health, plan_failover
+from .model.nodes import Assignment, NodeRecord
+from .model.view import (ClusterView, MigrationState, NodeAddress, ViewError, from_json,
+                         to_json)
 from .store.etcd import EtcdStore, StoreError, campaign
 
 log = structlog.get_logger("mesh.leader")
@@ -24,9 +27,11 @@ DUTY_INTERVAL = 0.5
 async def lead(store: EtcdStore, lease_id: int, node_id: str) -> None:
     fence = await campaign(store, lease_id)
     log.info("leader_elected", node=node_id, lease=f"{lease_id:x}")
+    tracker = HealthTracker()
     while True:
         try:
             await remove_departed_nodes(store, fence)
+            await handle_failures(store, fence, tracker)
             await drive_migrations(store, fence)
         except StoreError as exc:
             log.warning("leader_duty_failed", error=str(exc))
@@ -108,3 +113,65 @@ async def drive_migrations(store: EtcdStore, fence: tuple[bytes, int]) -> None:
                               tuple(keys.assignment(n) for n in left), fence=fence):
             log.info("migration_step", cluster=new.cluster, epoch=new.epoch, step=what,
                      nodes_left=left)
+
+
+class HealthTracker:
+    """Since when each node has been alive or dead, by the leader's clock. A new leader starts
+    with no history, so it waits a whole grace before acting: blips are never failovers."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Health] = {}
+
+    def update(self, alive: dict[str, bool], offsets: dict[str, int], now: float) -> dict[str, Health]:
+        for node, ok in alive.items():
+            before = self.state.get(node)
+            since = before.since if before is not None and before.alive == ok else now
+            self.state[node] = Health(ok, since, offsets.get(node, 0))
+        for node in list(self.state):
+            if node not in alive:
+                before = self.state[node]
+                since = before.since if not before.alive else now
+                self.state[node] = Health(False, since, before.repl_offset)
+        return self.state
+
+
+async def handle_failures(store: EtcdStore, fence: tuple[bytes, int],
+                          tracker: HealthTracker) -> None:
+    keys = store.keys
+    registered: dict[str, NodeRecord] = {}
+    for kv in (await store.get_prefix(keys.nodes))[0]:
+        try:
+            record = NodeRecord.decode(kv.value)
+        except RecordError:
+            continue
+        registered[record.node_id] = record
+    statuses = await read_statuses(store)
+    assigned = {keys.last_part(kv.key) for kv in (await store.get_prefix(keys.assignments))[0]}
+    kvs, _ = await store.get_prefix(keys.clusters)
+    views = []
+    members: set[str] = set()
+    for kv in kvs:
+        try:
+            view = from_json(kv.value)
+        except ViewError:
+            continue
+        views.append((kv, view))
+        members |= set(view.node_ids)
+    alive = {n: n in registered and statuses.get(n) is not None and statuses[n].backend_ok
+             and not statuses[n].leaving for n in members | set(registered)}
+    offsets = {n: s.repl_offset for n, s in statuses.items()}
+    health = tracker.update(alive, offsets, anyio.current_time())
+    free = [(n, NodeAddress(r.proxy, r.backend)) for n, r in registered.items()
+            if n not in assigned and alive.get(n)]
+    for kv, view in views:
+        step = plan_failover(view, health, anyio.current_time(), free)
+        if step is None:
+            continue
+        puts = {kv.key: to_json(step.view),
+                **{keys.assignment(n): Assignment(view.cluster).encode() for n in step.claimed}}
+        checks = {kv.key: kv.mod_revision, **{keys.assignment(n): 0 for n in step.claimed}}
+        deletes = tuple(k for n in step.released
+                        for k in (keys.assignment(n), keys.data_owner(n)))
+        if await store.commit(checks, puts, deletes, fence=fence):
+            log.warning("failover", cluster=view.cluster, epoch=step.view.epoch, step=step.what)
+            free = [f for f in free if f[0] not in step.claimed]

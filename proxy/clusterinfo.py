@@ -9,9 +9,10 @@ from .routing import NodeInfo, RoutingTable, format_ranges
 def cluster_nodes(table: RoutingTable) -> str:
     lines = []
     for n in table.nodes:
-        flags = ("myself," if n.myself else "") + ("slave" if n.master_id else "master")
+        flags = ("myself," if n.myself else "") + ("slave" if n.master_id else "master") \
+            + (",fail" if n.failed else "")
         fields = [n.node_id, n.address, flags, n.master_id or "-", "0", "0", str(table.epoch),
-                  "connected", *format_ranges(n.ranges)]
+                  "disconnected" if n.failed else "connected", *format_ranges(n.ranges)]
         lines.append(" ".join(fields) + "\n")
     return "".join(lines)
 
@@ -21,7 +22,8 @@ def _masters(table: RoutingTable) -> list[NodeInfo]:
 
 
 def _replicas_of(table: RoutingTable, master: NodeInfo) -> list[NodeInfo]:
-    return [n for n in table.nodes if n.master_id == master.node_id]
+    """The live replicas: clients that read from replicas must not be sent to a dead one."""
+    return [n for n in table.nodes if n.master_id == master.node_id and not n.failed]
 
 
 def cluster_slots(table: RoutingTable) -> list:

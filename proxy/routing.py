@@ -30,6 +30,7 @@ class NodeInfo:
     myself: bool
     ranges: tuple[SlotRange, ...]
     master_id: str | None = None  # set for a replica
+    failed: bool = False  # the leader found it dead; it rejoins as a replica
 
     @property
     def host(self) -> str:
@@ -68,6 +69,8 @@ class RoutingTable:
     routes: tuple[bytes | MigratingSlots | None, ...] = field(repr=False)
     config: tuple[tuple[str, str], ...] = ()
     password_hash: str | None = None
+    # per slot: 1 where this node is a replica of the slot's master (READONLY clients read here)
+    readable: bytes = b""
 
     @property
     def myself(self) -> NodeInfo | None:
@@ -135,6 +138,7 @@ def table_from_view(view: ClusterView, me: str,
     """
     routes: list[bytes | MigratingSlots | None] = [SLOT_NOT_SERVED] * SLOT_COUNT
     nodes: list[NodeInfo] = []
+    readable = bytearray(SLOT_COUNT)
     masters = {s.id: s.master for s in view.shards}
     for shard in view.shards:
         master_proxy = view.address_of(shard.master).proxy
@@ -142,7 +146,10 @@ def table_from_view(view: ClusterView, me: str,
         nodes.append(NodeInfo(master_id, master_proxy, shard.master == me, shard.slots))
         for replica in shard.replicas:
             nodes.append(NodeInfo(node_id(view.cluster, replica), view.address_of(replica).proxy,
-                                  replica == me, (), master_id))
+                                  replica == me, (), master_id, replica in view.failed))
+        if me in shard.replicas and me not in view.failed:
+            for start, end in shard.slots:
+                readable[start : end + 1] = b"\x01" * (end - start + 1)
         for start, end in shard.slots:
             if shard.master == me:
                 routes[start : end + 1] = [None] * (end - start + 1)
@@ -162,4 +169,5 @@ def table_from_view(view: ClusterView, me: str,
         for start, end in m.slots:
             routes[start : end + 1] = [marker] * (end - start + 1)
     return RoutingTable(cluster=view.cluster, epoch=view.epoch, nodes=tuple(nodes),
-                        routes=tuple(routes), password_hash=view.config.password_hash)
+                        routes=tuple(routes), password_hash=view.config.password_hash,
+                        readable=bytes(readable) if any(readable) else b"")

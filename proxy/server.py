@@ -41,6 +41,12 @@ class ProxyServer:
         self.commands_processed = 0
         self.managed = False  # True in mesh mode: views come from etcd, not UMCTL SETCLUSTER
         self.migration_rate = migration_rate  # keys/s the mover may move; 0: no limit
+        self.fenced = False  # set by the agent when its lease may have expired: no writes
+        # writes are refused once time.monotonic() passes this (the mesh agent keeps moving it
+        # ahead of its lease; it is checked on the write path itself, so a process that was
+        # frozen refuses writes the moment it wakes, before any background task runs)
+        self.write_deadline = float("inf")
+        self.lease_ok = False  # the agent holds a live lease (peers ask, see UMCTL LEASEOK)
         self.gates: dict[str, SlotGate] = {}  # running migrations this proxy takes part in
         self.migration_scopes: dict[str, anyio.CancelScope] = {}
         self.migration_progress: dict[str, MigrationProgress] = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from time import monotonic
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -39,11 +40,13 @@ REDIS_COMPAT_VERSION = "7.0.0"
 CROSSSLOT = b"-CROSSSLOT Keys in request don't hash to the same slot\r\n"
 NOAUTH = b"-NOAUTH Authentication required.\r\n"
 EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+FENCED = (b"-CLUSTERDOWN this node lost contact with the mesh and refuses writes until it "
+          b"rejoins\r\n")
 
 # Answered without AUTH (as Redis does); everything else needs it when a password is set.
 NO_AUTH_NEEDED = frozenset({b"AUTH", b"HELLO", b"QUIT", b"RESET", b"UMCTL"})
 # UMCTL's read-only probes (readiness, epoch) work without AUTH; the rest needs it.
-UMCTL_WITHOUT_AUTH = frozenset({b"READY", b"GETEPOCH", b"AUTHPEER"})
+UMCTL_WITHOUT_AUTH = frozenset({b"READY", b"GETEPOCH", b"AUTHPEER", b"LEASEOK"})
 # The proxy's own commands that take effect at once even inside MULTI.
 RUN_INSIDE_MULTI = frozenset({b"QUIT", b"RESET", b"UMCTL"})
 # ... and those Redis can queue and answer in EXEC's reply.
@@ -95,6 +98,7 @@ class Session(asyncio.Protocol):
         self.subscribed = False  # a RESP2 client in subscribe mode: everything goes raw
         self.asking = False
         self.asked = False
+        self.readonly = False  # READONLY: reads of a replica's slots are served here
         self.in_multi = False
         self.multi_failed = False
         self.name = b""
@@ -235,6 +239,12 @@ class Session(asyncio.Protocol):
             self.reply(NOAUTH)
             self._fail_multi()
             return
+        if "write" in spec.flags:
+            server = self.server
+            if server.fenced or monotonic() > server.write_deadline:
+                self.reply(FENCED)
+                self._fail_multi()
+                return
         if kind is Kind.KEYED:
             if (spec.first_key or spec.movable) and not self._route(spec, argv, table):
                 return
@@ -296,6 +306,9 @@ class Session(asyncio.Protocol):
         if route is None:
             return True
         if route.__class__ is bytes:
+            if self.readonly and table.readable and table.readable[slot] \
+                    and "readonly" in spec.flags:
+                return True  # READONLY: a replica serves reads of its master's slots
             self.reply(route)  # type: ignore[arg-type]
             self._fail_multi()
             return False
@@ -481,6 +494,7 @@ class Session(asyncio.Protocol):
             self.dedicated = None
             self._switch_to(self.server.pool.pick(False))
         self.resp3 = self.in_multi = self.multi_failed = self.asking = self.subscribed = False
+        self.readonly = False
         self.auth_hash = None
         self.name = b""
 
@@ -489,9 +503,11 @@ class Session(asyncio.Protocol):
         self.reply(OK)
 
     def cmd_READONLY(self, argv: list[bytes]) -> None:
+        self.readonly = True
         self.reply(OK)
 
     def cmd_READWRITE(self, argv: list[bytes]) -> None:
+        self.readonly = False
         self.reply(OK)
 
     def cmd_AUTH(self, argv: list[bytes]) -> None:
@@ -629,6 +645,8 @@ class Session(asyncio.Protocol):
                 self.reply(OK)
             else:
                 self.reply(error("WRONGPASS invalid peer credentials"))
+        elif sub == b"LEASEOK":  # asked by a peer deciding whether to fence itself
+            self.reply(integer(1 if server.lease_ok else 0))
         elif sub == b"GETEPOCH":
             self.reply(integer(server.table.epoch))
         elif sub == b"READY":

@@ -77,6 +77,8 @@ class ClusterView:
     # one creation of the cluster: a cluster deleted and created again under the same name is
     # another tenant's (its nodes empty their Redis, its epochs start over)
     uid: str = ""
+    failed: tuple[str, ...] = ()  # members the leader found dead; they rejoin as replicas
+    lost: tuple[str, ...] = ()  # what failures cost, in words, for operators (newest last)
 
     def address_of(self, node_id: str) -> NodeAddress:
         for nid, address in self.nodes:
@@ -139,6 +141,10 @@ def validate(view: ClusterView) -> None:
     unowned = owner.count("")
     if unowned:
         raise ViewError(f"{unowned} slots have no owner (first: {owner.index('')})")
+    if not set(view.failed) <= seen_nodes:
+        raise ViewError("a failed node is in no shard")
+    if any(s.master in view.failed for s in view.shards):
+        raise ViewError("a failed node cannot be a master")
     extra = set(addresses) - seen_nodes
     if extra:
         raise ViewError(f"nodes {sorted(extra)} are listed but in no shard")
@@ -165,6 +171,8 @@ def to_json(view: ClusterView) -> bytes:
     doc = {
         "cluster": view.cluster,
         "uid": view.uid,
+        "failed": list(view.failed),
+        "lost": list(view.lost),
         "epoch": view.epoch,
         "config": {"password_hash": view.config.password_hash,
                    "replica_reads": view.config.replica_reads,
@@ -186,6 +194,8 @@ def from_json(data: bytes | str) -> ClusterView:
         view = ClusterView(
             cluster=str(doc["cluster"]),
             uid=str(doc.get("uid", "")),
+            failed=tuple(map(str, doc.get("failed", []))),
+            lost=tuple(map(str, doc.get("lost", []))),
             epoch=_int(doc["epoch"]),
             config=ClusterConfig(password_hash=config.get("password_hash"),
                                  replica_reads=bool(config.get("replica_reads", False)),

@@ -150,6 +150,7 @@ def view_doc(view: ClusterView, pool: ops.Pool) -> dict:
             st = pool.statuses.get(nid)
             members.append({
                 "node": nid, "role": "master" if nid == shard.master else "replica",
+                "failed": nid in view.failed,
                 "proxy": view.address_of(nid).proxy, "backend": view.address_of(nid).backend,
                 "applied_epoch": st.epoch if st and st.cluster == view.cluster else None,
                 "alive": nid in pool.nodes, "backend_ok": st.backend_ok if st else None,
@@ -158,6 +159,7 @@ def view_doc(view: ClusterView, pool: ops.Pool) -> dict:
                        "slot_count": slots_of(shard), "nodes": members})
     return {"cluster": view.cluster, "epoch": view.epoch,
             "password": view.config.password_hash is not None, "shards": shards,
+            "failed": list(view.failed), "lost": list(view.lost),
             "migrations": [{"slots": [list(r) for r in m.slots], "from": m.source,
                             "to": m.target, "state": m.state.value} for m in view.migrations]}
 
@@ -247,11 +249,14 @@ def print_view(view: ClusterView, pool: ops.Pool) -> None:
         for n in shard["nodes"]:
             ranges = " ".join(f"{a}-{b}" if a != b else str(a) for a, b in shard["slots"])
             applied = n["applied_epoch"]
-            rows.append([shard["id"], n["role"], n["node"], n["proxy"], n["backend"],
+            rows.append([shard["id"], n["role"] + (" (failed)" if n["failed"] else ""),
+                         n["node"], n["proxy"], n["backend"],
                          ranges if n["role"] == "master" else "",
                          "yes" if applied is not None and applied >= view.epoch
                          else f"no ({applied if applied is not None else '-'})"])
     print(table(["SHARD", "ROLE", "NODE", "PROXY", "BACKEND", "SLOTS", "APPLIED"], rows))
+    for line in doc["lost"]:
+        print(f"DATA LOST: {line}")
 
 
 async def cmd_show(store: EtcdStore, args: argparse.Namespace) -> int:

@@ -1,0 +1,109 @@
+"""What the leader does about dead nodes. Pure: views, liveness and `now` in; a new view out.
+
+A member is dead when it has no registration (its lease expired) or its status says its Redis
+is down, continuously for longer than the grace. A dead master hands its shard to the live
+replica with the highest replication offset and becomes a (failed) replica itself, so when it
+comes back it resyncs from the new master and never serves as a second one. A shard with no
+live member gets a free node (empty: its data is reported lost) or, with no free node, its
+slots go to the other shards; the cluster's `failover: manual` forbids both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .slots import normalize, slot_count
+from .view import ClusterView, NodeAddress, Shard, validate
+
+DEFAULT_GRACE = 2.0  # seconds a node must stay dead before the leader acts
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    alive: bool  # registered, and its Redis answers
+    since: float  # when it last changed (the leader's clock)
+    repl_offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverStep:
+    view: ClusterView
+    claimed: tuple[str, ...] = ()  # free nodes taken into the cluster
+    released: tuple[str, ...] = ()  # nodes that leave it (their data is gone)
+    what: str = ""
+
+
+def dead(node: str, health: dict[str, Health], now: float, grace: float) -> bool:
+    h = health.get(node)
+    return h is None or (not h.alive and now - h.since >= grace)
+
+
+def plan_failover(view: ClusterView, health: dict[str, Health], now: float,
+                  free: list[tuple[str, NodeAddress]], grace: float = DEFAULT_GRACE
+                  ) -> FailoverStep | None:
+    """The next step for one cluster, or None when every shard has a live master."""
+    failed = set(view.failed)
+    recovered = {n for n in failed if health.get(n) and health[n].alive}
+    for shard in view.shards:
+        if not dead(shard.master, health, now, grace):
+            continue
+        live = [r for r in shard.replicas if r not in failed and not dead(r, health, now, grace)
+                and health[r].alive]
+        if live:
+            best = max(live, key=lambda r: (health[r].repl_offset, -shard.replicas.index(r)))
+            replicas = tuple(r for r in shard.replicas if r != best) + (shard.master,)
+            new_shard = replace(shard, master=best, replicas=replicas)
+            new = _with(view, shard, new_shard, failed=(failed | {shard.master}) - recovered)
+            return FailoverStep(new, what=f"promoted {best} in {shard.id} "
+                                          f"(master {shard.master} dead)")
+        if view.config.failover == "manual":
+            continue
+        return _reassign(view, shard, free, now)
+    # replicas that died or came back
+    now_failed = {m for s in view.shards for m in s.replicas if dead(m, health, now, grace)}
+    wanted = (failed | now_failed) - recovered
+    if wanted != failed:
+        new = view.next(failed=tuple(sorted(wanted)))
+        validate(new)
+        return FailoverStep(new, what=f"failed replicas now {sorted(wanted)}")
+    return None
+
+
+def _with(view: ClusterView, old: Shard, new: Shard, failed: set[str]) -> ClusterView:
+    shards = tuple(new if s.id == old.id else s for s in view.shards)
+    result = view.next(shards=shards, failed=tuple(sorted(failed)))
+    validate(result)
+    return result
+
+
+def _reassign(view: ClusterView, shard: Shard, free: list[tuple[str, NodeAddress]],
+              now: float) -> FailoverStep:
+    slots = slot_count(shard.slots)
+    gone = shard.members
+    nodes = [(n, a) for n, a in view.nodes if n not in gone]
+    failed = tuple(n for n in view.failed if n not in gone)
+    if free:
+        node, address = sorted(free)[0]
+        note = (f"epoch {view.epoch + 1}: shard {shard.id} lost every node; {node} took over "
+                f"its {slots} slots EMPTY: their data is lost")
+        new = view.next(shards=tuple(replace(s, master=node, replicas=()) if s.id == shard.id
+                                     else s for s in view.shards),
+                        nodes=tuple(sorted(nodes + [(node, address)])), failed=failed,
+                        lost=view.lost + (note,))
+        validate(new)
+        return FailoverStep(new, claimed=(node,), released=gone, what=note)
+    others = [s for s in view.shards if s.id != shard.id]
+    if not others:
+        raise ValueError("the cluster's only shard is dead and the pool has no free node")
+    ranges = [r for r in shard.slots]
+    shares: dict[str, list] = {s.id: list(s.slots) for s in others}
+    for i, r in enumerate(ranges):  # spread the ranges round-robin
+        shares[others[i % len(others)].id].append(r)
+    note = (f"epoch {view.epoch + 1}: shard {shard.id} lost every node and the pool had no "
+            f"free node; its {slots} slots went to {', '.join(s.id for s in others)} EMPTY: "
+            "their data is lost")
+    new = view.next(shards=tuple(replace(s, slots=normalize(shares[s.id])) for s in others),
+                    nodes=tuple(nodes), failed=failed, lost=view.lost + (note,),
+                    migrations=tuple(m for m in view.migrations
+                                     if shard.id not in (m.source, m.target)))
+    validate(new)
+    return FailoverStep(new, released=gone, what=note)

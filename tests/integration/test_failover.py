@@ -1,0 +1,201 @@
+"""Failover, fencing and reassignment by the leader, with real processes."""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
+
+from tests.procs import command
+
+
+def wait_for(predicate, timeout: float = 30, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Writer:
+    """INCRs known counters through a cluster client; remembers acknowledgements and when
+    writes failed and started succeeding again."""
+
+    def __init__(self, port: int, keys: int = 200) -> None:
+        self.port, self.keys = port, keys
+        self.acked: dict[str, int] = {}
+        self.errors: list[str] = []
+        self.failed: dict[str, int] = {}
+        self.last_error = 0.0
+        self.first_error = 0.0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run)
+
+    def run(self) -> None:
+        rc = RedisCluster(host="127.0.0.1", port=self.port, socket_timeout=2,
+                          socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+        i = 0
+        deadline = time.monotonic() + 300
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            key = f"fo:{i % self.keys}"
+            try:
+                rc.incr(key)
+                self.acked[key] = self.acked.get(key, 0) + 1
+            except Exception as exc:  # noqa: BLE001 - every failure counts, whatever the client raises
+                self.errors.append(type(exc).__name__)
+                self.failed[key] = self.failed.get(key, 0) + 1
+                self.last_error = time.monotonic()
+                self.first_error = self.first_error or self.last_error
+                time.sleep(0.05)
+                try:
+                    rc.close()
+                except Exception:  # noqa: BLE001
+                    pass
+                try:
+                    rc = RedisCluster(host="127.0.0.1", port=self.port, socket_timeout=2,
+                                      socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+                except Exception:  # noqa: BLE001 - tried again on the next failure
+                    pass
+            i += 1
+
+    def __enter__(self) -> Writer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def check(self, port: int) -> int:
+        """No write beyond what was attempted; returns the acknowledged increments lost."""
+        rc = RedisCluster(host="127.0.0.1", port=port, socket_timeout=5)
+        lost = 0
+        for key, acked in self.acked.items():
+            got = int(rc.get(key) or 0)
+            assert got <= acked + self.failed.get(key, 0), (key, acked, got)
+            lost += max(0, acked - got)
+        rc.close()
+        return lost
+
+
+def make_cluster(mesh_factory, shards: int, replicas: int, extra: int = 0):
+    mesh = mesh_factory(shards * (1 + replicas) + extra)
+    mesh.wait_pool(shards * (1 + replicas) + extra)
+    created = mesh.umctl("--json", "cluster", "create", "fo", "--shards", str(shards),
+                         "--replicas", str(replicas))
+    return mesh, created
+
+
+def master_of(shown: dict, shard: str) -> str:
+    s = next(s for s in shown["shards"] if s["id"] == shard)
+    return next(n["node"] for n in s["nodes"] if n["role"] == "master")
+
+
+def test_killed_master_proxy_fails_over_to_its_replica(mesh_factory, capsys):
+    mesh, created = make_cluster(mesh_factory, 2, 1)
+    old = master_of(created, "s1")
+    entry = mesh.proxies[master_of(created, "s2")].port
+    with Writer(entry) as writer:
+        time.sleep(1.5)
+        killed_at = time.monotonic()
+        mesh.proxies[old].kill()
+        shown = wait_for(lambda: (lambda v: v if master_of(v, "s1") != old else None)(
+            mesh.umctl("--json", "cluster", "show", "fo")), what="a failover")
+        time.sleep(3)
+    recovered = writer.last_error - killed_at if writer.last_error else 0.0
+    lost = writer.check(entry)
+    with capsys.disabled():
+        print(f"\n[failover: proxy kill] writes failing for {recovered:.1f}s after the kill, "
+              f"{len(writer.errors)} failed writes ({sorted(set(writer.errors))}), "
+              f"acknowledged increments lost: {lost}, acknowledged: {sum(writer.acked.values())}")
+    assert writer.errors  # the kill was felt: the measurement above means something
+    assert master_of(shown, "s1") != old
+    assert recovered < 2 * 5 + 2  # two lease TTLs, plus the grace
+    failed = [n for s in shown["shards"] for n in s["nodes"] if n["node"] == old]
+    assert failed and failed[0]["role"] == "replica"
+
+
+def test_killed_master_redis_fails_over_and_the_old_master_rejoins_as_replica(mesh_factory):
+    mesh, created = make_cluster(mesh_factory, 1, 1)
+    old = master_of(created, "s1")
+    new = next(n["node"] for n in created["shards"][0]["nodes"] if n["role"] == "replica")
+    mesh.redis[old].kill()
+    shown = wait_for(lambda: (lambda v: v if master_of(v, "s1") == new else None)(
+        mesh.umctl("--json", "cluster", "show", "fo")), what="a failover")
+    rc = RedisCluster(host="127.0.0.1", port=mesh.proxies[new].port)
+    assert rc.set("after", "1")
+    # the old master's Redis comes back empty-handed: it must follow the new master
+    from tests import procs
+
+    restarted = procs.start_redis(mesh.redis[old].port)
+    mesh.spawn.started.append(restarted)
+    wait_for(lambda: command(restarted.port, "ROLE").startswith(b"*5\r\n$5\r\nslave")
+             or command(restarted.port, "ROLE").startswith(b"*5\r\n$5\r\nslave"),
+             what="the old master to become a replica")
+    wait_for(lambda: command(restarted.port, "GET", "after") == b"$1\r\n1\r\n",
+             what="the old master to resync")
+    assert shown["shards"][0]["nodes"][0]["node"] == new
+    rc.close()
+
+
+def test_partitioned_master_fences_itself_and_rejoins_as_replica(mesh_factory):
+    mesh, created = make_cluster(mesh_factory, 1, 1)
+    old = master_of(created, "s1")
+    proxy = mesh.proxies[old]
+    assert command(proxy.port, "SET", "k", "before") == b"+OK\r\n"
+    proxy.popen.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: master_of(mesh.umctl("--json", "cluster", "show", "fo"), "s1") != old,
+                 what="a failover")
+    finally:
+        proxy.popen.send_signal(signal.SIGCONT)
+    # the old master wakes up with a lapsed lease: it must not take a write on its old data
+    reply = command(proxy.port, "SET", "k", "split-brain")
+    assert reply.startswith((b"-CLUSTERDOWN", b"-MOVED")), reply
+    wait_for(lambda: command(proxy.port, "SET", "k", "x").startswith(b"-MOVED"),
+             what="the old master to follow the new view")
+    new = master_of(mesh.umctl("--json", "cluster", "show", "fo"), "s1")
+    assert command(mesh.redis[new].port, "GET", "k") == b"$6\r\nbefore\r\n"
+
+
+def test_shard_without_replicas_gets_a_free_node_and_the_loss_is_reported(mesh_factory):
+    mesh, created = make_cluster(mesh_factory, 2, 0, extra=1)
+    old = master_of(created, "s1")
+    mesh.proxies[old].kill()
+    shown = wait_for(lambda: (lambda v: v if master_of(v, "s1") != old else None)(
+        mesh.umctl("--json", "cluster", "show", "fo")), what="a reassignment")
+    assert any("lost" in line for line in shown["lost"])
+    out = mesh.umctl("cluster", "show", "fo").stdout
+    assert "LOST" in out or "lost" in out
+    entry = mesh.proxies[master_of(shown, "s2")].port
+    rc = RedisCluster(host="127.0.0.1", port=entry)
+    for i in range(100):
+        rc.set(f"after:{i}", i)
+    assert rc.get("after:7") == b"7"
+    rc.close()
+
+
+def test_readonly_clients_read_from_replicas(mesh_factory):
+    mesh, created = make_cluster(mesh_factory, 1, 1)
+    master = master_of(created, "s1")
+    replica = next(n["node"] for n in created["shards"][0]["nodes"] if n["role"] == "replica")
+    assert command(mesh.proxies[master].port, "SET", "r", "1") == b"+OK\r\n"
+    wait_for(lambda: command(mesh.redis[replica].port, "GET", "r") == b"$1\r\n1\r\n",
+             what="replication")
+    r = redis.Redis(port=mesh.proxies[replica].port)
+    assert r.execute_command("READONLY")
+    assert r.get("r") == b"1"
+    with pytest.raises(redis.exceptions.MovedError):  # not without READONLY
+        redis.Redis(port=mesh.proxies[replica].port).get("r")
+    with pytest.raises(redis.exceptions.MovedError):  # writes still go to the master
+        r.set("r", "2")
+    rc = RedisCluster(host="127.0.0.1", port=mesh.proxies[master].port, read_from_replicas=True)
+    assert rc.get("r") == b"1"
+    rc.close()

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from dataclasses import replace
+
+from mesh.model.failover import Health, plan_failover
+from mesh.model.slots import slot_count
+from mesh.model.view import ClusterConfig, NodeAddress
+from tests.unit.test_view import make_view
+
+NOW = 100.0
+
+
+def health(dead: dict[str, float] = {}, offsets: dict[str, int] = {}, nodes=8):  # noqa: B006
+    """Everyone alive since long ago, except `dead` (node -> when it died)."""
+    return {f"node-{i}": Health(f"node-{i}" not in dead, dead.get(f"node-{i}", 0.0),
+                                offsets.get(f"node-{i}", 0)) for i in range(nodes)}
+
+
+def test_everyone_alive_means_nothing_to_do():
+    assert plan_failover(make_view(2, 1), health(), NOW, []) is None
+
+
+def test_a_blip_shorter_than_the_grace_is_ignored():
+    assert plan_failover(make_view(2, 1), health({"node-0": NOW - 1}), NOW, [], grace=2) is None
+
+
+def test_dead_master_hands_over_to_the_most_up_to_date_replica():
+    view = make_view(2, 2)  # s1: node-0 (+1, +2)
+    step = plan_failover(view, health({"node-0": NOW - 5}, {"node-1": 10, "node-2": 30}), NOW, [])
+    s1 = step.view.shards[0]
+    assert (s1.master, s1.replicas) == ("node-2", ("node-1", "node-0"))
+    assert step.view.failed == ("node-0",) and step.view.epoch == view.epoch + 1
+
+
+def test_failed_master_coming_back_stays_a_replica_and_is_no_longer_failed():
+    view = make_view(2, 1)
+    step = plan_failover(view, health({"node-0": NOW - 5}), NOW, [])
+    back = plan_failover(step.view, health(), NOW + 10, [])
+    assert back.view.failed == () and back.view.shards[0].master == "node-1"
+    assert "node-0" in back.view.shards[0].replicas
+
+
+def test_dead_replica_is_marked_failed():
+    step = plan_failover(make_view(2, 1), health({"node-3": NOW - 5}), NOW, [])
+    assert step.view.failed == ("node-3",) and step.view.shards[1].master == "node-2"
+
+
+def test_shard_without_live_node_gets_a_free_node_and_the_loss_is_reported():
+    view = make_view(2, 0)
+    free = [("spare", NodeAddress("127.0.0.1:9000", "127.0.0.1:19000"))]
+    step = plan_failover(view, health({"node-0": NOW - 5}), NOW, free)
+    assert step.view.shards[0].master == "spare" and step.claimed == ("spare",)
+    assert step.released == ("node-0",) and "lost" in step.view.lost[-1]
+
+
+def test_with_no_free_node_the_slots_go_to_the_live_shards():
+    view = make_view(3, 0)
+    step = plan_failover(view, health({"node-1": NOW - 5}), NOW, [])
+    assert [s.id for s in step.view.shards] == ["s1", "s3"]
+    assert sum(slot_count(s.slots) for s in step.view.shards) == 16384
+    assert "node-1" not in step.view.node_ids and step.view.lost
+
+
+def test_manual_failover_config_forbids_reassignment():
+    view = replace(make_view(2, 0), config=ClusterConfig(failover="manual"))
+    assert plan_failover(view, health({"node-0": NOW - 5}), NOW, []) is None
