@@ -71,6 +71,9 @@ class RoutingTable:
     password_hash: str | None = None
     # per slot: 1 where this node is a replica of the slot's master (READONLY clients read here)
     readable: bytes = b""
+    # synchronous mode: acknowledge a write once WAIT says this many replicas have it
+    min_replicas_ack: int = 0
+    ack_timeout_ms: int = 1000
 
     @property
     def myself(self) -> NodeInfo | None:
@@ -170,4 +173,6 @@ def table_from_view(view: ClusterView, me: str,
             routes[start : end + 1] = [marker] * (end - start + 1)
     return RoutingTable(cluster=view.cluster, epoch=view.epoch, nodes=tuple(nodes),
                         routes=tuple(routes), password_hash=view.config.password_hash,
-                        readable=bytes(readable) if any(readable) else b"")
+                        readable=bytes(readable) if any(readable) else b"",
+                        min_replicas_ack=view.config.min_replicas_ack,
+                        ack_timeout_ms=view.config.ack_timeout_ms)

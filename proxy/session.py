@@ -57,6 +57,36 @@ UNSUBSCRIBE_KINDS = {b"UNSUBSCRIBE": b"unsubscribe", b"PUNSUBSCRIBE": b"punsubsc
 _session_ids = itertools.count(1)
 
 
+NOREPLICAS = b"-NOREPLICAS Not enough good replicas to write.\r\n"
+
+
+class SyncedWrite(Pending):
+    """Synchronous mode: the client's reply slot for a write sent with a WAIT behind it. It
+    gets the write's reply once WAIT says enough replicas have it, else -NOREPLICAS."""
+
+    __slots__ = ("session", "command", "write", "ack", "replicas", "wait")
+
+    def __init__(self, session: Session, command: bytes, replicas: int, timeout_ms: int) -> None:
+        super().__init__()
+        self.session, self.command, self.replicas = session, command, replicas
+        self.write, self.ack = Pending(), Pending()
+        self.wait = encode_command([b"WAIT", b"%d" % replicas, b"%d" % timeout_ms])
+
+    def queue_on(self, conn: BackendConnection) -> None:
+        conn.queue(self.command, self.write, None)  # type: ignore[arg-type]
+        conn.queue(self.wait, self.ack, self)
+        if self.ack.data is not None:  # the connection is down
+            self.replies_arrived()
+
+    def replies_arrived(self) -> None:
+        written, ack = self.write.data or b"", self.ack.data or b""
+        if written[:1] == b"-" or ack[:1] != b":":
+            self.data = written if written[:1] == b"-" else ack
+        else:
+            self.data = written if int(ack[1:-2]) >= self.replicas else NOREPLICAS
+        self.session.replies_arrived()
+
+
 class Rewrite(Pending):
     """A reply slot whose bytes are transformed before they are written."""
 
@@ -182,7 +212,7 @@ class Session(asyncio.Protocol):
             out = []
             while replies and replies[0].data is not None:
                 p = replies.popleft()
-                out.append(p.data if p.__class__ is Pending else p.fn(p.data))
+                out.append(p.fn(p.data) if p.__class__ is Rewrite else p.data)
             transport.write(out[0] if len(out) == 1 else b"".join(out))
             if transport.get_write_buffer_size() > MAX_CLIENT_OUTPUT_BYTES:
                 log.warning("client_output_limit", client=self.id)
@@ -248,7 +278,10 @@ class Session(asyncio.Protocol):
         if kind is Kind.KEYED:
             if (spec.first_key or spec.movable) and not self._route(spec, argv, table):
                 return
-            self._forward(argv)
+            if table.min_replicas_ack and "write" in spec.flags:
+                self._forward_synced(argv, table)
+            else:
+                self._forward(argv)
         elif kind is Kind.LOCAL:
             if self.in_multi and name not in RUN_INSIDE_MULTI:
                 self._local_inside_multi(name, argv)
@@ -355,6 +388,15 @@ class Session(asyncio.Protocol):
         else:
             self.held.append((self.conn, encode_command(argv), pending))
 
+    def _forward_synced(self, argv: list[bytes], table: RoutingTable) -> None:
+        pending = SyncedWrite(self, encode_command(argv), table.min_replicas_ack,
+                              table.ack_timeout_ms)
+        self.replies.append(pending)
+        if self.barrier is None:
+            pending.queue_on(self.conn)
+        else:
+            self.held.append((self.conn, b"", pending))
+
     def _send(self, conn: BackendConnection, command: bytes, pending: Pending | None) -> None:
         """Queue `command` on `conn`; pending None: its replies come back as raw pub/sub bytes."""
         if self.barrier is not None:
@@ -406,6 +448,9 @@ class Session(asyncio.Protocol):
             sent_to = conn
             if pending is None:
                 conn.send_unmatched(command)
+            elif pending.__class__ is SyncedWrite:
+                pending.queue_on(conn)  # type: ignore[union-attr]
+                last = pending
             else:
                 conn.queue(command, pending, self)
                 last = pending

@@ -63,7 +63,10 @@ class Migration:
 class ClusterConfig:
     password_hash: str | None = None
     replica_reads: bool = False
-    failover: str = "auto"
+    failover: str = "auto"  # "manual": the leader never reassigns a dead shard's slots
+    # synchronous mode: a write is acknowledged only once this many replicas have it
+    min_replicas_ack: int = 0
+    ack_timeout_ms: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +107,10 @@ def validate(view: ClusterView) -> None:
         raise ViewError(f"invalid cluster name {view.cluster!r}")
     if view.epoch < 1:
         raise ViewError("epoch must be at least 1")
+    if view.config.failover not in ("auto", "manual"):
+        raise ViewError("config failover must be auto or manual")
+    if view.config.min_replicas_ack < 0 or view.config.ack_timeout_ms < 1:
+        raise ViewError("config min_replicas_ack must be >= 0 and ack_timeout_ms >= 1")
     addresses = dict(view.nodes)
     if len(addresses) != len(view.nodes):
         raise ViewError("a node is listed twice")
@@ -176,7 +183,9 @@ def to_json(view: ClusterView) -> bytes:
         "epoch": view.epoch,
         "config": {"password_hash": view.config.password_hash,
                    "replica_reads": view.config.replica_reads,
-                   "failover": view.config.failover},
+                   "failover": view.config.failover,
+                   "min_replicas_ack": view.config.min_replicas_ack,
+                   "ack_timeout_ms": view.config.ack_timeout_ms},
         "shards": [{"id": s.id, "master": s.master, "replicas": list(s.replicas),
                     "slots": [list(r) for r in s.slots]} for s in view.shards],
         "migrations": [{"slots": [list(r) for r in m.slots], "from": m.source, "to": m.target,
@@ -199,7 +208,9 @@ def from_json(data: bytes | str) -> ClusterView:
             epoch=_int(doc["epoch"]),
             config=ClusterConfig(password_hash=config.get("password_hash"),
                                  replica_reads=bool(config.get("replica_reads", False)),
-                                 failover=str(config.get("failover", "auto"))),
+                                 failover=str(config.get("failover", "auto")),
+                                 min_replicas_ack=_int(config.get("min_replicas_ack", 0)),
+                                 ack_timeout_ms=_int(config.get("ack_timeout_ms", 1000))),
             shards=tuple(Shard(id=str(s["id"]), master=str(s["master"]),
                                replicas=tuple(map(str, s.get("replicas", []))),
                                slots=tuple((_int(a), _int(b)) for a, b in s["slots"]))

@@ -85,11 +85,11 @@ class Writer:
         return lost
 
 
-def make_cluster(mesh_factory, shards: int, replicas: int, extra: int = 0):
+def make_cluster(mesh_factory, shards: int, replicas: int, extra: int = 0, *options: str):
     mesh = mesh_factory(shards * (1 + replicas) + extra)
     mesh.wait_pool(shards * (1 + replicas) + extra)
     created = mesh.umctl("--json", "cluster", "create", "fo", "--shards", str(shards),
-                         "--replicas", str(replicas))
+                         "--replicas", str(replicas), *options)
     return mesh, created
 
 
@@ -199,3 +199,26 @@ def test_readonly_clients_read_from_replicas(mesh_factory):
     rc = RedisCluster(host="127.0.0.1", port=mesh.proxies[master].port, read_from_replicas=True)
     assert rc.get("r") == b"1"
     rc.close()
+
+
+def test_sync_mode_loses_no_acknowledged_write_when_a_master_dies(mesh_factory, capsys):
+    mesh, created = make_cluster(mesh_factory, 2, 1, 0, "--min-replicas-ack", "1")
+    old = master_of(created, "s1")
+    entry = mesh.proxies[master_of(created, "s2")].port
+    for shard in created["shards"]:  # replication must be up before writes can be acknowledged
+        replica = next(n["node"] for n in shard["nodes"] if n["role"] == "replica")
+        wait_for(lambda: b"master_link_status:up" in command(mesh.redis[replica].port, "INFO",
+                                                               "replication"),
+                 what="replication")
+    with Writer(entry) as writer:
+        time.sleep(1.5)
+        mesh.redis[old].kill()  # the whole node: its Redis and then its proxy
+        mesh.proxies[old].kill()
+        wait_for(lambda: master_of(mesh.umctl("--json", "cluster", "show", "fo"), "s1") != old,
+                 what="a failover")
+        time.sleep(2)
+    lost = writer.check(entry)
+    with capsys.disabled():
+        print(f"\n[failover: sync mode] acknowledged: {sum(writer.acked.values())}, "
+              f"lost: {lost}, failed writes: {len(writer.errors)} {sorted(set(writer.errors))}")
+    assert lost == 0 and sum(writer.acked.values()) > 100

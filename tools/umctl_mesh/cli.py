@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--shards", type=int, required=True, help="number of masters")
     create.add_argument("--replicas", type=int, default=0, help="replicas per master (default 0)")
     create.add_argument("--password", help="clients must AUTH with it (kept hashed)")
+    create.add_argument("--min-replicas-ack", type=int, default=0, metavar="N",
+                        help="synchronous mode: acknowledge a write only once N replicas have "
+                             "it (WAIT); a failover then loses no acknowledged write")
     create.add_argument("--no-wait", action="store_true",
                         help="return once the view is written, without waiting for the nodes")
     create.add_argument("--timeout", type=float, default=30.0,
@@ -214,7 +217,8 @@ async def cmd_release(store: EtcdStore, args: argparse.Namespace) -> int:
 
 
 async def cmd_create(store: EtcdStore, args: argparse.Namespace) -> int:
-    view = await ops.create_cluster(store, args.name, args.shards, args.replicas, args.password)
+    view = await ops.create_cluster(store, args.name, args.shards, args.replicas, args.password,
+                                    args.min_replicas_ack)
     behind: list[str] = []
     if not args.no_wait:
         def progress(done: int, total: int) -> None:

@@ -75,7 +75,7 @@ async def read_pool(store: EtcdStore) -> Pool:
 
 
 def build_view(name: str, pool: Pool, shards: int, replicas: int,
-               password: str | None) -> ClusterView:
+               password: str | None, min_replicas_ack: int = 0) -> ClusterView:
     if not CLUSTER_NAME.fullmatch(name):
         raise OpError(f"invalid cluster name '{name}' (letters, digits, '_', '.', '-'; "
                       "at most 64)")
@@ -89,18 +89,21 @@ def build_view(name: str, pool: Pool, shards: int, replicas: int,
     members = sorted(m for s in shard_list for m in s.members)
     nodes = tuple((nid, NodeAddress(pool.nodes[nid].proxy, pool.nodes[nid].backend))
                   for nid in members)
-    config = ClusterConfig(password_hash=hash_password(password) if password else None)
+    if min_replicas_ack > replicas:
+        raise OpError(f"--min-replicas-ack {min_replicas_ack} needs at least as many replicas")
+    config = ClusterConfig(password_hash=hash_password(password) if password else None,
+                           min_replicas_ack=min_replicas_ack)
     return ClusterView(name, 1, shard_list, nodes, config, uid=uuid.uuid4().hex)
 
 
 async def create_cluster(store: EtcdStore, name: str, shards: int, replicas: int,
-                         password: str | None) -> ClusterView:
+                         password: str | None, min_replicas_ack: int = 0) -> ClusterView:
     keys = store.keys
     for _ in range(RACE_RETRIES):
         pool = await read_pool(store)
         if name in pool.views:
             raise OpError(f"cluster '{name}' already exists")
-        view = build_view(name, pool, shards, replicas, password)
+        view = build_view(name, pool, shards, replicas, password, min_replicas_ack)
         checks = {keys.view(name): 0, **{keys.assignment(n): 0 for n in view.node_ids}}
         puts = {keys.view(name): to_json(view),
                 **{keys.assignment(n): Assignment(name).encode() for n in view.node_ids}}
