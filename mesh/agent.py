@@ -32,8 +32,10 @@ BACKEND_CHECK_INTERVAL = 1.0
 BACKEND_TIMEOUT = 2.0
 LEAVE_TIMEOUT = 10.0  # how long a clean shutdown waits to be taken out of its cluster
 BACKEND_FAIL_LIMIT = 3  # consecutive failed checks before the node reports its Redis dead
-FENCE_MARGIN = 1.5  # seconds before the lease may expire at etcd that writes stop
+FENCE_MARGIN = 1.5  # seconds before the lease may expire that the node asks its peers
+FENCE_HARD = 0.5  # seconds before the lease may expire that writes stop unless excused
 FENCE_POLL = 0.1
+REFRESH_STUCK = 0.5  # a keepalive in flight this long means etcd is not answering
 PEER_TIMEOUT = 0.5
 BARRIER_POLL = 0.05  # how often a migration barrier re-reads its peer's applied epoch
 COMMIT_BARRIER_TIMEOUT = 5.0  # a source gives up its slots at most this long after the commit
@@ -131,7 +133,7 @@ class NodeAgent:
             self.server.fenced = False
             self.log.warning("unfenced", epoch=self.applied.epoch if self.applied else 0)
         if self.keeper is not None:
-            self.server.write_deadline = self.keeper.deadline - FENCE_MARGIN
+            self.server.write_deadline = self.keeper.deadline - FENCE_HARD
         await self.store.watch(self.keys.clusters, revision + 1, self._on_view_event,
                                self._read_views)
 
@@ -255,27 +257,31 @@ class NodeAgent:
         replica), unless every peer that answers has lost etcd too: then nobody can be
         promoted, and refusing writes would only turn an etcd outage into a write outage.
 
-        Assumption: this machine's monotonic clock runs no more than FENCE_MARGIN / LEASE_TTL
-        (30%) slower than etcd's, so the local deadline passes before etcd's does."""
+        Writes stop at the local deadline (last keepalive sent + TTL) minus FENCE_HARD; the
+        node starts asking its peers FENCE_MARGIN before it. Assumption: this machine's
+        monotonic clock runs no more than FENCE_HARD / LEASE_TTL (10%) slower than etcd's."""
         self.server.write_deadline = 0.0  # no writes before the first lease
         while True:
             keeper = self.keeper
             now = time.monotonic()
-            healthy = keeper is not None and not keeper.lost.is_set() \
-                and now < keeper.deadline - FENCE_MARGIN
-            self.server.lease_ok = healthy
+            alive = keeper is not None and not keeper.lost.is_set()
+            healthy = alive and now < keeper.deadline - FENCE_MARGIN  # type: ignore[union-attr]
+            stuck = alive and keeper.refreshing_since is not None \
+                and now - keeper.refreshing_since > REFRESH_STUCK  # type: ignore[union-attr]
+            self.server.lease_ok = healthy and not stuck
             if healthy and not self.server.fenced:
-                self.server.write_deadline = keeper.deadline - FENCE_MARGIN  # type: ignore[union-attr]
+                self.server.write_deadline = keeper.deadline - FENCE_HARD  # type: ignore[union-attr]
             elif not healthy and not self.server.fenced and self.applied is not None:
                 peers = await self._peers_reach_etcd()
                 if peers is False:
                     # nobody can be promoted while nobody reaches etcd: keep taking writes
-                    self.server.write_deadline = time.monotonic() + FENCE_POLL * 10
+                    self.server.write_deadline = time.monotonic() + 1.0
                     self.log.warning("lease_at_risk_not_fencing", reason="no peer reaches etcd")
-                    await anyio.sleep(FENCE_POLL * 5)
-                    continue
-                self.server.fenced = True
-                self.log.warning("fenced", reason="lease may expire", peers_reach_etcd=peers)
+                elif alive and time.monotonic() < keeper.deadline - FENCE_HARD:  # type: ignore[union-attr]
+                    pass  # peers may still be noticing the outage: ask again
+                else:
+                    self.server.fenced = True
+                    self.log.warning("fenced", reason="lease may expire", peers_reach_etcd=peers)
             await anyio.sleep(FENCE_POLL)
 
     async def _peers_reach_etcd(self) -> bool | None:

@@ -236,6 +236,7 @@ class LeaseKeeper:
         self.ttl = ttl
         self.lease_id = 0
         self.deadline = 0.0
+        self.refreshing_since: float | None = None  # a keepalive in flight since (monotonic)
         self.lost = anyio.Event()
 
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
@@ -246,9 +247,11 @@ class LeaseKeeper:
         while True:
             await anyio.sleep(self.ttl / 3)
             sent = time.monotonic()
+            self.refreshing_since = sent
             try:
                 with anyio.fail_after(max(0.1, self.deadline - sent)):
                     remaining = await self.store.refresh(self.lease_id)
+                self.refreshing_since = None
             except (StoreError, TimeoutError) as exc:
                 if time.monotonic() >= self.deadline:
                     log.warning("lease_lost", lease=self.lease_id, reason=str(exc))

@@ -222,3 +222,23 @@ def test_sync_mode_loses_no_acknowledged_write_when_a_master_dies(mesh_factory, 
         print(f"\n[failover: sync mode] acknowledged: {sum(writer.acked.values())}, "
               f"lost: {lost}, failed writes: {len(writer.errors)} {sorted(set(writer.errors))}")
     assert lost == 0 and sum(writer.acked.values()) > 100
+
+
+def test_an_etcd_outage_for_everyone_does_not_stop_writes(mesh_factory):
+    """Nobody can be promoted while nobody reaches etcd, so masters keep taking writes: fencing
+    must not turn an etcd outage into a write outage (the peer rule)."""
+    mesh, created = make_cluster(mesh_factory, 2, 0)
+    port = mesh.proxies[master_of(created, "s1")].port
+    rc = RedisCluster(host="127.0.0.1", port=port)
+    mesh.etcd.kill()
+    try:
+        time.sleep(5 + 3)  # well past the lease TTL
+        for i in range(200):
+            assert rc.set(f"outage:{i}", i)
+    finally:
+        from tests import procs
+
+        restarted = procs.start_etcd(mesh.etcd.port, mesh.etcd.workdir)
+        mesh.etcd.popen = restarted.popen
+    assert rc.get("outage:199") == b"199"
+    rc.close()
