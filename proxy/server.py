@@ -13,7 +13,8 @@ from anyio.abc import TaskGroup
 from mesh.model.slots import key_slot
 
 from . import __version__
-from .backend import BackendConnection, BackendPool, Pending, keep_connected, request
+from .backend import (BACKEND_DOWN, BackendConnection, BackendPool, Pending, keep_connected,
+                      request)
 from .migration import (DEFAULT_KEYS_PER_SECOND, MOVE_RETRY_WAIT, MigrationProgress, SlotGate,
                         run_mover)
 from .resp import OK, Err, error
@@ -47,6 +48,7 @@ class ProxyServer:
         # frozen refuses writes the moment it wakes, before any background task runs)
         self.write_deadline = float("inf")
         self.lease_ok = False  # the agent holds a live lease (peers ask, see UMCTL LEASEOK)
+        self.handing_over = False  # UMCTL HANDOVER in progress: writes get TRYAGAIN
         self.gates: dict[str, SlotGate] = {}  # running migrations this proxy takes part in
         self.migration_scopes: dict[str, anyio.CancelScope] = {}
         self.migration_progress: dict[str, MigrationProgress] = {}
@@ -69,6 +71,9 @@ class ProxyServer:
 
     def apply_table(self, table: RoutingTable) -> None:
         self.table = table  # one reference swap: every command reads a whole table
+        me = table.myself
+        if self.handing_over and (me is None or me.master_id is not None):
+            self.handing_over = False  # the view with the new master arrived
         self._reconcile_migrations(table)
         me = table.myself
         log.info("view_applied", cluster=table.cluster, epoch=table.epoch,
@@ -187,6 +192,40 @@ class ProxyServer:
             conn.close()
         if session.dedicated is conn and session.transport is not None:
             session.raw_closed()  # its transaction or subscriptions are gone with the link
+
+    def start_handover(self, session: Session, pending: Pending, host: bytes, port: bytes,
+                       timeout_ms: bytes) -> None:
+        """Graceful failover: Redis's own FAILOVER pauses writes on the backend, waits for the
+        replica to catch up and swaps roles; the proxy answers writes with TRYAGAIN from now
+        until a view shows this node as a replica (umctl-mesh writes it after the swap)."""
+        assert self._tg is not None
+        self.handing_over = True
+        self._tg.start_soon(self._handover, session, pending, host, port, timeout_ms)
+
+    async def _handover(self, session: Session, pending: Pending, host: bytes, port: bytes,
+                        timeout_ms: bytes) -> None:
+        conn = self.pool.dedicated(False)
+        reply = BACKEND_DOWN
+        try:
+            with anyio.fail_after(int(timeout_ms) / 1000 + 5):
+                await conn.connect()
+                reply = await request(conn, [b"FAILOVER", b"TO", host, port, b"TIMEOUT",
+                                             timeout_ms])
+                if reply == OK:  # FAILOVER answers at once; wait for the role to change
+                    while True:
+                        role = await request(conn, [b"ROLE"])
+                        if role.startswith(b"*5\r\n$5\r\nslave"):
+                            break
+                        await anyio.sleep(0.05)
+        except (OSError, TimeoutError) as exc:
+            reply = error(f"ERR handover failed: {exc}")
+        finally:
+            conn.close()
+        if reply != OK:
+            self.handing_over = False
+        log.info("handover", to=f"{host.decode()}:{port.decode()}", reply=reply.decode().strip())
+        pending.data = reply
+        session.replies_arrived()
 
     def start_slot_scan(self, session: Session, pending: Pending, slot: int,
                         count: int | None) -> None:

@@ -275,6 +275,10 @@ class Session(asyncio.Protocol):
                 self.reply(FENCED)
                 self._fail_multi()
                 return
+            if server.handing_over:  # a graceful failover is switching masters: retry soon
+                self.reply(TRYAGAIN)
+                self._fail_multi()
+                return
         if kind is Kind.KEYED:
             if (spec.first_key or spec.movable) and not self._route(spec, argv, table):
                 return
@@ -690,6 +694,13 @@ class Session(asyncio.Protocol):
                 self.reply(OK)
             else:
                 self.reply(error("WRONGPASS invalid peer credentials"))
+        elif sub == b"HANDOVER":  # UMCTL HANDOVER <host> <port> <timeout ms>: graceful failover
+            if len(argv) != 5 or not argv[3].isdigit() or not argv[4].isdigit():
+                self.reply(error("ERR usage: UMCTL HANDOVER <replica host> <port> <timeout ms>"))
+                return
+            pending = Pending()
+            self.replies.append(pending)
+            server.start_handover(self, pending, argv[2], argv[3], argv[4])
         elif sub == b"LEASEOK":  # asked by a peer deciding whether to fence itself
             self.reply(integer(1 if server.lease_ok else 0))
         elif sub == b"GETEPOCH":

@@ -242,3 +242,24 @@ def test_an_etcd_outage_for_everyone_does_not_stop_writes(mesh_factory):
         mesh.etcd.popen = restarted.popen
     assert rc.get("outage:199") == b"199"
     rc.close()
+
+
+def test_graceful_failover_under_load_loses_nothing(mesh_factory, capsys):
+    mesh, created = make_cluster(mesh_factory, 1, 1)
+    old = master_of(created, "s1")
+    replica = next(n["node"] for n in created["shards"][0]["nodes"] if n["role"] == "replica")
+    wait_for(lambda: b"master_link_status:up" in command(mesh.redis[replica].port, "INFO",
+                                                           "replication"), what="replication")
+    entry = mesh.proxies[old].port
+    with Writer(entry) as writer:
+        time.sleep(1)
+        out = mesh.umctl("failover", "fo", "s1", "--to", replica, check=False)
+        time.sleep(2)
+    assert out.returncode == 0, out.stderr
+    assert master_of(mesh.umctl("--json", "cluster", "show", "fo"), "s1") == replica
+    lost = writer.check(mesh.proxies[replica].port)
+    with capsys.disabled():
+        print(f"\n[graceful failover] acknowledged: {sum(writer.acked.values())}, lost: {lost}, "
+              f"failed writes: {len(writer.errors)} {sorted(set(writer.errors))}")
+    assert lost == 0
+    assert command(mesh.redis[old].port, "ROLE").startswith(b"*5\r\n$5\r\nslave")

@@ -116,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--to", metavar="SHARD", help="the shard that receives the slots")
     plan_options(migrate)
     migrate.set_defaults(func=cmd_migrate)
+    failover = sub.add_parser(
+        "failover", parents=[common], help="make a replica the master, losing no write",
+        description="Graceful failover: the master's Redis pauses writes and waits for the "
+                    "replica to catch up (Redis FAILOVER), then the view records the swap. "
+                    "Clients see -TRYAGAIN for writes during the switch, then -MOVED.")
+    failover.add_argument("name")
+    failover.add_argument("shard")
+    failover.add_argument("--to", metavar="NODE",
+                          help="the replica to promote (default: the most up to date)")
+    failover.set_defaults(func=cmd_failover)
     migrations = sub.add_parser("migrations", parents=[common], help="each migration of a cluster with progress")
     migrations.add_argument("name")
     migrations.set_defaults(func=cmd_migrations)
@@ -382,6 +392,19 @@ async def cmd_migrate(store: EtcdStore, args: argparse.Namespace) -> int:
     old, new = await ops.migrate_slots(store, args.words[0], ranges, args.to, args.dry_run)
     print_plan(old, new, args.dry_run, args.json)
     return await follow(store, args, args.words[0]) if args.wait and not args.dry_run else 0
+
+
+async def cmd_failover(store: EtcdStore, args: argparse.Namespace) -> int:
+    view = await ops.graceful_failover(store, args.name, args.shard, args.to)
+    shard = next(s for s in view.shards if s.id == args.shard)
+    behind = await ops.wait_applied(store, view, 30)
+    if args.json:
+        print(json.dumps({"cluster": view.cluster, "epoch": view.epoch, "shard": shard.id,
+                          "master": shard.master, "not_applied": behind}))
+    else:
+        print(f"shard {shard.id} of {view.cluster}: {shard.master} is the master "
+              f"(epoch {view.epoch})")
+    return EXIT_FAILED if behind else 0
 
 
 async def cmd_migrations(store: EtcdStore, args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from mesh.model.slots import slot_count
 from mesh.model.nodes import Assignment, NodeRecord, NodeStatus, RecordError
 from mesh.model.placement import PlacementError, place
 from mesh.model.view import (CLUSTER_NAME, ClusterConfig, ClusterView, NodeAddress, Shard,
-                             ViewError, even_split, from_json, hash_password, to_json)
+                             ViewError, even_split, from_json, hash_password, to_json, validate)
 from mesh.store.etcd import EtcdStore
 
 RACE_RETRIES = 5
@@ -286,3 +286,51 @@ async def wait_migrations(store: EtcdStore, name: str, timeout: float, progress=
                 return not await wait_applied(store, view, max(1.0, timeout / 10))
             await anyio.sleep(0.5)
     return False
+
+
+HANDOVER_TIMEOUT_MS = 5000
+
+
+async def graceful_failover(store: EtcdStore, name: str, shard_id: str,
+                            to: str | None) -> ClusterView:
+    """Make a replica the master without losing a write: the master's Redis pauses writes and
+    waits for the replica (Redis FAILOVER, driven through the master's proxy), then the view
+    records the swap."""
+    from mesh.redisctl import RedisCtl, RedisCtlError
+
+    pool = await read_pool(store)
+    if name not in pool.views:
+        raise OpError(f"unknown cluster '{name}'")
+    view, _ = pool.views[name]
+    shard = next((s for s in view.shards if s.id == shard_id), None)
+    if shard is None:
+        raise OpError(f"cluster '{name}' has no shard '{shard_id}'")
+    live = [r for r in shard.replicas if r not in view.failed and r in pool.nodes]
+    if to is not None and to not in live:
+        raise OpError(f"'{to}' is not a live replica of {shard_id} (live: {', '.join(live) or 'none'})")
+    if not live:
+        raise OpError(f"shard {shard_id} has no live replica to hand over to")
+    target = to or max(live, key=lambda r: pool.statuses[r].repl_offset
+                       if r in pool.statuses else 0)
+    host, _, port = view.address_of(target).backend.rpartition(":")
+    ctl = RedisCtl(view.address_of(shard.master).proxy)
+    try:
+        with anyio.fail_after(HANDOVER_TIMEOUT_MS / 1000 + 10):
+            if view.config.password_hash:
+                await ctl.call("UMCTL", "AUTHPEER", view.config.password_hash)
+            await ctl.call("UMCTL", "HANDOVER", host, port, HANDOVER_TIMEOUT_MS)
+    except (RedisCtlError, TimeoutError, OSError) as exc:
+        raise OpError(f"the handover from {shard.master} to {target} failed: {exc}") from None
+    finally:
+        await ctl.aclose()
+
+    def change(pool: Pool, view: ClusterView):  # noqa: ANN202
+        shards = tuple(replace(s, master=target, replicas=tuple(
+            r for r in s.replicas if r != target) + (s.master,)) if s.id == shard_id else s
+            for s in view.shards)
+        new = view.next(shards=shards)
+        validate(new)
+        return new, []
+
+    _, new = await _edit_view(store, name, change)
+    return new
