@@ -263,3 +263,26 @@ def test_graceful_failover_under_load_loses_nothing(mesh_factory, capsys):
               f"failed writes: {len(writer.errors)} {sorted(set(writer.errors))}")
     assert lost == 0
     assert command(mesh.redis[old].port, "ROLE").startswith(b"*5\r\n$5\r\nslave")
+
+
+def test_drain_returns_nodes_to_the_pool_without_losing_keys(mesh_factory):
+    mesh, created = make_cluster(mesh_factory, 2, 1)
+    rc = RedisCluster(host="127.0.0.1", port=mesh.proxies[master_of(created, "s2")].port)
+    for i in range(1000):
+        rc.set(f"d:{i}", i)
+    old = master_of(created, "s1")
+    replica = next(n["node"] for n in created["shards"][0]["nodes"] if n["role"] == "replica")
+    wait_for(lambda: b"master_link_status:up" in command(mesh.redis[replica].port, "INFO",
+                                                           "replication"), what="replication")
+    out = mesh.umctl("--json", "node", "drain", old)
+    assert out["how"] == "removed"
+    nodes = {n["node"]: n for n in mesh.umctl("--json", "nodes")}
+    assert nodes[old]["role"] == "free"
+    # the shard left with a lone master: draining it moves its slots away
+    lone = master_of(mesh.umctl("--json", "cluster", "show", "fo"), "s1")
+    out = mesh.umctl("node", "drain", lone, "--wait", "--timeout", "120", timeout=180)
+    assert out.returncode == 0, out.stderr
+    shown = mesh.umctl("--json", "cluster", "show", "fo")
+    assert [s["id"] for s in shown["shards"]] == ["s2"]
+    assert all(rc.get(f"d:{i}") == str(i).encode() for i in range(1000))
+    rc.close()

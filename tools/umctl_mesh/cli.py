@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print JSON instead of tables")
 
-    nodes = sub.add_parser("nodes", parents=[common], help="list the pool: every registered node",
+    nodes = sub.add_parser("nodes", parents=[common], aliases=["node"],
+                           help="list the pool: every registered node",
                            description="List every node of the pool with its addresses, host, "
                                        "cluster, role, applied epoch and health; * marks the "
                                        "leader.")
@@ -49,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                "erased when it next joins a cluster.")
     release.add_argument("node")
     release.set_defaults(func=cmd_release)
+    drain = nodes_sub.add_parser("drain", parents=[common],
+                                 help="move a node's data away and return it to the pool",
+                                 description="A replica leaves its cluster; a master hands over "
+                                             "to a replica first; a master without replicas "
+                                             "has its slots migrated to the other shards.")
+    drain.add_argument("node")
+    drain.add_argument("--wait", action="store_true", help="wait for the migrations")
+    drain.add_argument("--timeout", type=float, default=3600.0)
+    drain.set_defaults(func=cmd_drain)
 
     cluster = sub.add_parser("cluster", help="create, show, list and delete clusters")
     csub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
@@ -392,6 +402,21 @@ async def cmd_migrate(store: EtcdStore, args: argparse.Namespace) -> int:
     old, new = await ops.migrate_slots(store, args.words[0], ranges, args.to, args.dry_run)
     print_plan(old, new, args.dry_run, args.json)
     return await follow(store, args, args.words[0]) if args.wait and not args.dry_run else 0
+
+
+async def cmd_drain(store: EtcdStore, args: argparse.Namespace) -> int:
+    how, view = await ops.drain_node(store, args.node)
+    if args.json:
+        print(json.dumps({"node": args.node, "how": how, "cluster": view.cluster if view else None,
+                          "epoch": view.epoch if view else None}))
+    elif how == "removed":
+        print(f"node {args.node} left cluster {view.cluster} (epoch {view.epoch}) and is free")
+    else:
+        print(f"node {args.node}: its slots are migrating away in {view.cluster}; it returns to "
+              "the pool when the last migration commits")
+    if how == "migrating" and args.wait:
+        return await follow(store, args, view.cluster)  # type: ignore[union-attr]
+    return 0
 
 
 async def cmd_failover(store: EtcdStore, args: argparse.Namespace) -> int:

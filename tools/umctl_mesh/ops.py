@@ -334,3 +334,40 @@ async def graceful_failover(store: EtcdStore, name: str, shard_id: str,
 
     _, new = await _edit_view(store, name, change)
     return new
+
+
+async def drain_node(store: EtcdStore, node: str) -> tuple[str, ClusterView | None]:
+    """Take `node` out of its cluster without losing data and return it to the pool: a replica
+    just leaves; a master hands over to a replica first; a master without replicas has its
+    slots migrated away (its shard then leaves when the last migration commits)."""
+    pool = await read_pool(store)
+    cluster, role = pool.role_of(node)
+    if not cluster:
+        raise OpError(f"node '{node}' serves no cluster")
+    view = pool.views[cluster][0]
+    shard = view.shard_of(node)
+    assert shard is not None
+    if role == "master" and [r for r in shard.replicas if r not in view.failed]:
+        await graceful_failover(store, cluster, shard.id, None)
+        role = "replica"
+    if role == "replica":
+        def change(pool: Pool, view: ClusterView):  # noqa: ANN202
+            shards = tuple(replace(s, replicas=tuple(r for r in s.replicas if r != node))
+                           for s in view.shards)
+            new = view.next(shards=shards, nodes=tuple((n, a) for n, a in view.nodes if n != node),
+                            failed=tuple(n for n in view.failed if n != node))
+            validate(new)
+            return new, []
+
+        _, new = await _edit_view(store, cluster, change)
+        await store.delete(store.keys.assignment(node))
+        return "removed", new
+    others = [s.id for s in view.shards if s.id != shard.id]
+    if not others:
+        raise OpError(f"node '{node}' holds the only shard of '{cluster}'; delete the cluster")
+
+    def plan_away(pool: Pool, view: ClusterView):  # noqa: ANN202
+        return _planned(view, plans.plan(view, others)), []
+
+    _, new = await _edit_view(store, cluster, plan_away)
+    return "migrating", new
