@@ -75,10 +75,14 @@ def shared_cluster():
 class Mesh:
     """A real etcd and `nodes` mesh nodes (redis-server + mesh-proxy --etcd) on loopback."""
 
-    def __init__(self, spawn: Spawner, nodes: int) -> None:
+    def __init__(self, spawn: Spawner, nodes: int, etcd_members: int = 1) -> None:
         self.spawn = spawn
-        self.etcd = procs.start_etcd()
-        spawn.started.append(self.etcd)
+        if etcd_members == 1:
+            self.etcd_members = [procs.start_etcd()]
+        else:
+            self.etcd_members = procs.start_etcd_cluster(etcd_members)
+        self.etcd = self.etcd_members[0]
+        spawn.started.extend(self.etcd_members)
         self.redis: dict[str, procs.Process] = {}
         self.proxies: dict[str, procs.Process] = {}
         for _ in range(nodes):
@@ -86,7 +90,7 @@ class Mesh:
 
     @property
     def endpoint(self) -> str:
-        return self.etcd.addr
+        return ",".join(m.addr for m in self.etcd_members)
 
     def add_node(self, host: str = "") -> str:
         backend = self.spawn.redis()
@@ -128,4 +132,4 @@ class Mesh:
 
 @pytest.fixture
 def mesh_factory(spawn):
-    return lambda nodes: Mesh(spawn, nodes)
+    return lambda nodes, etcd_members=1: Mesh(spawn, nodes, etcd_members)

@@ -286,3 +286,21 @@ def test_drain_returns_nodes_to_the_pool_without_losing_keys(mesh_factory):
     assert [s["id"] for s in shown["shards"]] == ["s2"]
     assert all(rc.get(f"d:{i}") == str(i).encode() for i in range(1000))
     rc.close()
+
+
+def test_failover_completes_when_an_etcd_member_and_the_leader_die_with_the_master(mesh_factory):
+    mesh = mesh_factory(4, 3)
+    mesh.wait_pool(4, timeout=30)
+    created = mesh.umctl("--json", "cluster", "create", "fo", "--shards", "2", "--replicas", "1")
+    old = master_of(created, "s1")
+    leader = next(n["node"] for n in mesh.umctl("--json", "nodes") if n["leader"])
+    mesh.etcd_members[0].kill()  # the member every client talks to first
+    mesh.proxies[old].kill()
+    if leader != old:
+        mesh.proxies[leader].kill()  # the leader dies mid-failover too
+    shown = wait_for(lambda: (lambda v: v if master_of(v, "s1") != old else None)(
+        mesh.umctl("--json", "cluster", "show", "fo")), timeout=45, what="a failover")
+    entry = mesh.proxies[master_of(shown, "s1")].port
+    rc = RedisCluster(host="127.0.0.1", port=entry)
+    assert rc.set("after-failover", "1") and rc.get("after-failover") == b"1"
+    rc.close()
