@@ -28,6 +28,8 @@ run: system-deps venv
 	$(VENV)/bin/umctl-mesh up
 
 bench: system-deps venv
+	@command -v nutcracker >/dev/null || [ -x /usr/sbin/nutcracker ] || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nutcracker; }
 	$(PY) tools/bench_proxy.py
 
 bench-migration: system-deps venv

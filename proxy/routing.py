@@ -45,18 +45,18 @@ class NodeInfo:
 class MigratingSlots:
     """The route of every slot of a running migration, on its source and on its target.
 
-    On the source, a key still present is served here and a missing one gets -ASK to `peer`;
-    on the target, a command is served after ASKING and redirected to `peer` (the source,
-    still the owner) without it.
+    On the source, a key still present is served here and a missing one is forwarded to
+    `peer` (proxy/migration.py); on the target, a command is served after ASKING and
+    redirected to `peer` (the source, still the owner) without it.
     """
 
     migration_id: str
     source: bool
     peer: str  # the other side's proxy address
 
-    def redirect(self, slot: int) -> bytes:
-        kind = b"ASK" if self.source else b"MOVED"
-        return b"-%s %d %s\r\n" % (kind, slot, self.peer.encode())
+    def moved(self, slot: int) -> bytes:
+        """The target's answer without ASKING: the slot is still the source's."""
+        return b"-MOVED %d %s\r\n" % (slot, self.peer.encode())
 
 
 @dataclass(frozen=True, slots=True)

@@ -355,7 +355,7 @@ class Session(asyncio.Protocol):
                    positions: list[int], gated: bool) -> bool:
         if not route.source:  # the target serves a migrating slot only after ASKING
             if not self.asked:
-                self.reply(route.redirect(slot))
+                self.reply(route.moved(slot))
                 self._fail_multi()
                 return False
             if len(positions) == 1 or not gated:

@@ -139,7 +139,14 @@ def native(args: argparse.Namespace, launcher: Launcher) -> dict:
         if time.monotonic() > deadline:
             raise SystemExit("native cluster did not form")
         time.sleep(0.2)
-    time.sleep(2)
+    while True:  # redis-cli --cluster reshard wants every node to agree first
+        check = subprocess.run(["redis-cli", "--cluster", "check", f"{HOST}:{ports[0]}"],
+                               capture_output=True, text=True)
+        if check.returncode == 0 and "All nodes agree" in check.stdout:
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit(f"native cluster nodes do not agree: {check.stdout[-500:]}")
+        time.sleep(0.5)
     return {"entry": ports[0], "new": ports[2], "ports": ports}
 
 

@@ -1,31 +1,46 @@
-"""Throughput of a standalone mesh-proxy against the Redis behind it, in the same run.
+"""The benchmark suite: Moonmesh against direct Redis, twemproxy and native Redis Cluster, in
+ONE run, on loopback.
 
-    .venv/bin/python tools/bench_proxy.py [--requests 200000] [--clients 50]
+    .venv/bin/python tools/bench_proxy.py [--requests 200000] [--runs 3] [--markdown FILE]
 
-Starts one redis-server and one mesh-proxy on free loopback ports, runs redis-benchmark
-against each with the same settings, and prints ops/s and the proxy/direct ratio. Every run is
-bounded by --requests; everything it starts is stopped at the end.
+Targets, each measured with redis-benchmark (-c 50, -t set,get, -P 1 and -P 16, --runs runs,
+median):
+  direct     one redis-server
+  moonmesh   one standalone mesh-proxy in front of it
+  twemproxy  nutcracker (Debian's twemproxy) in front of it, when installed
+  mesh-3     3 standalone mesh-proxies as one cluster (redis-benchmark --cluster)
+  native-3   a native 3-master Redis Cluster (redis-benchmark --cluster)
+It prints ops/s, p50/p99 latency, the ratios the targets are judged by, and the proxy's CPU
+seconds per million requests (from /proc, steadier than ops/s on a shared machine).
+Everything it starts is stopped at the end; every run is bounded by --requests.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
+import io
 import os
-import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+def free_port(limit: int = 55000) -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if port < limit:
+            return port
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
@@ -37,60 +52,190 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise SystemExit(f"nothing listens on {port}")
 
 
-def benchmark(port: int, tests: str, requests: int, clients: int, pipeline: int) -> dict[str, float]:
-    out = subprocess.run(
-        ["redis-benchmark", "-h", HOST, "-p", str(port), "-t", tests, "-n", str(requests),
-         "-c", str(clients), "-P", str(pipeline), "-r", "100000", "--csv"],
-        capture_output=True, text=True, timeout=600, check=True).stdout
-    results = {}
-    for line in out.splitlines():
-        m = re.match(r'"([A-Z]+)[^"]*","([0-9.]+)"', line)
-        if m:
-            results[m.group(1)] = float(m.group(2))
-    return results
+def cli(port: int, *args: str) -> str:
+    return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Processes:
+    def __init__(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="moonmesh-bench-"))
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], port: int, **kwargs) -> subprocess.Popen:  # noqa: ANN003
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                **kwargs)
+        self.procs.append(proc)
+        wait_port(port)
+        return proc
+
+    def redis(self, *extra: str) -> int:
+        port = free_port()
+        d = self.workdir / f"redis-{port}"
+        d.mkdir()
+        self.start(["redis-server", "--port", str(port), "--bind", HOST, "--save", "",
+                    "--appendonly", "no", "--dir", str(d), *extra], port)
+        return port
+
+    def proxy(self, backend: int) -> tuple[int, subprocess.Popen]:
+        port = free_port()
+        proc = self.start([sys.executable, "-m", "proxy.main", "--listen", f"{HOST}:{port}",
+                           "--backend", f"{HOST}:{backend}", "--log-level", "warning"], port,
+                          cwd=ROOT)
+        return port, proc
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.terminate()
+        for p in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def benchmark(port: int, requests: int, pipeline: int, cluster: bool = False) -> dict[str, dict]:
+    argv = ["redis-benchmark", "-h", HOST, "-p", str(port), "-t", "set,get", "-n", str(requests),
+            "-c", "50", "-P", str(pipeline), "-r", "100000", "--csv"]
+    if cluster:
+        argv.append("--cluster")
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True).stdout
+    rows = {}
+    for row in csv.DictReader(io.StringIO(out)):
+        name = row["test"].split()[0]
+        rows[name] = {"rps": float(row["rps"]), "p50": float(row["p50_latency_ms"]),
+                      "p99": float(row["p99_latency_ms"])}
+    return rows
+
+
+def median_runs(port: int, requests: int, pipeline: int, runs: int,
+                cluster: bool = False) -> dict[str, dict]:
+    results = [benchmark(port, requests, pipeline, cluster) for _ in range(runs)]
+    return {test: {k: statistics.median(r[test][k] for r in results) for k in ("rps", "p50", "p99")}
+            for test in results[0]}
+
+
+def setcluster(ports: list[int], backends: list[int]) -> None:
+    sys.path.insert(0, str(ROOT))
+    from tools.umctl_mesh.local import setcluster_commands
+
+    cmds = setcluster_commands("bench", [f"{HOST}:{p}" for p in ports],
+                               [f"{HOST}:{b}" for b in backends])
+    for port, cmd in zip(ports, cmds):
+        assert cli(port, *cmd) == "OK"
+
+
+def native_cluster(procs: Processes) -> int:
+    ports = []
+    for _ in range(3):
+        port = free_port()
+        while port > 55000:
+            port = free_port()
+        d = procs.workdir / f"native-{port}"
+        d.mkdir()
+        procs.start(["redis-server", "--port", str(port), "--bind", HOST, "--save", "",
+                     "--appendonly", "no", "--dir", str(d), "--cluster-enabled", "yes",
+                     "--cluster-config-file", str(d / "nodes.conf")], port)
+        ports.append(port)
+    subprocess.run(["redis-cli", "--cluster", "create", *[f"{HOST}:{p}" for p in ports],
+                    "--cluster-yes"], check=True, capture_output=True, timeout=60)
+    deadline = time.monotonic() + 30
+    while "cluster_state:ok" not in cli(ports[0], "CLUSTER", "INFO"):
+        if time.monotonic() > deadline:
+            raise SystemExit("the native cluster did not become ok")
+        time.sleep(0.2)
+    time.sleep(1)
+    return ports[0]
+
+
+def twemproxy(procs: Processes, backend: int) -> int | None:
+    binary = shutil.which("nutcracker") or (
+        "/usr/sbin/nutcracker" if Path("/usr/sbin/nutcracker").exists() else None)
+    if binary is None:
+        return None
+    port = free_port()
+    conf = procs.workdir / "nutcracker.yml"
+    conf.write_text(f"bench:\n  listen: {HOST}:{port}\n  redis: true\n  hash: fnv1a_64\n"
+                    f"  distribution: ketama\n  servers:\n   - {HOST}:{backend}:1\n")
+    procs.start([binary, "-c", str(conf), "-o", str(procs.workdir / "nutcracker.log")], port)
+    return port
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200_000)
-    parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--pipelines", default="1,16", help="comma-separated -P values")
-    parser.add_argument("--tests", default="set,get")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--pipelines", default="1,16")
+    parser.add_argument("--no-cluster", action="store_true", help="skip mesh-3 and native-3")
+    parser.add_argument("--markdown", metavar="FILE", help="also write the tables here")
     args = parser.parse_args()
-
-    workdir = tempfile.mkdtemp(prefix="moonmesh-bench-")
-    redis_port, proxy_port = free_port(), free_port()
-    procs = []
+    pipelines = [int(p) for p in args.pipelines.split(",")]
+    procs = Processes()
+    results: dict[tuple[str, int], dict] = {}
+    cpu: dict[str, float] = {}
     try:
-        procs.append(subprocess.Popen(
-            ["redis-server", "--port", str(redis_port), "--bind", HOST, "--save", "",
-             "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL))
-        wait_port(redis_port)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "proxy.main", "--listen", f"{HOST}:{proxy_port}",
-             "--backend", f"{HOST}:{redis_port}", "--log-level", "warning"],
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-        wait_port(proxy_port)
-        setcluster = ["redis-cli", "-p", str(proxy_port), "UMCTL", "SETCLUSTER", "v2", "1",
-                      "NOFLAGS", "bench", f"{HOST}:{redis_port}", "1", "0-16383"]
-        subprocess.run(setcluster, check=True, capture_output=True)
-        print(f"redis-benchmark -n {args.requests} -c {args.clients} -r 100000, "
-              f"{os.cpu_count()} cores shared by redis, the proxy and the load generator")
-        print(f"{'test':<6} {'-P':>3} {'direct ops/s':>14} {'proxy ops/s':>14} {'ratio':>7}")
-        for pipeline in (int(p) for p in args.pipelines.split(",")):
-            direct = benchmark(redis_port, args.tests, args.requests, args.clients, pipeline)
-            proxied = benchmark(proxy_port, args.tests, args.requests, args.clients, pipeline)
-            for test, ops in direct.items():
-                ratio = proxied.get(test, 0.0) / ops if ops else 0.0
-                print(f"{test:<6} {pipeline:>3} {ops:>14,.0f} {proxied.get(test, 0):>14,.0f} "
-                      f"{ratio:>7.2f}")
-        return 0
+        direct = procs.redis()
+        moonmesh, moonmesh_proc = procs.proxy(direct)
+        setcluster([moonmesh], [direct])
+        targets = [("direct", direct, False), ("moonmesh", moonmesh, False)]
+        nut = twemproxy(procs, direct)
+        if nut is not None:
+            targets.append(("twemproxy", nut, False))
+        mesh_procs = []
+        if not args.no_cluster:
+            backends = [procs.redis() for _ in range(3)]
+            started = [procs.proxy(b) for b in backends]
+            mesh_procs = [p for _, p in started]
+            setcluster([p for p, _ in started], backends)
+            targets += [("mesh-3", started[0][0], True), ("native-3", native_cluster(procs), True)]
+        for name, port, cluster in targets:
+            watched = {"moonmesh": [moonmesh_proc], "mesh-3": mesh_procs}.get(name, [])
+            before = sum(cpu_seconds(p.pid) for p in watched)
+            for pipeline in pipelines:
+                results[(name, pipeline)] = median_runs(port, args.requests, pipeline,
+                                                        args.runs, cluster)
+            if watched:
+                spent = sum(cpu_seconds(p.pid) for p in watched) - before
+                total = args.requests * 2 * len(pipelines) * args.runs
+                cpu[name] = spent / total * 1e6
     finally:
-        for p in reversed(procs):
-            p.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(5)
-        shutil.rmtree(workdir, ignore_errors=True)
+        procs.stop()
+
+    lines = [f"redis-benchmark -c 50 -n {args.requests} -r 100000 -t set,get, median of "
+             f"{args.runs} runs; {os.cpu_count()} cores shared by everything", "",
+             "| target | -P | SET ops/s | SET p50/p99 ms | GET ops/s | GET p50/p99 ms |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for (name, pipeline), rows in results.items():
+        s, g = rows["SET"], rows["GET"]
+        lines.append(f"| {name} | {pipeline} | {s['rps']:,.0f} | {s['p50']:.3f}/{s['p99']:.3f} | "
+                     f"{g['rps']:,.0f} | {g['p50']:.3f}/{g['p99']:.3f} |")
+    lines += ["", "| ratio | -P | SET | GET |", "| --- | --- | --- | --- |"]
+    pairs = [("moonmesh / direct", "moonmesh", "direct"),
+             ("moonmesh / twemproxy", "moonmesh", "twemproxy"),
+             ("mesh-3 / native-3", "mesh-3", "native-3")]
+    for label, a, b in pairs:
+        for pipeline in pipelines:
+            if (a, pipeline) in results and (b, pipeline) in results:
+                ra, rb = results[(a, pipeline)], results[(b, pipeline)]
+                lines.append(f"| {label} | {pipeline} | {ra['SET']['rps'] / rb['SET']['rps']:.2f} | "
+                             f"{ra['GET']['rps'] / rb['GET']['rps']:.2f} |")
+    for pipeline in pipelines:
+        if ("moonmesh", pipeline) in results:
+            m, d = results[("moonmesh", pipeline)], results[("direct", pipeline)]
+            lines.append(f"| moonmesh / direct p99 | {pipeline} | "
+                         f"{m['SET']['p99'] / max(d['SET']['p99'], 1e-9):.2f} | "
+                         f"{m['GET']['p99'] / max(d['GET']['p99'], 1e-9):.2f} |")
+    lines += ["", "| proxy | CPU seconds per million requests |", "| --- | --- |"]
+    lines += [f"| {name} | {value:.2f} |" for name, value in cpu.items()]
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    return 0
 
 
 if __name__ == "__main__":
