@@ -104,6 +104,7 @@ def benchmark(port: int, requests: int, pipeline: int, cluster: bool = False) ->
     if cluster:
         argv.append("--cluster")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True).stdout
+    out = out[out.index('"test"'):]  # --cluster prints the node list first
     rows = {}
     for row in csv.DictReader(io.StringIO(out)):
         name = row["test"].split()[0]
