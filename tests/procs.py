@@ -173,3 +173,14 @@ def start_etcd_cluster(members: int = 3) -> list[Process]:
     for p in started:
         wait_port(p.port)
     return started
+
+
+def wait_for(predicate, timeout: float = 30, what: str = "condition"):  # noqa: ANN001, ANN201
+    """Poll `predicate` until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

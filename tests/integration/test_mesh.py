@@ -9,21 +9,11 @@ import redis
 from redis.cluster import RedisCluster
 
 from tests import procs
-from tests.procs import command
+from tests.procs import command, wait_for
 
 
 def cluster_client(port: int, **kwargs) -> RedisCluster:
     return RedisCluster(host="127.0.0.1", port=port, socket_timeout=10, **kwargs)
-
-
-def wait_for(predicate, timeout: float = 15, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_cluster_create_serves_clients_and_every_proxy_agrees(mesh_factory):
