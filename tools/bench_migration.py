@@ -10,7 +10,6 @@ the end. Bounded by --keys and by --timeout.
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import sys
 import threading
