@@ -169,18 +169,23 @@ def test_cancel_sends_moved_keys_home(mesh_factory):
     created = mesh.umctl("--json", "cluster", "create", "back", "--shards", "2")
     port = mesh.proxies[created["shards"][0]["nodes"][0]["node"]].port
     rc = RedisCluster(host="127.0.0.1", port=port)
-    for i in range(3000):
-        rc.set(f"c:{i}", i)
-    before = mesh.umctl("--json", "cluster", "show", "back")
+    pipe = rc.pipeline()
+    for i in range(40_000):
+        pipe.set(f"c:{i}", i)
+    pipe.execute()
+    before = [s["slots"] for s in mesh.umctl("--json", "cluster", "show", "back")["shards"]]
     mesh.umctl("migrate", "back", "--slots", "0-8191", "--to", "s2")
-    time.sleep(0.5)
-    out = mesh.umctl("migrate", "cancel", "back", "--wait", "--timeout", "120", timeout=150)
-    assert out.returncode == 0, out.stderr
-    after = mesh.umctl("--json", "cluster", "show", "back")
-    assert [s["slots"] for s in after["shards"]] in (
-        [s["slots"] for s in before["shards"]],  # cancelled before the first commit
-    ) or sorted(s["slot_count"] for s in after["shards"]) == [0, 16384] or True
-    assert all(rc.get(f"c:{i}") == str(i).encode() for i in range(3000))
+    time.sleep(0.5)  # a couple of seconds of moving at 20,000 keys/s: cancel mid-way
+    out = mesh.umctl("migrate", "cancel", "back", "--wait", "--timeout", "120", timeout=150,
+                     check=False)
+    after = [s["slots"] for s in mesh.umctl("--json", "cluster", "show", "back")["shards"]]
+    if out.returncode == 0:
+        assert after == before  # the moved keys went home and the slots with them
+    else:  # the migration had already finished: nothing left to cancel
+        assert "no migrations to cancel" in out.stderr
+    assert mesh.umctl("--json", "migrations", "back") == []
+    missing = [i for i in range(0, 40_000, 13) if rc.get(f"c:{i}") != str(i).encode()]
+    assert missing == []
     rc.close()
 
 
