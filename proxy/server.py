@@ -25,6 +25,7 @@ from .umctl import ClusterMeta
 log = structlog.get_logger("proxy.server")
 
 SLOT_SCAN_TIMEOUT = 60.0
+HANDOVER_ATTEMPTS = 3  # FAILOVER tries before a graceful failover gives up
 SLOT_SCAN_BATCH = 1000
 LISTEN_BACKLOG = 1024
 
@@ -207,18 +208,29 @@ class ProxyServer:
         conn = self.pool.dedicated(False)
         reply = BACKEND_DOWN
         try:
-            with anyio.fail_after(int(timeout_ms) / 1000 + 5):
+            with anyio.fail_after(HANDOVER_ATTEMPTS * (int(timeout_ms) / 1000 + 2)):
                 await conn.connect()
-                reply = await request(conn, [b"FAILOVER", b"TO", host, port, b"TIMEOUT",
-                                             timeout_ms])
-                if reply == OK:  # FAILOVER answers at once; wait for the role to change
+                for _ in range(HANDOVER_ATTEMPTS):
+                    reply = await request(conn, [b"FAILOVER", b"TO", host, port, b"TIMEOUT",
+                                                 timeout_ms])
+                    if reply != OK:
+                        break
+                    # FAILOVER answers at once and works in the background: wait for the role
+                    # to change, or for Redis to give up (the replica did not catch up in time)
                     while True:
-                        role = await request(conn, [b"ROLE"])
-                        if role.startswith(b"*5\r\n$5\r\nslave"):
-                            break
                         await anyio.sleep(0.05)
+                        if (await request(conn, [b"ROLE"])).startswith(b"*5\r\n$5\r\nslave"):
+                            break
+                        info = await request(conn, [b"INFO", b"replication"])
+                        if b"role:slave" in info:
+                            break
+                        if b"master_failover_state:no-failover" in info:
+                            reply = error("ERR the replica did not catch up in time")
+                            break
+                    if reply == OK:
+                        break
         except (OSError, TimeoutError) as exc:
-            reply = error(f"ERR handover failed: {exc}")
+            reply = error(f"ERR handover failed: {exc!r}")
         finally:
             conn.close()
         if reply != OK:

@@ -287,10 +287,13 @@ def test_failover_completes_when_an_etcd_member_and_the_leader_die_with_the_mast
     leader = next(n["node"] for n in mesh.umctl("--json", "nodes") if n["leader"])
     mesh.etcd_members[0].kill()  # the member every client talks to first
     mesh.proxies[old].kill()
+    killed = {old}
     if leader not in s1:  # (killing s1's replica too would be a reassignment, not a failover)
         mesh.proxies[leader].kill()  # the leader dies mid-failover too
-    shown = wait_for(lambda: (lambda v: v if master_of(v, "s1") != old else None)(
-        mesh.umctl("--json", "cluster", "show", "fo")), timeout=45, what="a failover")
+        killed.add(leader)
+    shown = wait_for(lambda: (lambda v: v if not killed & {master_of(v, s["id"])
+                                                            for s in v["shards"]} else None)(
+        mesh.umctl("--json", "cluster", "show", "fo")), timeout=45, what="the failovers")
     entry = mesh.proxies[master_of(shown, "s1")].port
     rc = RedisCluster(host="127.0.0.1", port=entry)
     assert rc.set("after-failover", "1") and rc.get("after-failover") == b"1"
