@@ -38,6 +38,18 @@ async def lead(store: EtcdStore, lease_id: int, node_id: str) -> None:
         await anyio.sleep(DUTY_INTERVAL)
 
 
+async def read_nodes(store: EtcdStore) -> dict[str, tuple[NodeRecord, int]]:
+    """Every registered node: its record and the lease it lives on."""
+    nodes = {}
+    for kv in (await store.get_prefix(store.keys.nodes))[0]:
+        try:
+            record = NodeRecord.decode(kv.value)
+        except RecordError:
+            continue
+        nodes[record.node_id] = (record, kv.lease)
+    return nodes
+
+
 async def read_statuses(store: EtcdStore) -> dict[str, NodeStatus]:
     kvs, _ = await store.get_prefix(store.keys.statuses)
     statuses = {}
@@ -138,13 +150,7 @@ class HealthTracker:
 async def handle_failures(store: EtcdStore, fence: tuple[bytes, int],
                           tracker: HealthTracker) -> None:
     keys = store.keys
-    registered: dict[str, NodeRecord] = {}
-    for kv in (await store.get_prefix(keys.nodes))[0]:
-        try:
-            record = NodeRecord.decode(kv.value)
-        except RecordError:
-            continue
-        registered[record.node_id] = record
+    registered = {nid: record for nid, (record, _) in (await read_nodes(store)).items()}
     statuses = await read_statuses(store)
     assigned = {keys.last_part(kv.key) for kv in (await store.get_prefix(keys.assignments))[0]}
     kvs, _ = await store.get_prefix(keys.clusters)

@@ -234,10 +234,8 @@ class BackendPool:
     async def run(self, tg: TaskGroup) -> None:
         for conns in self.shared.values():
             for conn in conns:
-                tg.start_soon(self._keep_connected, conn)
+                tg.start_soon(keep_connected, conn)
 
-    async def _keep_connected(self, conn: BackendConnection) -> None:
-        await keep_connected(conn)
 
 
 async def keep_connected(conn: BackendConnection, close_on_exit: bool = True) -> None:

@@ -130,6 +130,20 @@ class Mesh:
         raise AssertionError(f"the pool never had {free} free nodes")
 
 
+@pytest.fixture(scope="module")
+def standalone_node():
+    """One standalone proxy serving all slots of its redis-server, for a whole module;
+    `extra["backend"]` is the redis-server."""
+    spawner = Spawner()
+    backend = spawner.redis()
+    proxy = spawner.proxy(backend)
+    assert procs.command(proxy.port, "UMCTL", "SETCLUSTER", "v2", "1", "NOFLAGS", "mydb",
+                         backend.addr, "1", "0-16383") == b"+OK\r\n"
+    proxy.extra["backend"] = backend
+    yield proxy
+    spawner.cleanup()
+
+
 @pytest.fixture
 def mesh_factory(spawn):
     return lambda nodes, etcd_members=1: Mesh(spawn, nodes, etcd_members)

@@ -16,16 +16,8 @@ pytestmark = pytest.mark.usefixtures("one_node")
 
 
 @pytest.fixture(scope="module")
-def one_node():
-    from tests.conftest import Spawner
-
-    spawner = Spawner()
-    backend = spawner.redis()
-    proxy = spawner.proxy(backend)
-    assert command(proxy.port, "UMCTL", "SETCLUSTER", "v2", "1", "NOFLAGS", "mydb", backend.addr,
-                   "1", "0-16383") == b"+OK\r\n"
-    yield proxy
-    spawner.cleanup()
+def one_node(standalone_node):
+    return standalone_node
 
 
 def exchange(port: int, data: bytes, timeout: float = 3.0) -> tuple[bytes, bool]:

@@ -14,17 +14,8 @@ from tests.procs import command
 
 
 @pytest.fixture(scope="module")
-def node():
-    from tests.conftest import Spawner
-
-    spawner = Spawner()
-    backend = spawner.redis()
-    proxy = spawner.proxy(backend)
-    assert command(proxy.port, "UMCTL", "SETCLUSTER", "v2", "1", "NOFLAGS", "mydb", backend.addr,
-                   "1", "0-16383") == b"+OK\r\n"
-    proxy.extra["backend"] = backend
-    yield proxy
-    spawner.cleanup()
+def node(standalone_node):
+    return standalone_node
 
 
 def enc(*args: str | bytes) -> bytes:

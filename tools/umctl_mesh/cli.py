@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="first proxy port; redis servers use PORT+10000.. (default 7000)")
     up.add_argument("--cluster", default="mydb", help="cluster name (default mydb)")
     up.add_argument("--password", help="cluster password")
+    up.add_argument("--min-replicas-ack", type=int, default=0, metavar="N",
+                    help="synchronous mode: writes acknowledged once N replicas have them")
     up.add_argument("--standalone", action="store_true",
                     help="no etcd: proxies configured with UMCTL SETCLUSTER, no replicas")
     up.set_defaults(func=local.up)

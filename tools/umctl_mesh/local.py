@@ -239,7 +239,7 @@ def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[
                 while len((await ops.read_pool(store)).free()) < len(proxy_ports):
                     await anyio.sleep(0.1)
             view = await ops.create_cluster(store, args.cluster, args.shards, args.replicas,
-                                            args.password)
+                                            args.password, args.min_replicas_ack)
             behind = await ops.wait_applied(store, view, APPLY_TIMEOUT)
             if behind:
                 raise LaunchError(f"nodes {behind} did not apply the cluster's view")

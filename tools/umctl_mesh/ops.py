@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import anyio
 
-from mesh.leader import read_statuses
+from mesh.leader import read_nodes, read_statuses
 from mesh.model import migrations as plans
 from mesh.model.slots import slot_count
 from mesh.model.nodes import Assignment, NodeRecord, NodeStatus, RecordError
@@ -46,15 +46,9 @@ class Pool:
 
 async def read_pool(store: EtcdStore) -> Pool:
     keys = store.keys
-    nodes: dict[str, NodeRecord] = {}
-    lease_owner: dict[int, str] = {}
-    for kv in (await store.get_prefix(keys.nodes))[0]:
-        try:
-            record = NodeRecord.decode(kv.value)
-        except RecordError:
-            continue
-        nodes[record.node_id] = record
-        lease_owner[kv.lease] = record.node_id
+    registered = await read_nodes(store)
+    nodes = {nid: record for nid, (record, _) in registered.items()}
+    lease_owner = {lease: nid for nid, (_, lease) in registered.items()}
     assignments = {}
     for kv in (await store.get_prefix(keys.assignments))[0]:
         try:
