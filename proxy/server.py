@@ -25,7 +25,8 @@ from .umctl import ClusterMeta
 log = structlog.get_logger("proxy.server")
 
 SLOT_SCAN_TIMEOUT = 60.0
-HANDOVER_ATTEMPTS = 3  # FAILOVER tries before a graceful failover gives up
+HANDOVER_ATTEMPTS = 6  # FAILOVER tries before a graceful failover gives up
+HANDOVER_RETRY_WAIT = 0.5
 SLOT_SCAN_BATCH = 1000
 LISTEN_BACKLOG = 1024
 
@@ -213,8 +214,9 @@ class ProxyServer:
                 for _ in range(HANDOVER_ATTEMPTS):
                     reply = await request(conn, [b"FAILOVER", b"TO", host, port, b"TIMEOUT",
                                                  timeout_ms])
-                    if reply != OK:
-                        break
+                    if reply != OK:  # e.g. the replica is still (re)connecting: try again
+                        await anyio.sleep(HANDOVER_RETRY_WAIT)
+                        continue
                     # FAILOVER answers at once and works in the background: wait for the role
                     # to change, or for Redis to give up (the replica did not catch up in time)
                     while True:
@@ -229,6 +231,7 @@ class ProxyServer:
                             break
                     if reply == OK:
                         break
+                    await anyio.sleep(HANDOVER_RETRY_WAIT)
         except (OSError, TimeoutError) as exc:
             reply = error(f"ERR handover failed: {exc!r}")
         finally:

@@ -124,9 +124,12 @@ def rss_mb(pid: int) -> float:
 def test_client_that_reads_slowly_is_held_back_with_bounded_memory(one_node):
     assert command(one_node.port, "SET", "big", b"x" * (1024 * 1024)) == b"+OK\r\n"
     with socket.create_connection(("127.0.0.1", one_node.port)) as s:
-        for _ in range(40):  # 2000 requests for 1 MB each, sent in small reads
-            s.sendall(encode_command([b"GET", b"big"]) * 50)
-            time.sleep(0.02)
+        try:
+            for _ in range(40):  # 2000 requests for 1 MB each, sent in small reads
+                s.sendall(encode_command([b"GET", b"big"]) * 50)
+                time.sleep(0.02)
+        except ConnectionResetError:
+            pass  # it read far enough to pass the output limit first: dropped, also bounded
         time.sleep(1)
         assert_healthy(one_node.port)
         # the proxy stopped reading instead of queueing 2 GB of replies
