@@ -39,6 +39,18 @@ class Pending:
         self.data = data
 
 
+class Batch(Pending):
+    """The reply slot of several pipelined requests. Replies that arrived while the last
+    has not are handed over early in `parts` (oldest first), so a deep batch of big replies
+    streams to its client instead of piling up here; `data` is what came after them."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[bytes] = []
+
+
 class ReplySink(Protocol):
     def replies_arrived(self) -> None: ...
 
@@ -57,18 +69,20 @@ class BackendConnection(asyncio.Protocol):
         self.raw_sink: RawSink | None = None  # pub/sub: every byte goes to one client
         self._out: list[bytes] = []
         self._flush_scheduled = False
-        self._waiting: deque[tuple[Pending, ReplySink | None]] = deque()
+        self._waiting: deque[tuple[Pending, ReplySink | None, int]] = deque()
+        self._got = 0  # replies of the head of _waiting already in _buf
         self._buf = bytearray()
         self._scanner = ReplyScanner()
         self.lost = anyio.Event()
 
     # -- used by sessions, synchronously --------------------------------------------------
-    def queue(self, command: bytes, pending: Pending, sink: ReplySink) -> None:
+    def queue(self, command: bytes, pending: Pending, sink: ReplySink, replies: int = 1) -> None:
+        """Send `command`: one request, or `replies` requests for a `Batch`."""
         if self.down:
-            pending.data = BACKEND_DOWN
+            pending.data = BACKEND_DOWN * replies
             return
         self._out.append(command)
-        self._waiting.append((pending, sink))
+        self._waiting.append((pending, sink, replies))
         if not self._flush_scheduled:
             self._schedule_flush()
 
@@ -122,7 +136,7 @@ class BackendConnection(asyncio.Protocol):
                 args += [b"AUTH", b"default", self.password.encode()]
             handshake.insert(0, encode_command(args))
         if handshake:
-            self._waiting.extendleft((Pending(), None) for _ in handshake)
+            self._waiting.extendleft((Pending(), None, 1) for _ in handshake)
         self.transport.write(b"".join(handshake + self._out))  # type: ignore[union-attr]
         self._out.clear()
         self.up = True
@@ -134,26 +148,41 @@ class BackendConnection(asyncio.Protocol):
         waiting = self._waiting
         raw_sink = self.raw_sink
         raw: list[bytes] = []
-        start = 0
+        start = 0  # where the replies not yet handed over begin
+        got = self._got
+        last_end = 0
         sinks = set()
         try:
             end = scanner.next_end(buf)
             while end >= 0:
                 if waiting and not (raw_sink is not None and self.resp3 and buf[start] == 62):
-                    pending, sink = waiting.popleft()
-                    pending.data = bytes(buf[start:end])
-                    sinks.add(sink)
+                    got += 1
+                    pending, sink, replies = waiting[0]
+                    if got == replies:
+                        waiting.popleft()
+                        pending.data = bytes(buf[start:end])
+                        sinks.add(sink)
+                        start = end
+                        got = 0
+                    else:
+                        last_end = end
                 elif raw_sink is not None:  # pub/sub: messages, and RESP3 pushes
                     raw.append(bytes(buf[start:end]))
+                    start = end
                 else:
                     raise BackendProtocolError(b"a reply nobody asked for")
-                start = end
                 end = scanner.next_end(buf) if end < len(buf) else -1
         except BackendProtocolError as exc:
             log.error("backend_protocol_error", backend=f"{self.host}:{self.port}", data=str(exc))
             self._notify(sinks)
             self.transport.abort()  # type: ignore[union-attr]
             return
+        self._got = got
+        if got and last_end > start:  # a batch's first replies: hand them over now
+            pending, sink, _ = waiting[0]
+            pending.parts.append(bytes(buf[start:last_end]))  # type: ignore[attr-defined]
+            sinks.add(sink)
+            start = last_end
         if start:
             del buf[:start]
             scanner.shift(start)
@@ -178,10 +207,12 @@ class BackendConnection(asyncio.Protocol):
         self._out.clear()
         self._buf.clear()
         self._scanner = ReplyScanner()
+        handed_over, self._got = self._got, 0  # the head batch's replies already in its parts
         sinks = set()
         while self._waiting:
-            pending, sink = self._waiting.popleft()
-            pending.data = BACKEND_DOWN
+            pending, sink, replies = self._waiting.popleft()
+            pending.data = BACKEND_DOWN * (replies - handed_over)
+            handed_over = 0
             sinks.add(sink)
         self._notify(sinks)
         if self.raw_sink is not None:

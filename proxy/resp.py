@@ -42,13 +42,16 @@ class RequestParser:
     buffer a bulk it would refuse.
     """
 
-    __slots__ = ("_reader", "_unconsumed", "_inline", "_check")
+    __slots__ = ("_reader", "_unconsumed", "_inline", "_check", "whole")
 
     def __init__(self) -> None:
         self._reader = hiredis.Reader(notEnoughData=_NEED_DATA)
         self._unconsumed = 0  # bytes fed to hiredis that no returned request accounts for
         self._inline = b""
         self._check = _HeaderCheck()
+        # After feed(): the data fed was exactly the requests returned, byte for byte
+        # (multibulk only, nothing carried over or left over), so it can be forwarded as is.
+        self.whole = False
 
     def feed(self, data: bytes) -> list[list[bytes]]:
         """Return the complete requests in `data` (plus what was buffered). Raises RequestError."""
@@ -61,10 +64,14 @@ class RequestParser:
         return commands
 
     def _feed(self, data: bytes, commands: list[list[bytes]]) -> None:
+        self.whole = False
         if self._unconsumed == 0 and (self._inline or data[:1] != b"*"):
             data = self._parse_inline(data, commands)
             if not data:
                 return
+            whole = False
+        else:
+            whole = self._unconsumed == 0
         first_new = len(commands)
         self._reader.feed(data)
         gets = self._reader.gets
@@ -83,14 +90,19 @@ class RequestParser:
                 consumed += size
                 if cmd:
                     commands.append(cmd)
+                else:
+                    whole = False
                 cmd = gets()
         except hiredis.ProtocolError as exc:
             raise RequestError(f"ERR Protocol error: {exc}") from None
         if cmd is None:  # "*-1": a null request takes its 5 bytes and nothing else
             consumed += 5
+            whole = False
         before = self._unconsumed
         self._unconsumed = unconsumed = before + len(data) - consumed
-        if unconsumed:
+        if not unconsumed:
+            self.whole = whole
+        else:
             if unconsumed > MAX_QUERY_BUFFER:
                 raise RequestError("ERR Protocol error: query buffer limit reached")
             if before == 0 or len(commands) > first_new:

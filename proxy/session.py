@@ -17,7 +17,7 @@ import structlog
 from mesh.model.slots import SLOT_COUNT, key_slot
 
 from . import clusterinfo, commands, policy
-from .backend import BackendConnection, Pending
+from .backend import BackendConnection, Batch, Pending
 from .policy import Kind
 from .resp import (OK, PONG, Err, RequestError, RequestParser, bulk, encode, encode_command,
                    error, integer)
@@ -111,6 +111,24 @@ def _build_dispatch() -> dict[bytes, tuple[Kind, commands.CommandSpec]]:
 DISPATCH = _build_dispatch()
 
 
+def _build_plain() -> dict[bytes, tuple[int, int, bool]]:
+    """Commands of one key at argv[1] that need nothing but routing (GET, SET, HSET, ...):
+    name as clients usually spell it -> (min argc, max argc, is a write)."""
+    plain = {}
+    for name, (kind, spec) in DISPATCH.items():
+        if (kind is Kind.KEYED and spec.subcommands is None and not spec.movable
+                and spec.first_key == spec.last_key == 1):
+            entry = (spec.min_argc, spec.max_argc, "write" in spec.flags)
+            plain[name] = plain[name.lower()] = entry
+    return plain
+
+
+PLAIN = _build_plain()
+# A client's batch of plain commands is forwarded as the bytes it sent while fewer than this
+# many replies are queued for it; past that, the per-command path bounds its depth.
+MAX_QUEUED_BATCHES = 64
+
+
 class Session(asyncio.Protocol):
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
@@ -167,11 +185,12 @@ class Session(asyncio.Protocol):
             bad = None
         except RequestError as exc:
             batch, bad = exc.commands, exc
-        handle = self.handle
-        for argv in batch:
-            handle(argv)
-            if self.closing:
-                break
+        if not (self.parser.whole and batch and self._forward_plain(batch, data)):
+            handle = self.handle
+            for argv in batch:
+                handle(argv)
+                if self.closing:
+                    break
         if bad is not None and not self.closing:
             self.reply(error(str(bad)))
             self.closing = True
@@ -208,16 +227,25 @@ class Session(asyncio.Protocol):
         if transport is None:
             replies.clear()
             return
-        if replies and replies[0].data is not None:
+        if replies:
             out = []
             while replies and replies[0].data is not None:
                 p = replies.popleft()
-                out.append(p.fn(p.data) if p.__class__ is Rewrite else p.data)
-            transport.write(out[0] if len(out) == 1 else b"".join(out))
-            if transport.get_write_buffer_size() > MAX_CLIENT_OUTPUT_BYTES:
-                log.warning("client_output_limit", client=self.id)
-                transport.abort()
-                return
+                if p.__class__ is Rewrite:
+                    out.append(p.fn(p.data))
+                else:
+                    if p.__class__ is Batch and p.parts:
+                        out += p.parts
+                    out.append(p.data)
+            if replies and replies[0].__class__ is Batch and replies[0].parts:
+                out += replies[0].parts
+                replies[0].parts = []
+            if out:
+                transport.write(out[0] if len(out) == 1 else b"".join(out))
+                if transport.get_write_buffer_size() > MAX_CLIENT_OUTPUT_BYTES:
+                    log.warning("client_output_limit", client=self.id)
+                    transport.abort()
+                    return
         if self.paused_for_depth and len(replies) < MAX_INFLIGHT_REPLIES // 2:
             self.paused_for_depth = False
             self._update_reading()
@@ -239,6 +267,35 @@ class Session(asyncio.Protocol):
         self.replies.append(Pending(encode(value, self.resp3)))
 
     # -- dispatch ----------------------------------------------------------------------------
+    def _forward_plain(self, batch: list[list[bytes]], data: bytes) -> bool:
+        """The fast path: when every command of `batch` is plain and served here, send `data`
+        unchanged and take all their replies as one. False: nothing was done."""
+        server = self.server
+        table = server.table
+        conn = self.conn
+        if (self.barrier is not None or self.subscribed or self.in_multi or self.asking
+                or self.auth_hash != table.password_hash or table.min_replicas_ack
+                or conn.raw_sink is not None or len(self.replies) >= MAX_QUEUED_BATCHES):
+            return False
+        routes = table.routes
+        writable = None
+        for argv in batch:
+            entry = PLAIN.get(argv[0])
+            if entry is None or not entry[0] <= len(argv) <= entry[1]:
+                return False
+            if routes[key_slot(argv[1])] is not None:
+                return False
+            if entry[2] and writable is None:
+                writable = not (server.fenced or server.handing_over
+                                or monotonic() > server.write_deadline)
+                if not writable:
+                    return False
+        self.asked = False
+        pending = Pending() if len(batch) == 1 else Batch()
+        self.replies.append(pending)
+        conn.queue(data, pending, self, len(batch))
+        return True
+
     def handle(self, argv: list[bytes]) -> None:
         name = argv[0].upper()
         self.asked = self.asking  # ASKING covers the one command after it

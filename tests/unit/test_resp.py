@@ -67,6 +67,24 @@ def test_large_bulk_arriving_in_pieces_is_accepted():
     assert got == [[b"SET", b"k", value], [b"GET", b"k"]]
 
 
+@pytest.mark.parametrize("chunks, whole", [
+    ([encode_command([b"GET", b"k"]) * 3], [True]),
+    ([encode_command([b"SET", b"k", b"v" * 300])[:20], encode_command([b"SET", b"k", b"v" * 300])[20:]],
+     [False, False]),  # the second read ends a request the first one began
+    ([encode_command([b"GET", b"k"]) + b"*2\r\n"], [False]),  # a request left incomplete
+    ([b"GET k\r\n"], [False]),  # inline
+    ([b"*0\r\n" + encode_command([b"GET", b"k"])], [False]),  # an empty request takes bytes
+    ([encode_command([b"PING"]), encode_command([b"GET", b"k"])], [True, True]),
+])
+def test_parser_says_when_a_read_was_exactly_its_requests(chunks, whole):
+    parser = RequestParser()
+    seen = []
+    for chunk in chunks:
+        parser.feed(chunk)
+        seen.append(parser.whole)
+    assert seen == whole
+
+
 def test_empty_multibulk_and_blank_lines_are_ignored():
     assert RequestParser().feed(b"\r\n\n*0\r\n" + encode_command([b"PING"])) == [[b"PING"]]
 
