@@ -153,25 +153,28 @@ class BackendConnection(asyncio.Protocol):
         last_end = 0
         sinks = set()
         try:
-            end = scanner.next_end(buf)
-            while end >= 0:
+            while True:
+                # a pub/sub connection looks at each reply: it may be a message, not an answer
+                need = waiting[0][2] - got if waiting and raw_sink is None else 1
+                found, end = scanner.next_ends(buf, need)
+                if not found:
+                    break
                 if waiting and not (raw_sink is not None and self.resp3 and buf[start] == 62):
-                    got += 1
+                    got += found
                     pending, sink, replies = waiting[0]
-                    if got == replies:
-                        waiting.popleft()
-                        pending.data = bytes(buf[start:end])
-                        sinks.add(sink)
-                        start = end
-                        got = 0
-                    else:
+                    if got < replies:  # the bytes ran out in the middle of a batch
                         last_end = end
+                        break
+                    waiting.popleft()
+                    pending.data = bytes(buf[start:end])
+                    sinks.add(sink)
+                    start = end
+                    got = 0
                 elif raw_sink is not None:  # pub/sub: messages, and RESP3 pushes
                     raw.append(bytes(buf[start:end]))
                     start = end
                 else:
                     raise BackendProtocolError(b"a reply nobody asked for")
-                end = scanner.next_end(buf) if end < len(buf) else -1
         except BackendProtocolError as exc:
             log.error("backend_protocol_error", backend=f"{self.host}:{self.port}", data=str(exc))
             self._notify(sinks)

@@ -235,6 +235,14 @@ class ReplyScanner:
 
     def next_end(self, buf: bytes | bytearray) -> int:
         """End offset of the reply in progress, or -1 when more bytes are needed."""
+        found, end = self.next_ends(buf, 1)
+        return end if found else -1
+
+    def next_ends(self, buf: bytes | bytearray, count: int) -> tuple[int, int]:
+        """Scan on until `count` more replies are complete, or the bytes run out: how many
+        completed, and the end offset of the last of them (-1 if none)."""
+        found = 0
+        last = -1
         pos = self.pos
         stack = self.open
         n = len(buf)
@@ -259,16 +267,16 @@ class ReplyScanner:
                 raise BackendProtocolError(bytes(buf[pos : nl + 2]))
             else:
                 try:
-                    count = int(buf[pos + 1 : nl])
+                    elements = int(buf[pos + 1 : nl])
                 except ValueError:
                     raise BackendProtocolError(bytes(buf[pos : nl + 2])) from None
                 pos = nl + 2
                 if kind != _AGG:
-                    count *= 2
+                    elements *= 2
                     if kind == _ATTR:
-                        count += 1  # an attribute map is followed by the reply it annotates
-                if count > 0:
-                    stack.append(count)
+                        elements += 1  # an attribute map is followed by the reply it annotates
+                if elements > 0:
+                    stack.append(elements)
                     continue
             # one element is complete; close every aggregate it completes
             while stack:
@@ -277,10 +285,12 @@ class ReplyScanner:
                     break
                 stack.pop()
             if not stack:
-                self.pos = pos
-                return pos
+                found += 1
+                last = pos
+                if found == count:
+                    break
         self.pos = pos
-        return -1
+        return found, last
 
     def shift(self, consumed: int) -> None:
         """The caller dropped `consumed` bytes from the front of its buffer."""

@@ -74,6 +74,11 @@ class RoutingTable:
     # synchronous mode: acknowledge a write once WAIT says this many replicas have it
     min_replicas_ack: int = 0
     ack_timeout_ms: int = 1000
+    # every slot is served here (a one-shard cluster): the fast path skips hashing keys
+    serves_all: bool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "serves_all", self.routes.count(None) == SLOT_COUNT)
 
     @property
     def myself(self) -> NodeInfo | None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from binascii import crc_hqx
 from time import monotonic
 from collections import deque
 from typing import TYPE_CHECKING
 
 import structlog
 
-from mesh.model.slots import SLOT_COUNT, key_slot
+from mesh.model.slots import SLOT_COUNT, SLOT_MASK, key_slot
 
 from . import clusterinfo, commands, policy
 from .backend import BackendConnection, Batch, Pending
@@ -277,14 +278,17 @@ class Session(asyncio.Protocol):
                 or self.auth_hash != table.password_hash or table.min_replicas_ack
                 or conn.raw_sink is not None or len(self.replies) >= MAX_QUEUED_BATCHES):
             return False
-        routes = table.routes
+        routes = None if table.serves_all else table.routes
         writable = None
         for argv in batch:
             entry = PLAIN.get(argv[0])
             if entry is None or not entry[0] <= len(argv) <= entry[1]:
                 return False
-            if routes[key_slot(argv[1])] is not None:
-                return False
+            if routes is not None:
+                key = argv[1]
+                if routes[key_slot(key) if b"{" in key else crc_hqx(key, 0) & SLOT_MASK] \
+                        is not None:
+                    return False
             if entry[2] and writable is None:
                 writable = not (server.fenced or server.handing_over
                                 or monotonic() > server.write_deadline)

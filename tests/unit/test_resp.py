@@ -189,3 +189,29 @@ def test_scanner_splits_a_stream_into_the_replies_it_was_made_of(values, resp3, 
         reader.feed(raw)
         reader.gets()
         assert reader.gets() is Ellipsis
+
+
+@given(st.lists(resp_values, min_size=1, max_size=8), st.booleans(), st.integers(1, 8),
+       st.lists(st.integers(1, 40), max_size=8))
+@settings(max_examples=300)
+def test_scanner_counts_replies_in_groups_as_it_does_one_by_one(values, resp3, group, cuts):
+    encoded = [encode(v, resp3) for v in values]
+    stream = b"".join(encoded)
+    expected_ends = [sum(map(len, encoded[: i + 1])) for i in range(len(encoded))]
+    scanner = ReplyScanner()
+    buf = bytearray()
+    ends, pos = [], 0
+    for size in cuts + [len(stream)]:
+        buf += stream[pos : pos + size]
+        pos += size
+        while True:
+            found, end = scanner.next_ends(buf, group)
+            if found:
+                ends.append((found, end))
+            if found < group:
+                break
+    assert sum(found for found, _ in ends) == len(values)
+    done = 0
+    for found, end in ends:  # each group ends where its last reply ends
+        done += found
+        assert end == expected_ends[done - 1]

@@ -32,6 +32,12 @@ def test_owned_slots_are_local_and_the_rest_redirect():
     assert t.routes[15495] == b"-MOVED 15495 127.0.0.1:7000\r\n"
 
 
+def test_only_a_table_with_every_slot_here_serves_all():
+    assert table("v2 1 NOFLAGS mydb 127.0.0.1:5299 1 0-16383").serves_all
+    assert not table(SEED).serves_all
+    assert not empty_table().serves_all
+
+
 def test_uncovered_slots_are_not_served():
     t = table("v2 1 NOFLAGS mydb 127.0.0.1:6379 1 0-100")
     assert t.routes[101] == SLOT_NOT_SERVED
