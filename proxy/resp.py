@@ -56,38 +56,44 @@ class RequestParser:
     def feed(self, data: bytes) -> list[list[bytes]]:
         """Return the complete requests in `data` (plus what was buffered). Raises RequestError."""
         commands: list[list[bytes]] = []
+        self.whole = False
         try:
-            self._feed(data, commands)
+            if self._unconsumed == 0 and (self._inline or data[:1] != b"*"):
+                data = self._parse_inline(data, commands)
+                if not data:
+                    return commands
+                whole = False
+            else:
+                whole = self._unconsumed == 0
+            self._parse_multibulk(data, commands, whole)
         except RequestError as exc:
             exc.commands = commands
             raise
         return commands
 
-    def _feed(self, data: bytes, commands: list[list[bytes]]) -> None:
-        self.whole = False
-        if self._unconsumed == 0 and (self._inline or data[:1] != b"*"):
-            data = self._parse_inline(data, commands)
-            if not data:
-                return
-            whole = False
-        else:
-            whole = self._unconsumed == 0
+    def _parse_multibulk(self, data: bytes, commands: list[list[bytes]], whole: bool) -> None:
         first_new = len(commands)
         self._reader.feed(data)
         gets = self._reader.gets
-        consumed = 0
+        # offset in `data` of the next request (negative: it began in an earlier read)
+        pos = -self._unconsumed
         try:
             cmd = gets()
             while cmd is not _NEED_DATA:
                 if cmd.__class__ is not list:
                     raise RequestError("ERR Protocol error: expected '*'")
-                size = 3 + len(str(len(cmd))) + 5 * len(cmd)
+                argc = len(cmd)
+                pos += 3 + (_DIGITS[argc] if argc < 256 else len(str(argc)))
                 for arg in cmd:
+                    # Redis takes bulk strings only; hiredis also returns +simple, =verbatim...
+                    # Headers in earlier reads were checked by _HeaderCheck.
+                    if pos >= 0 and data[pos] != 36:  # b"$"
+                        raise RequestError("ERR Protocol error: expected '$', got "
+                                           f"'{chr(data[pos])}'")
                     if arg.__class__ is not bytes:
-                        raise RequestError("ERR Protocol error: expected '$'")
+                        raise RequestError("ERR Protocol error: invalid bulk length")
                     n = len(arg)
-                    size += n + (_DIGITS[n] if n < 256 else len(str(n)))
-                consumed += size
+                    pos += n + 5 + (_DIGITS[n] if n < 256 else len(str(n)))
                 if cmd:
                     commands.append(cmd)
                 else:
@@ -95,11 +101,8 @@ class RequestParser:
                 cmd = gets()
         except hiredis.ProtocolError as exc:
             raise RequestError(f"ERR Protocol error: {exc}") from None
-        if cmd is None:  # "*-1": a null request takes its 5 bytes and nothing else
-            consumed += 5
-            whole = False
         before = self._unconsumed
-        self._unconsumed = unconsumed = before + len(data) - consumed
+        self._unconsumed = unconsumed = len(data) - pos
         if not unconsumed:
             self.whole = whole
         else:

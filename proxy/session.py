@@ -181,17 +181,21 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        parser = self.parser
         try:
-            batch = self.parser.feed(data)
+            batch = parser.feed(data)
             bad = None
         except RequestError as exc:
             batch, bad = exc.commands, exc
-        if not (self.parser.whole and batch and self._forward_plain(batch, data)):
-            handle = self.handle
-            for argv in batch:
-                handle(argv)
-                if self.closing:
-                    break
+        else:
+            if parser.whole and batch and self._forward_plain(batch, data):
+                self.server.commands_processed += len(batch)
+                return
+        handle = self.handle
+        for argv in batch:
+            handle(argv)
+            if self.closing:
+                break
         if bad is not None and not self.closing:
             self.reply(error(str(bad)))
             self.closing = True
@@ -298,6 +302,8 @@ class Session(asyncio.Protocol):
         pending = Pending() if len(batch) == 1 else Batch()
         self.replies.append(pending)
         conn.queue(data, pending, self, len(batch))
+        if pending.data is not None:  # the backend is down: answered already
+            self._write_ready()
         return True
 
     def handle(self, argv: list[bytes]) -> None:

@@ -53,6 +53,22 @@ def test_huge_bulk_in_a_later_request_is_refused_when_its_header_arrives():
     assert info.value.commands == []
 
 
+@pytest.mark.parametrize("element", [b"+GET\r\n", b"(123\r\n", b"=7\r\ntxt:GET\r\n", b":1\r\n",
+                                     b"#t\r\n", b"_\r\n"])
+@pytest.mark.parametrize("split", [False, True])
+def test_only_bulk_strings_are_arguments(element, split):
+    """As Redis: hiredis would accept these, and a request forwarded as sent must not carry
+    them to the backend (Redis would drop the shared connection)."""
+    data = encode_command([b"PING"]) + b"*2\r\n" + element + b"$1\r\nk\r\n"
+    parser = RequestParser()
+    with pytest.raises(RequestError, match="Protocol error: expected '\\$'"):
+        if split:  # the bad header arrives in the read that completes the request
+            parser.feed(data[:18])
+            parser.feed(data[18:])
+        else:
+            parser.feed(data)
+
+
 def test_commands_before_bad_bytes_are_kept_on_the_error():
     with pytest.raises(RequestError) as info:
         RequestParser().feed(encode_command([b"PING"]) + b"*1\r\n$x\r\n")
