@@ -55,6 +55,9 @@ def assert_healthy(port: int) -> None:
 @pytest.mark.parametrize("data", [
     b"*1\r\n$-5\r\n", b"*1\r\n$abc\r\n", b"*x\r\n", b"*-3\r\n", b"*99999999999\r\n",
     b"*1\r\n*1\r\n$1\r\na\r\n", b"*1\r\n:1\r\n", b"*2\r\n$3\r\nGET\r\n$999999999999\r\n",
+    # RESP3 and simple-string arguments, sized so that their bytes add up as if they were
+    # bulk strings: never forwarded as sent
+    b"*3\r\n$3\r\nSET\r\n=5\r\ntxt:k\r\n+0123456789\r\n", b"*2\r\n+GET\r\n$1\r\nk\r\n",
 ])
 def test_malformed_resp_gets_a_protocol_error_and_a_close(one_node, data):
     out, closed = exchange(one_node.port, data)
