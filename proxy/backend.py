@@ -27,6 +27,9 @@ log = structlog.get_logger("proxy.backend")
 CONNECT_TIMEOUT = 2.0
 RECONNECT_MAX_WAIT = 2.0
 SHARED_CONNECTIONS_PER_PROTOCOL = 4
+# ... and this many more for clients sending big batches, so that one client's deep pipeline
+# never sits in the stream ahead of another client's single command
+BULK_CONNECTIONS_PER_PROTOCOL = 2
 BACKEND_DOWN = b"-CLUSTERDOWN The backend of this node is unreachable\r\n"
 
 
@@ -67,6 +70,7 @@ class BackendConnection(asyncio.Protocol):
         self.down = False  # True once a connect failed or the link dropped: fail fast
         self.closed = False  # closed by its owner: never (re)connects
         self.raw_sink: RawSink | None = None  # pub/sub: every byte goes to one client
+        self.bulk = False  # one of the pool's connections for big batches
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._waiting: deque[tuple[Pending, ReplySink | None, int]] = deque()
@@ -238,7 +242,8 @@ class RawSink(Protocol):
 class BackendPool:
     """A few long-lived shared connections per RESP version, kept connected with backoff.
 
-    A client session is bound to one connection for its life, so its commands run in order.
+    A client session is bound to one connection while it waits for replies, so its commands
+    run in order; with nothing in flight it may move (to or from a bulk connection).
     """
 
     def __init__(self, address: str, size: int = SHARED_CONNECTIONS_PER_PROTOCOL,
@@ -248,13 +253,17 @@ class BackendPool:
         self.host, self.port = host, int(port)
         self.password = password
         self.shared = {
-            resp3: [BackendConnection(self.host, self.port, resp3, password) for _ in range(size)]
-            for resp3 in (False, True)
+            (resp3, bulk): [BackendConnection(self.host, self.port, resp3, password)
+                            for _ in range(BULK_CONNECTIONS_PER_PROTOCOL if bulk else size)]
+            for resp3 in (False, True) for bulk in (False, True)
         }
+        for (_, bulk), conns in self.shared.items():
+            for conn in conns:
+                conn.bulk = bulk
         self._next = 0
 
-    def pick(self, resp3: bool) -> BackendConnection:
-        conns = self.shared[resp3]
+    def pick(self, resp3: bool, bulk: bool = False) -> BackendConnection:
+        conns = self.shared[(resp3, bulk)]
         self._next += 1
         return conns[self._next % len(conns)]
 

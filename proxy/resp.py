@@ -13,6 +13,8 @@ import hiredis
 MAX_BULK_LEN = 512 * 1024 * 1024
 MAX_MULTIBULK_LEN = 1024 * 1024
 MAX_INLINE_LEN = 64 * 1024
+# hiredis is fed a big read this much at a time (see RequestParser._parse_multibulk)
+FEED_SLICE = 16 * 1024
 # An incomplete request may hold this much (Redis: client-query-buffer-limit).
 MAX_QUERY_BUFFER = 1024 * 1024 * 1024
 
@@ -73,32 +75,38 @@ class RequestParser:
 
     def _parse_multibulk(self, data: bytes, commands: list[list[bytes]], whole: bool) -> None:
         first_new = len(commands)
-        self._reader.feed(data)
-        gets = self._reader.gets
+        feed, gets = self._reader.feed, self._reader.gets
         # offset in `data` of the next request (negative: it began in an earlier read)
         pos = -self._unconsumed
+        size = len(data)
+        fed = 0
         try:
-            cmd = gets()
-            while cmd is not _NEED_DATA:
-                if cmd.__class__ is not list:
-                    raise RequestError("ERR Protocol error: expected '*'")
-                argc = len(cmd)
-                pos += 3 + (_DIGITS[argc] if argc < 256 else len(str(argc)))
-                for arg in cmd:
-                    # Redis takes bulk strings only; hiredis also returns +simple, =verbatim...
-                    # Headers in earlier reads were checked by _HeaderCheck.
-                    if pos >= 0 and data[pos] != 36:  # b"$"
-                        raise RequestError("ERR Protocol error: expected '$', got "
-                                           f"'{chr(data[pos])}'")
-                    if arg.__class__ is not bytes:
-                        raise RequestError("ERR Protocol error: invalid bulk length")
-                    n = len(arg)
-                    pos += n + 5 + (_DIGITS[n] if n < 256 else len(str(n)))
-                if cmd:
-                    commands.append(cmd)
-                else:
-                    whole = False
+            # hiredis moves its unread bytes to the front after each request past its first
+            # KB, so a big read is fed in slices: the move stays small
+            while fed < size:
+                feed(data, fed, min(FEED_SLICE, size - fed))
+                fed += FEED_SLICE
                 cmd = gets()
+                while cmd is not _NEED_DATA:
+                    if cmd.__class__ is not list:
+                        raise RequestError("ERR Protocol error: expected '*'")
+                    argc = len(cmd)
+                    pos += 3 + (_DIGITS[argc] if argc < 256 else len(str(argc)))
+                    for arg in cmd:
+                        # Redis takes bulk strings only, hiredis also +simple, =verbatim...
+                        # (headers in earlier reads were checked by _HeaderCheck)
+                        if pos >= 0 and data[pos] != 36:  # b"$"
+                            raise RequestError("ERR Protocol error: expected '$', got "
+                                               f"'{chr(data[pos])}'")
+                        if arg.__class__ is not bytes:
+                            raise RequestError("ERR Protocol error: invalid bulk length")
+                        n = len(arg)
+                        pos += n + 5 + (_DIGITS[n] if n < 256 else len(str(n)))
+                    if cmd:
+                        commands.append(cmd)
+                    else:
+                        whole = False
+                    cmd = gets()
         except hiredis.ProtocolError as exc:
             raise RequestError(f"ERR Protocol error: {exc}") from None
         before = self._unconsumed

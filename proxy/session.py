@@ -128,6 +128,11 @@ PLAIN = _build_plain()
 # A client's batch of plain commands is forwarded as the bytes it sent while fewer than this
 # many replies are queued for it; past that, the per-command path bounds its depth.
 MAX_QUEUED_BATCHES = 64
+# A read of more commands than this runs over several event-loop turns, this many per turn.
+MAX_COMMANDS_PER_TURN = 64
+# A read this big goes over one of the backend's bulk connections (when the client has no
+# reply outstanding), away from clients sending a few commands at a time.
+BULK_BATCH_BYTES = 16 * 1024
 
 
 class Session(asyncio.Protocol):
@@ -154,6 +159,9 @@ class Session(asyncio.Protocol):
         self.closing = False
         self.paused_for_depth = False
         self.paused_for_output = False
+        self.backlog: list[list[bytes]] | None = None  # commands read but not run yet
+        self.backlog_pos = 0
+        self.backlog_error: RequestError | None = None  # to answer once the backlog has run
 
     # -- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -181,6 +189,9 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        if (len(data) > BULK_BATCH_BYTES) is not self.conn.bulk and not self.replies \
+                and self.dedicated is None and self.barrier is None:
+            self.conn = self.server.pool.pick(self.resp3, not self.conn.bulk)
         parser = self.parser
         try:
             batch = parser.feed(data)
@@ -188,9 +199,16 @@ class Session(asyncio.Protocol):
         except RequestError as exc:
             batch, bad = exc.commands, exc
         else:
-            if parser.whole and batch and self._forward_plain(batch, data):
+            if parser.whole and batch and len(batch) <= MAX_COMMANDS_PER_TURN \
+                    and self._forward_plain(batch, data):
                 self.server.commands_processed += len(batch)
                 return
+        if len(batch) > MAX_COMMANDS_PER_TURN or self.backlog is not None:
+            self._defer(batch, bad)
+        else:
+            self._run(batch, bad)
+
+    def _run(self, batch: list[list[bytes]], bad: RequestError | None) -> None:
         handle = self.handle
         for argv in batch:
             handle(argv)
@@ -204,6 +222,33 @@ class Session(asyncio.Protocol):
         if len(self.replies) > MAX_INFLIGHT_REPLIES and not self.paused_for_depth:
             self.paused_for_depth = True
             self._update_reading()
+
+    def _defer(self, batch: list[list[bytes]], bad: RequestError | None) -> None:
+        """Run a long batch over several event-loop turns, a slice per turn, so that one
+        client's deep pipeline does not hold up every other client's commands; reading from
+        this client waits until it is done."""
+        if self.backlog is None:
+            self.backlog, self.backlog_pos = batch, 0
+            asyncio.get_running_loop().call_soon(self._run_backlog)
+            self._update_reading()
+        else:
+            self.backlog += batch
+        self.backlog_error = bad
+
+    def _run_backlog(self) -> None:
+        backlog, pos = self.backlog, self.backlog_pos
+        if backlog is None or self.transport is None or self.closing:
+            self.backlog = None
+            return
+        end = pos + MAX_COMMANDS_PER_TURN
+        if end < len(backlog):
+            self.backlog_pos = end
+            asyncio.get_running_loop().call_soon(self._run_backlog)
+            self._run(backlog[pos:end], None)
+        else:
+            self.backlog = None
+            self._update_reading()
+            self._run(backlog[pos:], self.backlog_error)
 
     # -- replies -----------------------------------------------------------------------------
     def replies_arrived(self) -> None:
@@ -260,7 +305,7 @@ class Session(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        if self.paused_for_depth or self.paused_for_output:
+        if self.paused_for_depth or self.paused_for_output or self.backlog is not None:
             self.transport.pause_reading()
         else:
             self.transport.resume_reading()

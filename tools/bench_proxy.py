@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 
 HOST = "127.0.0.1"
+# the fairness run's background load: this many clients, each pipelining this many SETs
+HEAVY_CLIENTS = 20
+HEAVY_PIPELINE = 256
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -98,9 +101,10 @@ class Processes:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def benchmark(port: int, requests: int, pipeline: int, cluster: bool = False) -> dict[str, dict]:
-    argv = ["redis-benchmark", "-h", HOST, "-p", str(port), "-t", "set,get", "-n", str(requests),
-            "-c", "50", "-P", str(pipeline), "-r", "100000", "--csv"]
+def benchmark(port: int, requests: int, pipeline: int, cluster: bool = False,
+              clients: int = 50, tests: str = "set,get") -> dict[str, dict]:
+    argv = ["redis-benchmark", "-h", HOST, "-p", str(port), "-t", tests, "-n", str(requests),
+            "-c", str(clients), "-P", str(pipeline), "-r", "100000", "--csv"]
     if cluster:
         argv.append("--cluster")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True).stdout
@@ -111,6 +115,24 @@ def benchmark(port: int, requests: int, pipeline: int, cluster: bool = False) ->
         rows[name] = {"rps": float(row["rps"]), "p50": float(row["p50_latency_ms"]),
                       "p99": float(row["p99_latency_ms"])}
     return rows
+
+
+def fairness(port: int, requests: int, connections: int) -> dict[str, dict]:
+    """One client's GET latency alone and beside clients pushing deep pipelines of 1 KB SETs,
+    and GETs from many connections at once."""
+    alone = benchmark(port, requests, 1, clients=1, tests="get")["GET"]
+    heavy = subprocess.Popen(
+        ["redis-benchmark", "-h", HOST, "-p", str(port), "-t", "set", "-d", "1024",
+         "-c", str(HEAVY_CLIENTS), "-P", str(HEAVY_PIPELINE), "-n", "20000000", "-r", "100000",
+         "--csv"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)  # the pipelines are in full flow
+        loaded = benchmark(port, requests, 1, clients=1, tests="get")["GET"]
+    finally:
+        heavy.kill()
+        heavy.wait()
+    many = benchmark(port, requests * 10, 1, clients=connections, tests="get")["GET"]
+    return {"alone": alone, "loaded": loaded, "many": many}
 
 
 def median_runs(port: int, requests: int, pipeline: int, runs: int,
@@ -172,12 +194,18 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--pipelines", default="1,16")
     parser.add_argument("--no-cluster", action="store_true", help="skip mesh-3 and native-3")
+    parser.add_argument("--probe-requests", type=int, default=20_000,
+                        help="GETs of the one-client latency probe in the fairness run "
+                             "(0: skip that run)")
+    parser.add_argument("--connections", type=int, default=1000,
+                        help="clients of the many-connections part of the fairness run")
     parser.add_argument("--markdown", metavar="FILE", help="also write the tables here")
     args = parser.parse_args()
     pipelines = [int(p) for p in args.pipelines.split(",")]
     procs = Processes()
     results: dict[tuple[str, int], dict] = {}
     cpu: dict[str, float] = {}
+    fair: dict[str, dict[str, dict]] = {}
     try:
         direct = procs.redis()
         moonmesh, moonmesh_proc = procs.proxy(direct)
@@ -203,6 +231,10 @@ def main() -> int:
                 spent = sum(cpu_seconds(p.pid) for p in watched) - before
                 total = args.requests * 2 * len(pipelines) * args.runs
                 cpu[name] = spent / total * 1e6
+        if args.probe_requests:
+            for name, port, cluster in targets:
+                if not cluster:
+                    fair[name] = fairness(port, args.probe_requests, args.connections)
     finally:
         procs.stop()
 
@@ -232,6 +264,18 @@ def main() -> int:
                          f"{m['GET']['p99'] / max(d['GET']['p99'], 1e-9):.2f} |")
     lines += ["", "| proxy | CPU seconds per million requests |", "| --- | --- |"]
     lines += [f"| {name} | {value:.2f} |" for name, value in cpu.items()]
+    if fair:
+        lines += ["", f"Fairness: one client's GET (-c 1 -P 1, {args.probe_requests} requests) "
+                  f"alone and while {HEAVY_CLIENTS} clients pipeline {HEAVY_PIPELINE} SETs of "
+                  f"1 KB each; then GETs from {args.connections} connections at once", "",
+                  "| target | alone p50/p99 ms | beside the pipelines p50/p99 ms | "
+                  f"{args.connections} connections ops/s | p50/p99 ms |",
+                  "| --- | --- | --- | --- | --- |"]
+        for name, f in fair.items():
+            a, lo, m = f["alone"], f["loaded"], f["many"]
+            lines.append(f"| {name} | {a['p50']:.3f}/{a['p99']:.3f} | "
+                         f"{lo['p50']:.3f}/{lo['p99']:.3f} | {m['rps']:,.0f} | "
+                         f"{m['p50']:.3f}/{m['p99']:.3f} |")
     text = "\n".join(lines)
     print(text)
     if args.markdown:

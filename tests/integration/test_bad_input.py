@@ -182,6 +182,27 @@ def test_huge_pipeline_is_answered_in_order(one_node):
     assert counters == sorted(counters) and len(set(counters)) == len(counters)
 
 
+def test_long_pipeline_then_bad_bytes_runs_every_command_before_the_error(one_node):
+    # more commands in one read than the proxy runs per event-loop turn (MAX_COMMANDS_PER_TURN)
+    n = 1000
+    data = b"".join(encode_command([b"INCR", b"long:counter"]) for _ in range(n))
+    out, closed = exchange(one_node.port, data + b"*1\r\n$x\r\n")
+    got = replies(out)
+    assert closed and len(got) == n + 1
+    counters = [int(r[1:-2]) for r in got[:n]]
+    assert counters == list(range(counters[0], counters[0] + n))
+    assert got[-1].startswith(b"-ERR Protocol error")
+
+
+def test_quit_inside_a_long_pipeline_stops_what_follows(one_node):
+    before = int(command(one_node.port, "INCR", "quit:counter")[1:-2])
+    data = b"".join(encode_command([b"INCR", b"quit:counter"]) for _ in range(300))
+    data += encode_command([b"QUIT"]) + data
+    out, closed = exchange(one_node.port, data)
+    assert closed and replies(out)[-1] == b"+OK\r\n" and len(replies(out)) == 301
+    assert command(one_node.port, "GET", "quit:counter").split(b"\r\n")[1] == b"%d" % (before + 300)
+
+
 @given(st.binary(min_size=1, max_size=200))
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_random_bytes_never_break_the_proxy_for_others(one_node, data):
