@@ -60,6 +60,15 @@ def cli(port: int, *args: str) -> str:
                           check=True).stdout.strip()
 
 
+def die_with_parent() -> None:
+    """In a child, before exec: get SIGTERM when this script dies, even by SIGKILL (Linux)."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -72,7 +81,7 @@ class Processes:
 
     def start(self, argv: list[str], port: int, **kwargs) -> subprocess.Popen:  # noqa: ANN003
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                **kwargs)
+                                preexec_fn=die_with_parent, **kwargs)
         self.procs.append(proc)
         wait_port(port)
         return proc
@@ -124,7 +133,8 @@ def fairness(port: int, requests: int, connections: int) -> dict[str, dict]:
     heavy = subprocess.Popen(
         ["redis-benchmark", "-h", HOST, "-p", str(port), "-t", "set", "-d", "1024",
          "-c", str(HEAVY_CLIENTS), "-P", str(HEAVY_PIPELINE), "-n", "20000000", "-r", "100000",
-         "--csv"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "--csv"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent)
     try:
         time.sleep(1)  # the pipelines are in full flow
         loaded = benchmark(port, requests, 1, clients=1, tests="get")["GET"]
