@@ -1,6 +1,7 @@
 """RESP codec, sans-IO: bytes in, values out (requests); bytes in, reply boundaries out (replies).
 
-Requests are parsed with hiredis and re-encoded when forwarded (argument bytes are exact).
+Requests are parsed with hiredis; the session forwards a read of plain commands as it came
+(`RequestParser.whole`) and re-encodes the others (argument bytes are exact).
 Replies from Redis are never re-encoded: hiredis would collapse `+OK` and `$2 OK`, drop the
 RESP3 verbatim header and turn errors into values, so the proxy only finds where each reply
 ends (`ReplyScanner`) and forwards the original bytes.

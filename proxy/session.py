@@ -200,7 +200,7 @@ class Session(asyncio.Protocol):
             batch, bad = exc.commands, exc
         else:
             if parser.whole and batch and len(batch) <= MAX_COMMANDS_PER_TURN \
-                    and self._forward_plain(batch, data):
+                    and self.backlog is None and self._forward_plain(batch, data):
                 self.server.commands_processed += len(batch)
                 return
         if len(batch) > MAX_COMMANDS_PER_TURN or self.backlog is not None:
