@@ -112,6 +112,15 @@ def _build_dispatch() -> dict[bytes, tuple[Kind, commands.CommandSpec]]:
 DISPATCH = _build_dispatch()
 
 
+def write_refusal(server: ProxyServer) -> bytes | None:
+    """The reply to a write this node may not take now, or None when it may."""
+    if server.fenced or monotonic() > server.write_deadline:
+        return FENCED
+    if server.handing_over:  # a graceful failover is switching masters: retry soon
+        return TRYAGAIN
+    return None
+
+
 def _build_plain() -> dict[bytes, tuple[int, int, bool]]:
     """Commands of one key at argv[1] that need nothing but routing (GET, SET, HSET, ...):
     name as clients usually spell it -> (min argc, max argc, is a write)."""
@@ -342,8 +351,7 @@ class Session(asyncio.Protocol):
                         is not None:
                     return False
             if entry[2] and writable is None:
-                writable = not (server.fenced or server.handing_over
-                                or monotonic() > server.write_deadline)
+                writable = write_refusal(server) is None
                 if not writable:
                     return False
         self.asked = False
@@ -385,13 +393,9 @@ class Session(asyncio.Protocol):
             self._fail_multi()
             return
         if "write" in spec.flags:
-            server = self.server
-            if server.fenced or monotonic() > server.write_deadline:
-                self.reply(FENCED)
-                self._fail_multi()
-                return
-            if server.handing_over:  # a graceful failover is switching masters: retry soon
-                self.reply(TRYAGAIN)
+            refusal = write_refusal(self.server)
+            if refusal is not None:
+                self.reply(refusal)
                 self._fail_multi()
                 return
         if kind is Kind.KEYED:

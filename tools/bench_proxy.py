@@ -19,9 +19,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import ctypes
 import io
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 HOST = "127.0.0.1"
+PR_SET_PDEATHSIG = 1  # prctl(2)
 # the fairness run's background load: this many clients, each pipelining this many SETs
 HEAVY_CLIENTS = 20
 HEAVY_PIPELINE = 256
@@ -62,10 +65,6 @@ def cli(port: int, *args: str) -> str:
 
 def die_with_parent() -> None:
     """In a child, before exec: get SIGTERM when this script dies, even by SIGKILL (Linux)."""
-    import ctypes
-    import signal
-
-    PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
