@@ -16,11 +16,11 @@ import structlog
 
 from proxy import __version__
 from proxy.routing import empty_table, table_from_view
-from proxy.server import ProxyServer
+from proxy.control import ControlPort
 
 from .leader import lead
-from .model.nodes import NodeRecord, NodeStatus
-from .model.view import ClusterView, MigrationState, ViewError, from_json
+from core.nodes import NodeRecord, NodeStatus
+from core.view import ClusterView, MigrationState, ViewError, from_json
 from .redisctl import RedisCtl, RedisCtlError
 from .store.etcd import EtcdStore, Event, LeaseKeeper, StoreError
 
@@ -52,9 +52,9 @@ class NodeConfig:
 
 
 class NodeAgent:
-    def __init__(self, store: EtcdStore, server: ProxyServer, config: NodeConfig) -> None:
+    def __init__(self, store: EtcdStore, control: ControlPort, config: NodeConfig) -> None:
         self.store = store
-        self.server = server
+        self.control = control  # the one way into the data path
         self.config = config
         self.keys = store.keys
         self.ctl = RedisCtl(config.backend, config.backend_password)
@@ -129,11 +129,12 @@ class NodeAgent:
     # -- views -------------------------------------------------------------------------------
     async def _watch_views(self) -> None:
         revision = await self._read_views()
-        if self.server.fenced:  # the current view is applied again: writes may resume
-            self.server.fenced = False
+        deadline = self.keeper.deadline - FENCE_HARD if self.keeper is not None else 0.0
+        if self.control.fenced:  # the current view is applied again: writes may resume
+            self.control.unfence(deadline)
             self.log.warning("unfenced", epoch=self.applied.epoch if self.applied else 0)
-        if self.keeper is not None:
-            self.server.write_deadline = self.keeper.deadline - FENCE_HARD
+        else:
+            self.control.allow_writes_until(deadline)
         await self.store.watch(self.keys.clusters, revision + 1, self._on_view_event,
                                self._read_views)
 
@@ -202,7 +203,7 @@ class NodeAgent:
                 await self._take_backend_for(view)
             await self._set_role(view, shard.master == me)
         self.active &= {m.id for m in view.migrations}
-        self.server.apply_table(table_from_view(view, me, frozenset(self.active)))
+        self.control.apply(table_from_view(view, me, frozenset(self.active)), joining=joining)
         self.applied = view
         self._set_status(cluster=view.cluster, epoch=view.epoch,
                          role="master" if shard.master == me else "replica")
@@ -212,8 +213,8 @@ class NodeAgent:
     async def _leave_cluster(self, view: ClusterView) -> None:
         # taken out of a cluster that goes on: keep redirecting its clients to the new owners
         still = self.views.get(view.cluster)
-        self.server.apply_table(table_from_view(still, self.config.node_id) if still
-                                else empty_table())
+        self.control.apply(table_from_view(still, self.config.node_id) if still
+                           else empty_table())
         self.applied = None
         self._set_status(cluster="", epoch=0, role="master")
         self.log.info("left_cluster", cluster=view.cluster, epoch=view.epoch)
@@ -260,7 +261,7 @@ class NodeAgent:
         Writes stop at the local deadline (last keepalive sent + TTL) minus FENCE_HARD; the
         node starts asking its peers FENCE_MARGIN before it. Assumption: this machine's
         monotonic clock runs no more than FENCE_HARD / LEASE_TTL (10%) slower than etcd's."""
-        self.server.write_deadline = 0.0  # no writes before the first lease
+        self.control.allow_writes_until(0.0)  # no writes before the first lease
         while True:
             keeper = self.keeper
             now = time.monotonic()
@@ -268,19 +269,19 @@ class NodeAgent:
             healthy = alive and now < keeper.deadline - FENCE_MARGIN  # type: ignore[union-attr]
             stuck = alive and keeper.refreshing_since is not None \
                 and now - keeper.refreshing_since > REFRESH_STUCK  # type: ignore[union-attr]
-            self.server.lease_ok = healthy and not stuck
-            if healthy and not self.server.fenced:
-                self.server.write_deadline = keeper.deadline - FENCE_HARD  # type: ignore[union-attr]
-            elif not healthy and not self.server.fenced and self.applied is not None:
+            self.control.lease_ok = healthy and not stuck
+            if healthy and not self.control.fenced:
+                self.control.allow_writes_until(keeper.deadline - FENCE_HARD)  # type: ignore[union-attr]
+            elif not healthy and not self.control.fenced and self.applied is not None:
                 peers = await self._peers_reach_etcd()
                 if peers is False:
                     # nobody can be promoted while nobody reaches etcd: keep taking writes
-                    self.server.write_deadline = time.monotonic() + 1.0
+                    self.control.allow_writes_until(time.monotonic() + 1.0)
                     self.log.warning("lease_at_risk_not_fencing", reason="no peer reaches etcd")
                 elif alive and time.monotonic() < keeper.deadline - FENCE_HARD:  # type: ignore[union-attr]
                     pass  # peers may still be noticing the outage: ask again
                 else:
-                    self.server.fenced = True
+                    self.control.fence()
                     self.log.warning("fenced", reason="lease may expire", peers_reach_etcd=peers)
             await anyio.sleep(FENCE_POLL)
 
@@ -333,8 +334,8 @@ class NodeAgent:
                     async with self._apply_lock:
                         if self.applied is view:
                             self.active.add(m.id)
-                            self.server.apply_table(table_from_view(view, self.config.node_id,
-                                                                    frozenset(self.active)))
+                            self.control.apply(table_from_view(view, self.config.node_id,
+                                                               frozenset(self.active)))
                             self.log.info("migration_started", migration=m.id,
                                           epoch=view.epoch, slots=[list(r) for r in m.slots])  # type: ignore[union-attr]
             await anyio.sleep(BARRIER_POLL if waiting else BARRIER_POLL * 4)
@@ -378,7 +379,7 @@ class NodeAgent:
             failures = 0 if ok else failures + 1
             ok = failures < BACKEND_FAIL_LIMIT
             await self.reconcile()  # retries an apply that failed; a no-op otherwise
-            progress = {mid: p.as_dict() for mid, p in self.server.migration_progress.items()}
+            progress = self.control.migration_progress()
             self._set_status(backend_ok=ok, repl_offset=offset, migrations=progress)
             await anyio.sleep(BACKEND_CHECK_INTERVAL)
 

@@ -12,10 +12,10 @@ import structlog
 
 from .model import migrations as plans
 from .model.changes import without_departed
-from .model.nodes import NodeStatus, RecordError
+from core.nodes import NodeStatus, RecordError
 from .model.failover import Health, plan_failover
-from .model.nodes import Assignment, NodeRecord
-from .model.view import (ClusterView, MigrationState, NodeAddress, ViewError, from_json,
+from core.nodes import Assignment, NodeRecord
+from core.view import (ClusterView, MigrationState, NodeAddress, ViewError, from_json,
                          to_json)
 from .store.etcd import EtcdStore, StoreError, campaign
 

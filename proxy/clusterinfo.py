@@ -1,7 +1,7 @@
 """CLUSTER NODES / SLOTS / SHARDS / INFO rendered from a routing table, as Redis formats them."""
 from __future__ import annotations
 
-from mesh.model.slots import SLOT_COUNT, slot_count
+from core.slots import SLOT_COUNT, slot_count
 
 from .routing import NodeInfo, RoutingTable, format_ranges
 

@@ -17,30 +17,31 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import anyio
 import hiredis
 import structlog
+from anyio.abc import TaskGroup
 
-from mesh.model.slots import key_slot
+from core.address import Address
+from core.slots import key_slot
 
-from .backend import BackendConnection, Pending, request, request_many
+from .admission import TRYAGAIN
+from .backend import BackendConnection, BackendPool, Pending, keep_connected, request, request_many
 from .resp import encode_command
-from .routing import MigratingSlots
-
-if TYPE_CHECKING:
-    from .session import Session
+from .routing import MigratingSlots, RoutingTable
 
 log = structlog.get_logger("proxy.migration")
 
-TRYAGAIN = b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n"
 _ASKING = encode_command([b"ASKING"])
 SCAN_COUNT = 1000
 MOVE_BATCH = 128  # keys per DUMP/RESTORE/UNLINK round
 DEFAULT_KEYS_PER_SECOND = 20_000  # the mover's rate limit (mesh-proxy --migration-rate)
 MOVE_RETRY_WAIT = 0.5  # after a failed batch (the target unreachable, say)
+GATE_DRAIN_TIMEOUT = 5.0  # an ended migration waits this long for gated commands in flight
 
 
 @dataclass
@@ -68,10 +69,18 @@ class MigrationProgress:
                 "started_at": self.started_at}
 
 
+class Client(Protocol):
+    """The session a gated command came from: its protocol, and where to say it is done."""
+
+    resp3: bool
+
+    def replies_arrived(self) -> None: ...
+
+
 class _Request:
     __slots__ = ("gate", "session", "argv", "keys", "slot", "pending", "check")
 
-    def __init__(self, gate: SlotGate, session: Session, argv: list[bytes], keys: list[bytes],
+    def __init__(self, gate: SlotGate, session: Client, argv: list[bytes], keys: list[bytes],
                  slot: int, pending: Pending) -> None:
         self.gate, self.session, self.argv, self.keys = gate, session, argv, keys
         self.slot, self.pending = slot, pending
@@ -102,7 +111,7 @@ class SlotGate:
         self.quiet = anyio.Event()  # set when a busy key is released
         self.closed = False
 
-    def submit(self, session: Session, argv: list[bytes], keys: list[bytes], slot: int,
+    def submit(self, session: Client, argv: list[bytes], keys: list[bytes], slot: int,
                pending: Pending) -> None:
         req = _Request(self, session, argv, keys, slot, pending)
         if self.closed:
@@ -259,3 +268,99 @@ async def _move_batch(gate: SlotGate, keys: list[bytes], backend: BackendConnect
         progress.error = ""
     finally:
         gate.release(keys)
+
+
+class Migrations:
+    """The migrations this node takes part in, kept in step with the routing table: a gate
+    per running migration, and on the source a mover task that copies its keys."""
+
+    def __init__(self, pool: BackendPool, keys_per_second: int,
+                 current_table: Callable[[], RoutingTable]) -> None:
+        self.pool = pool
+        self.keys_per_second = keys_per_second  # 0: no limit
+        self.current_table = current_table
+        self.gates: dict[str, SlotGate] = {}
+        self._scopes: dict[str, anyio.CancelScope] = {}
+        self._progress: dict[str, MigrationProgress] = {}
+        self._tg: TaskGroup | None = None
+
+    async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
+        """Own the migrations' tasks until cancelled."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self._tg = None
+                for gate in self.gates.values():
+                    gate.close()
+
+    def progress(self) -> dict[str, dict]:
+        return {mid: p.as_dict() for mid, p in self._progress.items()}
+
+    def reconcile(self, table: RoutingTable) -> None:
+        running = table.migrations()
+        for mid, (marker, mask) in running.items():
+            gate = self.gates.get(mid)
+            if gate is not None and gate.marker.source == marker.source:
+                continue
+            if gate is not None:
+                self._end(mid)
+            conns = {resp3: self.pool.dedicated(resp3) for resp3 in (False, True)}
+            forwards = {resp3: self._peer_connection(marker.peer, resp3) for resp3 in (False, True)}
+            gate = self.gates[mid] = SlotGate(marker, conns, forwards if marker.source else {})
+            assert self._tg is not None, "Migrations.run() has not started"
+            self._tg.start_soon(self._run, gate, mask)
+        for mid in [m for m in self.gates if m not in running]:
+            self._end(mid)
+
+    def _peer_connection(self, address: str, resp3: bool) -> BackendConnection:
+        """A connection to another proxy of this cluster, authenticated as a peer."""
+        peer = Address.parse(address)
+        password_hash = self.current_table().password_hash
+        handshake = ([b"UMCTL", b"AUTHPEER", password_hash.encode()],) if password_hash else ()
+        return BackendConnection(peer.host, peer.port, resp3, handshake=handshake)
+
+    def _end(self, mid: str) -> None:
+        self.gates.pop(mid).close()
+        scope = self._scopes.pop(mid, None)
+        if scope is not None:
+            scope.cancel()
+        self._progress.pop(mid, None)
+
+    async def _run(self, gate: SlotGate, mask: bytearray) -> None:
+        mid = gate.marker.migration_id
+        links = [*gate.conns.values(), *gate.forwards.values()]
+        with anyio.CancelScope() as scope:
+            self._scopes[mid] = scope
+            try:
+                async with anyio.create_task_group() as tg:
+                    for link in links:  # closed below, once commands in flight are answered
+                        tg.start_soon(keep_connected, link, False)
+                    if gate.marker.source:
+                        await self._move_keys(gate, mask)
+            finally:
+                with anyio.move_on_after(GATE_DRAIN_TIMEOUT, shield=True):
+                    while gate.busy:  # let checks in flight finish on their connection
+                        await anyio.sleep(0.01)
+                for link in links:
+                    link.close()
+
+    async def _move_keys(self, gate: SlotGate, mask: bytearray) -> None:
+        mid = gate.marker.migration_id
+        progress = self._progress.setdefault(mid, MigrationProgress(mid))
+        while True:
+            backend = self.pool.dedicated(False)
+            target = self._peer_connection(gate.marker.peer, False)
+            try:
+                await backend.connect()
+                await target.connect()
+                await run_mover(gate, mask, backend, target, progress, self.keys_per_second)
+            except OSError as exc:
+                progress.error = str(exc)
+                log.warning("migration_batch_failed", migration=mid, error=str(exc))
+            finally:
+                backend.close()
+                target.close()
+            await anyio.sleep(MOVE_RETRY_WAIT)

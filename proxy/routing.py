@@ -8,9 +8,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from mesh.model.slots import SLOT_COUNT, SlotRange, format_range
+from core.slots import SLOT_COUNT, SlotRange, format_range
 
-from mesh.model.view import ClusterView, MigrationState, hash_password
+from core.view import ClusterView, MigrationState, hash_password
 
 from .umctl import ClusterMeta
 

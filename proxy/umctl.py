@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from mesh.model.slots import SlotRange, SlotRangeError, normalize, overlaps, parse_range
+from core.slots import SlotRange, SlotRangeError, normalize, overlaps, parse_range
 
 
 class UmctlError(ValueError):

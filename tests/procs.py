@@ -108,7 +108,7 @@ def start_proxy(backend: Process | str, port: int | None = None, *extra_args: st
     workdir = tempfile.mkdtemp(prefix=f"mm-proxy-{port}-")
     out = open(os.path.join(workdir, "out.log"), "wb")
     popen = subprocess.Popen(
-        [sys.executable, "-m", "proxy.main", "--listen", f"{HOST}:{port}",
+        [sys.executable, "-m", "node.main", "--listen", f"{HOST}:{port}",
          "--backend", backend_addr, "--log-level", "warning", *extra_args],
         stdout=out, stderr=subprocess.STDOUT,
     )

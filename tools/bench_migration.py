@@ -96,7 +96,7 @@ def moonmesh(args: argparse.Namespace, launcher: Launcher) -> dict:
         redis_port, port = free_port(), free_port()
         backends[f"{HOST}:{port}"] = redis_port
         launcher.redis(redis_port)
-        launcher.start(f"proxy-{port}", [sys.executable, "-m", "proxy.main", "--listen",
+        launcher.start(f"proxy-{port}", [sys.executable, "-m", "node.main", "--listen",
                                          f"{HOST}:{port}", "--backend", f"{HOST}:{redis_port}",
                                          "--etcd", etcd, "--log-level", "warning",
                                          "--migration-rate", str(args.migration_rate)], port)

@@ -95,7 +95,7 @@ class Processes:
 
     def proxy(self, backend: int) -> tuple[int, subprocess.Popen]:
         port = free_port()
-        proc = self.start([sys.executable, "-m", "proxy.main", "--listen", f"{HOST}:{port}",
+        proc = self.start([sys.executable, "-m", "node.main", "--listen", f"{HOST}:{port}",
                            "--backend", f"{HOST}:{backend}", "--log-level", "warning"], port,
                           cwd=ROOT)
         return port, proc

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .view import ClusterView, validate
+from core.view import ClusterView, validate
 
 
 def without_departed(view: ClusterView, departing: set[str],

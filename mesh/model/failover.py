@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .slots import normalize, slot_count
-from .view import ClusterView, NodeAddress, Shard, validate
+from core.slots import normalize, slot_count
+from core.view import ClusterView, NodeAddress, Shard, validate
 
 DEFAULT_GRACE = 2.0  # seconds a node must stay dead before the leader acts
 

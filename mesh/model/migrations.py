@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .slots import SLOT_COUNT, SlotRange, normalize, ranges_of, slot_count
-from .view import ClusterView, Migration, MigrationState, Shard, validate
+from core.slots import SLOT_COUNT, SlotRange, normalize, ranges_of, slot_count
+from core.view import ClusterView, Migration, MigrationState, Shard, validate
 
 MAX_PARALLEL_MIGRATIONS = 2
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .nodes import NodeRecord
+from core.nodes import NodeRecord
 
 
 class PlacementError(ValueError):

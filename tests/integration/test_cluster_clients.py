@@ -10,7 +10,7 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from mesh.model.slots import key_slot
+from core.slots import key_slot
 from tests.procs import command
 
 KEYS = 10_000

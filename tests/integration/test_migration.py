@@ -12,7 +12,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from mesh.model.slots import key_slot
+from core.slots import key_slot
 from tests.procs import command
 
 COUNTER_KEYS = 300

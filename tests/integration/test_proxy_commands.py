@@ -8,7 +8,7 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from mesh.model.slots import key_slot
+from core.slots import key_slot
 from proxy.resp import encode_command, scan_reply
 from tests.procs import command
 

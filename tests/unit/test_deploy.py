@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from proxy.main import build_parser
+from node.main import build_parser
 from tests.procs import etcd_binary
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

@@ -3,8 +3,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from mesh.model.failover import Health, plan_failover
-from mesh.model.slots import slot_count
-from mesh.model.view import ClusterConfig, NodeAddress
+from core.slots import slot_count
+from core.view import ClusterConfig, NodeAddress
 from tests.unit.test_view import make_view
 
 NOW = 100.0

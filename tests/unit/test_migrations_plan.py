@@ -6,8 +6,8 @@ import pytest
 
 from mesh.model.migrations import (PlanError, cancel, commit, manual, moved_slots, plan,
                                    start_next, with_plan)
-from mesh.model.slots import slot_count
-from mesh.model.view import MigrationState, NodeAddress, Shard, validate
+from core.slots import slot_count
+from core.view import MigrationState, NodeAddress, Shard, validate
 from tests.unit.test_view import make_view
 
 

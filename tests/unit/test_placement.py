@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from mesh.model.nodes import Assignment, NodeRecord, NodeStatus, RecordError
+from core.nodes import Assignment, NodeRecord, NodeStatus, RecordError
 from mesh.model.placement import PlacementError, host_of, place
 
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from mesh.model.slots import key_slot, normalize, parse_range
+from core.slots import key_slot, normalize, parse_range
 from proxy import clusterinfo
 from proxy.routing import SLOT_NOT_SERVED, empty_table, node_id, table_from_meta
 from proxy.umctl import parse_setcluster

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from mesh.model.view import (ClusterConfig, ClusterView, Migration, NodeAddress, Shard, ViewError,
+from core.view import (ClusterConfig, ClusterView, Migration, NodeAddress, Shard, ViewError,
                              even_split, from_json, to_json, validate)
 
 

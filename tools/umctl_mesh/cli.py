@@ -12,7 +12,7 @@ import sys
 
 import anyio
 
-from mesh.model.view import ClusterView, slots_of
+from core.view import ClusterView, slots_of
 from mesh.store.etcd import EtcdStore, StoreError
 
 from . import local, ops
@@ -395,7 +395,7 @@ async def cmd_migrate(store: EtcdStore, args: argparse.Namespace) -> int:
         return await follow(store, args, new.cluster) if args.wait else 0
     if len(args.words) != 1 or not args.slots or not args.to:
         raise ops.OpError("usage: umctl-mesh migrate NAME --slots A-B [--slots C-D] --to SHARD")
-    from mesh.model.slots import SlotRangeError, normalize, parse_range
+    from core.slots import SlotRangeError, normalize, parse_range
 
     try:
         ranges = normalize(parse_range(r) for r in args.slots)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import anyio
 
-from mesh.model.view import even_split
+from core.view import even_split
 from mesh.store.etcd import EtcdStore
 from proxy.resp import scan_reply
 
@@ -189,7 +189,7 @@ def _start_standalone(launcher: Launcher, args: argparse.Namespace, proxy_ports:
                       redis_ports: list[int]):  # noqa: ANN202
     for proxy_port, redis_port in zip(proxy_ports, redis_ports):
         launcher.start(f"proxy-{proxy_port}",
-                       [sys.executable, "-m", "proxy.main", "--listen", f"{HOST}:{proxy_port}",
+                       [sys.executable, "-m", "node.main", "--listen", f"{HOST}:{proxy_port}",
                         "--backend", f"{HOST}:{redis_port}"], proxy_port)
     proxies = [f"{HOST}:{p}" for p in proxy_ports]
     backends = [f"{HOST}:{p}" for p in redis_ports]
@@ -227,7 +227,7 @@ def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[
     print(f"etcd on {etcd}")
     for proxy_port, redis_port in zip(proxy_ports, redis_ports):
         launcher.start(f"proxy-{proxy_port}",
-                       [sys.executable, "-m", "proxy.main", "--listen", f"{HOST}:{proxy_port}",
+                       [sys.executable, "-m", "node.main", "--listen", f"{HOST}:{proxy_port}",
                         "--backend", f"{HOST}:{redis_port}", "--etcd", etcd,
                         "--node-id", f"node-{proxy_port}"], proxy_port)
     print(f"{len(proxy_ports)} nodes on {HOST}:{proxy_ports[0]}..{proxy_ports[-1]} "

@@ -1,4 +1,5 @@
-"""`mesh-proxy`: a Redis Cluster node in front of one Redis."""
+"""`mesh-proxy`: a Redis Cluster node in front of one Redis; with --etcd, a mesh node whose
+agent (mesh/) drives the data path (proxy/) through its control port."""
 from __future__ import annotations
 
 import argparse
@@ -7,18 +8,25 @@ import sys
 
 import anyio
 import structlog
+from anyio.abc import TaskGroup
 
-from mesh import logs
+from typing import TYPE_CHECKING
 
-from .migration import DEFAULT_KEYS_PER_SECOND
-from .server import ProxyServer
+from core import logs
+
+from core.address import Address, AddressError
+from proxy.migration import DEFAULT_KEYS_PER_SECOND
+from proxy.server import ProxyServer
+
+if TYPE_CHECKING:
+    from mesh.agent import NodeAgent
 
 
 def parse_address(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got '{text}'")
-    return text
+    try:
+        return str(Address.parse(text))
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,11 +67,7 @@ async def serve(args: argparse.Namespace) -> None:
                          args.migration_rate)
     async with anyio.create_task_group() as tg:
         await tg.start(server.run)
-        agent = None
-        if args.etcd:
-            from mesh.node import start_agent
-
-            agent = await start_agent(tg, server, args)
+        agent = await start_agent(tg, server, args) if args.etcd else None
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 structlog.get_logger("proxy").info("proxy_stopping", signal=signum.name)
@@ -71,6 +75,29 @@ async def serve(args: argparse.Namespace) -> None:
                     await agent.leave()
                 tg.cancel_scope.cancel()
                 break
+
+
+async def start_agent(tg: TaskGroup, server: ProxyServer, args: argparse.Namespace) -> NodeAgent:
+    """Start the node's agent in `tg`; its etcd store closes when the task group ends."""
+    from mesh.agent import NodeAgent, NodeConfig
+    from mesh.store.etcd import EtcdStore
+
+    store = EtcdStore(args.etcd, root=args.etcd_root)
+    server.control.managed = True
+    announce = Address.parse(server.announce)
+    config = NodeConfig(
+        node_id=args.node_id or f"node-{announce.port}",
+        proxy=server.announce, backend=server.backend_address,
+        host=args.host_tag or announce.host,
+        backend_password=args.backend_password)
+    agent = NodeAgent(store, server.control, config)
+
+    async def run() -> None:
+        async with store:
+            await agent.run()
+
+    tg.start_soon(run)
+    return agent
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,2 @@
+"""`mesh-proxy`: the process that wires the data path (proxy/) to the control plane (mesh/).
+It sits above both; neither imports it."""

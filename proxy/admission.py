@@ -1,0 +1,278 @@
+"""Whether a command may run, and where: one pure decision. No sockets, no clock.
+
+`decide()` is evaluated when a command is about to be sent to Redis (never earlier), from one
+routing table and one write permission, each an immutable snapshot the control port swaps
+whole. The session turns the outcome into action; tests feed it tables (tests/unit/
+test_admission.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from binascii import crc_hqx
+
+from core.slots import SLOT_MASK, key_slot
+
+from . import commands, policy
+from .policy import Kind
+from .resp import error
+from .routing import MigratingSlots, RoutingTable
+
+CROSSSLOT = b"-CROSSSLOT Keys in request don't hash to the same slot\r\n"
+NOAUTH = b"-NOAUTH Authentication required.\r\n"
+TRYAGAIN = b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n"
+FENCED = (b"-CLUSTERDOWN this node lost contact with the mesh and refuses writes until it "
+          b"rejoins\r\n")
+
+# Answered without AUTH (as Redis does); everything else needs it when a password is set.
+NO_AUTH_NEEDED = frozenset({b"AUTH", b"HELLO", b"QUIT", b"RESET", b"UMCTL"})
+# The proxy's own commands that take effect at once even inside MULTI.
+RUN_INSIDE_MULTI = frozenset({b"QUIT", b"RESET", b"UMCTL"})
+# ... and those Redis can queue and answer in EXEC's reply.
+QUEUE_INSIDE_MULTI = frozenset({b"PING", b"ECHO"})
+
+
+@dataclass(frozen=True, slots=True)
+class WritePermission:
+    """May this node take writes now? Swapped whole by the control port; read per write."""
+
+    deadline: float = float("inf")  # time.monotonic() past which writes are refused
+    fenced: bool = False  # the lease may have expired: no writes until the view is re-read
+    handing_over: bool = False  # a graceful failover is switching masters: retry soon
+
+    def refusal(self, now: float) -> bytes | None:
+        """The reply to a write at `now`, or None when it may run."""
+        if self.fenced or now > self.deadline:
+            return FENCED
+        if self.handing_over:
+            return TRYAGAIN
+        return None
+
+
+class ClientState(Protocol):
+    """What the decision reads of a client (a Session, or a value in tests)."""
+
+    auth_hash: str | None  # the password hash this client authenticated against
+    asked: bool  # ASKING came right before this command
+    readonly: bool  # READONLY: reads of a replica's slots are served here
+    in_multi: bool
+
+
+# -- outcomes --------------------------------------------------------------------------------
+class Forward:
+    """Send the command to this node's Redis on the client's current connection."""
+
+    __slots__ = ("synced",)
+
+    def __init__(self, synced: bool) -> None:
+        self.synced = synced  # synchronous mode: acknowledge once WAIT says replicas have it
+
+
+class Local:
+    """The proxy answers it itself (`name`: the command or 'CONTAINER|SUB')."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+
+
+class Dedicated:
+    """Needs a backend connection of the client's own (transactions, scripts, blocking)."""
+
+    __slots__ = ()
+
+
+class Subscribe:
+    """Pub/sub: a dedicated connection whose replies all go to the client as they come."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Answer `reply` (an error) and send nothing."""
+
+    reply: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """Answer `reply` (-MOVED, or -CLUSTERDOWN for a slot nobody serves) and send nothing."""
+
+    reply: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """A slot of a running migration: the migration's gate checks where the keys are."""
+
+    migration_id: str
+    keys: tuple[bytes, ...]
+    slot: int
+
+
+Outcome = Forward | Local | Dedicated | Subscribe | Refuse | Redirect | Gate
+
+FORWARD = Forward(False)
+FORWARD_SYNCED = Forward(True)
+DEDICATED = Dedicated()
+SUBSCRIBE = Subscribe()
+
+
+def _build_dispatch() -> dict[bytes, tuple[Kind, commands.CommandSpec]]:
+    table = {name: (policy.kind_of(name.decode()), spec)
+             for name, spec in commands.COMMANDS.items()}
+    # the proxy's own command, unknown to Redis
+    table[b"UMCTL"] = (Kind.LOCAL, commands.CommandSpec(
+        name=b"UMCTL", arity=-2, flags=frozenset(), first_key=0, last_key=0, key_step=0,
+        movable=False, min_argc=2, max_argc=1 << 31,
+        arity_error="ERR wrong number of arguments for 'umctl' command"))
+    return table
+
+
+DISPATCH = _build_dispatch()
+_LOCAL = {spec.name: Local(spec.name) for kind, spec in DISPATCH.values() if kind is Kind.LOCAL}
+for _kind, _spec in DISPATCH.values():
+    for _sub in (_spec.subcommands or {}).values():
+        if policy.kind_of(_sub.name.decode()) is Kind.LOCAL:
+            _LOCAL[_sub.name] = Local(_sub.name)
+# Redis 7.2's, sent by new clients, unknown to the 7.0 table: nothing to keep
+CLIENT_SETINFO = _LOCAL[b"CLIENT|SETINFO"] = Local(b"CLIENT|SETINFO")
+
+
+def unknown_command(argv: list[bytes]) -> bytes:
+    shown = " ".join(f"'{a.decode(errors='replace')[:128]}'" for a in argv[1:21])
+    return error(f"ERR unknown command '{argv[0].decode(errors='replace')[:128]}', "
+                 f"with args beginning with: {shown}")
+
+
+def decide(argv: list[bytes], table: RoutingTable, client: ClientState,
+           permission: WritePermission, now: float) -> Outcome:
+    """Where `argv` goes, decided from `table` and `permission` as they are now."""
+    name = argv[0].upper()
+    entry = DISPATCH.get(name)
+    if entry is None:
+        return Refuse(unknown_command(argv))
+    kind, spec = entry
+    if spec.subcommands is not None and len(argv) > 1 and kind is not Kind.LOCAL:
+        sub = spec.subcommands.get(argv[1].upper())
+        if sub is not None:
+            spec = sub
+            kind = policy.kind_of(spec.name.decode())
+        elif name == b"CLIENT":
+            if argv[1].upper() == b"SETINFO":
+                return CLIENT_SETINFO
+            return Refuse(error(f"ERR unknown or unsupported subcommand "
+                                f"'{argv[1].upper().decode(errors='replace')}' of CLIENT "
+                                "through moonmesh"))
+    if not spec.min_argc <= len(argv) <= spec.max_argc:
+        return Refuse(error(commands.arity_error(spec)))
+    if client.auth_hash != table.password_hash and name not in NO_AUTH_NEEDED:
+        return Refuse(NOAUTH)
+    write = "write" in spec.flags
+    if write:
+        refusal = permission.refusal(now)
+        if refusal is not None:
+            return Refuse(refusal)
+    if kind is Kind.KEYED:
+        if spec.first_key or spec.movable:
+            routed = _route(spec, argv, table, client, gated=True)
+            if routed is not None:
+                return routed
+        return FORWARD_SYNCED if write and table.min_replicas_ack else FORWARD
+    if kind is Kind.LOCAL:
+        if client.in_multi and name not in RUN_INSIDE_MULTI:
+            if name in QUEUE_INSIDE_MULTI:
+                return FORWARD  # Redis queues it and answers it in EXEC's reply
+            return Refuse(error(f"ERR {name.decode()} inside MULTI is not supported through "
+                                "moonmesh"))
+        return _LOCAL[spec.name]
+    if kind is Kind.DEDICATED or kind is Kind.SUBSCRIBE:
+        if spec.first_key or spec.movable:
+            routed = _route(spec, argv, table, client, gated=False)
+            if routed is not None:
+                return routed
+        return DEDICATED if kind is Kind.DEDICATED else SUBSCRIBE
+    return Refuse(error(policy.refusal(spec.name.decode())))
+
+
+def _route(spec: commands.CommandSpec, argv: list[bytes], table: RoutingTable,
+           client: ClientState, gated: bool) -> Outcome | None:
+    """None when this node serves the command's keys now, else the outcome. `gated`: the
+    command may go through the gate of a migrating slot; otherwise such a slot answers
+    -TRYAGAIN on the source."""
+    if spec.movable or spec.last_key != spec.first_key:
+        try:
+            positions = commands.key_indices(spec, argv)
+        except commands.CommandArgsError as exc:
+            return Refuse(error(str(exc)))
+        if not positions:
+            positions = commands.shard_channel_indices(spec, argv)
+            if not positions:
+                return None
+        slot = key_slot(argv[positions[0]])
+        for i in positions[1:]:
+            if key_slot(argv[i]) != slot:
+                return Refuse(CROSSSLOT)
+    else:
+        positions = [spec.first_key]
+        slot = key_slot(argv[spec.first_key])
+    route = table.routes[slot]
+    if route is None:
+        return None
+    if route.__class__ is bytes:
+        if client.readonly and table.readable and table.readable[slot] \
+                and "readonly" in spec.flags:
+            return None  # READONLY: a replica serves reads of its master's slots
+        return Redirect(route)  # type: ignore[arg-type]
+    assert isinstance(route, MigratingSlots)
+    if not route.source:  # the target serves a migrating slot only after ASKING
+        if not client.asked:
+            return Redirect(route.moved(slot))
+        if len(positions) == 1 or not gated:
+            return None
+    elif not gated:
+        return Refuse(TRYAGAIN)
+    return Gate(route.migration_id, tuple(argv[i] for i in positions), slot)
+
+
+def _build_plain() -> dict[bytes, tuple[int, int, bool]]:
+    """Commands of one key at argv[1] that need nothing but routing (GET, SET, HSET, ...):
+    name as clients usually spell it -> (min argc, max argc, is a write)."""
+    plain = {}
+    for name, (kind, spec) in DISPATCH.items():
+        if (kind is Kind.KEYED and spec.subcommands is None and not spec.movable
+                and spec.first_key == spec.last_key == 1):
+            entry = (spec.min_argc, spec.max_argc, "write" in spec.flags)
+            plain[name] = plain[name.lower()] = entry
+    return plain
+
+
+PLAIN = _build_plain()
+
+
+def plain_batch(batch: list[list[bytes]], table: RoutingTable, auth_hash: str | None,
+                permission: WritePermission, now: float) -> bool:
+    """The fast path's decision: True when every command of `batch` is plain and `decide()`
+    would forward it here unsynced, so the batch may go to Redis as the client sent it.
+    Same rules, one pass, no per-command outcome (tests check the two agree)."""
+    if auth_hash != table.password_hash or table.min_replicas_ack:
+        return False
+    routes = None if table.serves_all else table.routes
+    writable = None
+    for argv in batch:
+        entry = PLAIN.get(argv[0])
+        if entry is None or not entry[0] <= len(argv) <= entry[1]:
+            return False
+        if routes is not None:
+            key = argv[1]
+            if routes[key_slot(key) if b"{" in key else crc_hqx(key, 0) & SLOT_MASK] \
+                    is not None:
+                return False
+        if entry[2] and writable is None:
+            writable = permission.refusal(now) is None
+            if not writable:
+                return False
+    return True

@@ -1,0 +1,32 @@
+"""What the client sessions of one proxy share. Built and run by proxy/server.py."""
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from anyio.abc import TaskGroup
+
+from .backend import BackendPool
+from .control import ControlPort
+from .migration import Migrations
+
+
+class ProxyContext:
+    def __init__(self, listen: str, announce: str, backend_address: str, pool: BackendPool,
+                 control: ControlPort, migrations: Migrations) -> None:
+        self.listen = listen
+        self.announce = announce  # the address shown to clients
+        self.backend_address = backend_address
+        self.pool = pool
+        self.control = control  # the routing table and write permission, swapped whole
+        self.migrations = migrations  # the gates of running migrations
+        self.sessions: set[Any] = set()  # the client sessions connected now
+        self.commands_processed = 0
+        self.started_at = time.time()
+        self.task_group: TaskGroup | None = None  # set while the server runs
+
+    def spawn(self, job: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run `job(*args)` in the server's task group (it ends when the server stops)."""
+        assert self.task_group is not None, "the server is not running"
+        self.task_group.start_soon(job, *args)

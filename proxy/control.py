@@ -1,0 +1,90 @@
+"""The control port: the one way into the data path from the control plane.
+
+The mesh agent (and, in standalone mode, `UMCTL SETCLUSTER`) changes what the proxy serves
+only through this object. It holds the two snapshots every command is decided from, the
+routing table and the write permission, and replaces each by swapping one reference, so a
+command reads either the old value or the new one, never a mix.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from enum import Enum
+from typing import Protocol
+
+import structlog
+
+from .admission import WritePermission
+from .routing import RoutingTable, empty_table
+
+log = structlog.get_logger("proxy.control")
+
+
+class Applied(Enum):
+    APPLIED = "applied"
+    STALE = "stale"  # older than the table being served: epochs only move forward
+    WRONG_CLUSTER = "wrong-cluster"  # another cluster's table, and the node is not joining it
+
+
+class Migrations(Protocol):
+    def reconcile(self, table: RoutingTable) -> None: ...
+    def progress(self) -> dict[str, dict]: ...
+
+
+class ControlPort:
+    def __init__(self, migrations: Migrations) -> None:
+        self.table: RoutingTable = empty_table()  # read per command; replaced only by apply()
+        # no writes until the control plane says so (standalone: it never needs to)
+        self.permission = WritePermission()
+        self.lease_ok = False  # the agent holds a live lease (peers ask: UMCTL LEASEOK)
+        self.managed = False  # views come from etcd, not from UMCTL SETCLUSTER
+        self._migrations = migrations  # they follow the table (proxy/migration.py)
+
+    def apply(self, table: RoutingTable, *, joining: bool = False,
+              force: bool = False) -> Applied:
+        """Serve `table` from now on. The epoch check is made here, at the swap: a table
+        older than the current one of the same cluster is refused (`force`: standalone
+        SETCLUSTER FORCE), and so is another cluster's unless the node is `joining` it or
+        leaving for none."""
+        current = self.table
+        if current.configured and table.cluster != current.cluster and table.configured \
+                and not joining:
+            return Applied.WRONG_CLUSTER
+        if table.cluster == current.cluster and table.epoch < current.epoch and not force:
+            return Applied.STALE
+        self.table = table
+        me = table.myself
+        if self.permission.handing_over and (me is None or me.master_id is not None):
+            self.end_handover()  # the view with the new master arrived
+        self._migrations.reconcile(table)
+        log.info("view_applied", cluster=table.cluster, epoch=table.epoch,
+                 slots=[list(r) for r in me.ranges] if me else [], nodes=len(table.nodes))
+        return Applied.APPLIED
+
+    # -- write permission --------------------------------------------------------------------
+    def allow_writes_until(self, deadline: float) -> None:
+        """Take writes until time.monotonic() passes `deadline` (unless fenced)."""
+        if not self.permission.fenced and self.permission.deadline != deadline:
+            self.permission = replace(self.permission, deadline=deadline)
+
+    def fence(self) -> None:
+        """No writes until `unfence`: the lease may have expired."""
+        self.permission = replace(self.permission, fenced=True)
+
+    def unfence(self, deadline: float) -> None:
+        self.permission = replace(self.permission, fenced=False, deadline=deadline)
+
+    @property
+    def fenced(self) -> bool:
+        return self.permission.fenced
+
+    def start_handover(self) -> None:
+        """Writes answer TRYAGAIN until a view shows this node a replica (or it failed)."""
+        self.permission = replace(self.permission, handing_over=True)
+
+    def end_handover(self) -> None:
+        self.permission = replace(self.permission, handing_over=False)
+
+    # -- reports -----------------------------------------------------------------------------
+    def migration_progress(self) -> dict[str, dict]:
+        """Each running migration this node moves keys for: its progress, for the status."""
+        return self._migrations.progress()

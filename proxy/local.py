@@ -1,0 +1,382 @@
+"""The commands the proxy answers itself (PING, AUTH, HELLO, CLUSTER, UMCTL, ...).
+
+Each handler takes the client and the command's argv, after `decide()` returned `Local`;
+`HANDLERS` maps the command's name (or 'CONTAINER|SUB') to it.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from core.slots import SLOT_COUNT, key_slot
+
+from . import __version__, clusterinfo, commands, jobs, policy
+from .admission import NOAUTH
+from .backend import Pending
+from .context import ProxyContext
+from .control import Applied
+from .replies import Rewrite
+from .resp import OK, PONG, Err, bulk, encode, error, integer
+from .routing import format_ranges, hash_password, table_from_meta
+from .umctl import ClusterMeta, UmctlError, parse_setcluster
+
+REDIS_COMPAT_VERSION = "7.0.0"
+# UMCTL's read-only probes (readiness, epoch) work without AUTH; the rest needs it.
+UMCTL_WITHOUT_AUTH = frozenset({b"READY", b"GETEPOCH", b"AUTHPEER", b"LEASEOK"})
+
+
+class Client(Protocol):
+    """What the handlers use of a client session."""
+
+    id: int
+    ctx: ProxyContext
+    transport: asyncio.Transport | None
+    resp3: bool
+    name: bytes
+    auth_hash: str | None
+    asking: bool
+    readonly: bool
+    closing: bool
+
+    def reply(self, data: bytes) -> None: ...
+    def reply_value(self, value: object) -> None: ...
+    def reply_later(self) -> Pending: ...
+    def replies_arrived(self) -> None: ...
+    def forward(self, argv: list[bytes], pending: Pending | None = None) -> None: ...
+    def reset(self) -> None: ...
+    def set_protocol(self, resp3: bool) -> None: ...
+
+
+Handler = Callable[[Client, list[bytes]], None]
+
+
+def ping(c: Client, argv: list[bytes]) -> None:
+    c.reply(PONG if len(argv) == 1 else bulk(argv[1]))
+
+
+def echo(c: Client, argv: list[bytes]) -> None:
+    c.reply(bulk(argv[1]))
+
+
+def select(c: Client, argv: list[bytes]) -> None:
+    c.reply(OK if argv[1] == b"0" else error("ERR SELECT is not allowed in cluster mode"))
+
+
+def quit_(c: Client, argv: list[bytes]) -> None:
+    c.reply(OK)
+    c.closing = True
+
+
+def reset(c: Client, argv: list[bytes]) -> None:
+    c.reset()
+
+
+def asking(c: Client, argv: list[bytes]) -> None:
+    c.asking = True
+    c.reply(OK)
+
+
+def readonly(c: Client, argv: list[bytes]) -> None:
+    c.readonly = True
+    c.reply(OK)
+
+
+def readwrite(c: Client, argv: list[bytes]) -> None:
+    c.readonly = False
+    c.reply(OK)
+
+
+def _password_error(c: Client, user: bytes, password: bytes) -> bytes | None:
+    """The error for a failed login, or None once `c` is authenticated."""
+    expected = c.ctx.control.table.password_hash
+    if expected is None:
+        return error("ERR AUTH <password> called without any password configured for the "
+                     "default user. Are you sure your configuration is correct?")
+    if user != b"default" or hash_password(password.decode(errors="replace")) != expected:
+        return error("WRONGPASS invalid username-password pair or user is disabled.")
+    c.auth_hash = expected
+    return None
+
+
+def auth(c: Client, argv: list[bytes]) -> None:
+    if len(argv) > 3:
+        c.reply(error("ERR syntax error"))
+        return
+    user = argv[1] if len(argv) == 3 else b"default"
+    c.reply(_password_error(c, user, argv[-1]) or OK)
+
+
+def hello(c: Client, argv: list[bytes]) -> None:
+    protocol = 3 if c.resp3 else 2
+    i = 1
+    if len(argv) > 1:
+        try:
+            protocol = int(argv[1])
+        except ValueError:
+            c.reply(error("ERR Protocol version is not an integer or out of range"))
+            return
+        if protocol not in (2, 3):
+            c.reply(error("NOPROTO unsupported protocol version"))
+            return
+        i = 2
+    name = None
+    while i < len(argv):
+        opt = argv[i].upper()
+        if opt == b"AUTH" and i + 2 < len(argv):
+            failed = _password_error(c, argv[i + 1], argv[i + 2])
+            if failed is not None:
+                c.reply(failed)
+                return
+            i += 3
+        elif opt == b"SETNAME" and i + 1 < len(argv):
+            name = argv[i + 1]
+            i += 2
+        else:
+            c.reply(error(f"ERR Syntax error in HELLO option '{opt.decode(errors='replace')}'"))
+            return
+    if c.auth_hash != c.ctx.control.table.password_hash:
+        c.reply(error("NOAUTH HELLO must be called with the client already authenticated, "
+                      "otherwise the HELLO <proto> AUTH <user> <pass> option can be used "
+                      "to authenticate the client and select the RESP protocol version "
+                      "at the same time"))
+        return
+    if name is not None:
+        c.name = name
+    if (protocol == 3) != c.resp3:
+        c.set_protocol(protocol == 3)
+    c.reply_value({"server": "redis", "version": REDIS_COMPAT_VERSION, "proto": protocol,
+                   "id": c.id, "mode": "cluster", "role": "master", "modules": []})
+
+
+def client_setname(c: Client, argv: list[bytes]) -> None:
+    c.name = argv[2]
+    c.reply(OK)
+
+
+def client_getname(c: Client, argv: list[bytes]) -> None:
+    c.reply_value(c.name or None)
+
+
+def client_id(c: Client, argv: list[bytes]) -> None:
+    c.reply(integer(c.id))
+
+
+def client_setinfo(c: Client, argv: list[bytes]) -> None:
+    c.reply(OK)
+
+
+def client_info(c: Client, argv: list[bytes]) -> None:
+    peer = c.transport.get_extra_info("peername") if c.transport else None
+    addr = f"{peer[0]}:{peer[1]}" if peer else "?"
+    c.reply(bulk(f"id={c.id} addr={addr} name={c.name.decode(errors='replace')} "
+                 f"db=0 resp={3 if c.resp3 else 2}\n"))
+
+
+def config_set(c: Client, argv: list[bytes]) -> None:
+    if len(argv) % 2:
+        c.reply(error(commands.arity_error(commands.COMMANDS[b"CONFIG"].subcommands[b"SET"])))  # type: ignore[index]
+        return
+    for param in argv[2::2]:
+        name = param.decode(errors="replace").lower()
+        if name in policy.DANGEROUS_CONFIG:
+            c.reply(error(f"ERR CONFIG SET {name} is not allowed through moonmesh: it "
+                          "would break the node's link, replication or persistence"))
+            return
+    c.forward(argv)
+
+
+def info_section(ctx: ProxyContext) -> str:
+    table = ctx.control.table
+    fields = {
+        "proxy_version": __version__,
+        "proxy_pid": os.getpid(),
+        "proxy_address": ctx.announce,
+        "proxy_backend": ctx.backend_address,
+        "proxy_backend_up": int(ctx.pool.healthy),
+        "proxy_cluster": table.cluster,
+        "proxy_epoch": table.epoch,
+        "proxy_connected_clients": len(ctx.sessions),
+        "proxy_commands_processed": ctx.commands_processed,
+        "proxy_uptime_in_seconds": int(time.time() - ctx.started_at),
+    }
+    return "# Proxy\r\n" + "".join(f"{k}:{v}\r\n" for k, v in fields.items())
+
+
+def info(c: Client, argv: list[bytes]) -> None:
+    sections = {a.lower() for a in argv[1:]}
+    extra = info_section(c.ctx)
+    if sections == {b"proxy"}:
+        c.reply(bulk(extra))
+        return
+    if sections and not sections & {b"proxy", b"all", b"everything", b"default"}:
+        c.forward(argv)
+        return
+
+    def add_proxy_section(data: bytes) -> bytes:
+        if data[:1] not in (b"$", b"="):
+            return data
+        header_end = data.index(b"\r\n")
+        body = data[header_end + 2 : -2] + b"\r\n" + extra.encode()
+        return b"%s%d\r\n%s\r\n" % (data[:1], len(body), body)
+
+    c.forward([a for a in argv if a.lower() != b"proxy"], Rewrite(add_proxy_section))
+
+
+def apply_setcluster(ctx: ProxyContext, meta: ClusterMeta) -> bytes:
+    """Standalone mode's in-band metadata; returns the reply."""
+    control = ctx.control
+    if control.managed:
+        return error("ERR this proxy follows the mesh's views in etcd; use umctl-mesh")
+    if meta.epoch <= control.table.epoch and not meta.force:
+        return error(f"OLD_EPOCH current epoch is {control.table.epoch}")
+    foreign = [e.address for e in meta.local if e.address != ctx.backend_address]
+    if foreign:
+        return error(f"ERR_NOT_MY_META this proxy fronts {ctx.backend_address}, "
+                     f"not {foreign[0]}")
+    result = control.apply(table_from_meta(meta, ctx.announce), joining=True, force=meta.force)
+    return OK if result is Applied.APPLIED else error(f"ERR view not applied: {result.value}")
+
+
+def umctl_info(ctx: ProxyContext) -> list:
+    table = ctx.control.table
+    me = table.myself
+    return [
+        "Cluster", [table.cluster, "epoch", table.epoch,
+                    "local", [f"{ctx.backend_address} {' '.join(format_ranges(me.ranges))}"]
+                    if me else [],
+                    "peer", [f"{n.address} {' '.join(format_ranges(n.ranges))}"
+                             for n in table.nodes if not n.myself],
+                    "config", [f"{k} {v}" for k, v in table.config]],
+        "Backend", [ctx.backend_address, "up" if ctx.pool.healthy else "down"],
+    ]
+
+
+async def _handover(c: Client, pending: Pending, host: bytes, port: bytes,
+                    timeout_ms: bytes) -> None:
+    control = c.ctx.control
+    reply = await jobs.handover(c.ctx.pool, host, port, timeout_ms)
+    if reply != OK:
+        control.end_handover()
+    pending.data = reply
+    c.replies_arrived()
+
+
+def umctl(c: Client, argv: list[bytes]) -> None:
+    sub = argv[1].upper() if len(argv) > 1 else b""
+    ctx = c.ctx
+    table = ctx.control.table
+    if c.auth_hash != table.password_hash and sub not in UMCTL_WITHOUT_AUTH:
+        c.reply(NOAUTH)
+        return
+    if sub == b"SETCLUSTER":
+        try:
+            meta = parse_setcluster(argv[2:])
+        except UmctlError as exc:
+            c.reply(error(str(exc)))
+            return
+        c.reply(apply_setcluster(ctx, meta))
+    elif sub == b"AUTHPEER":  # a peer proxy moving keys here proves it knows the cluster
+        if len(argv) == 3 and table.password_hash is not None \
+                and argv[2].decode(errors="replace") == table.password_hash:
+            c.auth_hash = table.password_hash
+            c.reply(OK)
+        else:
+            c.reply(error("WRONGPASS invalid peer credentials"))
+    elif sub == b"HANDOVER":  # UMCTL HANDOVER <host> <port> <timeout ms>: graceful failover
+        if len(argv) != 5 or not argv[3].isdigit() or not argv[4].isdigit():
+            c.reply(error("ERR usage: UMCTL HANDOVER <replica host> <port> <timeout ms>"))
+            return
+        # writes answer TRYAGAIN from now until a view shows this node as a replica
+        # (umctl-mesh writes it after the swap)
+        ctx.control.start_handover()
+        ctx.spawn(_handover, c, c.reply_later(), argv[2], argv[3], argv[4])
+    elif sub == b"LEASEOK":  # asked by a peer deciding whether to fence itself
+        c.reply(integer(1 if ctx.control.lease_ok else 0))
+    elif sub == b"GETEPOCH":
+        c.reply(integer(table.epoch))
+    elif sub == b"READY":
+        me = table.myself
+        c.reply(integer(1 if me is not None and me.ranges and ctx.pool.healthy else 0))
+    elif sub == b"INFO":
+        c.reply_value(umctl_info(ctx))
+    elif sub == b"LISTCLUSTER":
+        c.reply_value([table.cluster] if table.configured else [])
+    else:
+        c.reply(error("ERR unknown UMCTL subcommand; try SETCLUSTER, GETEPOCH, INFO, "
+                      "READY or LISTCLUSTER"))
+
+
+async def _keys_in_slot(c: Client, pending: Pending, slot: int, count: int | None) -> None:
+    keys = await jobs.keys_in_slot(c.ctx.pool, slot, count)
+    if isinstance(keys, Err):
+        pending.data = error(keys)
+    else:
+        pending.data = encode(len(keys) if count is None else keys[:count], c.resp3)
+    c.replies_arrived()
+
+
+def cluster(c: Client, argv: list[bytes]) -> None:
+    sub = argv[1].upper().decode(errors="replace") if len(argv) > 1 else "HELP"
+    if sub not in policy.CLUSTER_LOCAL:
+        c.reply(error(f"ERR CLUSTER {sub} is not allowed through moonmesh: the mesh "
+                      "manages the cluster's topology"))
+        return
+    table = c.ctx.control.table
+    if sub == "NODES":
+        c.reply(bulk(clusterinfo.cluster_nodes(table)))
+    elif sub == "SLOTS":
+        c.reply_value(clusterinfo.cluster_slots(table))
+    elif sub == "SHARDS":
+        c.reply_value(clusterinfo.cluster_shards(table))
+    elif sub == "INFO":
+        c.reply(bulk(clusterinfo.cluster_info(table)))
+    elif sub == "MYID":
+        me = table.myself
+        c.reply(bulk(me.node_id if me else ""))
+    elif sub == "LINKS":
+        c.reply_value([])
+    elif sub in ("REPLICAS", "SLAVES"):
+        if len(argv) != 3:
+            c.reply(error(f"ERR wrong number of arguments for 'cluster|{sub.lower()}' command"))
+            return
+        master = argv[2].decode(errors="replace")
+        if not any(n.node_id == master for n in table.nodes):
+            c.reply(error(f"ERR Unknown node {master}"))
+            return
+        lines = clusterinfo.cluster_nodes(table).splitlines(keepends=True)
+        c.reply_value([line for line in lines if f" {master} " in line])
+    elif sub == "HELP":
+        c.reply_value([f"CLUSTER {s}" for s in sorted(policy.CLUSTER_LOCAL)])
+    elif sub == "KEYSLOT":
+        if len(argv) != 3:
+            c.reply(error("ERR wrong number of arguments for 'cluster|keyslot' command"))
+            return
+        c.reply(integer(key_slot(argv[2])))
+    else:  # COUNTKEYSINSLOT slot / GETKEYSINSLOT slot count
+        want = 3 if sub == "COUNTKEYSINSLOT" else 4
+        if len(argv) != want:
+            c.reply(error(f"ERR wrong number of arguments for 'cluster|{sub.lower()}' command"))
+            return
+        try:
+            slot = int(argv[2])
+            count = int(argv[3]) if want == 4 else None
+        except ValueError:
+            c.reply(error("ERR Invalid slot or number of keys"))
+            return
+        if not 0 <= slot < SLOT_COUNT or (count is not None and count < 0):
+            c.reply(error("ERR Invalid slot or number of keys"))
+            return
+        c.ctx.spawn(_keys_in_slot, c, c.reply_later(), slot, count)
+
+
+HANDLERS: dict[bytes, Handler] = {
+    b"PING": ping, b"ECHO": echo, b"SELECT": select, b"QUIT": quit_, b"RESET": reset,
+    b"AUTH": auth, b"HELLO": hello, b"INFO": info, b"CLUSTER": cluster, b"UMCTL": umctl,
+    b"ASKING": asking, b"READONLY": readonly, b"READWRITE": readwrite,
+    b"CLIENT|SETNAME": client_setname, b"CLIENT|GETNAME": client_getname,
+    b"CLIENT|ID": client_id, b"CLIENT|SETINFO": client_setinfo, b"CLIENT|INFO": client_info,
+    b"CONFIG|SET": config_set,
+}
