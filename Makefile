@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test system-deps venv bench bench-migration clean
+.PHONY: run test lint system-deps venv bench bench-migration clean
 
 system-deps:
 	@command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null || { \
@@ -21,7 +21,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: system-deps venv
+# ruff (style, import order, banned imports), mypy, and the layering test
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -q tests/unit/test_layering.py
+
+test: system-deps venv lint
 	$(VENV)/bin/pytest -q
 
 run: system-deps venv

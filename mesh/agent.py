@@ -14,13 +14,13 @@ from dataclasses import dataclass, replace
 import anyio
 import structlog
 
-from proxy import __version__
-from proxy.routing import empty_table, table_from_view
-from proxy.control import ControlPort
-
-from .leader import lead
+from core import __version__
 from core.nodes import NodeRecord, NodeStatus
 from core.view import ClusterView, MigrationState, ViewError, from_json
+from proxy.control import ControlPort
+from proxy.routing import empty_table, table_from_view
+
+from .leader import lead
 from .redisctl import RedisCtl, RedisCtlError
 from .store.etcd import EtcdStore, Event, LeaseKeeper, StoreError
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import anyio
 import structlog
 
+from core.nodes import Assignment, NodeRecord, NodeStatus, RecordError
+from core.view import ClusterView, MigrationState, NodeAddress, ViewError, from_json, to_json
+
 from .model import migrations as plans
 from .model.changes import without_departed
-from core.nodes import NodeStatus, RecordError
 from .model.failover import Health, plan_failover
-from core.nodes import Assignment, NodeRecord
-from core.view import (ClusterView, MigrationState, NodeAddress, ViewError, from_json,
-                         to_json)
 from .store.etcd import EtcdStore, StoreError, campaign
 
 log = structlog.get_logger("mesh.leader")

@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
 from anyio.abc import TaskGroup
 
-from typing import TYPE_CHECKING
-
 from core import logs
-
 from core.address import Address, AddressError
 from proxy.migration import DEFAULT_KEYS_PER_SECOND
 from proxy.server import ProxyServer

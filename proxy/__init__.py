@@ -1,1 +1,1 @@
-__version__ = "0.1.0"
+"""The data path: RESP, routing, sessions, backends; it does not know etcd exists."""

@@ -7,10 +7,9 @@ test_admission.py).
 """
 from __future__ import annotations
 
+from binascii import crc_hqx
 from dataclasses import dataclass
 from typing import Protocol
-
-from binascii import crc_hqx
 
 from core.slots import SLOT_MASK, key_slot
 

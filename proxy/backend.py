@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import structlog
-from tenacity import (AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential,
-                      wait_random)
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential, wait_random
 
 from .resp import BackendProtocolError, ReplyScanner, encode_command
 

@@ -20,9 +20,9 @@ Pure: stdlib only, no I/O.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Callable, Mapping
 
 from proxy.command_table import COMMAND_ROWS, REDIS_VERSION
 

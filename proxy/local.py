@@ -11,9 +11,10 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from core import __version__
 from core.slots import SLOT_COUNT, key_slot
 
-from . import __version__, clusterinfo, commands, jobs, policy
+from . import clusterinfo, commands, jobs, policy
 from .admission import NOAUTH
 from .backend import Pending
 from .context import ProxyContext

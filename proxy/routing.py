@@ -9,7 +9,6 @@ import hashlib
 from dataclasses import dataclass, field
 
 from core.slots import SLOT_COUNT, SlotRange, format_range
-
 from core.view import ClusterView, MigrationState, hash_password
 
 from .umctl import ClusterMeta

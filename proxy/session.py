@@ -15,8 +15,7 @@ from time import monotonic
 
 import structlog
 
-from .admission import (TRYAGAIN, Dedicated, Forward, Gate, Local, Redirect, Refuse, decide,
-                        plain_batch)
+from .admission import TRYAGAIN, Dedicated, Forward, Gate, Local, Redirect, Refuse, decide, plain_batch
 from .backend import BackendConnection, Batch, Pending
 from .context import ProxyContext
 from .jobs import run_dedicated

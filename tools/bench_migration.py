@@ -22,8 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mesh.store.etcd import EtcdStore  # noqa: E402
 from tools.umctl_mesh import ops  # noqa: E402
-from tools.umctl_mesh.local import (HOST, Launcher, etcd_binary, free_port,  # noqa: E402
-                                    port_free)
+from tools.umctl_mesh.local import HOST, Launcher, etcd_binary, free_port, port_free  # noqa: E402
 
 
 def cli(port: int, *args: str) -> str:

@@ -17,8 +17,7 @@ import aetcd
 import aetcd.exceptions
 import anyio
 import structlog
-from tenacity import (AsyncRetrying, retry_if_exception_type, stop_after_delay,
-                      wait_exponential, wait_random)
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential, wait_random
 
 from .keys import Keys
 

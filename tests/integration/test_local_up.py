@@ -12,7 +12,6 @@ import time
 from redis.cluster import RedisCluster
 
 
-
 def test_up_starts_a_mesh_that_clients_use_and_stops_cleanly():
     from tools.umctl_mesh.local import REDIS_PORT_OFFSET, port_free
 

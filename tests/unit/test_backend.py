@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.backend import BACKEND_DOWN, Batch, BackendConnection, Pending
+from proxy.backend import BACKEND_DOWN, BackendConnection, Batch, Pending
 
 
 class Transport:

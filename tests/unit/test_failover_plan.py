@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from mesh.model.failover import Health, plan_failover
 from core.slots import slot_count
 from core.view import ClusterConfig, NodeAddress
+from mesh.model.failover import Health, plan_failover
 from tests.unit.test_view import make_view
 
 NOW = 100.0

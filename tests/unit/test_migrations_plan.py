@@ -4,10 +4,9 @@ from dataclasses import replace
 
 import pytest
 
-from mesh.model.migrations import (PlanError, cancel, commit, manual, moved_slots, plan,
-                                   start_next, with_plan)
 from core.slots import slot_count
 from core.view import MigrationState, NodeAddress, Shard, validate
+from mesh.model.migrations import PlanError, cancel, commit, manual, moved_slots, plan, start_next, with_plan
 from tests.unit.test_view import make_view
 
 

@@ -5,8 +5,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.resp import (MAX_MULTIBULK_LEN, BackendProtocolError, Err, ReplyScanner,
-                        RequestError, RequestParser, encode, encode_command, scan_reply)
+from proxy.resp import (
+    MAX_MULTIBULK_LEN,
+    BackendProtocolError,
+    Err,
+    ReplyScanner,
+    RequestError,
+    RequestParser,
+    encode,
+    encode_command,
+    scan_reply,
+)
 
 
 def feed_whole_and_bytewise(data: bytes) -> list[list[list[bytes]]]:

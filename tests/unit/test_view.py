@@ -4,8 +4,18 @@ from dataclasses import replace
 
 import pytest
 
-from core.view import (ClusterConfig, ClusterView, Migration, NodeAddress, Shard, ViewError,
-                             even_split, from_json, to_json, validate)
+from core.view import (
+    ClusterConfig,
+    ClusterView,
+    Migration,
+    NodeAddress,
+    Shard,
+    ViewError,
+    even_split,
+    from_json,
+    to_json,
+    validate,
+)
 
 
 def make_view(shards: int = 2, replicas: int = 1) -> ClusterView:

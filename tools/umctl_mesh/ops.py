@@ -6,13 +6,24 @@ from dataclasses import dataclass, replace
 
 import anyio
 
+from core.nodes import Assignment, NodeRecord, NodeStatus, RecordError
+from core.slots import slot_count
+from core.view import (
+    CLUSTER_NAME,
+    ClusterConfig,
+    ClusterView,
+    NodeAddress,
+    Shard,
+    ViewError,
+    even_split,
+    from_json,
+    hash_password,
+    to_json,
+    validate,
+)
 from mesh.leader import read_nodes, read_statuses
 from mesh.model import migrations as plans
-from core.slots import slot_count
-from core.nodes import Assignment, NodeRecord, NodeStatus, RecordError
 from mesh.model.placement import PlacementError, place
-from core.view import (CLUSTER_NAME, ClusterConfig, ClusterView, NodeAddress, Shard,
-                             ViewError, even_split, from_json, hash_password, to_json, validate)
 from mesh.store.etcd import EtcdStore
 
 RACE_RETRIES = 5
