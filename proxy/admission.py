@@ -225,7 +225,7 @@ def _route(spec: commands.CommandSpec, argv: list[bytes], table: RoutingTable,
         if client.readonly and table.readable and table.readable[slot] \
                 and "readonly" in spec.flags:
             return None  # READONLY: a replica serves reads of its master's slots
-        return Redirect(route)  # type: ignore[arg-type]
+        return Redirect(route)
     assert isinstance(route, MigratingSlots)
     if not route.source:  # the target serves a migrating slot only after ASKING
         if not client.asked:

@@ -3,8 +3,8 @@
 The data path runs in asyncio protocol callbacks (no task switch per command): a client
 session queues a command with `queue()`, which also records where its reply must go; the
 connection writes everything queued once per event-loop turn; `data_received` finds each
-reply's end and hands the original bytes to the waiting `Pending`. Lifetimes (connect, reconnect, close) are owned by
-anyio tasks in the server's task group.
+reply's end and hands the original bytes to the waiting `Pending`. Lifetimes (connect, reconnect,
+close) are owned by anyio tasks in the server's task group.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Protocol
 import anyio
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential, wait_random
+
+from core.address import Address
 
 from .resp import BackendProtocolError, ReplyScanner, encode_command
 
@@ -247,9 +249,9 @@ class BackendPool:
 
     def __init__(self, address: str, size: int = SHARED_CONNECTIONS_PER_PROTOCOL,
                  password: str | None = None) -> None:
-        host, _, port = address.rpartition(":")
+        where = Address.parse(address)
         self.address = address
-        self.host, self.port = host, int(port)
+        self.host, self.port = where.host, where.port
         self.password = password
         self.shared = {
             (resp3, bulk): [BackendConnection(self.host, self.port, resp3, password)
@@ -282,7 +284,7 @@ class BackendPool:
 
 async def keep_connected(conn: BackendConnection, close_on_exit: bool = True) -> None:
     """Connect `conn` and reconnect it with backoff whenever it drops, until cancelled."""
-    address = f"{conn.host}:{conn.port}"
+    address = str(Address(conn.host, conn.port))
     try:
         while True:
             async for attempt in AsyncRetrying(
@@ -291,7 +293,8 @@ async def keep_connected(conn: BackendConnection, close_on_exit: bool = True) ->
                 retry=retry_if_exception_type(OSError), stop=stop_never, sleep=anyio.sleep,
                 before_sleep=lambda state: log.warning(
                     "backend_connect_failed", backend=address,
-                    attempt=state.attempt_number, error=str(state.outcome.exception())),
+                    attempt=state.attempt_number,
+                    error=str(state.outcome.exception() if state.outcome else None)),
             ):
                 with attempt:
                     await conn.connect()

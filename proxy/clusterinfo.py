@@ -27,7 +27,7 @@ def _replicas_of(table: RoutingTable, master: NodeInfo) -> list[NodeInfo]:
 
 
 def cluster_slots(table: RoutingTable) -> list:
-    rows = []
+    rows: list[list] = []
     for master in _masters(table):
         members = [master, *_replicas_of(table, master)]
         for start, end in master.ranges:

@@ -201,6 +201,7 @@ _FK_RANGE, _FK_KEYNUM, _FK_UNKNOWN = 0, 1, 2
 
 
 def _plan_entry(s: KeySpec) -> tuple:
+    bs: tuple[int, int | bytes, int]
     if s.begin_search == "index":
         bs = (_BS_INDEX, s.index, 0)
     elif s.begin_search == "keyword":

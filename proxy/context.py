@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from anyio.abc import TaskGroup
@@ -26,7 +26,7 @@ class ProxyContext:
         self.started_at = time.time()
         self.task_group: TaskGroup | None = None  # set while the server runs
 
-    def spawn(self, job: Callable[..., Awaitable[object]], *args: object) -> None:
+    def spawn(self, job: Callable[..., Coroutine[Any, Any, None]], *args: object) -> None:
         """Run `job(*args)` in the server's task group (it ends when the server stops)."""
         assert self.task_group is not None, "the server is not running"
         self.task_group.start_soon(job, *args)

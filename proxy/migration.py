@@ -5,8 +5,9 @@ Every command on a migrating slot, on the source, goes through the gate: it asks
 whether the command's keys are here (`EXISTS`), then runs it here, forwards it to the target
 proxy after ASKING (none are here: they moved, or never existed), or answers `-TRYAGAIN`
 (some are). Forwarding instead of answering `-ASK` is deliberate: redis-py 8 fails with an
-AttributeError on an ASK to a node missing from its slot map, which a new shard always is. The mover moves a batch of keys
-only while no client command on those keys is between its check and its reply, and clients
+AttributeError on an ASK to a node missing from its slot map, which a new shard always is.
+The mover moves a batch of keys only while no client command on those keys is between its
+check and its reply, and clients
 that arrive for keys being moved wait for the batch. That is the whole race of DESIGN.md
 section 7.4: a key is either here and served here, or gone and served at the target, never
 both, and a delete here can never be undone by a late copy.

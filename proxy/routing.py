@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from core.address import Address
 from core.slots import SLOT_COUNT, SlotRange, format_range
 from core.view import ClusterView, MigrationState, hash_password
 
@@ -33,11 +34,11 @@ class NodeInfo:
 
     @property
     def host(self) -> str:
-        return self.address.rpartition(":")[0]
+        return Address.parse(self.address).host
 
     @property
     def port(self) -> int:
-        return int(self.address.rpartition(":")[2])
+        return Address.parse(self.address).port
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -91,10 +92,10 @@ class RoutingTable:
         """Each running migration this proxy takes part in, with a mask of its slots."""
         found: dict[str, tuple[MigratingSlots, bytearray]] = {}
         for slot, route in enumerate(self.routes):
-            if route.__class__ is MigratingSlots:
-                entry = found.get(route.migration_id)  # type: ignore[union-attr]
+            if isinstance(route, MigratingSlots):
+                entry = found.get(route.migration_id)
                 if entry is None:
-                    entry = found[route.migration_id] = (route, bytearray(SLOT_COUNT))  # type: ignore
+                    entry = found[route.migration_id] = (route, bytearray(SLOT_COUNT))
                 entry[1][slot] = 1
         return found
 

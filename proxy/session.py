@@ -360,7 +360,8 @@ class Session(asyncio.Protocol):
             # not subscribed to anything: answer as Redis would, without a connection
             kind = UNSUBSCRIBE_KINDS[name]
             head = b">3\r\n" if self.resp3 else b"*3\r\n"
-            for channel in argv[1:] or [None]:
+            channels: list[bytes | None] = list(argv[1:]) or [None]
+            for channel in channels:
                 self.reply(head + bulk(kind) + (bulk(channel) if channel is not None
                                                 else (b"_\r\n" if self.resp3 else b"$-1\r\n"))
                            + b":0\r\n")

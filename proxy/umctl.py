@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from core.address import Address, AddressError
 from core.slots import SlotRange, SlotRangeError, normalize, overlaps, parse_range
 
 
@@ -128,10 +129,10 @@ def _slot_entry(cursor: _Cursor) -> SlotEntry:
 
 
 def _check_address(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UmctlError(f"ERR invalid UMCTL SETCLUSTER arguments: bad address '{text}'")
-    return text
+    try:
+        return str(Address.parse(text))
+    except AddressError:
+        raise UmctlError(f"ERR invalid UMCTL SETCLUSTER arguments: bad address '{text}'") from None
 
 
 def _validate(meta: ClusterMeta) -> None:
