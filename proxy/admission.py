@@ -80,7 +80,12 @@ class Local:
 class Dedicated:
     """Needs a backend connection of the client's own (transactions, scripts, blocking)."""
 
-    __slots__ = ()
+    __slots__ = ("blocking",)
+
+    def __init__(self, blocking: bool) -> None:
+        # it may block: what the client sends after it waits (it is decided once this has
+        # returned, not while Redis holds it)
+        self.blocking = blocking
 
 
 class Subscribe:
@@ -116,7 +121,8 @@ Outcome = Forward | Local | Dedicated | Subscribe | Refuse | Redirect | Gate
 
 FORWARD = Forward(False)
 FORWARD_SYNCED = Forward(True)
-DEDICATED = Dedicated()
+DEDICATED = Dedicated(False)
+DEDICATED_BLOCKING = Dedicated(True)
 SUBSCRIBE = Subscribe()
 
 
@@ -193,7 +199,9 @@ def decide(argv: list[bytes], table: RoutingTable, client: ClientState,
             routed = _route(spec, argv, table, client, gated=False)
             if routed is not None:
                 return routed
-        return DEDICATED if kind is Kind.DEDICATED else SUBSCRIBE
+        if kind is Kind.SUBSCRIBE:
+            return SUBSCRIBE
+        return DEDICATED_BLOCKING if "blocking" in spec.flags else DEDICATED
     return Refuse(error(policy.refusal(spec.name.decode())))
 
 

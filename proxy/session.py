@@ -274,7 +274,7 @@ class Session(asyncio.Protocol):
         elif kind is Gate:
             self._gate(argv, outcome)  # type: ignore[arg-type]
         elif kind is Dedicated:
-            self._dedicated(argv)
+            self._dedicated(argv, outcome.blocking)  # type: ignore[union-attr]
         else:
             self._subscribe(argv)
 
@@ -340,7 +340,7 @@ class Session(asyncio.Protocol):
                 return False
         return True
 
-    def _dedicated(self, argv: list[bytes]) -> None:
+    def _dedicated(self, argv: list[bytes], blocking: bool) -> None:
         if not self._use_dedicated(argv):
             return
         name = argv[0].upper()
@@ -352,7 +352,13 @@ class Session(asyncio.Protocol):
             self.in_multi = True
         elif name in (b"EXEC", b"DISCARD"):
             self.in_multi = self.multi_failed = False
-        self.forward(argv)
+        if blocking:
+            pending = self.reply_later()
+            self.conn.queue(encode_command(argv), pending, self)
+            if pending.data is None:
+                self.barrier = pending
+        else:
+            self.forward(argv)
 
     def _subscribe(self, argv: list[bytes]) -> None:
         name = argv[0].upper()

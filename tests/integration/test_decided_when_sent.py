@@ -1,0 +1,72 @@
+"""A command is decided when it is sent to Redis, not when it was read: commands held behind
+a blocking command are routed by the view in force when the block ends."""
+from __future__ import annotations
+
+import socket
+
+from core.slots import key_slot
+from proxy.resp import encode_command, scan_reply
+from tests.procs import command, wait_for
+
+PEER = "127.0.0.1:1"  # never dialled: the proxy only names it in redirects
+
+
+def read_replies(s: socket.socket, n: int) -> list[bytes]:
+    buf, out = b"", []
+    while len(out) < n:
+        end = scan_reply(buf, 0)
+        if end > 0:
+            out.append(buf[:end])
+            buf = buf[end:]
+            continue
+        chunk = s.recv(65536)
+        assert chunk, f"closed after {out}"
+        buf += chunk
+    return out
+
+
+def blocked_clients(redis_port: int) -> int:
+    info = command(redis_port, "INFO", "clients").decode()
+    return int(info.split("blocked_clients:")[1].split()[0])
+
+
+def test_write_held_behind_a_blocking_command_follows_the_view_applied_meanwhile(spawn):
+    backend = spawn.redis()
+    proxy = spawn.proxy(backend)
+    assert key_slot(b"k") <= 8000 < key_slot(b"q")  # k's slot moves away below, q's stays
+    assert command(proxy.port, "UMCTL", "SETCLUSTER", "v2", "1", "NOFLAGS", "mydb",
+                   backend.addr, "1", "0-16383") == b"+OK\r\n"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(encode_command([b"BLPOP", b"q", b"10"]) + encode_command([b"SET", b"k", b"v"]))
+        wait_for(lambda: blocked_clients(backend.port) == 1, what="BLPOP blocked in Redis")
+        # slots 0-8000 (k's) now belong to a peer
+        assert command(proxy.port, "UMCTL", "SETCLUSTER", "v2", "2", "NOFLAGS", "mydb",
+                       backend.addr, "1", "8001-16383", "PEER", PEER, "1", "0-8000") == b"+OK\r\n"
+        assert command(proxy.port, "LPUSH", "q", "x") == b":1\r\n"
+        popped, written = read_replies(s, 2)
+    assert popped == b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n"
+    assert written == b"-MOVED %d %s\r\n" % (key_slot(b"k"), PEER.encode())
+    assert command(backend.port, "EXISTS", "k") == b":0\r\n"  # nothing was written here
+
+
+def test_write_held_behind_a_blocking_command_is_fenced_by_a_later_view(spawn):
+    """A client's held command meets the routing table as it is when it is sent: a node that
+    no longer serves any slot refuses it, though it was served when it arrived."""
+    backend = spawn.redis()
+    proxy = spawn.proxy(backend)
+    assert command(proxy.port, "UMCTL", "SETCLUSTER", "v2", "1", "NOFLAGS", "mydb",
+                   backend.addr, "1", "0-16383") == b"+OK\r\n"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(encode_command([b"BLPOP", b"q", b"10"])
+                  + encode_command([b"INCR", b"counter"]) + encode_command([b"GET", b"q2"]))
+        wait_for(lambda: blocked_clients(backend.port) == 1, what="BLPOP blocked in Redis")
+        # every slot but q's moves away
+        q = key_slot(b"q")
+        assert command(proxy.port, "UMCTL", "SETCLUSTER", "v2", "2", "NOFLAGS", "mydb",
+                       backend.addr, "1", f"{q}-{q}", "PEER", PEER, "2", f"0-{q - 1}",
+                       f"{q + 1}-16383") == b"+OK\r\n"
+        assert command(proxy.port, "LPUSH", "q", "x") == b":1\r\n"
+        _, incr, get = read_replies(s, 3)
+    assert incr.startswith(b"-MOVED %d " % key_slot(b"counter"))
+    assert get.startswith(b"-MOVED %d " % key_slot(b"q2"))
+    assert command(backend.port, "EXISTS", "counter") == b":0\r\n"
