@@ -16,7 +16,7 @@ from core.slots import SLOT_COUNT, key_slot
 
 from . import clusterinfo, commands, jobs, policy
 from .admission import NOAUTH
-from .backend import Pending
+from .backend import BackendConnection, Pending
 from .context import ProxyContext
 from .control import Applied
 from .replies import Rewrite
@@ -41,14 +41,18 @@ class Client(Protocol):
     asking: bool
     readonly: bool
     closing: bool
+    in_multi: bool
+    multi_failed: bool
+    subscribed: bool
+    dedicated: BackendConnection | None  # the client's own connection, if it has one
+    owned: list[BackendConnection]  # every connection of its own, closed with it
 
     def reply(self, data: bytes) -> None: ...
     def reply_value(self, value: object) -> None: ...
     def reply_later(self) -> Pending: ...
     def replies_arrived(self) -> None: ...
     def forward(self, argv: list[bytes], pending: Pending | None = None) -> None: ...
-    def reset(self) -> None: ...
-    def set_protocol(self, resp3: bool) -> None: ...
+    def switch_to(self, conn: BackendConnection) -> None: ...
 
 
 Handler = Callable[[Client, list[bytes]], None]
@@ -72,7 +76,30 @@ def quit_(c: Client, argv: list[bytes]) -> None:
 
 
 def reset(c: Client, argv: list[bytes]) -> None:
-    c.reset()
+    """Back to a new client's state; subscriptions end with their connection."""
+    old = c.dedicated
+    if old is not None and old.raw_sink is not None:
+        old.raw_sink = None
+        old.close()
+        c.owned.remove(old)
+        c.reply(b"+RESET\r\n")
+    elif old is not None:
+        # let what is queued on it finish; RESET's own reply closes it
+        def close_old(data: bytes) -> bytes:
+            old.close()
+            if old in c.owned:
+                c.owned.remove(old)
+            return data
+
+        c.forward([b"RESET"], Rewrite(close_old))
+    else:
+        c.reply(b"+RESET\r\n")
+    if old is not None or c.resp3:
+        c.dedicated = None
+        c.switch_to(c.ctx.pool.pick(False))
+    c.resp3 = c.in_multi = c.multi_failed = c.asking = c.subscribed = c.readonly = False
+    c.auth_hash = None
+    c.name = b""
 
 
 def asking(c: Client, argv: list[bytes]) -> None:
@@ -146,8 +173,13 @@ def hello(c: Client, argv: list[bytes]) -> None:
         return
     if name is not None:
         c.name = name
-    if (protocol == 3) != c.resp3:
-        c.set_protocol(protocol == 3)
+    if (protocol == 3) != c.resp3:  # later replies in that protocol, from Redis too
+        c.resp3 = protocol == 3
+        if c.dedicated is None:
+            c.switch_to(c.ctx.pool.pick(c.resp3))
+        else:
+            c.dedicated.resp3 = c.resp3
+            c.forward([b"HELLO", b"%d" % protocol], Rewrite(lambda _d: b""))
     c.reply_value({"server": "redis", "version": REDIS_COMPAT_VERSION, "proto": protocol,
                    "id": c.id, "mode": "cluster", "role": "master", "modules": []})
 
@@ -371,6 +403,20 @@ def cluster(c: Client, argv: list[bytes]) -> None:
             c.reply(error("ERR Invalid slot or number of keys"))
             return
         c.ctx.spawn(_keys_in_slot, c, c.reply_later(), slot, count)
+
+
+UNSUBSCRIBE_KINDS = {b"UNSUBSCRIBE": b"unsubscribe", b"PUNSUBSCRIBE": b"punsubscribe",
+                     b"SUNSUBSCRIBE": b"sunsubscribe"}
+
+
+def unsubscribed(argv: list[bytes], resp3: bool) -> bytes:
+    """Redis's answer to an UNSUBSCRIBE-family command from a client subscribed to nothing."""
+    kind = UNSUBSCRIBE_KINDS[argv[0].upper()]
+    head = b">3\r\n" if resp3 else b"*3\r\n"
+    null = b"_\r\n" if resp3 else b"$-1\r\n"
+    channels: list[bytes | None] = list(argv[1:]) or [None]
+    return b"".join(head + bulk(kind) + (bulk(ch) if ch is not None else null) + b":0\r\n"
+                    for ch in channels)
 
 
 HANDLERS: dict[bytes, Handler] = {

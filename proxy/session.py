@@ -15,13 +15,14 @@ from time import monotonic
 
 import structlog
 
+from . import local
 from .admission import TRYAGAIN, Dedicated, Forward, Gate, Local, Redirect, Refuse, decide, plain_batch
 from .backend import BackendConnection, Batch, Pending
 from .context import ProxyContext
 from .jobs import run_dedicated
-from .local import HANDLERS
+from .local import HANDLERS, UNSUBSCRIBE_KINDS
 from .replies import Rewrite, SyncedWrite, newest_unanswered, take_ready
-from .resp import RequestError, RequestParser, bulk, encode, encode_command, error
+from .resp import RequestError, RequestParser, encode, encode_command, error
 
 log = structlog.get_logger("proxy.session")
 
@@ -44,8 +45,6 @@ MAX_PLAIN_PER_TURN = 256
 BULK_BATCH_BYTES = 16 * 1024
 
 EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
-UNSUBSCRIBE_KINDS = {b"UNSUBSCRIBE": b"unsubscribe", b"PUNSUBSCRIBE": b"punsubscribe",
-                     b"SUNSUBSCRIBE": b"sunsubscribe"}
 
 _session_ids = itertools.count(1)
 
@@ -321,7 +320,7 @@ class Session(asyncio.Protocol):
             self.handle(argv)  # with a barrier back up, this holds it again, in order
 
     # -- dedicated connections ---------------------------------------------------------------
-    def _switch_to(self, conn: BackendConnection) -> None:
+    def switch_to(self, conn: BackendConnection) -> None:
         """Send later commands on `conn`, only after everything already sent has replied."""
         if self.barrier is None:
             self.barrier = newest_unanswered(self.replies)
@@ -334,7 +333,7 @@ class Session(asyncio.Protocol):
             self.dedicated = self.ctx.pool.dedicated(self.resp3)
             self.owned.append(self.dedicated)
             self.ctx.spawn(run_dedicated, self, self.dedicated)
-            self._switch_to(self.dedicated)
+            self.switch_to(self.dedicated)
             if self.barrier is not None:
                 self._hold_again(argv)
                 return False
@@ -361,16 +360,10 @@ class Session(asyncio.Protocol):
             self.forward(argv)
 
     def _subscribe(self, argv: list[bytes]) -> None:
-        name = argv[0].upper()
-        if name in UNSUBSCRIBE_KINDS and (self.dedicated is None or self.dedicated.raw_sink is None):
+        if argv[0].upper() in UNSUBSCRIBE_KINDS \
+                and (self.dedicated is None or self.dedicated.raw_sink is None):
             # not subscribed to anything: answer as Redis would, without a connection
-            kind = UNSUBSCRIBE_KINDS[name]
-            head = b">3\r\n" if self.resp3 else b"*3\r\n"
-            channels: list[bytes | None] = list(argv[1:]) or [None]
-            for channel in channels:
-                self.reply(head + bulk(kind) + (bulk(channel) if channel is not None
-                                                else (b"_\r\n" if self.resp3 else b"$-1\r\n"))
-                           + b":0\r\n")
+            self.reply(local.unsubscribed(argv, self.resp3))
             return
         if not self._use_dedicated(argv):
             return
@@ -380,40 +373,3 @@ class Session(asyncio.Protocol):
         if not self.resp3:
             self.subscribed = True
         conn.send_unmatched(encode_command(argv))
-
-    # -- connection state the proxy's own commands change (proxy/local.py) ------------------
-    def reset(self) -> None:
-        """RESET: back to a new client's state; subscriptions end with their connection."""
-        old = self.dedicated
-        if old is not None and old.raw_sink is not None:
-            old.raw_sink = None
-            old.close()
-            self.owned.remove(old)
-            self.reply(b"+RESET\r\n")
-        elif old is not None:
-            # let what is queued on it finish; RESET's own reply closes it
-            def close_old(data: bytes) -> bytes:
-                old.close()
-                if old in self.owned:
-                    self.owned.remove(old)
-                return data
-
-            self.forward([b"RESET"], Rewrite(close_old))
-        else:
-            self.reply(b"+RESET\r\n")
-        if old is not None or self.resp3:
-            self.dedicated = None
-            self._switch_to(self.ctx.pool.pick(False))
-        self.resp3 = self.in_multi = self.multi_failed = self.asking = self.subscribed = False
-        self.readonly = False
-        self.auth_hash = None
-        self.name = b""
-
-    def set_protocol(self, resp3: bool) -> None:
-        """HELLO 2/3: later replies in that protocol (from Redis too)."""
-        self.resp3 = resp3
-        if self.dedicated is None:
-            self._switch_to(self.ctx.pool.pick(resp3))
-        else:
-            self.dedicated.resp3 = resp3
-            self.forward([b"HELLO", b"3" if resp3 else b"2"], Rewrite(lambda _d: b""))
