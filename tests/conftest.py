@@ -1,28 +1,35 @@
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
-from tests import procs
+from tests.procs import command, wait_for
+from tools.launch import Launcher, Process, free_port
 
 
 class Spawner:
-    """Starts real processes on loopback and remembers them for cleanup."""
+    """Starts real processes on loopback (tools/launch.py) into one directory; `cleanup`
+    stops them all and removes it."""
 
     def __init__(self) -> None:
-        self.started: list[procs.Process] = []
+        self.launcher = Launcher(prefix="mm-test-")
 
-    def redis(self, *args: str) -> procs.Process:
-        p = procs.start_redis(None, *args)
-        self.started.append(p)
-        return p
+    def redis(self, *args: str) -> Process:
+        return self.launcher.redis(None, *args)
 
-    def proxy(self, backend, *args: str) -> procs.Process:
-        p = procs.start_proxy(backend, None, *args)
-        self.started.append(p)
-        return p
+    def proxy(self, backend: Process | str, *args: str, port: int | None = None) -> Process:
+        return self.launcher.proxy(backend, port, "--log-level", "warning", *args)
+
+    def etcd(self, members: int = 1) -> list[Process]:
+        if members == 1:
+            return [self.launcher.etcd(fsync=False)]
+        return self.launcher.etcd_cluster(members, fsync=False)
 
     def cleanup(self) -> None:
-        procs.cleanup(self.started)
+        self.launcher.cleanup()
 
 
 class StandaloneCluster:
@@ -37,7 +44,7 @@ class StandaloneCluster:
         cmds = setcluster_commands(name, [p.addr for p in self.proxies],
                                    [r.addr for r in self.redis])
         for proxy, cmd in zip(self.proxies, cmds):
-            assert procs.command(proxy.port, *cmd) == b"+OK\r\n"
+            assert command(proxy.port, *cmd) == b"+OK\r\n"
 
     @property
     def ports(self) -> list[int]:
@@ -53,7 +60,7 @@ def spawn():
 
 
 @pytest.fixture
-def redis_server(spawn) -> procs.Process:
+def redis_server(spawn) -> Process:
     return spawn.redis()
 
 
@@ -73,18 +80,17 @@ def shared_cluster():
 
 
 class Mesh:
-    """A real etcd and `nodes` mesh nodes (redis-server + mesh-proxy --etcd) on loopback."""
+    """A real etcd and `nodes` mesh nodes (redis-server + mesh-proxy --etcd) on loopback;
+    `proxy_args` go to every mesh-proxy."""
 
-    def __init__(self, spawn: Spawner, nodes: int, etcd_members: int = 1) -> None:
+    def __init__(self, spawn: Spawner, nodes: int, etcd_members: int = 1,
+                 proxy_args: tuple[str, ...] = ()) -> None:
         self.spawn = spawn
-        if etcd_members == 1:
-            self.etcd_members = [procs.start_etcd()]
-        else:
-            self.etcd_members = procs.start_etcd_cluster(etcd_members)
+        self.proxy_args = proxy_args
+        self.etcd_members = spawn.etcd(etcd_members)
         self.etcd = self.etcd_members[0]
-        spawn.started.extend(self.etcd_members)
-        self.redis: dict[str, procs.Process] = {}
-        self.proxies: dict[str, procs.Process] = {}
+        self.redis: dict[str, Process] = {}
+        self.proxies: dict[str, Process] = {}
         for _ in range(nodes):
             self.add_node()
 
@@ -94,21 +100,16 @@ class Mesh:
 
     def add_node(self, host: str = "") -> str:
         backend = self.spawn.redis()
-        port = procs.free_port()
+        port = free_port()
         node_id = f"node-{port}"
-        extra = ["--etcd", self.endpoint, "--node-id", node_id]
+        extra = ["--etcd", self.endpoint, "--node-id", node_id, *self.proxy_args]
         if host:
             extra += ["--host-tag", host]
-        self.proxies[node_id] = procs.start_proxy(backend, port, *extra)
-        self.spawn.started.append(self.proxies[node_id])
+        self.proxies[node_id] = self.spawn.proxy(backend, *extra, port=port)
         self.redis[node_id] = backend
         return node_id
 
     def umctl(self, *args: str, check: bool = True, timeout: float = 60):
-        import json
-        import subprocess
-        import sys
-
         out = subprocess.run([sys.executable, "-m", "tools.umctl_mesh.cli", "--etcd",
                               self.endpoint, *args], capture_output=True, text=True,
                              timeout=timeout)
@@ -119,31 +120,25 @@ class Mesh:
         return out
 
     def wait_pool(self, free: int, timeout: float = 15) -> None:
-        import time
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            nodes = self.umctl("--json", "nodes")
-            if sum(1 for n in nodes if n["alive"] and n["role"] == "free") >= free:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"the pool never had {free} free nodes")
+        wait_for(lambda: sum(1 for n in self.umctl("--json", "nodes")
+                             if n["alive"] and n["role"] == "free") >= free,
+                 timeout, f"{free} free nodes in the pool")
 
 
 @pytest.fixture(scope="module")
 def standalone_node():
-    """One standalone proxy serving all slots of its redis-server, for a whole module;
-    `extra["backend"]` is the redis-server."""
+    """One standalone proxy serving all slots of its redis-server (its `backend`), for a
+    whole module."""
     spawner = Spawner()
     backend = spawner.redis()
     proxy = spawner.proxy(backend)
-    assert procs.command(proxy.port, "UMCTL", "SETCLUSTER", "v2", "1", "NOFLAGS", "mydb",
+    assert command(proxy.port, "UMCTL", "SETCLUSTER", "v2", "1", "NOFLAGS", "mydb",
                          backend.addr, "1", "0-16383") == b"+OK\r\n"
-    proxy.extra["backend"] = backend
     yield proxy
     spawner.cleanup()
 
 
 @pytest.fixture
 def mesh_factory(spawn):
-    return lambda nodes, etcd_members=1: Mesh(spawn, nodes, etcd_members)
+    return lambda nodes, etcd_members=1, proxy_args=(): Mesh(spawn, nodes, etcd_members,
+                                                             tuple(proxy_args))

@@ -1,6 +1,7 @@
 """Bad input against a live proxy: a Redis-style error or a clean close, and nobody else hurt."""
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import time
@@ -124,19 +125,29 @@ def rss_mb(pid: int) -> float:
     return int(line.split()[1]) / 1024
 
 
+def backend_gets(port: int) -> int:
+    stats = command(port, "INFO", "commandstats").decode()
+    return int(stats.split("cmdstat_get:calls=")[1].split(",")[0]) if "cmdstat_get:" in stats else 0
+
+
 def test_client_that_reads_slowly_is_held_back_with_bounded_memory(one_node):
     assert command(one_node.port, "SET", "big", b"x" * (1024 * 1024)) == b"+OK\r\n"
+    backend = one_node.backend.port
+    before = backend_gets(backend)
+    alone = connected_clients(one_node.port)
     with socket.create_connection(("127.0.0.1", one_node.port)) as s:
-        try:
-            for _ in range(40):  # 2000 requests for 1 MB each, sent in small reads
-                s.sendall(encode_command([b"GET", b"big"]) * 50)
-                time.sleep(0.02)
-        except ConnectionResetError:
-            pass  # it read far enough to pass the output limit first: dropped, also bounded
+        for _ in range(40):  # 400 requests for 1 MB each, in small reads, none read back
+            s.sendall(encode_command([b"GET", b"big"]) * 10)
+            # pacing: each send is a read of its own for the proxy, as from a client that
+            # pipelines steadily (one read of all 400 would be run whole: 400 MB queued)
+            time.sleep(0.02)
+        # the proxy stopped reading: most GETs wait unread in the socket, not as replies in
+        # the proxy's memory (all 400 would be 400 MB, past the 256 MB output limit). Time
+        # passing is the point: the proxy must still hold back a second later.
         time.sleep(1)
-        assert_healthy(one_node.port)
-        # the proxy stopped reading instead of queueing 2 GB of replies
-        assert rss_mb(one_node.popen.pid) < 600
+        assert connected_clients(one_node.port) == alone + 1  # held back, not dropped
+        assert backend_gets(backend) - before < 200
+        assert rss_mb(one_node.pid) < 300
     assert_healthy(one_node.port)
 
 
@@ -155,11 +166,12 @@ def test_client_that_never_reads_is_disconnected_at_the_output_limit(one_node):
     wait_for(lambda: connected_clients(one_node.port) == alone, timeout=60,
              what="the proxy to disconnect the client")
     s.settimeout(10)
-    with pytest.raises((ConnectionResetError, AssertionError)):
-        while s.recv(1 << 20):  # what the kernel already holds, then the end of the stream
-            pass
-        raise AssertionError("stream ended")
+    received = 0
+    with contextlib.suppress(ConnectionResetError):  # a reset ends the stream too
+        while chunk := s.recv(1 << 20):  # what the kernel already holds, then the end
+            received += len(chunk)
     s.close()
+    assert received < 300 * 1024 * 1024  # the output limit plus kernel buffers, not 2 GB
     assert_healthy(one_node.port)
 
 

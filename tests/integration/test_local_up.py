@@ -13,7 +13,8 @@ from redis.cluster import RedisCluster
 
 
 def test_up_starts_a_mesh_that_clients_use_and_stops_cleanly():
-    from tools.umctl_mesh.local import REDIS_PORT_OFFSET, port_free
+    from tools.launch import port_free
+    from tools.umctl_mesh.local import REDIS_PORT_OFFSET
 
     rng = random.Random()
     while True:  # 4 proxy ports and their redis ports (+10000), all free

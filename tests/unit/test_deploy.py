@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from node.main import build_parser
-from tests.procs import etcd_binary
+from tools.launch import etcd_binary
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z-]*)")

