@@ -8,6 +8,7 @@ test_admission.py).
 from __future__ import annotations
 
 from binascii import crc_hqx
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,6 +31,9 @@ NO_AUTH_NEEDED = frozenset({b"AUTH", b"HELLO", b"QUIT", b"RESET", b"UMCTL"})
 RUN_INSIDE_MULTI = frozenset({b"QUIT", b"RESET", b"UMCTL"})
 # ... and those Redis can queue and answer in EXEC's reply.
 QUEUE_INSIDE_MULTI = frozenset({b"PING", b"ECHO"})
+# Commands Redis does not flag as writes that may write all the same: they meet the write
+# fence. A script declared `#!lua flags=no-writes` and the _RO forms are reads.
+MAY_WRITE = frozenset({b"EVAL", b"EVALSHA", b"FCALL", b"EXEC"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +61,9 @@ class ClientState(Protocol):
     readonly: bool  # READONLY: reads of a replica's slots are served here
     in_multi: bool
 
+    @property
+    def multi_slots(self) -> AbstractSet[int]: ...  # of the commands queued in MULTI
+
 
 # -- outcomes --------------------------------------------------------------------------------
 class Forward:
@@ -66,6 +73,15 @@ class Forward:
 
     def __init__(self, synced: bool) -> None:
         self.synced = synced  # synchronous mode: acknowledge once WAIT says replicas have it
+
+
+class Queue:
+    """Inside MULTI: send it (Redis queues it); EXEC runs only while `slot` is still here."""
+
+    __slots__ = ("slot",)
+
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
 
 
 class Local:
@@ -117,7 +133,7 @@ class Gate:
     slot: int
 
 
-Outcome = Forward | Local | Dedicated | Subscribe | Refuse | Redirect | Gate
+Outcome = Forward | Queue | Local | Dedicated | Subscribe | Refuse | Redirect | Gate
 
 FORWARD = Forward(False)
 FORWARD_SYNCED = Forward(True)
@@ -176,16 +192,19 @@ def decide(argv: list[bytes], table: RoutingTable, client: ClientState,
         return Refuse(error(commands.arity_error(spec)))
     if client.auth_hash != table.password_hash and name not in NO_AUTH_NEEDED:
         return Refuse(NOAUTH)
-    write = "write" in spec.flags
+    write = "write" in spec.flags or (spec.name in MAY_WRITE and not _declared_read_only(argv))
     if write:
         refusal = permission.refusal(now)
         if refusal is not None:
             return Refuse(refusal)
     if kind is Kind.KEYED:
         if spec.first_key or spec.movable:
-            routed = _route(spec, argv, table, client, gated=True)
-            if routed is not None:
+            # inside MULTI the gate cannot run a command now without breaking the transaction
+            routed = _route(spec, argv, table, client, gated=not client.in_multi)
+            if not isinstance(routed, int):
                 return routed
+            if client.in_multi and routed >= 0:
+                return Queue(routed)
         return FORWARD_SYNCED if write and table.min_replicas_ack else FORWARD
     if kind is Kind.LOCAL:
         if client.in_multi and name not in RUN_INSIDE_MULTI:
@@ -197,19 +216,43 @@ def decide(argv: list[bytes], table: RoutingTable, client: ClientState,
     if kind is Kind.DEDICATED or kind is Kind.SUBSCRIBE:
         if spec.first_key or spec.movable:
             routed = _route(spec, argv, table, client, gated=False)
-            if routed is not None:
+            if not isinstance(routed, int):
                 return routed
+        if name == b"EXEC" and client.multi_slots:
+            moved = _gone(client.multi_slots, table)
+            if moved is not None:
+                return moved
         if kind is Kind.SUBSCRIBE:
             return SUBSCRIBE
         return DEDICATED_BLOCKING if "blocking" in spec.flags else DEDICATED
     return Refuse(error(policy.refusal(spec.name.decode())))
 
 
+def _declared_read_only(argv: list[bytes]) -> bool:
+    """EVAL of a script whose shebang declares `flags=no-writes` (Redis refuses its writes)."""
+    if argv[0].upper() != b"EVAL" or len(argv) < 2 or not argv[1].startswith(b"#!"):
+        return False
+    shebang = argv[1].split(b"\n", 1)[0]
+    for word in shebang.split()[1:]:
+        if word.startswith(b"flags="):
+            return b"no-writes" in word[6:].split(b",")
+    return False
+
+
+def _gone(slots: AbstractSet[int], table: RoutingTable) -> Outcome | None:
+    """EXEC's answer when a slot its queued commands touch is no longer served here."""
+    for slot in slots:
+        route = table.routes[slot]
+        if route is not None:
+            return Redirect(route) if isinstance(route, bytes) else Refuse(TRYAGAIN)
+    return None
+
+
 def _route(spec: commands.CommandSpec, argv: list[bytes], table: RoutingTable,
-           client: ClientState, gated: bool) -> Outcome | None:
-    """None when this node serves the command's keys now, else the outcome. `gated`: the
-    command may go through the gate of a migrating slot; otherwise such a slot answers
-    -TRYAGAIN on the source."""
+           client: ClientState, gated: bool) -> Outcome | int:
+    """The slot when this node serves the command's keys now (-1: it has none), else the
+    outcome. `gated`: the command may go through the gate of a migrating slot; otherwise such
+    a slot answers -TRYAGAIN (on the target: a command of several keys)."""
     if spec.movable or spec.last_key != spec.first_key:
         try:
             positions = commands.key_indices(spec, argv)
@@ -218,7 +261,7 @@ def _route(spec: commands.CommandSpec, argv: list[bytes], table: RoutingTable,
         if not positions:
             positions = commands.shard_channel_indices(spec, argv)
             if not positions:
-                return None
+                return -1
         slot = key_slot(argv[positions[0]])
         for i in positions[1:]:
             if key_slot(argv[i]) != slot:
@@ -228,18 +271,20 @@ def _route(spec: commands.CommandSpec, argv: list[bytes], table: RoutingTable,
         slot = key_slot(argv[spec.first_key])
     route = table.routes[slot]
     if route is None:
-        return None
+        return slot
     if route.__class__ is bytes:
         if client.readonly and table.readable and table.readable[slot] \
                 and "readonly" in spec.flags:
-            return None  # READONLY: a replica serves reads of its master's slots
+            return slot  # READONLY: a replica serves reads of its master's slots
         return Redirect(route)
     assert isinstance(route, MigratingSlots)
     if not route.source:  # the target serves a migrating slot only after ASKING
         if not client.asked:
             return Redirect(route.moved(slot))
-        if len(positions) == 1 or not gated:
-            return None
+        if len(positions) == 1 or not (gated or client.in_multi):
+            return slot
+        if not gated:
+            return Refuse(TRYAGAIN)  # inside MULTI: some of the keys may not be here yet
     elif not gated:
         return Refuse(TRYAGAIN)
     return Gate(route.migration_id, tuple(argv[i] for i in positions), slot)

@@ -11,7 +11,7 @@ def cluster_nodes(table: RoutingTable) -> str:
     for n in table.nodes:
         flags = ("myself," if n.myself else "") + ("slave" if n.master_id else "master") \
             + (",fail" if n.failed else "")
-        fields = [n.node_id, n.address, flags, n.master_id or "-", "0", "0", str(table.epoch),
+        fields = [n.node_id, f"{n.host}:{n.port}", flags, n.master_id or "-", "0", "0", str(table.epoch),
                   "disconnected" if n.failed else "connected", *format_ranges(n.ranges)]
         lines.append(" ".join(fields) + "\n")
     return "".join(lines)

@@ -43,6 +43,7 @@ class Client(Protocol):
     closing: bool
     in_multi: bool
     multi_failed: bool
+    multi_slots: set[int]
     subscribed: bool
     dedicated: BackendConnection | None  # the client's own connection, if it has one
     owned: list[BackendConnection]  # every connection of its own, closed with it
@@ -98,6 +99,7 @@ def reset(c: Client, argv: list[bytes]) -> None:
         c.dedicated = None
         c.switch_to(c.ctx.pool.pick(False))
     c.resp3 = c.in_multi = c.multi_failed = c.asking = c.subscribed = c.readonly = False
+    c.multi_slots.clear()
     c.auth_hash = None
     c.name = b""
 

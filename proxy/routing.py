@@ -17,6 +17,13 @@ from .umctl import ClusterMeta
 SLOT_NOT_SERVED = b"-CLUSTERDOWN Hash slot not served\r\n"
 
 
+def moved(slot: int, address: str) -> bytes:
+    """The redirect to `address`, printed as Redis Cluster prints it (IPv6 without brackets:
+    clients split host and port at the last colon)."""
+    where = Address.parse(address)
+    return b"-MOVED %d %s:%d\r\n" % (slot, where.host.encode(), where.port)
+
+
 def node_id(cluster: str, address: str) -> str:
     """A stable 40-character node id: the cluster name padded to 20, then a hash of the address."""
     digest = hashlib.blake2b(address.encode(), digest_size=8).hexdigest()
@@ -56,7 +63,7 @@ class MigratingSlots:
 
     def moved(self, slot: int) -> bytes:
         """The target's answer without ASKING: the slot is still the source's."""
-        return b"-MOVED %d %s\r\n" % (slot, self.peer.encode())
+        return moved(slot, self.peer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +120,7 @@ def table_from_meta(meta: ClusterMeta, my_address: str) -> RoutingTable:
         for start, end in ranges:
             if owner:
                 for slot in range(start, end + 1):
-                    routes[slot] = b"-MOVED %d %s\r\n" % (slot, owner.encode())
+                    routes[slot] = moved(slot, owner)
             else:
                 routes[start : end + 1] = [None] * (end - start + 1)
     nodes = [NodeInfo(node_id(meta.cluster, my_address), my_address, True,
@@ -163,7 +170,7 @@ def table_from_view(view: ClusterView, me: str,
                 routes[start : end + 1] = [None] * (end - start + 1)
             else:
                 for slot in range(start, end + 1):
-                    routes[slot] = b"-MOVED %d %s\r\n" % (slot, master_proxy.encode())
+                    routes[slot] = moved(slot, master_proxy)
     for m in view.migrations:
         if m.state is not MigrationState.MIGRATING:
             continue

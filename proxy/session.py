@@ -16,7 +16,7 @@ from time import monotonic
 import structlog
 
 from . import local
-from .admission import TRYAGAIN, Dedicated, Forward, Gate, Local, Redirect, Refuse, decide, plain_batch
+from .admission import TRYAGAIN, Dedicated, Forward, Gate, Local, Queue, Redirect, Refuse, decide, plain_batch
 from .backend import BackendConnection, Batch, Pending
 from .context import ProxyContext
 from .jobs import run_dedicated
@@ -70,6 +70,7 @@ class Session(asyncio.Protocol):
         self.readonly = False  # READONLY: reads of a replica's slots are served here
         self.in_multi = False
         self.multi_failed = False
+        self.multi_slots: set[int] = set()  # of the commands queued in this MULTI
         self.name = b""
         self.closing = False
         self.paused_for_depth = False
@@ -268,8 +269,14 @@ class Session(asyncio.Protocol):
                 self.forward(argv)
         elif kind is Local:
             HANDLERS[outcome.name](self, argv)  # type: ignore[union-attr]
+        elif kind is Queue:
+            self.multi_slots.add(outcome.slot)  # type: ignore[union-attr]
+            self.forward(argv)
         elif kind is Refuse or kind is Redirect:
-            self.refuse(outcome.reply)  # type: ignore[union-attr]
+            if self.in_multi and argv[0].upper() in (b"EXEC", b"DISCARD"):
+                self._end_transaction(outcome.reply)  # type: ignore[union-attr]
+            else:
+                self.refuse(outcome.reply)  # type: ignore[union-attr]
         elif kind is Gate:
             self._gate(argv, outcome)  # type: ignore[arg-type]
         elif kind is Dedicated:
@@ -344,13 +351,13 @@ class Session(asyncio.Protocol):
             return
         name = argv[0].upper()
         if name == b"EXEC" and self.multi_failed:
-            self.in_multi = self.multi_failed = False
-            self.forward([b"DISCARD"], Rewrite(lambda _data: EXECABORT))
+            self._end_transaction(EXECABORT)
             return
         if name == b"MULTI":
             self.in_multi = True
         elif name in (b"EXEC", b"DISCARD"):
             self.in_multi = self.multi_failed = False
+            self.multi_slots.clear()
         if blocking:
             pending = self.reply_later()
             self.conn.queue(encode_command(argv), pending, self)
@@ -358,6 +365,12 @@ class Session(asyncio.Protocol):
                 self.barrier = pending
         else:
             self.forward(argv)
+
+    def _end_transaction(self, reply: bytes) -> None:
+        """EXEC may not run: discard the transaction in Redis and answer `reply` instead."""
+        self.in_multi = self.multi_failed = False
+        self.multi_slots.clear()
+        self.forward([b"DISCARD"], Rewrite(lambda _data: reply))
 
     def _subscribe(self, argv: list[bytes]) -> None:
         if argv[0].upper() in UNSUBSCRIBE_KINDS \

@@ -70,3 +70,60 @@ def test_write_held_behind_a_blocking_command_is_fenced_by_a_later_view(spawn):
     assert incr.startswith(b"-MOVED %d " % key_slot(b"counter"))
     assert get.startswith(b"-MOVED %d " % key_slot(b"q2"))
     assert command(backend.port, "EXISTS", "counter") == b":0\r\n"
+
+
+def setcluster_all(proxy, backend, epoch: int = 1) -> None:
+    assert command(proxy.port, "UMCTL", "SETCLUSTER", "v2", str(epoch), "NOFLAGS", "mydb",
+                   backend.addr, "1", "0-16383") == b"+OK\r\n"
+
+
+def test_exec_after_the_slot_moved_away_runs_nothing(spawn):
+    backend = spawn.redis()
+    proxy = spawn.proxy(backend)
+    setcluster_all(proxy, backend)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(encode_command([b"MULTI"]) + encode_command([b"SET", b"k", b"v"]))
+        assert read_replies(s, 2) == [b"+OK\r\n", b"+QUEUED\r\n"]
+        assert command(proxy.port, "UMCTL", "SETCLUSTER", "v2", "2", "NOFLAGS", "mydb",
+                       backend.addr, "1", "8001-16383", "PEER", PEER, "1", "0-8000") == b"+OK\r\n"
+        s.sendall(encode_command([b"EXEC"]) + encode_command([b"GET", b"q"]))
+        executed, after = read_replies(s, 2)
+    assert executed == b"-MOVED %d %s\r\n" % (key_slot(b"k"), PEER.encode())
+    assert after == b"$-1\r\n"  # the connection is out of the transaction
+    assert command(backend.port, "EXISTS", "k") == b":0\r\n"
+
+
+def start_handover(proxy) -> socket.socket:
+    """UMCTL HANDOVER to a node that is no replica: Redis refuses FAILOVER, and the proxy
+    keeps retrying (writes answer TRYAGAIN) for a few seconds before giving up."""
+    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
+    s.sendall(encode_command([b"UMCTL", b"HANDOVER", b"127.0.0.1", b"1", b"100"]))
+    wait_for(lambda: command(proxy.port, "SET", "probe", "1").startswith(b"-TRYAGAIN"),
+             what="writes paused by the handover")
+    return s
+
+
+SCRIPT_WRITE = "return redis.call('SET', KEYS[1], 'x')"
+
+
+def test_writing_scripts_and_transactions_meet_the_write_pause(spawn):
+    backend = spawn.redis()
+    proxy = spawn.proxy(backend)
+    setcluster_all(proxy, backend)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as tx:
+        tx.sendall(encode_command([b"MULTI"]) + encode_command([b"SET", b"t", b"v"]))
+        assert read_replies(tx, 2) == [b"+OK\r\n", b"+QUEUED\r\n"]
+        handover = start_handover(proxy)
+        with handover:
+            assert command(proxy.port, "EVAL", SCRIPT_WRITE, "1", "s").startswith(b"-TRYAGAIN")
+            assert command(proxy.port, "FCALL", "f", "1", "s").startswith(b"-TRYAGAIN")
+            tx.sendall(encode_command([b"EXEC"]))
+            assert read_replies(tx, 1)[0].startswith(b"-TRYAGAIN")
+            # read-only scripts still run
+            assert command(proxy.port, "EVAL_RO", "return 7", "1", "s") == b":7\r\n"
+            assert command(proxy.port, "EVAL", "#!lua flags=no-writes\nreturn 8", "1",
+                           "s") == b":8\r\n"
+            assert command(proxy.port, "SET", "probe", "2").startswith(b"-TRYAGAIN")  # still on
+        tx.sendall(encode_command([b"GET", b"t"]))
+        assert read_replies(tx, 1) == [b"$-1\r\n"]  # no transaction left open in Redis
+    assert command(backend.port, "EXISTS", "s", "t") == b":0\r\n"
