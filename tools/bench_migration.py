@@ -3,9 +3,9 @@
 
     .venv/bin/python tools/bench_migration.py [--keys 2000000] [--value-size 512]
 
-Loads `--keys` distinct keys of `--value-size` bytes, runs a client load during the move, and prints keys/s, MB/s, total time and
-the load's throughput before, during and after. Everything runs on loopback and is stopped at
-the end. Bounded by --keys and by --timeout.
+Loads `--keys` distinct keys of `--value-size` bytes, runs a client load during the move, and
+prints keys/s, MB/s, total time and the load's throughput before, during and after.
+Everything runs on loopback and is stopped at the end. Bounded by --keys and by --timeout.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mesh.store.etcd import EtcdStore  # noqa: E402
+from tools.launch import HOST, Launcher, free_port, port_free  # noqa: E402
 from tools.umctl_mesh import ops  # noqa: E402
-from tools.umctl_mesh.local import HOST, Launcher, etcd_binary, free_port, port_free  # noqa: E402
 
 
 def cli(port: int, *args: str) -> str:
@@ -70,36 +70,20 @@ class LoadMeter:
             i += 1
         rc.close()
 
-    def measure(self, phase: str, seconds: float | None = None) -> float:
-        """Ops/s of the load while `phase` lasts `seconds` (or until the next call)."""
+    def measure(self, phase: str, seconds: float) -> None:
+        """Count the load's operations as `phase` for `seconds`."""
         self.phase = phase
-        start = time.monotonic()
-        if seconds:
-            time.sleep(seconds)
-        return start
+        time.sleep(seconds)
 
 
 def moonmesh(args: argparse.Namespace, launcher: Launcher) -> dict:
-    etcd_port, peer = free_port(), free_port()
-    url = f"http://{HOST}:{etcd_port}"
-    launcher.start("etcd", [etcd_binary(), "--name", "b", "--data-dir",
-                            str(launcher.workdir / "etcd"), "--listen-client-urls", url,
-                            "--advertise-client-urls", url, "--listen-peer-urls",
-                            f"http://{HOST}:{peer}", "--initial-advertise-peer-urls",
-                            f"http://{HOST}:{peer}", "--initial-cluster",
-                            f"b=http://{HOST}:{peer}", "--log-level", "warn"], etcd_port)
-    etcd = f"{HOST}:{etcd_port}"
-    ports = []
+    etcd = launcher.etcd().addr
     backends: dict[str, int] = {}
     for _ in range(3):
-        redis_port, port = free_port(), free_port()
-        backends[f"{HOST}:{port}"] = redis_port
-        launcher.redis(redis_port)
-        launcher.start(f"proxy-{port}", [sys.executable, "-m", "node.main", "--listen",
-                                         f"{HOST}:{port}", "--backend", f"{HOST}:{redis_port}",
-                                         "--etcd", etcd, "--log-level", "warning",
-                                         "--migration-rate", str(args.migration_rate)], port)
-        ports.append(port)
+        redis = launcher.redis()
+        proxy = launcher.proxy(redis, None, "--etcd", etcd, "--log-level", "warning",
+                               "--migration-rate", str(args.migration_rate))
+        backends[proxy.addr] = redis.port
 
     async def create() -> str:
         async with EtcdStore(etcd) as store:
@@ -115,16 +99,13 @@ def moonmesh(args: argparse.Namespace, launcher: Launcher) -> dict:
 
 def native(args: argparse.Namespace, launcher: Launcher) -> dict:
     ports = []
-    for i in range(3):
-        port = free_port()
-        while port > 55000 or not port_free(port + 10000):  # the cluster bus is port+10000
-            port = free_port()
-        d = launcher.workdir / f"native-{port}"
-        d.mkdir()
-        launcher.start(f"native-{port}", ["redis-server", "--port", str(port), "--bind", HOST,
-                                          "--save", "", "--appendonly", "no", "--dir", str(d),
-                                          "--cluster-enabled", "yes", "--cluster-config-file",
-                                          str(d / "nodes.conf")], port)
+    for _ in range(3):
+        port = free_port(below=55000)
+        while not port_free(port + 10000):  # the cluster bus listens on port + 10000
+            port = free_port(below=55000)
+        d = launcher.data_dir(f"native-{port}")
+        launcher.redis(port, "--cluster-enabled", "yes", "--cluster-config-file",
+                       str(d / "nodes.conf"), name=f"native-{port}")
         ports.append(port)
     # a 2-master cluster by hand (redis-cli --cluster create wants 3 masters)
     cli(ports[0], "CLUSTER", "ADDSLOTSRANGE", "0", "8191")
@@ -199,7 +180,6 @@ def main() -> int:
         results.append(run_phase("moonmesh scale 2->3", mesh["entry"], args.keys,
                                  args.value_size, scale,
                                  lambda: [int(cli(p, "DBSIZE")) for p in mesh["backends"].values()]))
-        launcher.before_stop()
         launcher.stop("proxy")
 
         nat = native(args, launcher)

@@ -17,45 +17,25 @@ Everything it starts is stopped at the end; every run is bounded by --requests.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import ctypes
 import io
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-HOST = "127.0.0.1"
-PR_SET_PDEATHSIG = 1  # prctl(2)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.launch import HOST, Launcher, Process, die_with_parent, free_port  # noqa: E402
+from tools.umctl_mesh.local import setcluster_commands  # noqa: E402
+
 # the fairness run's background load: this many clients, each pipelining this many SETs
 HEAVY_CLIENTS = 20
 HEAVY_PIPELINE = 256
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port(limit: int = 55000) -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            port = s.getsockname()[1]
-        if port < limit:
-            return port
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.2):
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
+NATIVE_PORT_BELOW = 55000  # a native cluster node's bus listens on port + 10000
 
 
 def cli(port: int, *args: str) -> str:
@@ -63,50 +43,9 @@ def cli(port: int, *args: str) -> str:
                           check=True).stdout.strip()
 
 
-def die_with_parent() -> None:
-    """In a child, before exec: get SIGTERM when this script dies, even by SIGKILL (Linux)."""
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class Processes:
-    def __init__(self) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="moonmesh-bench-"))
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], port: int, **kwargs) -> subprocess.Popen:  # noqa: ANN003
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                preexec_fn=die_with_parent, **kwargs)
-        self.procs.append(proc)
-        wait_port(port)
-        return proc
-
-    def redis(self, *extra: str) -> int:
-        port = free_port()
-        d = self.workdir / f"redis-{port}"
-        d.mkdir()
-        self.start(["redis-server", "--port", str(port), "--bind", HOST, "--save", "",
-                    "--appendonly", "no", "--dir", str(d), *extra], port)
-        return port
-
-    def proxy(self, backend: int) -> tuple[int, subprocess.Popen]:
-        port = free_port()
-        proc = self.start([sys.executable, "-m", "node.main", "--listen", f"{HOST}:{port}",
-                           "--backend", f"{HOST}:{backend}", "--log-level", "warning"], port,
-                          cwd=ROOT)
-        return port, proc
-
-    def stop(self) -> None:
-        for p in reversed(self.procs):
-            p.terminate()
-        for p in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(5)
-        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def benchmark(port: int, requests: int, pipeline: int, cluster: bool = False,
@@ -152,26 +91,19 @@ def median_runs(port: int, requests: int, pipeline: int, runs: int,
 
 
 def setcluster(ports: list[int], backends: list[int]) -> None:
-    sys.path.insert(0, str(ROOT))
-    from tools.umctl_mesh.local import setcluster_commands
-
     cmds = setcluster_commands("bench", [f"{HOST}:{p}" for p in ports],
                                [f"{HOST}:{b}" for b in backends])
     for port, cmd in zip(ports, cmds):
         assert cli(port, *cmd) == "OK"
 
 
-def native_cluster(procs: Processes) -> int:
+def native_cluster(launcher: Launcher) -> int:
     ports = []
     for _ in range(3):
-        port = free_port()
-        while port > 55000:
-            port = free_port()
-        d = procs.workdir / f"native-{port}"
-        d.mkdir()
-        procs.start(["redis-server", "--port", str(port), "--bind", HOST, "--save", "",
-                     "--appendonly", "no", "--dir", str(d), "--cluster-enabled", "yes",
-                     "--cluster-config-file", str(d / "nodes.conf")], port)
+        port = free_port(below=NATIVE_PORT_BELOW)
+        d = launcher.data_dir(f"native-{port}")
+        launcher.redis(port, "--cluster-enabled", "yes", "--cluster-config-file",
+                       str(d / "nodes.conf"), name=f"native-{port}")
         ports.append(port)
     subprocess.run(["redis-cli", "--cluster", "create", *[f"{HOST}:{p}" for p in ports],
                     "--cluster-yes"], check=True, capture_output=True, timeout=60)
@@ -184,16 +116,17 @@ def native_cluster(procs: Processes) -> int:
     return ports[0]
 
 
-def twemproxy(procs: Processes, backend: int) -> int | None:
+def twemproxy(launcher: Launcher, backend: int) -> int | None:
     binary = shutil.which("nutcracker") or (
         "/usr/sbin/nutcracker" if Path("/usr/sbin/nutcracker").exists() else None)
     if binary is None:
         return None
     port = free_port()
-    conf = procs.workdir / "nutcracker.yml"
+    conf = launcher.workdir / "nutcracker.yml"
     conf.write_text(f"bench:\n  listen: {HOST}:{port}\n  redis: true\n  hash: fnv1a_64\n"
                     f"  distribution: ketama\n  servers:\n   - {HOST}:{backend}:1\n")
-    procs.start([binary, "-c", str(conf), "-o", str(procs.workdir / "nutcracker.log")], port)
+    launcher.start("nutcracker", [binary, "-c", str(conf), "-o",
+                                  str(launcher.workdir / "nutcracker.log")], port)
     return port
 
 
@@ -211,25 +144,34 @@ def main() -> int:
     parser.add_argument("--markdown", metavar="FILE", help="also write the tables here")
     args = parser.parse_args()
     pipelines = [int(p) for p in args.pipelines.split(",")]
-    procs = Processes()
+    # started processes get SIGTERM if this script dies, even by SIGKILL
+    launcher = Launcher(prefix="moonmesh-bench-", die_with_parent=True)
+
+    def redis() -> int:
+        return launcher.redis().port
+
+    def proxy(backend: int) -> tuple[int, Process]:
+        p = launcher.proxy(f"{HOST}:{backend}", None, "--log-level", "warning")
+        return p.port, p
+
     results: dict[tuple[str, int], dict] = {}
     cpu: dict[str, float] = {}
     fair: dict[str, dict[str, dict]] = {}
     try:
-        direct = procs.redis()
-        moonmesh, moonmesh_proc = procs.proxy(direct)
+        direct = redis()
+        moonmesh, moonmesh_proc = proxy(direct)
         setcluster([moonmesh], [direct])
         targets = [("direct", direct, False), ("moonmesh", moonmesh, False)]
-        nut = twemproxy(procs, direct)
+        nut = twemproxy(launcher, direct)
         if nut is not None:
             targets.append(("twemproxy", nut, False))
         mesh_procs = []
         if not args.no_cluster:
-            backends = [procs.redis() for _ in range(3)]
-            started = [procs.proxy(b) for b in backends]
+            backends = [redis() for _ in range(3)]
+            started = [proxy(b) for b in backends]
             mesh_procs = [p for _, p in started]
             setcluster([p for p, _ in started], backends)
-            targets += [("mesh-3", started[0][0], True), ("native-3", native_cluster(procs), True)]
+            targets += [("mesh-3", started[0][0], True), ("native-3", native_cluster(launcher), True)]
         for name, port, cluster in targets:
             watched = {"moonmesh": [moonmesh_proc], "mesh-3": mesh_procs}.get(name, [])
             before = sum(cpu_seconds(p.pid) for p in watched)
@@ -245,7 +187,7 @@ def main() -> int:
                 if not cluster:
                     fair[name] = fairness(port, args.probe_requests, args.connections)
     finally:
-        procs.stop()
+        launcher.cleanup()
 
     lines = [f"redis-benchmark -c 50 -n {args.requests} -r 100000 -t set,get, median of "
              f"{args.runs} runs; {os.cpu_count()} cores shared by everything", "",

@@ -7,7 +7,8 @@ Usage:
 
 The output is deterministic: commands are sorted by name, command flags and tips are
 sorted, key specs keep Redis's order (the order is meaningful: it is the order in which
-COMMAND GETKEYS reports the keys). Only the standard library is used.
+COMMAND GETKEYS reports the keys). Only the standard library is used (and tools/launch.py,
+which uses nothing else).
 """
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ import argparse
 import os
 import shutil
 import socket
-import subprocess
 import sys
-import tempfile
-import time
 
-HOST = "127.0.0.1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tools.launch import HOST, Launcher, LaunchError  # noqa: E402  (standard library only)
+
 DEFAULT_OUTPUT = os.path.join(ROOT, "proxy", "command_table.py")
 
 
@@ -88,49 +89,6 @@ class _Conn:
 
 
 # --------------------------------------------------------------------------- server handling
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def _start_server() -> tuple[subprocess.Popen, int, str]:
-    exe = shutil.which("redis-server")
-    if not exe:
-        sys.exit("redis-server not found on PATH (or pass --port of a running server)")
-    port = _free_port()
-    workdir = tempfile.mkdtemp(prefix="gen-commands-")
-    popen = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
-         "--dir", workdir],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            c = _Conn(port, timeout=1)
-            c.call("PING")
-            c.close()
-            return popen, port, workdir
-        except (OSError, RespError):
-            if time.monotonic() > deadline or popen.poll() is not None:
-                popen.kill()
-                shutil.rmtree(workdir, ignore_errors=True)
-                sys.exit(f"redis-server did not start on port {port}")
-            time.sleep(0.05)
-
-
-def _stop_server(popen: subprocess.Popen, workdir: str) -> None:
-    if popen.poll() is None:
-        popen.terminate()
-        try:
-            popen.wait(5)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait(5)
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- conversion
@@ -247,11 +205,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="do not write; exit 1 if --output differs from what would be generated")
     args = ap.parse_args(argv)
 
-    server = None
+    launcher = None
     port = args.port
-    if port is None:
-        popen, port, workdir = _start_server()
-        server = (popen, workdir)
+    if port is None:  # a throwaway redis-server
+        if not shutil.which("redis-server"):
+            sys.exit("redis-server not found on PATH (or pass --port of a running server)")
+        launcher = Launcher(prefix="gen-commands-")
+        try:
+            port = launcher.redis().port
+        except LaunchError as exc:
+            launcher.cleanup()
+            sys.exit(str(exc))
     try:
         conn = _Conn(port, host=args.host)
         try:
@@ -259,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             conn.close()
     finally:
-        if server is not None:
-            _stop_server(*server)
+        if launcher is not None:
+            launcher.cleanup()
 
     text = render(version, rows)
     if args.check:

@@ -103,8 +103,9 @@ def proxy_argv(port: int, backend: str, *extra: str) -> list[str]:
 # --------------------------------------------------------------------------- processes
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the launching thread dies, even by SIGKILL."""
+def die_with_parent() -> None:
+    """In a child, before exec (`preexec_fn`): SIGTERM when the thread that started it dies,
+    even by SIGKILL (Linux)."""
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
@@ -142,7 +143,7 @@ class Process:
             self.popen = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=ROOT, start_new_session=self.new_session,
-                preexec_fn=_die_with_parent if self.die_with_parent else None)
+                preexec_fn=die_with_parent if self.die_with_parent else None)
 
     def wait_listening(self, timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
