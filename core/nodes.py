@@ -2,24 +2,43 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    R = TypeVar("R", bound=DataclassInstance)
+else:
+    R = TypeVar("R")
 
 
 class RecordError(ValueError):
     pass
 
 
-def _decode(cls, data: bytes):  # noqa: ANN001, ANN202
+def _from_doc(cls: type[R], doc: object) -> R:
+    """`cls` from a JSON object; keys it does not know are ignored (newer writers)."""
+    if not isinstance(doc, dict):
+        raise RecordError(f"malformed {cls.__name__}: expected an object, got {doc!r}")
+    names = {f.name for f in fields(cls)}
     try:
-        doc = json.loads(data)
-        names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in doc.items() if k in names})
-    except (ValueError, TypeError) as exc:
+    except TypeError as exc:
         raise RecordError(f"malformed {cls.__name__}: {exc}") from None
 
 
-def _encode(record: object) -> bytes:
-    return json.dumps(asdict(record), sort_keys=True, separators=(",", ":")).encode()  # type: ignore[arg-type]
+def _decode(cls: type[R], data: bytes) -> R:
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        raise RecordError(f"malformed {cls.__name__}: {exc}") from None
+    return _from_doc(cls, doc)
+
+
+def _encode(record: DataclassInstance) -> bytes:
+    return json.dumps(asdict(record), sort_keys=True, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +61,27 @@ class NodeRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class MigrationProgress:
+    """What a migration's source reports about it (one entry of its status's `migrations`).
+    The defaults are what a reader assumes for a migration the source has not reported."""
+
+    total_keys: int = -1  # counted before anything moves; -1: not yet
+    moved_keys: int = 0
+    left_keys: int | None = None  # None: not counted yet
+    moved_bytes: int = 0
+    passes: int = 0
+    done: bool = False  # every key moved: the leader may commit
+    error: str = ""
+    keys_per_sec: float = 0.0
+    eta_sec: float | None = None
+    started_at: float = 0.0
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> MigrationProgress:
+        return _from_doc(cls, dict(doc) if isinstance(doc, Mapping) else doc)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeStatus:
     """`status/<id>`: what the node has applied and observes (leased)."""
 
@@ -52,8 +92,22 @@ class NodeStatus:
     backend_ok: bool = True
     repl_offset: int = 0
     leaving: bool = False  # set by a node shutting down cleanly
-    migrations: dict = field(default_factory=dict)  # migration id -> progress (as source)
+    # migration id -> progress, for the migrations this node is the source of
+    migrations: dict[str, MigrationProgress] = field(default_factory=dict)
     updated: float = 0.0
+
+    def __post_init__(self) -> None:
+        # decoded JSON brings plain objects: make every entry a MigrationProgress
+        if not isinstance(self.migrations, dict):
+            raise RecordError(f"malformed NodeStatus: migrations {self.migrations!r}")
+        if any(not isinstance(p, MigrationProgress) for p in self.migrations.values()):
+            object.__setattr__(self, "migrations", {
+                str(mid): p if isinstance(p, MigrationProgress) else MigrationProgress.from_dict(p)
+                for mid, p in self.migrations.items()})
+
+    def progress(self, migration_id: str) -> MigrationProgress:
+        """This node's report on a migration it is the source of (defaults if none)."""
+        return self.migrations.get(migration_id) or MigrationProgress()
 
     def encode(self) -> bytes:
         return _encode(self)
@@ -77,4 +131,20 @@ class Assignment:
 
     @classmethod
     def decode(cls, data: bytes) -> Assignment:
+        return _decode(cls, data)
+
+
+@dataclass(frozen=True, slots=True)
+class DataOwner:
+    """`data/<id>`: whose data the node's Redis holds: one creation of one cluster (a cluster
+    created again under the same name has another uid, and is another tenant)."""
+
+    cluster: str | None = None
+    uid: str | None = None
+
+    def encode(self) -> bytes:
+        return _encode(self)
+
+    @classmethod
+    def decode(cls, data: bytes) -> DataOwner:
         return _decode(cls, data)

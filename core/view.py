@@ -118,8 +118,8 @@ def validate(view: ClusterView) -> None:
         if not NODE_ID.fullmatch(nid):
             raise ViewError(f"invalid node id {nid!r}")
         for a in (address.proxy, address.backend):
-            m = ADDRESS.fullmatch(a)
-            if not m or not 0 < int(m.group(2)) < 65536:
+            match = ADDRESS.fullmatch(a)
+            if not match or not 0 < int(match.group(2)) < 65536:
                 raise ViewError(f"invalid address {a!r} of node {nid}")
     if not view.shards:
         raise ViewError("a cluster needs at least one shard")
@@ -243,7 +243,8 @@ def _int(value: object) -> int:
 def even_split(shards: int) -> list[tuple[SlotRange, ...]]:
     """Contiguous, even slot ranges: the first SLOT_COUNT % shards get one slot more."""
     base, extra = divmod(SLOT_COUNT, shards)
-    ranges, start = [], 0
+    ranges: list[tuple[SlotRange, ...]] = []
+    start = 0
     for i in range(shards):
         end = start + base + (1 if i < extra else 0) - 1
         ranges.append(((start, end),))

@@ -9,6 +9,7 @@ import anyio
 import hiredis
 from anyio.abc import SocketStream
 
+from core.address import Address
 from proxy.resp import ReplyScanner, encode_command
 
 READ_SIZE = 65536
@@ -20,8 +21,8 @@ class RedisCtlError(Exception):
 
 class RedisCtl:
     def __init__(self, address: str, password: str | None = None) -> None:
-        host, _, port = address.rpartition(":")
-        self.host, self.port = host.strip("[]"), int(port)
+        self.address = Address.parse(address)  # AddressError (a ValueError) if malformed
+        self.host, self.port = self.address.host, self.address.port
         self.password = password
         self._stream: SocketStream | None = None
         self._lock = anyio.Lock()
@@ -38,12 +39,12 @@ class RedisCtl:
                 reply = await self._exchange(args)
             except (OSError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
                 await self.aclose()
-                raise RedisCtlError(f"backend {self.host}:{self.port}: {exc!r}") from None
+                raise RedisCtlError(f"backend {self.address}: {exc!r}") from None
             except BaseException:
                 await self.aclose()  # cancelled mid-reply: the next reply would be this one's
                 raise
         if isinstance(reply, hiredis.ReplyError):
-            raise RedisCtlError(f"backend {self.host}:{self.port} replied: {reply}")
+            raise RedisCtlError(f"backend {self.address} replied: {reply}")
         return reply
 
     async def _exchange(self, argv: list[bytes]) -> object:
@@ -64,14 +65,17 @@ class RedisCtl:
                 await stream.aclose()
 
     # -- the few things the agent needs ------------------------------------------------------
-    async def role(self) -> tuple[str, str | None]:
-        """('master', None) or ('slave', 'host:port' of its master)."""
+    async def role(self) -> tuple[str, Address | None]:
+        """('master', None) or ('slave', the address of its master)."""
         reply = await self.call("ROLE")
         if not isinstance(reply, list) or not reply:
             raise RedisCtlError(f"unexpected ROLE reply {reply!r}")
         kind = reply[0].decode()
         if kind == "slave":
-            return kind, f"{reply[1].decode()}:{reply[2]}"
+            try:
+                return kind, Address(reply[1].decode(), int(reply[2]))
+            except (IndexError, ValueError, AttributeError):
+                raise RedisCtlError(f"unexpected ROLE reply {reply!r}") from None
         return kind, None
 
     async def replication_offset(self) -> int:

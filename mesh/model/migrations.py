@@ -4,8 +4,10 @@ Pure: views in, views out. The leader and umctl-mesh call these; the tests call 
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
+from core.nodes import NodeStatus
 from core.slots import SLOT_COUNT, SlotRange, normalize, ranges_of, slot_count
 from core.view import ClusterView, Migration, MigrationState, Shard, validate
 
@@ -70,7 +72,7 @@ def start_next(view: ClusterView, max_parallel: int = MAX_PARALLEL_MIGRATIONS) -
     active = [m for m in view.migrations if m.state is MigrationState.MIGRATING]
     busy = {m.source for m in active} | {m.target for m in active}
     epoch = view.epoch + 1
-    started = []
+    started: list[Migration] = []
     migrations = list(view.migrations)
     for i, m in enumerate(migrations):
         if len(active) + len(started) >= max_parallel:
@@ -152,3 +154,28 @@ def manual(view: ClusterView, ranges: tuple[SlotRange, ...], target: str) -> lis
 
 def moved_slots(migrations: list[Migration]) -> int:
     return sum(slot_count(m.slots) for m in migrations)
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationStep:
+    view: ClusterView  # the next view
+    left: tuple[str, ...] = ()  # nodes that left the cluster with it (their shard emptied)
+    what: str = ""
+
+
+def next_step(view: ClusterView, statuses: Mapping[str, NodeStatus]) -> MigrationStep | None:
+    """The leader's next move for a cluster's migrations: commit the first running one whose
+    source (the source shard's master, in this cluster) reports every key moved, else start
+    pending ones. None when there is nothing to do."""
+    masters = {s.id: s.master for s in view.shards}
+    for m in view.migrations:
+        if m.state is not MigrationState.MIGRATING:
+            continue
+        status = statuses.get(masters[m.source])
+        if status is not None and status.cluster == view.cluster and status.progress(m.id).done:
+            new, left = commit(view, m.id)
+            return MigrationStep(new, tuple(left), f"commit {m.id}")
+    started = start_next(view)
+    if started is not None:
+        return MigrationStep(started, (), "start")
+    return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from core.address import Address, AddressError
 from core.nodes import NodeRecord
 
 
@@ -15,7 +16,14 @@ class PlacementError(ValueError):
 
 
 def host_of(node: NodeRecord) -> str:
-    return node.host or node.proxy.rpartition(":")[0]
+    """The node's host tag, else the host of its proxy address."""
+    if node.host:
+        return node.host
+    try:
+        return Address.parse(node.proxy).host
+    except AddressError:
+        return node.proxy  # not an address: at least it names one place
+
 
 
 def place(free: list[NodeRecord], shards: int, replicas: int) -> list[tuple[str, list[str]]]:

@@ -19,6 +19,8 @@ import anyio
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential, wait_random
 
+from core.address import Address, AddressError
+
 from .keys import Keys
 
 log = structlog.get_logger("mesh.store")
@@ -45,6 +47,15 @@ class KV:
 
 
 @dataclass(frozen=True, slots=True)
+class Fence:
+    """A leader's election key as it was created: a write fenced on it fails once the key is
+    gone (the leader's lease expired or was revoked), so a deposed leader cannot write."""
+
+    key: bytes
+    create_revision: int
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     key: bytes
     value: bytes | None  # None: the key was deleted
@@ -60,10 +71,11 @@ def parse_endpoints(text: str) -> list[tuple[str, int]]:
     endpoints = []
     for part in text.split(","):
         part = part.strip().removeprefix("http://").rstrip("/")
-        host, sep, port = part.rpartition(":")
-        if not sep or not port.isdigit() or not host:
-            raise ValueError(f"invalid etcd endpoint '{part}' (expected HOST:PORT)")
-        endpoints.append((host.strip("[]"), int(port)))
+        try:
+            address = Address.parse(part)
+        except AddressError:
+            raise ValueError(f"invalid etcd endpoint '{part}' (expected HOST:PORT)") from None
+        endpoints.append((address.host, address.port))
     if not endpoints:
         raise ValueError("no etcd endpoint given")
     return endpoints
@@ -112,7 +124,7 @@ class EtcdStore:
             raise StoreError(f"etcd refused {what}: {exc}") from None
 
     def describe(self) -> str:
-        return ",".join(f"{h}:{p}" for h, p in self.endpoints)
+        return ",".join(str(Address(h, p)) for h, p in self.endpoints)
 
     # -- keys --------------------------------------------------------------------------------
     async def get(self, key: bytes) -> KV | None:
@@ -131,9 +143,9 @@ class EtcdStore:
         await self._call("delete", lambda: self._client.delete(key))
 
     async def cas(self, key: bytes, value: bytes | None, mod_revision: int, *,
-                  lease: int | None = None, fence: tuple[bytes, int] | None = None) -> bool:
+                  lease: int | None = None, fence: Fence | None = None) -> bool:
         """Write `value` (None deletes) only if `key` is still at `mod_revision` (0: absent)
-        and, with `fence=(key, create_revision)`, that key still exists as created then.
+        and, with a `fence`, the fence's key still exists as it was created.
         False when the comparison failed: the caller lost a race and must re-read."""
         tx = self._client.transactions
         op = tx.delete(key) if value is None else tx.put(key, value, lease=lease)
@@ -141,7 +153,7 @@ class EtcdStore:
 
     async def commit(self, checks: dict[bytes, int], puts: dict[bytes, bytes],
                      deletes: tuple[bytes, ...] = (), *,
-                     fence: tuple[bytes, int] | None = None) -> bool:
+                     fence: Fence | None = None) -> bool:
         """One transaction: if every key in `checks` is at its mod revision (0: absent) and
         the fence holds, apply `puts` and `deletes`. False when a comparison failed."""
         tx = self._client.transactions
@@ -150,11 +162,11 @@ class EtcdStore:
         return await self._txn(checks, ops, probe, fence)
 
     async def _txn(self, checks: dict[bytes, int], ops: list, probe: tuple[bytes, bytes | None],
-                   fence: tuple[bytes, int] | None) -> bool:
+                   fence: Fence | None) -> bool:
         tx = self._client.transactions
         compare = [tx.mod(key) == rev for key, rev in checks.items()]
         if fence is not None:
-            compare.append(tx.create(fence[0]) == fence[1])
+            compare.append(tx.create(fence.key) == fence.create_revision)
         attempts = 0
 
         async def txn() -> bool:
@@ -264,7 +276,7 @@ class LeaseKeeper:
             self.deadline = sent + remaining
 
 
-async def campaign(store: EtcdStore, lease_id: int) -> tuple[bytes, int]:
+async def campaign(store: EtcdStore, lease_id: int) -> Fence:
     """Block until this lease's candidate key is the oldest under election/; return the fence
     (candidate key, its create_revision) that leader writes must compare."""
     keys = store.keys
@@ -278,7 +290,7 @@ async def campaign(store: EtcdStore, lease_id: int) -> tuple[bytes, int]:
             raise StoreError("our election key is gone: the lease expired")
         ahead = [c for c in candidates if c.create_revision < me.create_revision]
         if not ahead:
-            return mine, me.create_revision
+            return Fence(mine, me.create_revision)
         await _wait_deleted(store, ahead[-1].key, revision + 1)
 
 

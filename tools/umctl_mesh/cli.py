@@ -9,9 +9,11 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
 import anyio
 
+from core.address import Address
 from core.view import ClusterView, slots_of
 from mesh.store.etcd import EtcdStore, StoreError
 
@@ -84,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_show)
     lst = csub.add_parser("list", parents=[common], help="every cluster with its epoch and size")
     lst.set_defaults(func=cmd_list)
-    delete = csub.add_parser("delete", parents=[common], help="delete a cluster; its nodes return to the pool",
+    delete = csub.add_parser("delete", parents=[common],
+                             help="delete a cluster; its nodes return to the pool",
                              description="Delete the cluster's view. Its nodes become free "
                                          "(their data is erased when they join another "
                                          "cluster) unless --keep-data holds them for recovery.")
@@ -136,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     failover.add_argument("--to", metavar="NODE",
                           help="the replica to promote (default: the most up to date)")
     failover.set_defaults(func=cmd_failover)
-    migrations = sub.add_parser("migrations", parents=[common], help="each migration of a cluster with progress")
+    migrations = sub.add_parser("migrations", parents=[common],
+                                help="each migration of a cluster with progress")
     migrations.add_argument("name")
     migrations.set_defaults(func=cmd_migrations)
 
@@ -194,14 +198,14 @@ def view_doc(view: ClusterView, pool: ops.Pool) -> dict:
 async def cmd_nodes(store: EtcdStore, args: argparse.Namespace) -> int:
     pool = await ops.read_pool(store)
     ids = sorted(set(pool.nodes) | set(pool.assignments))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for nid in ids:
         rec = pool.nodes.get(nid)
         st = pool.statuses.get(nid)
         cluster, role = pool.role_of(nid)
         assignment = pool.assignments.get(nid)
-        if assignment and assignment[0].held:
-            cluster, role = assignment[0].cluster, "held"
+        if assignment and assignment.assignment.held:
+            cluster, role = assignment.assignment.cluster, "held"
         view = pool.views.get(cluster, (None,))[0] if role in ("master", "replica") else None
         applied = st.epoch if st and view and st.cluster == cluster else None
         if st is None:
@@ -256,9 +260,8 @@ async def cmd_create(store: EtcdStore, args: argparse.Namespace) -> int:
         print(json.dumps({**view_doc(view, pool), "not_applied": behind}, indent=2))
     else:
         print_view(view, pool)
-        first = view.address_of(view.shards[0].master).proxy
-        host, _, port = first.rpartition(":")
-        print(f"\nconnect: redis-cli -c -h {host} -p {port}")
+        first = Address.parse(view.address_of(view.shards[0].master).proxy)
+        print(f"\nconnect: redis-cli -c -h {first.host} -p {first.port}")
     if behind:
         print(f"umctl-mesh: nodes {', '.join(behind)} have not applied epoch {view.epoch} "
               f"after {args.timeout:g}s", file=sys.stderr)
@@ -325,8 +328,9 @@ async def cmd_delete(store: EtcdStore, args: argparse.Namespace) -> int:
 
 
 def print_plan(old: ClusterView, new: ClusterView, dry_run: bool, as_json: bool) -> None:
-    rows = [{"slots": [list(r) for r in m.slots], "slot_count": sum(b - a + 1 for a, b in m.slots),
-             "from": m.source, "to": m.target} for m in new.migrations]
+    rows: list[dict[str, Any]] = [
+        {"slots": [list(r) for r in m.slots], "slot_count": sum(b - a + 1 for a, b in m.slots),
+         "from": m.source, "to": m.target} for m in new.migrations]
     added = [s.id for s in new.shards if s.id not in {x.id for x in old.shards}]
     if as_json:
         print(json.dumps({"cluster": new.cluster, "epoch": new.epoch, "dry_run": dry_run,
@@ -417,7 +421,7 @@ async def cmd_drain(store: EtcdStore, args: argparse.Namespace) -> int:
         print(f"node {args.node}: its slots are migrating away in {view.cluster}; it returns to "
               "the pool when the last migration commits")
     if how == "migrating" and args.wait:
-        return await follow(store, args, view.cluster)  # type: ignore[union-attr]
+        return await follow(store, args, view.cluster)
     return 0
 
 

@@ -1,30 +1,35 @@
-"""What umctl-mesh does to the mesh: reads of the pool and clusters, fenced-free CAS edits."""
+"""What umctl-mesh does to the mesh: reads of the pool and clusters, and view edits, each one
+compare-and-swap through `MeshRepo.commit_view` (retried on a lost race; never fenced: the
+operator is not the leader)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import anyio
 
-from core.nodes import Assignment, NodeRecord, NodeStatus, RecordError
-from core.slots import slot_count
+from core.address import Address
+from core.nodes import Assignment, MigrationProgress, NodeRecord, NodeStatus
+from core.slots import SlotRange, slot_count
 from core.view import (
     CLUSTER_NAME,
     ClusterConfig,
     ClusterView,
+    Migration,
     NodeAddress,
     Shard,
     ViewError,
     even_split,
-    from_json,
     hash_password,
-    to_json,
     validate,
 )
-from mesh.leader import read_nodes, read_statuses
 from mesh.model import migrations as plans
 from mesh.model.placement import PlacementError, place
+from mesh.redisctl import RedisCtl, RedisCtlError
 from mesh.store.etcd import EtcdStore
+from mesh.store.repo import MeshRepo, ViewCommit
 
 RACE_RETRIES = 5
 
@@ -33,12 +38,24 @@ class OpError(Exception):
     """A one-line error for the operator; the CLI exits non-zero with it."""
 
 
+class ViewAt(NamedTuple):
+    """A cluster's view and the mod revision it was read at (a tuple: callers unpack it)."""
+
+    view: ClusterView
+    revision: int
+
+
+class Held(NamedTuple):
+    assignment: Assignment
+    revision: int
+
+
 @dataclass(frozen=True)
 class Pool:
     nodes: dict[str, NodeRecord]
     statuses: dict[str, NodeStatus]
-    assignments: dict[str, tuple[Assignment, int]]  # node id -> (assignment, mod revision)
-    views: dict[str, tuple[ClusterView, int]]  # cluster -> (view, mod revision)
+    assignments: dict[str, Held]  # node id -> (assignment, mod revision)
+    views: dict[str, ViewAt]  # cluster -> (view, mod revision)
     leader: str | None
 
     def free(self) -> list[NodeRecord]:
@@ -56,27 +73,14 @@ class Pool:
 
 
 async def read_pool(store: EtcdStore) -> Pool:
-    keys = store.keys
-    registered = await read_nodes(store)
-    nodes = {nid: record for nid, (record, _) in registered.items()}
-    lease_owner = {lease: nid for nid, (_, lease) in registered.items()}
-    assignments = {}
-    for kv in (await store.get_prefix(keys.assignments))[0]:
-        try:
-            assignments[keys.last_part(kv.key)] = (Assignment.decode(kv.value), kv.mod_revision)
-        except RecordError:
-            continue
-    views = {}
-    for kv in (await store.get_prefix(keys.clusters))[0]:
-        name = keys.cluster_of_view_key(kv.key)
-        try:
-            views[name] = (from_json(kv.value), kv.mod_revision)
-        except ViewError:
-            continue
-    candidates = sorted((await store.get_prefix(keys.election))[0],
-                        key=lambda kv: kv.create_revision)
-    leader = lease_owner.get(candidates[0].lease) if candidates else None
-    return Pool(nodes, await read_statuses(store), assignments, views, leader)  # type: ignore[arg-type]
+    repo = MeshRepo(store)
+    registered = await repo.nodes()
+    nodes = {nid: r.record for nid, r in registered.items()}
+    assignments = {nid: Held(a.assignment, a.revision)
+                   for nid, a in (await repo.assignments()).items()}
+    views = {name: ViewAt(v.view, v.revision) for name, v in (await repo.views()).items()}
+    leader = await repo.leader(registered)
+    return Pool(nodes, await repo.statuses(), assignments, views, leader)
 
 
 def build_view(name: str, pool: Pool, shards: int, replicas: int,
@@ -98,67 +102,65 @@ def build_view(name: str, pool: Pool, shards: int, replicas: int,
         raise OpError(f"--min-replicas-ack {min_replicas_ack} needs at least as many replicas")
     config = ClusterConfig(password_hash=hash_password(password) if password else None,
                            min_replicas_ack=min_replicas_ack)
-    return ClusterView(name, 1, shard_list, nodes, config, uid=uuid.uuid4().hex)
+    view = ClusterView(name, 1, shard_list, nodes, config, uid=uuid.uuid4().hex)
+    try:
+        validate(view)
+    except ViewError as exc:
+        raise OpError(f"cannot create '{name}': {exc}") from None
+    return view
 
 
 async def create_cluster(store: EtcdStore, name: str, shards: int, replicas: int,
                          password: str | None, min_replicas_ack: int = 0) -> ClusterView:
-    keys = store.keys
+    """Write the view and claim its nodes in one transaction that requires both absent."""
+    repo = MeshRepo(store)
     for _ in range(RACE_RETRIES):
         pool = await read_pool(store)
         if name in pool.views:
             raise OpError(f"cluster '{name}' already exists")
         view = build_view(name, pool, shards, replicas, password, min_replicas_ack)
-        checks = {keys.view(name): 0, **{keys.assignment(n): 0 for n in view.node_ids}}
-        puts = {keys.view(name): to_json(view),
-                **{keys.assignment(n): Assignment(name).encode() for n in view.node_ids}}
-        if await store.commit(checks, puts):
+        if await repo.commit_view(name, 0, view, ViewCommit(claim=view.node_ids)):
             return view
     raise OpError("lost the race for free nodes 5 times in a row; try again")
 
 
 async def delete_cluster(store: EtcdStore, name: str, keep_data: bool) -> ClusterView:
-    keys = store.keys
+    """Delete the view; its nodes return to the pool, or are held with their data."""
+    repo = MeshRepo(store)
     for _ in range(RACE_RETRIES):
-        kv = await store.get(keys.view(name))
-        if kv is None:
-            raise OpError(f"unknown cluster '{name}'")
         try:
-            view = from_json(kv.value)
+            stored = await repo.view(name)
         except ViewError as exc:
             raise OpError(f"the view of '{name}' in etcd is invalid: {exc}") from None
-        checks = {keys.view(name): kv.mod_revision}
-        if keep_data:
-            puts = {keys.assignment(n): Assignment(name, held=True).encode()
-                    for n in view.node_ids}
-            deletes: tuple[bytes, ...] = (keys.view(name),)
-        else:
-            puts = {}
-            deletes = (keys.view(name), *(keys.assignment(n) for n in view.node_ids))
-        if await store.commit(checks, puts, deletes):
-            return view
+        if stored is None:
+            raise OpError(f"unknown cluster '{name}'")
+        nodes = stored.view.node_ids
+        change = ViewCommit(hold=nodes) if keep_data else ViewCommit(unassign=nodes)
+        if await repo.commit_view(name, stored.revision, None, change):
+            return stored.view
     raise OpError(f"cluster '{name}' kept changing; try again")
 
 
 async def release_node(store: EtcdStore, node_id: str) -> None:
-    kv = await store.get(store.keys.assignment(node_id))
-    if kv is None:
+    repo = MeshRepo(store)
+    stored = await repo.assignment(node_id)
+    if stored is None:
         raise OpError(f"node '{node_id}' is not held")
-    assignment = Assignment.decode(kv.value)
-    if not assignment.held:
-        raise OpError(f"node '{node_id}' serves cluster '{assignment.cluster}'; "
+    if not stored.assignment.held:
+        raise OpError(f"node '{node_id}' serves cluster '{stored.assignment.cluster}'; "
                       "delete the cluster first")
-    if not await store.cas(kv.key, None, kv.mod_revision):
+    if not await repo.release(node_id, stored.revision):
         raise OpError(f"node '{node_id}' changed meanwhile; try again")
 
 
 async def wait_applied(store: EtcdStore, view: ClusterView, timeout: float,
-                       progress=None) -> list[str]:  # noqa: ANN001
+                       progress: Callable[[int, int], None] | None = None) -> list[str]:
     """Wait until every node of `view` reports it applied; returns the nodes still behind."""
+    repo = MeshRepo(store)
     behind = list(view.node_ids)
     with anyio.move_on_after(timeout):
         while True:
-            statuses = await read_statuses(store)
+            statuses = await repo.statuses()
             behind = [n for n in view.node_ids
                       if not (statuses.get(n) and statuses[n].cluster == view.cluster
                               and statuses[n].epoch >= view.epoch)]
@@ -172,10 +174,15 @@ async def wait_applied(store: EtcdStore, view: ClusterView, timeout: float,
 
 # -- scaling and migrations ------------------------------------------------------------------
 
-async def _edit_view(store: EtcdStore, name: str, change, dry_run: bool = False):  # noqa: ANN001, ANN202
-    """Read the view, let `change(pool, view)` return (new view, new assignments), write it
-    with one compare-and-swap (retried on a lost race). Returns (old, new)."""
-    keys = store.keys
+Change = Callable[[Pool, ClusterView], tuple[ClusterView, Sequence[str]]]
+
+
+async def _edit_view(store: EtcdStore, name: str, change: Change, dry_run: bool = False,
+                     unassign: tuple[str, ...] = ()) -> tuple[ClusterView, ClusterView]:
+    """Read the view, let `change(pool, view)` return (new view, free nodes it claims), write
+    it with one compare-and-swap (retried on a lost race), the nodes in `unassign` returning
+    to the pool in the same transaction. Returns (old, new)."""
+    repo = MeshRepo(store)
     for _ in range(RACE_RETRIES):
         pool = await read_pool(store)
         if name not in pool.views:
@@ -184,26 +191,26 @@ async def _edit_view(store: EtcdStore, name: str, change, dry_run: bool = False)
         new, claimed = change(pool, view)
         if dry_run:
             return view, new
-        checks = {keys.view(name): revision, **{keys.assignment(n): 0 for n in claimed}}
-        puts = {keys.view(name): to_json(new),
-                **{keys.assignment(n): Assignment(name).encode() for n in claimed}}
-        if await store.commit(checks, puts):
+        if await repo.commit_view(name, revision, new,
+                                  ViewCommit(claim=tuple(claimed), unassign=unassign)):
             return view, new
     raise OpError(f"cluster '{name}' kept changing; try again")
 
 
-def _planned(view: ClusterView, migrations, new_shards=()):  # noqa: ANN001, ANN202
+def _planned(view: ClusterView, migrations: list[Migration],
+             new_shards: Sequence[Shard] = ()) -> ClusterView:
     try:
         return plans.with_plan(view, migrations, tuple(new_shards))
     except (plans.PlanError, ViewError) as exc:
         raise OpError(str(exc)) from None
 
 
-async def scale_cluster(store: EtcdStore, name: str, shards: int, dry_run: bool):  # noqa: ANN201
+async def scale_cluster(store: EtcdStore, name: str, shards: int,
+                        dry_run: bool) -> tuple[ClusterView, ClusterView]:
     if shards < 1:
         raise OpError("--shards must be at least 1")
 
-    def change(pool: Pool, view: ClusterView):  # noqa: ANN202
+    def change(pool: Pool, view: ClusterView) -> tuple[ClusterView, list[str]]:
         current = [s.id for s in view.shards]
         if shards == len(current):
             raise OpError(f"cluster '{name}' already has {shards} shards")
@@ -228,8 +235,9 @@ async def scale_cluster(store: EtcdStore, name: str, shards: int, dry_run: bool)
     return await _edit_view(store, name, change, dry_run)
 
 
-async def rebalance_cluster(store: EtcdStore, name: str, dry_run: bool):  # noqa: ANN201
-    def change(pool: Pool, view: ClusterView):  # noqa: ANN202
+async def rebalance_cluster(store: EtcdStore, name: str,
+                            dry_run: bool) -> tuple[ClusterView, ClusterView]:
+    def change(pool: Pool, view: ClusterView) -> tuple[ClusterView, list[str]]:
         migrations = plans.plan(view, [s.id for s in view.shards])
         if not migrations:
             raise OpError(f"cluster '{name}' is already balanced")
@@ -238,8 +246,9 @@ async def rebalance_cluster(store: EtcdStore, name: str, dry_run: bool):  # noqa
     return await _edit_view(store, name, change, dry_run)
 
 
-async def migrate_slots(store: EtcdStore, name: str, ranges, target: str, dry_run: bool):  # noqa: ANN001, ANN201
-    def change(pool: Pool, view: ClusterView):  # noqa: ANN202
+async def migrate_slots(store: EtcdStore, name: str, ranges: tuple[SlotRange, ...], target: str,
+                        dry_run: bool) -> tuple[ClusterView, ClusterView]:
+    def change(pool: Pool, view: ClusterView) -> tuple[ClusterView, list[str]]:
         try:
             migrations = plans.manual(view, ranges, target)
         except plans.PlanError as exc:
@@ -249,8 +258,8 @@ async def migrate_slots(store: EtcdStore, name: str, ranges, target: str, dry_ru
     return await _edit_view(store, name, change, dry_run)
 
 
-async def cancel_migrations(store: EtcdStore, name: str):  # noqa: ANN201
-    def change(pool: Pool, view: ClusterView):  # noqa: ANN202
+async def cancel_migrations(store: EtcdStore, name: str) -> tuple[ClusterView, ClusterView]:
+    def change(pool: Pool, view: ClusterView) -> tuple[ClusterView, list[str]]:
         try:
             return plans.cancel(view), []
         except plans.PlanError as exc:
@@ -264,20 +273,21 @@ def migration_rows(view: ClusterView, pool: Pool) -> list[dict]:
     rows = []
     for m in view.migrations:
         status = pool.statuses.get(masters[m.source])
-        progress = status.migrations.get(m.id, {}) if status else {}
+        progress = status.progress(m.id) if status else MigrationProgress()
         rows.append({"id": m.id, "slots": [list(r) for r in m.slots],
                      "slot_count": slot_count(m.slots), "from": m.source, "to": m.target,
-                     "state": m.state.value if not progress.get("done") else "committing",
-                     "moved_keys": progress.get("moved_keys", 0),
-                     "left_keys": progress.get("left_keys"),
-                     "eta_sec": progress.get("eta_sec"),
-                     "moved_bytes": progress.get("moved_bytes", 0),
-                     "keys_per_sec": progress.get("keys_per_sec", 0.0),
-                     "error": progress.get("error", "")})
+                     "state": m.state.value if not progress.done else "committing",
+                     "moved_keys": progress.moved_keys,
+                     "left_keys": progress.left_keys,
+                     "eta_sec": progress.eta_sec,
+                     "moved_bytes": progress.moved_bytes,
+                     "keys_per_sec": progress.keys_per_sec,
+                     "error": progress.error})
     return rows
 
 
-async def wait_migrations(store: EtcdStore, name: str, timeout: float, progress=None) -> bool:  # noqa: ANN001
+async def wait_migrations(store: EtcdStore, name: str, timeout: float,
+                          progress: Callable[[ClusterView, Pool], None] | None = None) -> bool:
     """Wait until the cluster has no migrations and every node applied the final view."""
     with anyio.move_on_after(timeout):
         while True:
@@ -301,8 +311,6 @@ async def graceful_failover(store: EtcdStore, name: str, shard_id: str,
     """Make a replica the master without losing a write: the master's Redis pauses writes and
     waits for the replica (Redis FAILOVER, driven through the master's proxy), then the view
     records the swap."""
-    from mesh.redisctl import RedisCtl, RedisCtlError
-
     pool = await read_pool(store)
     if name not in pool.views:
         raise OpError(f"unknown cluster '{name}'")
@@ -317,19 +325,20 @@ async def graceful_failover(store: EtcdStore, name: str, shard_id: str,
         raise OpError(f"shard {shard_id} has no live replica to hand over to")
     target = to or max(live, key=lambda r: pool.statuses[r].repl_offset
                        if r in pool.statuses else 0)
-    host, _, port = view.address_of(target).backend.rpartition(":")
+    backend = Address.parse(view.address_of(target).backend)
     ctl = RedisCtl(view.address_of(shard.master).proxy)
     try:
         with anyio.fail_after(60):  # the proxy retries FAILOVER for up to 6 x (5 + 2) s
             if view.config.password_hash:
                 await ctl.call("UMCTL", "AUTHPEER", view.config.password_hash)
-            await ctl.call("UMCTL", "HANDOVER", host, port, HANDOVER_TIMEOUT_MS)
+            await ctl.call("UMCTL", "HANDOVER", backend.host, backend.port,
+                           HANDOVER_TIMEOUT_MS)
     except (RedisCtlError, TimeoutError, OSError) as exc:
         raise OpError(f"the handover from {shard.master} to {target} failed: {exc}") from None
     finally:
         await ctl.aclose()
 
-    def change(pool: Pool, view: ClusterView):  # noqa: ANN202
+    def change(pool: Pool, view: ClusterView) -> tuple[ClusterView, list[str]]:
         shards = tuple(replace(s, master=target, replicas=tuple(
             r for r in s.replicas if r != target) + (s.master,)) if s.id == shard_id else s
             for s in view.shards)
@@ -341,7 +350,7 @@ async def graceful_failover(store: EtcdStore, name: str, shard_id: str,
     return new
 
 
-async def drain_node(store: EtcdStore, node: str) -> tuple[str, ClusterView | None]:
+async def drain_node(store: EtcdStore, node: str) -> tuple[str, ClusterView]:
     """Take `node` out of its cluster without losing data and return it to the pool: a replica
     just leaves; a master hands over to a replica first; a master without replicas has its
     slots migrated away (its shard then leaves when the last migration commits)."""
@@ -356,7 +365,7 @@ async def drain_node(store: EtcdStore, node: str) -> tuple[str, ClusterView | No
         await graceful_failover(store, cluster, shard.id, None)
         role = "replica"
     if role == "replica":
-        def change(pool: Pool, view: ClusterView):  # noqa: ANN202
+        def change(pool: Pool, view: ClusterView) -> tuple[ClusterView, list[str]]:
             shards = tuple(replace(s, replicas=tuple(r for r in s.replicas if r != node))
                            for s in view.shards)
             new = view.next(shards=shards, nodes=tuple((n, a) for n, a in view.nodes if n != node),
@@ -364,14 +373,13 @@ async def drain_node(store: EtcdStore, node: str) -> tuple[str, ClusterView | No
             validate(new)
             return new, []
 
-        _, new = await _edit_view(store, cluster, change)
-        await store.delete(store.keys.assignment(node))
+        _, new = await _edit_view(store, cluster, change, unassign=(node,))
         return "removed", new
     others = [s.id for s in view.shards if s.id != shard.id]
     if not others:
         raise OpError(f"node '{node}' holds the only shard of '{cluster}'; delete the cluster")
 
-    def plan_away(pool: Pool, view: ClusterView):  # noqa: ANN202
+    def plan_away(pool: Pool, view: ClusterView) -> tuple[ClusterView, list[str]]:
         return _planned(view, plans.plan(view, others)), []
 
     _, new = await _edit_view(store, cluster, plan_away)

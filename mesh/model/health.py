@@ -1,0 +1,71 @@
+"""Failure detection state. Pure: what was seen and `now` in, what is known out.
+
+Two counters live here. The leader's: since when each node has been alive or dead by the
+leader's own clock (`HealthTracker`; `failover.plan_failover` acts only after a grace of
+continuous death). The agent's: how many checks of its backend failed in a row (`Misses`; the
+node reports its Redis dead after a few).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from core.nodes import NodeStatus
+
+from .failover import Health
+
+
+def liveness(members: Iterable[str], registered: Iterable[str],
+             statuses: Mapping[str, NodeStatus]) -> dict[str, bool]:
+    """Alive: registered (its lease holds), its status says its Redis answers, and it is not
+    shutting down. Judged for every cluster member and every registered node."""
+    registered = set(registered)
+    alive = {}
+    for node in set(members) | registered:
+        status = statuses.get(node)
+        alive[node] = node in registered and status is not None and status.backend_ok \
+            and not status.leaving
+    return alive
+
+
+def track(previous: Mapping[str, Health], alive: Mapping[str, bool],
+          offsets: Mapping[str, int], now: float) -> dict[str, Health]:
+    """The health of every node after one observation at `now`. `since` moves only when a
+    node changes between alive and dead; a node no longer seen at all counts as dead."""
+    state: dict[str, Health] = {}
+    for node, ok in alive.items():
+        before = previous.get(node)
+        since = before.since if before is not None and before.alive == ok else now
+        state[node] = Health(ok, since, offsets.get(node, 0))
+    for node, before in previous.items():
+        if node not in alive:
+            since = before.since if not before.alive else now
+            state[node] = Health(False, since, before.repl_offset)
+    return state
+
+
+class HealthTracker:
+    """Since when each node has been alive or dead, by the leader's clock. A new leader starts
+    with no history, so it waits a whole grace before acting: blips are never failovers."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Health] = {}
+
+    def update(self, alive: Mapping[str, bool], offsets: Mapping[str, int],
+               now: float) -> dict[str, Health]:
+        self.state = track(self.state, alive, offsets, now)
+        return self.state
+
+
+@dataclass(frozen=True, slots=True)
+class Misses:
+    """Consecutive failed checks of a backend; any success starts over."""
+
+    count: int = 0
+
+    def record(self, ok: bool) -> Misses:
+        return Misses(0 if ok else self.count + 1)
+
+    def healthy(self, limit: int) -> bool:
+        """Fewer than `limit` failures in a row: one slow PING is not a dead Redis."""
+        return self.count < limit

@@ -1,0 +1,25 @@
+"""A broadcast "something changed" signal for tasks of one agent (anyio only)."""
+from __future__ import annotations
+
+import anyio
+
+
+class Changed:
+    """Tasks wait for the next change instead of polling for it.
+
+    Take `waiter()` before reading the state it guards and wait on it after: a change made
+    in between (while the task was awaiting something else) is not missed.
+    """
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def waiter(self) -> anyio.Event:
+        return self._event
+
+    def notify(self) -> None:
+        event, self._event = self._event, anyio.Event()
+        event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()

@@ -1,0 +1,184 @@
+"""Views in, the proxy and the backend out (DESIGN.md section 5).
+
+`ViewApplier` watches every cluster's view, picks the newest one that names this node, and
+applies it: empties the backend if it holds another tenant's data, sets the backend's role,
+swaps the proxy's routing table through the control port, and reports the applied epoch in
+the node's status. It also starts gating an outgoing migration once its start barrier passed
+(mesh/barriers.py), since that changes the routing table too.
+"""
+from __future__ import annotations
+
+import anyio
+import structlog
+
+from core.address import Address
+from core.nodes import DataOwner
+from core.view import ClusterView, Migration
+from proxy.control import ControlPort
+from proxy.routing import empty_table, table_from_view
+
+from .barriers import wait_commit
+from .model.fencing import FENCE_HARD
+from .notify import Changed
+from .redisctl import RedisCtl, RedisCtlError
+from .status import StatusReporter
+from .store.etcd import LeaseKeeper, StoreError
+from .store.repo import MeshRepo, ViewChange
+
+log = structlog.get_logger("mesh.views")
+
+BACKEND_TIMEOUT = 2.0
+
+
+class ViewApplier:
+    def __init__(self, repo: MeshRepo, control: ControlPort, ctl: RedisCtl,
+                 status: StatusReporter, node_id: str) -> None:
+        self.repo = repo
+        self.control = control  # the one way into the data path
+        self.ctl = ctl
+        self.status = status
+        self.node_id = node_id
+        self.views: dict[str, ClusterView] = {}
+        self.applied: ClusterView | None = None
+        self.active: frozenset[str] = frozenset()  # migrations gated here (barrier passed)
+        self.changed = Changed()  # the applied view (or the active set) changed
+        self.removed = anyio.Event()  # set when no view names this node any more
+        self.lock = anyio.Lock()  # one change of the proxy or the backend at a time
+        self.log = log.bind(node=node_id)
+
+    # -- watching ----------------------------------------------------------------------------
+    async def run(self, keeper: LeaseKeeper) -> None:
+        """Read every view, apply, let writes resume under this lease, then follow changes."""
+        revision = await self.read_all()
+        deadline = keeper.deadline - FENCE_HARD
+        if self.control.fenced:  # the current view is applied again: writes may resume
+            self.control.unfence(deadline)
+            self.log.warning("unfenced", epoch=self.applied.epoch if self.applied else 0)
+        else:
+            self.control.allow_writes_until(deadline)
+        await self.repo.watch_views(revision + 1, self._on_change, self.read_all)
+
+    async def read_all(self) -> int:
+        read = await self.repo.read_views()
+        for cluster, error in read.invalid.items():
+            self.log.error("view_invalid", cluster=cluster, error=error)
+        self.views = {cluster: stored.view for cluster, stored in read.views.items()}
+        await self.reconcile()
+        return read.revision
+
+    async def _on_change(self, change: ViewChange) -> None:
+        if change.error is not None:  # keep what we had: an invalid view is never applied
+            self.log.error("view_invalid", cluster=change.cluster, error=change.error)
+            return
+        if change.view is None:
+            self.views.pop(change.cluster, None)
+        else:
+            self.views[change.cluster] = change.view
+        await self.reconcile()
+
+    # -- applying ----------------------------------------------------------------------------
+    async def reconcile(self) -> None:
+        """Make the proxy and the backend match the newest view that names this node."""
+        me = self.node_id
+        mine = [v for v in self.views.values() if me in v.node_ids]
+        if len(mine) > 1:
+            self.log.error("node_in_several_clusters", clusters=sorted(v.cluster for v in mine))
+        target = max(mine, key=lambda v: v.epoch, default=None)
+        async with self.lock:
+            current = self.applied
+            if target is None:
+                if current is not None:
+                    await self._leave_cluster(current)
+                self.removed.set()
+                return
+            if self.removed.is_set():
+                self.removed = anyio.Event()
+            same = current is not None and current.uid == target.uid \
+                and current.cluster == target.cluster
+            if current is not None and same and target.epoch <= current.epoch:
+                return
+            try:
+                if current is not None and same:
+                    await wait_commit(self.repo, me, current, target)
+                await self._apply(target, joining=not same)
+            except (RedisCtlError, TimeoutError, StoreError) as exc:
+                # retried by the backend check every second until it applies
+                self.log.warning("view_apply_failed", cluster=target.cluster,
+                                 epoch=target.epoch, error=repr(exc))
+
+    async def _apply(self, view: ClusterView, joining: bool) -> None:
+        me = self.node_id
+        shard = view.shard_of(me)
+        assert shard is not None
+        with anyio.fail_after(BACKEND_TIMEOUT * 3):
+            if joining:
+                await self._take_backend_for(view)
+            await self._set_role(view)
+        self.active &= {m.id for m in view.migrations}
+        self.control.apply(table_from_view(view, me, self.active), joining=joining)
+        self.applied = view
+        self.changed.notify()
+        role = "master" if shard.master == me else "replica"
+        self.status.set(cluster=view.cluster, epoch=view.epoch, role=role)
+        self.log.info("view_applied", cluster=view.cluster, epoch=view.epoch, role=role,
+                      shard=shard.id)
+
+    async def _leave_cluster(self, view: ClusterView) -> None:
+        # taken out of a cluster that goes on: keep redirecting its clients to the new owners
+        still = self.views.get(view.cluster)
+        self.control.apply(table_from_view(still, self.node_id) if still else empty_table())
+        self.applied = None
+        self.changed.notify()
+        self.status.set(cluster="", epoch=0, role="master")
+        self.log.info("left_cluster", cluster=view.cluster, epoch=view.epoch)
+        try:
+            with anyio.fail_after(BACKEND_TIMEOUT):
+                await self.ctl.call("REPLICAOF", "NO", "ONE")
+        except (RedisCtlError, TimeoutError) as exc:
+            self.log.warning("backend_role_failed", error=str(exc))
+
+    async def _take_backend_for(self, view: ClusterView) -> None:
+        """Empty the backend unless it already holds this very cluster's data (same creation,
+        not just the same name): one tenant's keys never reach another."""
+        owner = await self.repo.data_owner(self.node_id)
+        wanted = DataOwner(view.cluster, view.uid)
+        if owner != wanted:
+            await self.ctl.call("REPLICAOF", "NO", "ONE")  # a replica refuses FLUSHALL
+            await self.ctl.call("FLUSHALL")
+            self.log.info("backend_emptied", previous=owner.cluster if owner else None,
+                          cluster=view.cluster)
+            await self.repo.set_data_owner(self.node_id, wanted)
+
+    async def _set_role(self, view: ClusterView) -> None:
+        """Make the backend the master or the replica `view` says it is."""
+        shard = view.shard_of(self.node_id)
+        assert shard is not None
+        master = None if shard.master == self.node_id \
+            else Address.parse(view.address_of(shard.master).backend)
+        if await self.ctl.role() == ("master" if master is None else "slave", master):
+            return
+        if master is None:
+            await self.ctl.call("REPLICAOF", "NO", "ONE")
+        else:
+            await self.ctl.call("REPLICAOF", master.host, master.port)
+        self.log.info("backend_role_set", role="master" if master is None else "slave",
+                      master=str(master) if master else None)
+
+    async def keep_role(self) -> None:
+        """Set the backend's role again if something changed it (the backend check)."""
+        async with self.lock:
+            view = self.applied
+            if view is not None and view.shard_of(self.node_id) is not None:
+                await self._set_role(view)
+
+    async def activate(self, view: ClusterView, migration: Migration) -> None:
+        """The start barrier of an outgoing migration passed: gate its slots here (unless
+        another view was applied meanwhile)."""
+        async with self.lock:
+            if self.applied is not view:
+                return
+            self.active = self.active | {migration.id}
+            self.control.apply(table_from_view(view, self.node_id, self.active))
+            self.changed.notify()
+            self.log.info("migration_started", migration=migration.id, epoch=view.epoch,
+                          slots=[list(r) for r in migration.slots])
