@@ -22,6 +22,8 @@ from .routing import MigratingSlots, RoutingTable
 CROSSSLOT = b"-CROSSSLOT Keys in request don't hash to the same slot\r\n"
 NOAUTH = b"-NOAUTH Authentication required.\r\n"
 TRYAGAIN = b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n"
+TENANT_CHANGED = (b"-CLUSTERDOWN this node was given to another cluster since you connected; "
+                  b"reconnect\r\n")
 FENCED = (b"-CLUSTERDOWN this node lost contact with the mesh and refuses writes until it "
           b"rejoins\r\n")
 
@@ -56,6 +58,7 @@ class WritePermission:
 class ClientState(Protocol):
     """What the decision reads of a client (a Session, or a value in tests)."""
 
+    tenant: str  # the table's tenant when the client connected
     auth_hash: str | None  # the password hash this client authenticated against
     asked: bool  # ASKING came right before this command
     readonly: bool  # READONLY: reads of a replica's slots are served here
@@ -118,6 +121,13 @@ class Refuse:
 
 
 @dataclass(frozen=True, slots=True)
+class Disconnect:
+    """Answer `reply` and close the connection: nothing more of this client may run here."""
+
+    reply: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Redirect:
     """Answer `reply` (-MOVED, or -CLUSTERDOWN for a slot nobody serves) and send nothing."""
 
@@ -133,7 +143,8 @@ class Gate:
     slot: int
 
 
-Outcome = Forward | Queue | Local | Dedicated | Subscribe | Refuse | Redirect | Gate
+Outcome = Forward | Queue | Local | Dedicated | Subscribe | Refuse | Redirect | Gate | Disconnect
+TENANT_GONE = Disconnect(TENANT_CHANGED)
 
 FORWARD = Forward(False)
 FORWARD_SYNCED = Forward(True)
@@ -172,6 +183,8 @@ def unknown_command(argv: list[bytes]) -> bytes:
 def decide(argv: list[bytes], table: RoutingTable, client: ClientState,
            permission: WritePermission, now: float) -> Outcome:
     """Where `argv` goes, decided from `table` and `permission` as they are now."""
+    if client.tenant != table.tenant:
+        return TENANT_GONE
     name = argv[0].upper()
     entry = DISPATCH.get(name)
     if entry is None:
@@ -305,12 +318,12 @@ def _build_plain() -> dict[bytes, tuple[int, int, bool]]:
 PLAIN = _build_plain()
 
 
-def plain_batch(batch: list[list[bytes]], table: RoutingTable, auth_hash: str | None,
-                permission: WritePermission, now: float) -> bool:
+def plain_batch(batch: list[list[bytes]], table: RoutingTable, tenant: str,
+                auth_hash: str | None, permission: WritePermission, now: float) -> bool:
     """The fast path's decision: True when every command of `batch` is plain and `decide()`
     would forward it here unsynced, so the batch may go to Redis as the client sent it.
     Same rules, one pass, no per-command outcome (tests check the two agree)."""
-    if auth_hash != table.password_hash or table.min_replicas_ack:
+    if tenant != table.tenant or auth_hash != table.password_hash or table.min_replicas_ack:
         return False
     routes = None if table.serves_all else table.routes
     writable = None

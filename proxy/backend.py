@@ -195,7 +195,7 @@ class BackendConnection(asyncio.Protocol):
             del buf[:start]
             scanner.shift(start)
         if raw and raw_sink is not None:
-            raw_sink.raw_arrived(b"".join(raw))
+            raw_sink.raw_arrived(raw)
         self._notify(sinks)
 
     @staticmethod
@@ -236,7 +236,7 @@ class BackendConnection(asyncio.Protocol):
 
 
 class RawSink(Protocol):
-    def raw_arrived(self, data: bytes) -> None: ...
+    def raw_arrived(self, messages: list[bytes]) -> None: ...  # whole messages, in order
     def raw_closed(self) -> None: ...
 
 

@@ -76,6 +76,9 @@ class RoutingTable:
     routes: tuple[bytes | MigratingSlots | None, ...] = field(repr=False)
     config: tuple[tuple[str, str], ...] = ()
     password_hash: str | None = None
+    # whose data the backend holds: the cluster and, in the mesh, its creation. A client
+    # connected under one tenant is never served under another (proxy/admission.py)
+    tenant: str = ""
     # per slot: 1 where this node is a replica of the slot's master (READONLY clients read here)
     readable: bytes = b""
     # synchronous mode: acknowledge a write once WAIT says this many replicas have it
@@ -133,7 +136,7 @@ def table_from_meta(meta: ClusterMeta, my_address: str) -> RoutingTable:
     password_hash = config.pop("password_hash", None)
     if "password" in config:
         password_hash = hash_password(config.pop("password"))
-    return RoutingTable(cluster=meta.cluster, epoch=meta.epoch, nodes=tuple(nodes),
+    return RoutingTable(cluster=meta.cluster, epoch=meta.epoch, nodes=tuple(nodes), tenant=meta.cluster,
                         routes=tuple(routes), config=tuple(sorted(config.items())),
                         password_hash=password_hash)
 
@@ -184,6 +187,7 @@ def table_from_view(view: ClusterView, me: str,
         for start, end in m.slots:
             routes[start : end + 1] = [marker] * (end - start + 1)
     return RoutingTable(cluster=view.cluster, epoch=view.epoch, nodes=tuple(nodes),
+                        tenant=f"{view.cluster}/{view.uid}",
                         routes=tuple(routes), password_hash=view.config.password_hash,
                         readable=bytes(readable) if any(readable) else b"",
                         min_replicas_ack=view.config.min_replicas_ack,

@@ -10,19 +10,32 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from collections import deque
 from time import monotonic
 
 import structlog
 
 from . import local
-from .admission import TRYAGAIN, Dedicated, Forward, Gate, Local, Queue, Redirect, Refuse, decide, plain_batch
+from .admission import (
+    TRYAGAIN,
+    Dedicated,
+    Disconnect,
+    Forward,
+    Gate,
+    Local,
+    Queue,
+    Redirect,
+    Refuse,
+    decide,
+    plain_batch,
+)
 from .backend import BackendConnection, Batch, Pending
 from .context import ProxyContext
 from .jobs import run_dedicated
 from .local import HANDLERS, UNSUBSCRIBE_KINDS
 from .replies import Rewrite, SyncedWrite, newest_unanswered, take_ready
-from .resp import RequestError, RequestParser, encode, encode_command, error
+from .resp import RequestError, RequestParser, bulk, encode, encode_command, error
 
 log = structlog.get_logger("proxy.session")
 
@@ -44,6 +57,7 @@ MAX_PLAIN_PER_TURN = 256
 # reply outstanding), away from clients sending a few commands at a time.
 BULK_BATCH_BYTES = 16 * 1024
 
+UNSUBSCRIBE_TOKEN_BYTES = 16  # random bytes of the PING that follows an UNSUBSCRIBE
 EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
 
 _session_ids = itertools.count(1)
@@ -63,8 +77,12 @@ class Session(asyncio.Protocol):
         self.owned: list[BackendConnection] = []  # every dedicated connection, closed with us
         self.barrier: Pending | None = None  # commands wait until this reply has arrived
         self.held: list[list[bytes]] = []  # read while the barrier is up; decided when sent
+        self.tenant = ctx.control.table.tenant  # whose client this is (decide() checks it)
         self.auth_hash: str | None = None  # the password hash this client authenticated against
         self.subscribed = False  # a RESP2 client in subscribe mode: everything goes raw
+        # after an UNSUBSCRIBE in subscribe mode: the two answers Redis may give to our PING
+        # (still subscribed, or not any more), which tell whether the client left the mode
+        self.unsubscribe_marker: tuple[bytes, bytes] | None = None
         self.asking = False
         self.asked = False
         self.readonly = False  # READONLY: reads of a replica's slots are served here
@@ -174,9 +192,30 @@ class Session(asyncio.Protocol):
             self._release_held()
         self._write_ready()
 
-    def raw_arrived(self, data: bytes) -> None:
-        self.replies.append(Pending(data))
+    def raw_arrived(self, messages: list[bytes]) -> None:
+        marker = self.unsubscribe_marker
+        if marker is not None:
+            for i, message in enumerate(messages):
+                if message in marker:
+                    self._subscribe_mode_known(messages, i, message == marker[1])
+                    return
+        self.replies.append(Pending(b"".join(messages)))
         self._write_ready()
+
+    def _subscribe_mode_known(self, messages: list[bytes], marker_at: int, left: bool) -> None:
+        """Redis answered the PING sent after an UNSUBSCRIBE: the client left subscribe mode
+        (`left`, the subscription count reached 0) or is still in it. Either way the commands
+        held meanwhile are decided now, as an ordinary client's or as a subscriber's."""
+        del messages[marker_at]  # our PING's answer is not the client's
+        if messages:
+            self.replies.append(Pending(b"".join(messages)))
+        self.unsubscribe_marker = None
+        if left:
+            self.subscribed = False
+            self.conn.raw_sink = None  # replies pair with commands again
+        assert self.barrier is not None
+        self.barrier.data = b""
+        self.replies_arrived()
 
     def raw_closed(self) -> None:
         self.closing = True
@@ -237,8 +276,8 @@ class Session(asyncio.Protocol):
                 or conn.raw_sink is not None or len(self.replies) >= MAX_QUEUED_BATCHES):
             return False
         control = self.control
-        if not plain_batch(batch, control.table, self.auth_hash, control.permission,
-                           monotonic()):
+        if not plain_batch(batch, control.table, self.tenant, self.auth_hash,
+                           control.permission, monotonic()):
             return False
         self.asked = False
         pending = Pending() if len(batch) == 1 else Batch()
@@ -255,11 +294,11 @@ class Session(asyncio.Protocol):
             return
         self.asked = self.asking  # ASKING covers the one command after it
         self.asking = False
-        if self.subscribed and argv[0].upper() != b"RESET":
-            # RESP2 subscribe mode: Redis itself answers (and refuses) what comes now
-            self.conn.send_unmatched(encode_command(argv))
-            return
         control = self.control
+        if self.subscribed and argv[0].upper() != b"RESET" \
+                and self.tenant == control.table.tenant:
+            self._send_subscribed(argv)
+            return
         outcome = decide(argv, control.table, self, control.permission, monotonic())
         kind = outcome.__class__
         if kind is Forward:
@@ -281,8 +320,23 @@ class Session(asyncio.Protocol):
             self._gate(argv, outcome)  # type: ignore[arg-type]
         elif kind is Dedicated:
             self._dedicated(argv, outcome.blocking)  # type: ignore[union-attr]
+        elif kind is Disconnect:
+            self.reply(outcome.reply)  # type: ignore[union-attr]
+            self.closing = True
         else:
             self._subscribe(argv)
+
+    def _send_subscribed(self, argv: list[bytes]) -> None:
+        """RESP2 subscribe mode: Redis itself answers (and refuses) what comes now. After an
+        UNSUBSCRIBE the client may have left the mode: what it sends next waits until Redis
+        answers a PING of ours, in a subscriber's form or an ordinary client's."""
+        conn = self.conn
+        conn.send_unmatched(encode_command(argv))
+        if argv[0].upper() in UNSUBSCRIBE_KINDS:
+            token = os.urandom(UNSUBSCRIBE_TOKEN_BYTES).hex().encode()
+            conn.send_unmatched(encode_command([b"PING", token]))
+            self.unsubscribe_marker = (b"*2\r\n$4\r\npong\r\n" + bulk(token), bulk(token))
+            self.barrier = Pending()  # filled when the answer is seen (raw_arrived)
 
     def _hold_again(self, argv: list[bytes]) -> None:
         """A barrier went up while `argv` was being run: run it (decide it anew) after."""

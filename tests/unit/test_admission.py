@@ -10,12 +10,29 @@ from hypothesis import strategies as st
 
 from core.slots import SLOT_COUNT, key_slot
 from proxy import local
-from proxy.admission import (CROSSSLOT, DEDICATED, DEDICATED_BLOCKING, FENCED, FORWARD, FORWARD_SYNCED, NOAUTH,
-                             PLAIN, SUBSCRIBE, TRYAGAIN, Gate, Local, Queue, Redirect, Refuse,
-                             WritePermission, decide, plain_batch)
+from proxy.admission import (
+    CROSSSLOT,
+    DEDICATED,
+    DEDICATED_BLOCKING,
+    FENCED,
+    FORWARD,
+    FORWARD_SYNCED,
+    NOAUTH,
+    PLAIN,
+    SUBSCRIBE,
+    TENANT_GONE,
+    TRYAGAIN,
+    Gate,
+    Local,
+    Queue,
+    Redirect,
+    Refuse,
+    WritePermission,
+    decide,
+    plain_batch,
+)
 from proxy.control import Applied, ControlPort
-from proxy.routing import (SLOT_NOT_SERVED, MigratingSlots, NodeInfo, RoutingTable,
-                           empty_table, hash_password)
+from proxy.routing import SLOT_NOT_SERVED, MigratingSlots, NodeInfo, RoutingTable, empty_table, hash_password
 
 A, B, C = key_slot(b"a"), key_slot(b"b"), key_slot(b"c")  # 15495, 3300, 7365
 PEER = "10.0.0.2:7000"
@@ -25,6 +42,7 @@ NOW = 100.0
 
 @dataclass(frozen=True)
 class Client:
+    tenant: str = ""
     auth_hash: str | None = None
     asked: bool = False
     readonly: bool = False
@@ -80,6 +98,8 @@ def describe(outcome: object) -> tuple:
         return ("dedicated-blocking",)
     if outcome is SUBSCRIBE:
         return ("subscribe",)
+    if outcome is TENANT_GONE:
+        return ("disconnect",)
     if isinstance(outcome, Queue):
         return ("queue", outcome.slot)
     if isinstance(outcome, Local):
@@ -224,6 +244,11 @@ CASES = [
     ("SSUBSCRIBE a", A_MOVED, CLIENT, OPEN, ("redirect", MOVED_A)),
     ("SSUBSCRIBE a", ALL, CLIENT, OPEN, ("subscribe",)),
     ("SUBSCRIBE ch", PASSWORD, CLIENT, OPEN, ("refuse", NOAUTH)),
+    # a client of the tenant the node served before
+    ("GET a", ALL, Client(tenant="old"), OPEN, ("disconnect",)),
+    ("PING", ALL, Client(tenant="old"), OPEN, ("disconnect",)),
+    ("AUTH pw", PASSWORD, Client(tenant="old"), OPEN, ("disconnect",)),
+    ("GET a", replace(ALL, tenant="new"), CLIENT, OPEN, ("disconnect",)),
     # what the mesh manages
     ("REPLICAOF NO ONE", ALL, CLIENT, OPEN, ("refuse", b"-ERR REPLICAOF is not allowed")),
     ("SHUTDOWN", ALL, CLIENT, OPEN, ("refuse", b"-ERR SHUTDOWN is not allowed")),
@@ -247,7 +272,8 @@ def test_decide(command, table, client, permission, expected):
 def test_every_outcome_is_covered_by_the_table():
     kinds = {describe(decide(argv(c), t, cl, p, NOW))[0] for c, t, cl, p, _ in CASES}
     assert kinds == {"forward", "forward-synced", "queue", "local", "dedicated",
-                     "dedicated-blocking", "subscribe", "refuse", "redirect", "gate"}
+                     "dedicated-blocking", "subscribe", "refuse", "redirect", "gate",
+                     "disconnect"}
 
 
 def test_the_write_fence_is_read_at_the_moment_of_decision():
@@ -273,12 +299,13 @@ PERMISSIONS = [OPEN, EXPIRED, FENCED_NOW, HANDING_OVER]
 @given(names=st.lists(st.sampled_from(PLAIN_NAMES), min_size=1, max_size=4),
        keys=st.lists(st.sampled_from([b"a", b"b", b"c", b"{a}x"]), min_size=4, max_size=4),
        extra=st.integers(0, 3), table=st.sampled_from(TABLES),
-       permission=st.sampled_from(PERMISSIONS), authed=st.booleans())
+       permission=st.sampled_from(PERMISSIONS), authed=st.booleans(),
+       tenant=st.sampled_from(["", "old"]))
 def test_fast_path_takes_a_batch_only_when_decide_forwards_every_command(
-        names, keys, extra, table, permission, authed):
-    client = AUTHED if authed else CLIENT
+        names, keys, extra, table, permission, authed, tenant):
+    client = replace(AUTHED if authed else CLIENT, tenant=tenant)
     batch = [[n, k] + [b"1"] * extra for n, k in zip(names, keys)]
-    fast = plain_batch(batch, table, client.auth_hash, permission, NOW)
+    fast = plain_batch(batch, table, tenant, client.auth_hash, permission, NOW)
     forwarded = all(decide(a, table, client, permission, NOW) is FORWARD for a in batch)
     # never more than decide() allows; as much outside synchronous mode (which it leaves to
     # the per-command path whole)
@@ -286,9 +313,10 @@ def test_fast_path_takes_a_batch_only_when_decide_forwards_every_command(
 
 
 def test_fast_path_refuses_what_is_not_plain():
-    assert not plain_batch([argv("MGET a b")], ALL, None, OPEN, NOW)
-    assert not plain_batch([argv("GET a"), argv("PING")], ALL, None, OPEN, NOW)
-    assert plain_batch([argv("GET a"), argv("SET b 1")], ALL, None, OPEN, NOW)
+    assert not plain_batch([argv("MGET a b")], ALL, "", None, OPEN, NOW)
+    assert not plain_batch([argv("GET a"), argv("PING")], ALL, "", None, OPEN, NOW)
+    assert plain_batch([argv("GET a"), argv("SET b 1")], ALL, "", None, OPEN, NOW)
+    assert not plain_batch([argv("GET a")], ALL, "old", None, OPEN, NOW)
 
 
 # -- the control port ------------------------------------------------------------------------

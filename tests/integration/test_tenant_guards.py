@@ -1,0 +1,86 @@
+"""A client cannot step around the proxy's guards through pub/sub, nor outlive its tenant."""
+from __future__ import annotations
+
+import socket
+
+from core.slots import key_slot
+from proxy.resp import encode_command, scan_reply
+from tests.procs import command
+
+PEER = "127.0.0.1:1"  # only named in redirects
+
+
+def read_replies(s: socket.socket, n: int) -> list[bytes]:
+    buf, out = b"", []
+    while len(out) < n:
+        end = scan_reply(buf, 0)
+        if end > 0:
+            out.append(buf[:end])
+            buf = buf[end:]
+            continue
+        chunk = s.recv(65536)
+        assert chunk, f"closed after {out}"
+        buf += chunk
+    return out
+
+
+def send(s: socket.socket, *commands: list[bytes | str]) -> None:
+    s.sendall(b"".join(encode_command([a if isinstance(a, bytes) else a.encode() for a in c])
+                       for c in commands))
+
+
+def two_shards(proxy, backend, cluster: str = "mydb", epoch: int = 1) -> None:
+    """This node serves 8001-16383; a peer serves 0-8000."""
+    assert command(proxy.port, "UMCTL", "SETCLUSTER", "v2", str(epoch), "NOFLAGS", cluster,
+                   backend.addr, "1", "8001-16383", "PEER", PEER, "1", "0-8000") == b"+OK\r\n"
+
+
+def test_a_client_that_unsubscribed_from_everything_is_an_ordinary_client_again(spawn):
+    backend = spawn.redis()
+    proxy = spawn.proxy(backend)
+    two_shards(proxy, backend)
+    theirs = b"k"  # slot 7629: the peer's
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        send(s, ["SUBSCRIBE", "x"], ["UNSUBSCRIBE", "x"], [b"SET", theirs, b"v"],
+             ["SELECT", "1"], ["REPLICAOF", "NO", "ONE"], ["CONFIG", "SET", "dir", "/tmp"])
+        subscribed, unsubscribed, written, select, replicaof, config = read_replies(s, 6)
+    assert subscribed == b"*3\r\n$9\r\nsubscribe\r\n$1\r\nx\r\n:1\r\n"
+    assert unsubscribed == b"*3\r\n$11\r\nunsubscribe\r\n$1\r\nx\r\n:0\r\n"
+    assert written == b"-MOVED %d %s\r\n" % (key_slot(theirs), PEER.encode())
+    assert select == b"-ERR SELECT is not allowed in cluster mode\r\n"
+    assert replicaof.startswith(b"-ERR REPLICAOF is not allowed through moonmesh")
+    assert config.startswith(b"-ERR CONFIG SET dir is not allowed through moonmesh")
+    assert command(backend.port, "EXISTS", theirs) == b":0\r\n"
+    assert command(backend.port, "ROLE").startswith(b"*3\r\n$6\r\nmaster")
+
+
+def test_a_client_still_subscribed_after_an_unsubscribe_stays_a_subscriber(spawn):
+    backend = spawn.redis()
+    proxy = spawn.proxy(backend)
+    two_shards(proxy, backend)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        send(s, ["SUBSCRIBE", "x", "y"], ["UNSUBSCRIBE", "x"], ["SELECT", "1"])
+        *confirmations, refused = read_replies(s, 4)
+        assert confirmations[-1] == b"*3\r\n$11\r\nunsubscribe\r\n$1\r\nx\r\n:1\r\n"
+        assert refused.startswith(b"-ERR Can't execute 'select'")  # Redis's own answer
+        assert command(proxy.port, "PUBLISH", "y", "hello") == b":1\r\n"
+        assert read_replies(s, 1) == [b"*3\r\n$7\r\nmessage\r\n$1\r\ny\r\n$5\r\nhello\r\n"]
+
+
+def test_a_client_is_not_served_once_its_node_belongs_to_another_cluster(spawn):
+    backend = spawn.redis()
+    proxy = spawn.proxy(backend)
+    two_shards(proxy, backend, cluster="one")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as plain, \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as subscriber:
+        send(plain, ["SET", "q", "1"])
+        send(subscriber, ["SUBSCRIBE", "x"])
+        assert read_replies(plain, 1) == [b"+OK\r\n"]
+        read_replies(subscriber, 1)
+        two_shards(proxy, backend, cluster="two", epoch=2)
+        for s in (plain, subscriber):
+            send(s, ["GET", "q"])
+            assert read_replies(s, 1)[0].startswith(b"-CLUSTERDOWN this node was given to "
+                                                    b"another cluster")
+            assert s.recv(1) == b""  # and closed
+    assert command(proxy.port, "GET", "q") == b"$1\r\n1\r\n"  # a new client of "two" is served
