@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+import hiredis
+
 from core import __version__
 from core.slots import SLOT_COUNT, key_slot
 
@@ -216,11 +218,31 @@ def config_set(c: Client, argv: list[bytes]) -> None:
         return
     for param in argv[2::2]:
         name = param.decode(errors="replace").lower()
-        if name in policy.DANGEROUS_CONFIG:
-            c.reply(error(f"ERR CONFIG SET {name} is not allowed through moonmesh: it "
-                          "would break the node's link, replication or persistence"))
+        if name not in policy.TENANT_SETTABLE:
+            c.reply(error(f"ERR CONFIG SET {name} is not allowed through moonmesh: the "
+                          "operator sets it (a cluster's users may set slowlog, latency, "
+                          "keyspace-notification and encoding parameters)"))
             return
     c.forward(argv)
+
+
+def _mask_hidden(data: bytes) -> bytes:
+    """CONFIG GET's reply with the values of HIDDEN_CONFIG blanked."""
+    reader = hiredis.Reader()
+    reader.feed(data)
+    reply = reader.gets()
+    if isinstance(reply, dict):  # RESP3
+        return encode({k: b"" if k.decode(errors="replace").lower() in policy.HIDDEN_CONFIG
+                       else v for k, v in reply.items()}, True)
+    if not isinstance(reply, list):
+        return data  # an error
+    pairs = list(zip(reply[::2], reply[1::2]))
+    return encode([x for k, v in pairs for x in (
+        k, b"" if k.decode(errors="replace").lower() in policy.HIDDEN_CONFIG else v)])
+
+
+def config_get(c: Client, argv: list[bytes]) -> None:
+    c.forward(argv, Rewrite(_mask_hidden))
 
 
 def info_section(ctx: ProxyContext) -> str:
@@ -427,5 +449,5 @@ HANDLERS: dict[bytes, Handler] = {
     b"ASKING": asking, b"READONLY": readonly, b"READWRITE": readwrite,
     b"CLIENT|SETNAME": client_setname, b"CLIENT|GETNAME": client_getname,
     b"CLIENT|ID": client_id, b"CLIENT|SETINFO": client_setinfo, b"CLIENT|INFO": client_info,
-    b"CONFIG|SET": config_set,
+    b"CONFIG|SET": config_set, b"CONFIG|GET": config_get,
 }

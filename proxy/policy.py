@@ -20,7 +20,8 @@ LOCAL = {
     "PING", "ECHO", "SELECT", "QUIT", "RESET", "AUTH", "HELLO", "INFO", "CLUSTER", "UMCTL",
     "ASKING", "READONLY", "READWRITE",
     "CLIENT|SETNAME", "CLIENT|GETNAME", "CLIENT|ID", "CLIENT|SETINFO", "CLIENT|INFO",
-    "CONFIG|SET",  # checked against DANGEROUS_CONFIG, then forwarded
+    "CONFIG|SET",  # only TENANT_SETTABLE parameters, then forwarded
+    "CONFIG|GET",  # forwarded; the values of HIDDEN_CONFIG are masked in the reply
 }
 
 DEDICATED = {
@@ -51,14 +52,29 @@ REFUSED = {
     "BGREWRITEAOF": _MESH, "BGSAVE": _MESH, "SAVE": _MESH,
 }
 
-# CONFIG SET of these would break replication, persistence layout or the proxy's link.
-DANGEROUS_CONFIG = {
-    "bind", "port", "requirepass", "masterauth", "masteruser", "replicaof", "slaveof", "dir",
-    "dbfilename", "appendfilename", "unixsocket", "cluster-enabled", "protected-mode",
-    "rename-command", "enable-debug-command", "enable-module-command", "tls-port",
-    "replica-read-only", "slave-read-only", "databases", "daemonize", "logfile", "pidfile",
-    "maxclients", "timeout",
-}
+# What a tenant may CONFIG SET: tuning of its own data and diagnostics. Everything else
+# (memory limits, eviction, persistence, replication, networking, client limits, security)
+# is the operator's: it would change how the node behaves in the mesh or for other tenants
+# that later get the node, or break replication, migration or the proxy's link.
+TENANT_SETTABLE = frozenset({
+    "slowlog-log-slower-than", "slowlog-max-len", "latency-monitor-threshold",
+    "latency-tracking", "latency-tracking-info-percentiles", "notify-keyspace-events",
+    "hash-max-listpack-entries", "hash-max-listpack-value", "hash-max-ziplist-entries",
+    "hash-max-ziplist-value", "list-max-listpack-size", "list-max-ziplist-size",
+    "list-compress-depth", "set-max-intset-entries", "set-max-listpack-entries",
+    "set-max-listpack-value", "zset-max-listpack-entries", "zset-max-listpack-value",
+    "zset-max-ziplist-entries", "zset-max-ziplist-value", "stream-node-max-bytes",
+    "stream-node-max-entries", "hll-sparse-max-bytes",
+})
+# What CONFIG GET shows with an empty value: secrets, and paths and addresses of the host.
+HIDDEN_CONFIG = frozenset({
+    "requirepass", "masterauth", "masteruser", "tls-key-file-pass", "tls-client-key-file-pass",
+    "aclfile", "dir", "dbfilename", "appendfilename", "appenddirname", "logfile", "pidfile",
+    "unixsocket", "bind", "replicaof", "slaveof", "tls-cert-file", "tls-key-file",
+    "tls-client-cert-file", "tls-client-key-file", "tls-dh-params-file", "tls-ca-cert-file",
+    "tls-ca-cert-dir", "bind-source-addr", "replica-announce-ip", "slave-announce-ip",
+    "cluster-config-file", "cluster-announce-ip", "cluster-announce-hostname",
+})
 
 CLUSTER_LOCAL = {"NODES", "SLOTS", "SHARDS", "INFO", "MYID", "KEYSLOT", "COUNTKEYSINSLOT",
                  "GETKEYSINSLOT", "REPLICAS", "SLAVES", "LINKS", "HELP"}

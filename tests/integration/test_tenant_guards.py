@@ -84,3 +84,25 @@ def test_a_client_is_not_served_once_its_node_belongs_to_another_cluster(spawn):
                                                     b"another cluster")
             assert s.recv(1) == b""  # and closed
     assert command(proxy.port, "GET", "q") == b"$1\r\n1\r\n"  # a new client of "two" is served
+
+
+def test_config_shows_no_secret_and_sets_only_what_a_tenant_may(spawn):
+    backend = spawn.redis("--requirepass", "backend-secret")
+    proxy = spawn.proxy(backend, "--backend-password", "backend-secret")
+    assert command(proxy.port, "UMCTL", "SETCLUSTER", "v2", "1", "NOFLAGS", "mydb",
+                   backend.addr, "1", "0-16383") == b"+OK\r\n"
+    assert command(proxy.port, "CONFIG", "GET", "requirepass") == \
+        b"*2\r\n$11\r\nrequirepass\r\n$0\r\n\r\n"
+    everything = command(proxy.port, "CONFIG", "GET", "*")
+    assert b"maxmemory-policy" in everything and b"backend-secret" not in everything
+    assert str(backend.workdir).encode() not in everything  # `dir` is the host's
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        send(s, ["HELLO", "3"], ["CONFIG", "GET", "*pass*"])
+        _, resp3 = read_replies(s, 2)
+    assert resp3.startswith(b"%") and b"backend-secret" not in resp3
+    for param, value in [("appendonly", "yes"), ("maxmemory-policy", "allkeys-lru"),
+                         ("client-output-buffer-limit", "pubsub 0 0 0"), ("save", "1 1")]:
+        reply = command(proxy.port, "CONFIG", "SET", param, value)
+        assert reply.startswith(b"-ERR CONFIG SET %s is not allowed" % param.encode()), reply
+    assert command(proxy.port, "CONFIG", "SET", "slowlog-max-len", "64") == b"+OK\r\n"
+    assert command(proxy.port, "CONFIG", "SET", "notify-keyspace-events", "KEA") == b"+OK\r\n"
