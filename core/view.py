@@ -10,6 +10,7 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import Any
 
 from .slots import SLOT_COUNT, SlotRange, normalize, slot_count
 
@@ -96,9 +97,9 @@ class ClusterView:
     def node_ids(self) -> tuple[str, ...]:
         return tuple(nid for nid, _ in self.nodes)
 
-    def next(self, **changes: object) -> ClusterView:
+    def next(self, **changes: Any) -> ClusterView:
         """The same view one epoch later, with `changes` applied."""
-        return replace(self, epoch=self.epoch + 1, **changes)  # type: ignore[arg-type]
+        return replace(self, epoch=self.epoch + 1, **changes)
 
 
 def validate(view: ClusterView) -> None:

@@ -11,6 +11,7 @@ The work is done by small tasks, each in its own module; the agent owns their ta
 | fence guard | mesh/fence.py | the agent's |
 | views watcher and applier | mesh/views.py | one lease |
 | status reporter | mesh/status.py | one lease |
+| status watch (peers' applied epochs) | mesh/status.py | one lease |
 | backend check | mesh/backend_check.py | one lease |
 | migration start barriers | mesh/barriers.py | one lease |
 | leader (campaign, then duties) | mesh/leader.py | one lease |
@@ -34,7 +35,7 @@ from .barriers import MigrationStarts
 from .fence import FenceGuard
 from .leader import lead
 from .redisctl import RedisCtl, RedisCtlError
-from .status import StatusReporter
+from .status import PeerStatuses, StatusReporter
 from .store.etcd import EtcdStore, LeaseKeeper, StoreError
 from .store.repo import MeshRepo
 from .views import ViewApplier
@@ -64,8 +65,10 @@ class NodeAgent:
         self.config = config
         self.ctl = RedisCtl(config.backend, config.backend_password)
         self.status = StatusReporter(self.repo, config.node_id)
+        self.peers = PeerStatuses(self.repo)
         # what outlives a lease: the views seen, the one applied, the fence
-        self.views = ViewApplier(self.repo, control, self.ctl, self.status, config.node_id)
+        self.views = ViewApplier(self.repo, control, self.ctl, self.status, self.peers,
+                                 config.node_id)
         self.fence = FenceGuard(control, self.views, config.node_id)
         self.keeper: LeaseKeeper | None = None
         self.log = log.bind(node=config.node_id)
@@ -101,10 +104,11 @@ class NodeAgent:
                                 self.config.host, __version__, time.time())
             await self.repo.register(record, lease)
             self.log.info("node_registered", lease=f"{lease:x}")
+            tg.start_soon(self.peers.run)
             tg.start_soon(self.views.run, keeper)
             tg.start_soon(self.status.run, lease)
             tg.start_soon(BackendChecker(self.ctl, self.views, self.status, self.control).run)
-            tg.start_soon(MigrationStarts(self.repo, self.views, self.config.node_id).run)
+            tg.start_soon(MigrationStarts(self.peers, self.views, self.config.node_id).run)
             tg.start_soon(lead, self.repo, lease, self.config.node_id)
             try:
                 await keeper.lost.wait()

@@ -3,7 +3,8 @@
 Start: the source gates a migration's slots (and moves keys) only once the target has applied
 the view that started it; before that the target would not serve them. Commit: the source
 gives the slots up only once the target has applied the commit; until then it keeps sending
-the (now missing) keys there, so clients never bounce between the two.
+the (now missing) keys there, so clients never bounce between the two. Both wait on events:
+a new applied view here, a status change (from the status watch) there.
 """
 from __future__ import annotations
 
@@ -15,11 +16,10 @@ import structlog
 from core.view import ClusterView, Migration, MigrationState
 
 from .notify import Changed
-from .store.repo import MeshRepo
+from .status import PeerStatuses
 
 log = structlog.get_logger("mesh.barriers")
 
-BARRIER_POLL = 0.05  # how often a migration barrier re-reads its peer's applied epoch
 COMMIT_BARRIER_TIMEOUT = 5.0  # a source gives up its slots at most this long after the commit
 
 
@@ -30,14 +30,13 @@ def outgoing(view: ClusterView, node_id: str) -> list[Migration]:
             and masters[m.source] == node_id]
 
 
-async def peer_epoch(repo: MeshRepo, view: ClusterView, shard_id: str) -> int:
+def peer_epoch(peers: PeerStatuses, view: ClusterView, shard_id: str) -> int:
     """The epoch of `view`'s cluster that the master of `shard_id` reports applied."""
     master = next(s.master for s in view.shards if s.id == shard_id)
-    status = await repo.status(master)
-    return status.epoch if status is not None and status.cluster == view.cluster else 0
+    return peers.applied_epoch(master, view.cluster)
 
 
-async def wait_commit(repo: MeshRepo, node_id: str, current: ClusterView,
+async def wait_commit(peers: PeerStatuses, node_id: str, current: ClusterView,
                       target: ClusterView) -> None:
     """Before a source applies `target`, which ends migrations of `current`: wait (at most
     COMMIT_BARRIER_TIMEOUT) until each one's target has applied it."""
@@ -49,8 +48,11 @@ async def wait_commit(repo: MeshRepo, node_id: str, current: ClusterView,
         for m in ended:
             if m.target not in {s.id for s in target.shards}:
                 continue
-            while await peer_epoch(repo, target, m.target) < target.epoch:
-                await anyio.sleep(BARRIER_POLL)
+            while True:
+                changed = peers.changed.waiter()
+                if peer_epoch(peers, target, m.target) >= target.epoch:
+                    break
+                await changed.wait()
     for m in ended:
         log.info("migration_committed", node=node_id, migration=m.id, epoch=target.epoch)
 
@@ -71,21 +73,32 @@ class MigrationStarts:
     """The start barrier: for each outgoing migration of the applied view, wait for the
     target's applied epoch, then have the applier start gating its slots."""
 
-    def __init__(self, repo: MeshRepo, applier: Applier, node_id: str) -> None:
-        self.repo = repo
+    def __init__(self, peers: PeerStatuses, applier: Applier, node_id: str) -> None:
+        self.peers = peers
         self.applier = applier
         self.node_id = node_id
 
     async def run(self) -> None:
         while True:
-            changed = self.applier.changed.waiter()
+            applied, statuses = self.applier.changed.waiter(), self.peers.changed.waiter()
             view = self.applier.applied
             waiting = [m for m in (outgoing(view, self.node_id) if view else [])
                        if m.id not in self.applier.active]
             if view is None or not waiting:
-                await changed.wait()  # a new view may bring migrations
+                await applied.wait()  # a new view may bring migrations
                 continue
             for m in waiting:
-                if await peer_epoch(self.repo, view, m.target) >= m.epoch:
+                if peer_epoch(self.peers, view, m.target) >= m.epoch:
                     await self.applier.activate(view, m)
-            await anyio.sleep(BARRIER_POLL)
+            await first_of(applied, statuses)
+
+
+async def first_of(*events: anyio.Event) -> None:
+    """Wait until one of `events` is set."""
+    async with anyio.create_task_group() as tg:
+        async def wait(event: anyio.Event) -> None:
+            await event.wait()
+            tg.cancel_scope.cancel()
+
+        for event in events:
+            tg.start_soon(wait, event)

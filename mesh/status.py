@@ -36,3 +36,36 @@ class StatusReporter:
             await self.repo.put_status(replace(self.status, updated=time.time()), lease)
             with anyio.move_on_after(STATUS_HEARTBEAT):
                 await changed.wait()
+
+
+class PeerStatuses:
+    """Every node's status as etcd has it, kept current by a watch while `run` runs (one
+    lease): migration barriers wait on `changed` for a peer's applied epoch instead of
+    polling etcd for it."""
+
+    def __init__(self, repo: MeshRepo) -> None:
+        self.repo = repo
+        self.statuses: dict[str, NodeStatus] = {}
+        self.changed = Changed()
+
+    async def run(self) -> None:
+        self.statuses = {}  # nothing from an earlier lease counts
+        revision = await self._read()
+        await self.repo.watch_statuses(revision + 1, self._on_change, self._read)
+
+    async def _read(self) -> int:
+        self.statuses, revision = await self.repo.read_statuses()
+        self.changed.notify()
+        return revision
+
+    async def _on_change(self, node_id: str, status: NodeStatus | None) -> None:
+        if status is None:
+            self.statuses.pop(node_id, None)
+        else:
+            self.statuses[node_id] = status
+        self.changed.notify()
+
+    def applied_epoch(self, node_id: str, cluster: str) -> int:
+        """The epoch of `cluster` the node reports applied (0: none, or another cluster's)."""
+        status = self.statuses.get(node_id)
+        return status.epoch if status is not None and status.cluster == cluster else 0

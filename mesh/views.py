@@ -21,7 +21,7 @@ from .barriers import wait_commit
 from .model.fencing import FENCE_HARD
 from .notify import Changed
 from .redisctl import RedisCtl, RedisCtlError
-from .status import StatusReporter
+from .status import PeerStatuses, StatusReporter
 from .store.etcd import LeaseKeeper, StoreError
 from .store.repo import MeshRepo, ViewChange
 
@@ -32,8 +32,9 @@ BACKEND_TIMEOUT = 2.0
 
 class ViewApplier:
     def __init__(self, repo: MeshRepo, control: ControlPort, ctl: RedisCtl,
-                 status: StatusReporter, node_id: str) -> None:
+                 status: StatusReporter, peers: PeerStatuses, node_id: str) -> None:
         self.repo = repo
+        self.peers = peers  # for the commit barrier
         self.control = control  # the one way into the data path
         self.ctl = ctl
         self.status = status
@@ -99,7 +100,7 @@ class ViewApplier:
                 return
             try:
                 if current is not None and same:
-                    await wait_commit(self.repo, me, current, target)
+                    await wait_commit(self.peers, me, current, target)
                 await self._apply(target, joining=not same)
             except (RedisCtlError, TimeoutError, StoreError) as exc:
                 # retried by the backend check every second until it applies

@@ -12,6 +12,7 @@ import ipaddress
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aetcd
 import aetcd.exceptions
@@ -62,8 +63,8 @@ class Event:
     revision: int
 
 
-def _kv(kv: object) -> KV:
-    return KV(kv.key, kv.value, kv.mod_revision, kv.create_revision, kv.lease)  # type: ignore[attr-defined]
+def _kv(kv: Any) -> KV:  # aetcd's KeyValue (aetcd has no type information)
+    return KV(kv.key, kv.value, kv.mod_revision, kv.create_revision, kv.lease)
 
 
 def parse_endpoints(text: str) -> list[tuple[str, int]]:

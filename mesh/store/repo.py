@@ -190,14 +190,7 @@ class MeshRepo:
 
     # -- statuses ----------------------------------------------------------------------------
     async def statuses(self) -> dict[str, NodeStatus]:
-        found = {}
-        for kv in (await self.store.get_prefix(self.keys.statuses))[0]:
-            try:
-                status = NodeStatus.decode(kv.value)
-            except RecordError:
-                continue
-            found[status.node_id] = status
-        return found
+        return (await self.read_statuses())[0]
 
     async def status(self, node_id: str) -> NodeStatus | None:
         kv = await self.store.get(self.keys.status(node_id))
@@ -207,6 +200,37 @@ class MeshRepo:
             return NodeStatus.decode(kv.value)
         except RecordError:
             return None
+
+    async def read_statuses(self) -> tuple[dict[str, NodeStatus], int]:
+        """Every readable status, and the etcd revision of the read (to watch from)."""
+        kvs, revision = await self.store.get_prefix(self.keys.statuses)
+        found = {}
+        for kv in kvs:
+            try:
+                status = NodeStatus.decode(kv.value)
+            except RecordError:
+                continue
+            found[status.node_id] = status
+        return found, revision
+
+    async def watch_statuses(self, start_revision: int,
+                             on_change: Callable[[str, NodeStatus | None], Awaitable[None]],
+                             on_resync: Callable[[], Awaitable[int]]) -> None:
+        """Deliver every status change from `start_revision` on, forever: (node id, its new
+        status or None when it is gone). Statuses that do not decode are skipped."""
+
+        async def on_event(event: Event) -> None:
+            node_id = self.keys.last_part(event.key)
+            if event.value is None:
+                await on_change(node_id, None)
+                return
+            try:
+                status = NodeStatus.decode(event.value)
+            except RecordError:
+                return
+            await on_change(status.node_id, status)
+
+        await self.store.watch(self.keys.statuses, start_revision, on_event, on_resync)
 
     async def put_status(self, status: NodeStatus, lease: int) -> None:
         await self.store.put(self.keys.status(status.node_id), status.encode(), lease=lease)

@@ -145,3 +145,56 @@ async def test_watch_after_compaction_asks_for_a_reread(etcd):
                     await anyio.sleep(0.05)
             tg.cancel_scope.cancel()
         assert resyncs == [1]
+
+
+async def test_commit_view_is_one_fenced_transaction(etcd):
+    from core.nodes import Assignment
+    from mesh.store.repo import MeshRepo, ViewCommit
+    from tests.unit.test_view import make_view
+
+    async with EtcdStore(etcd.addr, root="/t") as store:
+        repo = MeshRepo(store)
+        view = make_view(2, 0)
+        assert await repo.commit_view("mydb", 0, view, ViewCommit(claim=view.node_ids))
+        assert not await repo.commit_view("mydb", 0, view)  # it exists now
+        lease = await store.grant(5)
+        fence = await campaign(store, lease)
+        stored = await repo.view("mydb")
+        assert stored.view == view
+        assert await repo.commit_view("mydb", stored.revision, view.next(),
+                                      ViewCommit(unassign=("node-1",), fence=fence))
+        assert set(await repo.assigned()) == {"node-0"}
+        assert (await repo.assignment("node-0")).assignment == Assignment("mydb")
+        stored = await repo.view("mydb")
+        await store.revoke(lease)  # deposed: its fenced writes fail
+        assert not await repo.commit_view("mydb", stored.revision, stored.view.next(),
+                                          ViewCommit(fence=fence))
+        assert (await repo.view("mydb")).view.epoch == 2
+
+
+async def test_status_watch_delivers_puts_and_deletes(etcd):
+    from core.nodes import NodeStatus
+    from mesh.store.repo import MeshRepo
+
+    seen: list[tuple[str, int | None]] = []
+    async with EtcdStore(etcd.addr, root="/t") as store:
+        repo = MeshRepo(store)
+        _, revision = await repo.read_statuses()
+
+        async def on_change(node_id, status):
+            seen.append((node_id, status.epoch if status else None))
+
+        async def on_resync() -> int:
+            raise AssertionError("no compaction here")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(repo.watch_statuses, revision + 1, on_change, on_resync)
+            lease = await store.grant(5)
+            await repo.put_status(NodeStatus("n1", cluster="c", epoch=3), lease)
+            await store.put(store.keys.status("junk"), b"not json")
+            await store.revoke(lease)
+            with anyio.fail_after(5):
+                while len(seen) < 2:
+                    await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+    assert seen == [("n1", 3), ("n1", None)]
