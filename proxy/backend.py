@@ -31,7 +31,11 @@ SHARED_CONNECTIONS_PER_PROTOCOL = 4
 # ... and this many more for clients sending big batches, so that one client's deep pipeline
 # never sits in the stream ahead of another client's single command
 BULK_CONNECTIONS_PER_PROTOCOL = 2
+# not sent: the command did not run (cluster clients retry CLUSTERDOWN by themselves)
 BACKEND_DOWN = b"-CLUSTERDOWN The backend of this node is unreachable\r\n"
+# sent, and then the link was lost: it may have run, so no client should retry it blindly
+MAYBE_RAN = (b"-UNCERTAIN the link to this node's Redis was lost after the command was sent; "
+             b"it may have run\r\n")
 
 
 class Pending:
@@ -75,6 +79,7 @@ class BackendConnection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._waiting: deque[tuple[Pending, ReplySink | None, int]] = deque()
+        self._unsent = 0  # the newest entries of _waiting whose commands are not written yet
         self._got = 0  # replies of the head of _waiting already in _buf
         self._buf = bytearray()
         self._scanner = ReplyScanner()
@@ -88,6 +93,7 @@ class BackendConnection(asyncio.Protocol):
             return
         self._out.append(command)
         self._waiting.append((pending, sink, replies))
+        self._unsent += 1
         if not self._flush_scheduled:
             self._schedule_flush()
 
@@ -109,6 +115,7 @@ class BackendConnection(asyncio.Protocol):
         if self._out and self.up:
             self.transport.write(b"".join(self._out))  # type: ignore[union-attr]
             self._out.clear()
+            self._unsent = 0
 
     @property
     def inflight(self) -> int:
@@ -144,6 +151,7 @@ class BackendConnection(asyncio.Protocol):
             self._waiting.extendleft((Pending(), None, 1) for _ in handshake)
         self.transport.write(b"".join(handshake + self._out))  # type: ignore[union-attr]
         self._out.clear()
+        self._unsent = 0
         self.up = True
 
     def data_received(self, data: bytes) -> None:
@@ -216,10 +224,13 @@ class BackendConnection(asyncio.Protocol):
         self._buf.clear()
         self._scanner = ReplyScanner()
         handed_over, self._got = self._got, 0  # the head batch's replies already in its parts
+        sent = len(self._waiting) - self._unsent
+        self._unsent = 0
         sinks = set()
         while self._waiting:
             pending, sink, replies = self._waiting.popleft()
-            pending.data = BACKEND_DOWN * (replies - handed_over)
+            pending.data = (MAYBE_RAN if sent > 0 else BACKEND_DOWN) * (replies - handed_over)
+            sent -= 1
             handed_over = 0
             sinks.add(sink)
         self._notify(sinks)

@@ -132,8 +132,8 @@ class SlotGate:
     def _checked(self, req: _Request) -> None:
         reply = req.check.data
         req.check = None  # type: ignore[assignment]
-        if reply is None or reply[:1] != b":":
-            self._finish(req, reply or TRYAGAIN)
+        if reply is None or reply[:1] != b":":  # the check failed: the command did not run
+            self._finish(req, TRYAGAIN)
             return
         present = int(reply[1:-2])
         resp3 = req.session.resp3

@@ -13,8 +13,6 @@ from collections.abc import Callable
 from .backend import BackendConnection, Batch, Pending, ReplySink
 from .resp import encode_command
 
-NOREPLICAS = b"-NOREPLICAS Not enough good replicas to write.\r\n"
-
 
 class Rewrite(Pending):
     """A reply slot whose bytes are transformed before they are written."""
@@ -28,7 +26,8 @@ class Rewrite(Pending):
 
 class SyncedWrite(Pending):
     """Synchronous mode: the reply slot of a write sent with a WAIT behind it. It gets the
-    write's reply once WAIT says enough replicas have it, else -NOREPLICAS."""
+    write's reply once WAIT says enough replicas have it, else -UNCERTAIN: the write ran
+    here, but a failover could lose it (-NOREPLICAS would tell clients it did not run)."""
 
     __slots__ = ("sink", "command", "write", "ack", "replicas", "wait")
 
@@ -49,7 +48,10 @@ class SyncedWrite(Pending):
         if written[:1] == b"-" or ack[:1] != b":":
             self.data = written if written[:1] == b"-" else ack
         else:
-            self.data = written if int(ack[1:-2]) >= self.replicas else NOREPLICAS
+            confirmed = int(ack[1:-2])
+            self.data = written if confirmed >= self.replicas else (
+                b"-UNCERTAIN the write ran here but %d of %d replicas confirmed it in time; a "
+                b"failover could lose it\r\n" % (confirmed, self.replicas))
         self.sink.replies_arrived()
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.backend import BACKEND_DOWN, BackendConnection, Batch, Pending
+from proxy.backend import BACKEND_DOWN, MAYBE_RAN, BackendConnection, Batch, Pending
 
 
 class Transport:
@@ -54,13 +54,17 @@ async def test_batch_hands_over_replies_that_arrived_before_its_last(conn):
 
 
 async def test_lost_link_fails_only_the_replies_a_batch_did_not_get(conn):
-    batch, after, sink = Batch(), Pending(), Sink()
+    batch, after, unsent, sink = Batch(), Pending(), Pending(), Sink()
     conn.queue(b"<4 requests>", batch, sink, replies=4)
     conn.queue(b"<1 request>", after, sink)
+    conn.flush()  # the event-loop turn's write
+    conn.queue(b"<1 request>", unsent, sink)
     conn.data_received(b"+OK\r\n")
     conn.connection_lost(None)
     assert batch.parts == [b"+OK\r\n"]
-    assert batch.data == BACKEND_DOWN * 3 and after.data == BACKEND_DOWN
+    # written before the link went: they may have run, and say so; the unwritten one did not
+    assert batch.data == MAYBE_RAN * 3 and after.data == MAYBE_RAN
+    assert unsent.data == BACKEND_DOWN
     later = Batch()
     conn.queue(b"<2 requests>", later, sink, replies=2)
     assert later.data == BACKEND_DOWN * 2
