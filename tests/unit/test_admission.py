@@ -194,7 +194,8 @@ CASES = [
     ("CLIENT SETINFO lib-name x", ALL, CLIENT, OPEN, ("local", b"CLIENT|SETINFO")),
     ("CLIENT NOSUCH", ALL, CLIENT, OPEN, ("refuse", b"-ERR unknown or unsupported subcommand 'NOSUCH'")),
     ("CONFIG SET maxmemory 1", ALL, CLIENT, OPEN, ("local", b"CONFIG|SET")),
-    ("CONFIG GET maxmemory", ALL, CLIENT, OPEN, ("forward",)),
+    ("CONFIG GET maxmemory", ALL, CLIENT, OPEN, ("local", b"CONFIG|GET")),  # masked reply
+    ("CONFIG RESETSTAT", ALL, CLIENT, OPEN, ("refuse", b"-ERR CONFIG RESETSTAT is not allowed")),
     ("INFO", ALL, CLIENT, OPEN, ("local", b"INFO")),
     ("SELECT 0", ALL, CLIENT, OPEN, ("local", b"SELECT")),
     # inside MULTI
