@@ -8,6 +8,7 @@ import pytest
 
 from tests.procs import command, wait_for
 from tools.launch import Launcher, Process, free_port
+from tools.umctl_mesh.local import setcluster_commands
 
 
 class Spawner:
@@ -35,13 +36,10 @@ class Spawner:
 class StandaloneCluster:
     """N redis-servers, each behind a standalone mesh-proxy, configured as one Redis Cluster."""
 
-    def __init__(self, spawn: Spawner, shards: int, name: str = "mydb") -> None:
-        from tools.umctl_mesh.local import setcluster_commands
-
+    def __init__(self, spawn: Spawner, shards: int) -> None:
         self.redis = [spawn.redis() for _ in range(shards)]
         self.proxies = [spawn.proxy(r) for r in self.redis]
-        self.name = name
-        cmds = setcluster_commands(name, [p.addr for p in self.proxies],
+        cmds = setcluster_commands("mydb", [p.addr for p in self.proxies],
                                    [r.addr for r in self.redis])
         for proxy, cmd in zip(self.proxies, cmds):
             assert command(proxy.port, *cmd) == b"+OK\r\n"
@@ -57,16 +55,6 @@ def spawn():
     spawner = Spawner()
     yield spawner
     spawner.cleanup()
-
-
-@pytest.fixture
-def redis_server(spawn) -> Process:
-    return spawn.redis()
-
-
-@pytest.fixture
-def cluster(spawn) -> StandaloneCluster:
-    return StandaloneCluster(spawn, 2)
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +86,13 @@ class Mesh:
     def endpoint(self) -> str:
         return ",".join(m.addr for m in self.etcd_members)
 
-    def add_node(self, host: str = "") -> str:
+    def add_node(self) -> str:
         backend = self.spawn.redis()
         port = free_port()
         node_id = f"node-{port}"
-        extra = ["--etcd", self.endpoint, "--node-id", node_id, *self.proxy_args]
-        if host:
-            extra += ["--host-tag", host]
-        self.proxies[node_id] = self.spawn.proxy(backend, *extra, port=port)
+        self.proxies[node_id] = self.spawn.proxy(backend, "--etcd", self.endpoint,
+                                                 "--node-id", node_id, *self.proxy_args,
+                                                 port=port)
         self.redis[node_id] = backend
         return node_id
 
@@ -133,7 +120,7 @@ def standalone_node():
     backend = spawner.redis()
     proxy = spawner.proxy(backend)
     assert command(proxy.port, "UMCTL", "SETCLUSTER", "v2", "1", "NOFLAGS", "mydb",
-                         backend.addr, "1", "0-16383") == b"+OK\r\n"
+                   backend.addr, "1", "0-16383") == b"+OK\r\n"
     yield proxy
     spawner.cleanup()
 

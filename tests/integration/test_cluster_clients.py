@@ -67,7 +67,7 @@ def test_transaction_in_one_slot(rc):
         tx.incr("{tx}a")
         tx.get("{tx}a")
         first, *rest = tx.execute()
-    assert first in (True, b"OK")  # redis-py applies no reply callback inside cluster MULTI
+    assert first == b"OK"  # redis-py applies no reply callback inside cluster MULTI
     assert rest == [2, b"2"]
 
 
@@ -150,7 +150,7 @@ def test_redis_benchmark_cluster_runs_clean(shared_cluster):
 def test_every_key_position_is_routed(shared_cluster, argv):
     """Commands whose keys are not at argv[1] get MOVED for a slot the node does not own."""
     theirs = next(t for t in (f"t{i}" for i in range(100)) if key_slot(t.encode()) > 8191)
-    argv = [a.replace("{K}", "{%s}" % theirs) for a in argv]
+    argv = [a.replace("{K}", "{" + theirs + "}") for a in argv]
     reply = command(shared_cluster.ports[0], *argv)
     assert reply == b"-MOVED %d %s\r\n" % (key_slot(theirs.encode()),
                                            shared_cluster.proxies[1].addr.encode())

@@ -3,6 +3,7 @@ redis-server (COMMAND, COMMAND GETKEYS and the errors commands reply themselves)
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
 import random
 import shlex
@@ -16,14 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy import command_table
+from proxy.admission import DISPATCH
 from proxy.commands import (
     ALL_COMMANDS,
     COMMANDS,
     CommandArgsError,
     CommandSpec,
-    check_arity,
     key_indices,
-    lookup,
     shard_channel_indices,
 )
 from tests.procs import HOST, cleanup, start_redis
@@ -76,6 +76,23 @@ def live():
     finally:
         client.close()
         cleanup([proc])
+
+
+def spec_of(argv: list[bytes]) -> CommandSpec | None:
+    """The spec `proxy.admission.decide` checks `argv` against: the command's, by its
+    upper-cased name, or a known subcommand's in its place; None for an unknown command."""
+    entry = DISPATCH.get(argv[0].upper()) if argv else None
+    if entry is None:
+        return None
+    spec = entry[1]
+    if spec.subcommands is not None and len(argv) > 1:
+        return spec.subcommands.get(argv[1].upper(), spec)
+    return spec
+
+
+def arity_ok(spec: CommandSpec, argc: int) -> bool:
+    """Redis's arity rule, as decide() applies it."""
+    return spec.min_argc <= argc <= spec.max_argc
 
 
 def argv_of(line: str) -> list[bytes]:
@@ -165,7 +182,7 @@ SAMPLES = [
 @pytest.mark.parametrize("line", SAMPLES)
 def test_key_indices_match_command_getkeys(live, line):
     argv = argv_of(line)
-    spec = lookup(argv)
+    spec = spec_of(argv)
     assert spec is not None
     expected = getkeys(live, argv)
     assert not isinstance(expected, hiredis.ReplyError), expected
@@ -179,14 +196,14 @@ def test_pfmerge_without_source_is_routed_by_its_destination(live):
     # empty source range invalidates the key specs) although the command writes dest.
     argv = argv_of("PFMERGE dest")
     assert str(getkeys(live, argv)) == "ERR Invalid arguments specified for command"
-    assert key_indices(lookup(argv), argv) == [1]
+    assert key_indices(spec_of(argv), argv) == [1]
     argv = argv_of("PFMERGE dest a b")
-    assert key_indices(lookup(argv), argv) == [1, 2, 3]
+    assert key_indices(spec_of(argv), argv) == [1, 2, 3]
     assert getkeys(live, argv) == [b"dest", b"a", b"b"]
 
 
 def test_samples_cover_every_key_bearing_command():
-    covered = {lookup(argv_of(line)).name for line in SAMPLES}
+    covered = {spec_of(argv_of(line)).name for line in SAMPLES}
     key_bearing = {name for name, spec in ALL_COMMANDS.items() if spec.has_keys}
     assert key_bearing - covered == set()
 
@@ -214,7 +231,7 @@ def test_movable_commands_find_keys_by_their_arguments():
     }
     for line, expected in cases.items():
         argv = argv_of(line)
-        spec = lookup(argv)
+        spec = spec_of(argv)
         assert key_indices(spec, argv) == expected, line
     assert all(COMMANDS[n].movable for n in
                [b"EVAL", b"FCALL", b"ZUNIONSTORE", b"XREAD", b"SORT", b"GEORADIUS", b"MIGRATE"])
@@ -246,7 +263,7 @@ def test_random_arguments_agree_with_command_getkeys(live):
     replies = live.pipeline([[b"COMMAND", b"GETKEYS", *argv] for argv in cases])
     mismatches = []
     for argv, reply in zip(cases, replies):
-        spec = lookup(argv)
+        spec = spec_of(argv)
         try:
             got, error = key_indices(spec, argv), None
         except CommandArgsError as e:
@@ -297,7 +314,7 @@ def test_bad_numkeys_raise_the_error_redis_replies(live, line):
     sha = _load_script_and_function(live)
     argv = argv_of(line.replace("{sha}", sha.decode()))
     with pytest.raises(CommandArgsError) as excinfo:
-        key_indices(lookup(argv), argv)
+        key_indices(spec_of(argv), argv)
     reply = live.call(*argv)
     assert isinstance(reply, hiredis.ReplyError)
     assert excinfo.value.message == str(reply)
@@ -306,15 +323,15 @@ def test_bad_numkeys_raise_the_error_redis_replies(live, line):
 def test_zero_numkeys_means_no_keys_for_scripts_and_functions():
     for line in ["EVAL 'return 1' 0", "EVALSHA_RO abc 0 x y", "FCALL f 0", "FCALL_RO f 0 arg"]:
         argv = argv_of(line)
-        assert key_indices(lookup(argv), argv) == []
+        assert key_indices(spec_of(argv), argv) == []
 
 
 @pytest.mark.parametrize("line", ["GET", "GET a b", "OBJECT", "OBJECT ENCODING", "XINFO STREAM",
                                   "EVAL s", "MSET a", "CONFIG", "LMOVE a b LEFT"])
 def test_wrong_argument_count_raises_the_error_redis_replies(live, line):
     argv = argv_of(line)
-    spec = lookup(argv)
-    assert not check_arity(spec, len(argv))
+    spec = spec_of(argv)
+    assert not arity_ok(spec, len(argv))
     with pytest.raises(CommandArgsError) as excinfo:
         key_indices(spec, argv)
     assert excinfo.value.message == str(live.call(*argv))
@@ -404,7 +421,7 @@ def test_legacy_triple_agrees_with_key_specs_for_non_movable_commands():
             continue
         name = spec.name.split(b"|")
         for argc in range(spec.min_argc, spec.min_argc + 7):
-            if not check_arity(spec, argc):
+            if not arity_ok(spec, argc):
                 continue
             argv = name + [b"x"] * (argc - len(name))
             last = spec.last_key if spec.last_key >= 0 else argc + spec.last_key
@@ -412,46 +429,46 @@ def test_legacy_triple_agrees_with_key_specs_for_non_movable_commands():
             assert key_indices(spec, argv) == legacy, (spec.name, argc)
 
 
-# --------------------------------------------------------------------------- lookup / arity
+# --------------------------------------------------------------------------- finding the spec / arity
 
 
-def test_lookup_is_case_insensitive_for_commands_and_subcommands():
-    assert lookup([b"get", b"k"]) is lookup([b"GET", b"k"]) is lookup([b"gEt", b"k"]) is COMMANDS[b"GET"]
+def test_commands_and_subcommands_are_found_whatever_their_case():
+    assert spec_of([b"get", b"k"]) is spec_of([b"GET", b"k"]) is spec_of([b"gEt", b"k"]) is COMMANDS[b"GET"]
     enc = ALL_COMMANDS[b"OBJECT|ENCODING"]
-    assert lookup([b"object", b"encoding", b"k"]) is enc
-    assert lookup([b"ObJeCt", b"EnCoDiNg", b"k"]) is enc
-    assert lookup([b"xinfo", b"stream", b"s"]) is ALL_COMMANDS[b"XINFO|STREAM"]
+    assert spec_of([b"object", b"encoding", b"k"]) is enc
+    assert spec_of([b"ObJeCt", b"EnCoDiNg", b"k"]) is enc
+    assert spec_of([b"xinfo", b"stream", b"s"]) is ALL_COMMANDS[b"XINFO|STREAM"]
     argv = [b"mEmOrY", b"usage", b"k"]
-    assert key_indices(lookup(argv), argv) == [2]
+    assert key_indices(spec_of(argv), argv) == [2]
 
 
-def test_lookup_of_container_without_known_subcommand_gives_the_container():
-    assert lookup([b"OBJECT"]) is COMMANDS[b"OBJECT"]
-    assert lookup([b"object", b"nosuch", b"k"]) is COMMANDS[b"OBJECT"]
+def test_a_container_without_a_known_subcommand_gives_the_container():
+    assert spec_of([b"OBJECT"]) is COMMANDS[b"OBJECT"]
+    assert spec_of([b"object", b"nosuch", b"k"]) is COMMANDS[b"OBJECT"]
     assert key_indices(COMMANDS[b"OBJECT"], [b"object", b"nosuch", b"k"]) == []
 
 
-def test_lookup_of_unknown_command_is_none():
-    assert lookup([]) is None
-    assert lookup([b"NOSUCHCOMMAND"]) is None
-    assert lookup([b"GET|X", b"k"]) is None
-    assert lookup([b"OBJECT|ENCODING", b"k"]) is None      # subcommands only via their container
+def test_an_unknown_command_has_no_spec():
+    assert spec_of([]) is None
+    assert spec_of([b"NOSUCHCOMMAND"]) is None
+    assert spec_of([b"GET|X", b"k"]) is None
+    assert spec_of([b"OBJECT|ENCODING", b"k"]) is None      # subcommands only via their container
 
 
-def test_check_arity_follows_redis_convention():
+def test_arity_follows_redis_convention():
     get, mset, obj = COMMANDS[b"GET"], COMMANDS[b"MSET"], ALL_COMMANDS[b"OBJECT|ENCODING"]
-    assert get.arity == 2 and check_arity(get, 2)
-    assert not check_arity(get, 1) and not check_arity(get, 3)
-    assert mset.arity == -3 and check_arity(mset, 3) and check_arity(mset, 103)
-    assert not check_arity(mset, 2)
-    assert check_arity(obj, 3) and not check_arity(obj, 2) and not check_arity(obj, 4)
+    assert get.arity == 2 and arity_ok(get, 2)
+    assert not arity_ok(get, 1) and not arity_ok(get, 3)
+    assert mset.arity == -3 and arity_ok(mset, 3) and arity_ok(mset, 103)
+    assert not arity_ok(mset, 2)
+    assert arity_ok(obj, 3) and not arity_ok(obj, 2) and not arity_ok(obj, 4)
 
 
 def test_keyless_commands_have_no_keys():
     for line in ["PING", "INFO server", "CLIENT LIST", "CONFIG GET maxmemory", "DBSIZE",
                  "SCRIPT FLUSH", "PUBLISH ch msg", "SUBSCRIBE a b", "CLUSTER KEYSLOT k"]:
         argv = argv_of(line)
-        spec = lookup(argv)
+        spec = spec_of(argv)
         assert key_indices(spec, argv) == [], line
         assert not spec.movable
 
@@ -460,7 +477,7 @@ def test_sharded_pubsub_channels_are_not_keys_but_are_found():
     for line, channels in [("SPUBLISH ch msg", [1]), ("SSUBSCRIBE a b", [1, 2]),
                            ("SUNSUBSCRIBE a", [1]), ("SUNSUBSCRIBE", [])]:
         argv = argv_of(line)
-        spec = lookup(argv)
+        spec = spec_of(argv)
         assert key_indices(spec, argv) == []
         assert shard_channel_indices(spec, argv) == channels
 
@@ -479,7 +496,7 @@ def test_command_spec_is_frozen_and_hashable():
     assert isinstance(spec, CommandSpec)
     with pytest.raises(AttributeError):
         spec.arity = 3  # type: ignore[misc]
-    assert {spec: 1}[COMMANDS[b"GET"]] == 1
+    assert {spec: 1}[dataclasses.replace(spec)] == 1  # an equal copy finds it
     assert isinstance(spec.flags, frozenset) and "readonly" in spec.flags
 
 
@@ -506,7 +523,7 @@ def _case(b: bytes, flips: list[bool]) -> bytes:
 )
 def test_key_indices_raise_only_command_args_error_and_stay_in_range(name, flips, args):
     argv = [_case(name, flips)] + args
-    spec = lookup(argv)
+    spec = spec_of(argv)
     if spec is None:
         return
     try:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import binascii
+
 from core.slots import key_slot, normalize, parse_range
 from proxy import clusterinfo
 from proxy.routing import SLOT_NOT_SERVED, empty_table, node_id, table_from_meta
@@ -17,7 +19,8 @@ def test_key_slot_matches_redis_examples():
     assert key_slot(b"a") == 15495
     assert key_slot(b"b") == 3300
     assert key_slot(b"{user1000}.following") == key_slot(b"{user1000}.followers")
-    assert key_slot(b"foo{}{bar}") == key_slot(b"foo{}{bar}")  # empty tag: whole key hashed
+    # an empty tag: the whole key is hashed (CRC16/XMODEM is binascii's crc_hqx from 0)
+    assert key_slot(b"foo{}{bar}") == binascii.crc_hqx(b"foo{}{bar}", 0) % 16384 != key_slot(b"bar")
     assert key_slot(b"foo{{bar}}zap") == key_slot(b"{bar")
 
 
