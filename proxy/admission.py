@@ -99,12 +99,13 @@ class Local:
 class Dedicated:
     """Needs a backend connection of the client's own (transactions, scripts, blocking)."""
 
-    __slots__ = ("blocking",)
+    __slots__ = ("blocking", "slot")
 
-    def __init__(self, blocking: bool) -> None:
+    def __init__(self, blocking: bool, slot: int = -1) -> None:
         # it may block: what the client sends after it waits (it is decided once this has
-        # returned, not while Redis holds it)
+        # returned, not while Redis holds it), and it is unblocked if `slot` leaves this node
         self.blocking = blocking
+        self.slot = slot
 
 
 class Subscribe:
@@ -149,7 +150,6 @@ TENANT_GONE = Disconnect(TENANT_CHANGED)
 FORWARD = Forward(False)
 FORWARD_SYNCED = Forward(True)
 DEDICATED = Dedicated(False)
-DEDICATED_BLOCKING = Dedicated(True)
 SUBSCRIBE = Subscribe()
 
 
@@ -227,6 +227,7 @@ def decide(argv: list[bytes], table: RoutingTable, client: ClientState,
                                 "moonmesh"))
         return _LOCAL[spec.name]
     if kind is Kind.DEDICATED or kind is Kind.SUBSCRIBE:
+        routed = -1
         if spec.first_key or spec.movable:
             routed = _route(spec, argv, table, client, gated=False)
             if not isinstance(routed, int):
@@ -237,7 +238,7 @@ def decide(argv: list[bytes], table: RoutingTable, client: ClientState,
                 return moved
         if kind is Kind.SUBSCRIBE:
             return SUBSCRIBE
-        return DEDICATED_BLOCKING if "blocking" in spec.flags else DEDICATED
+        return Dedicated(True, routed) if "blocking" in spec.flags else DEDICATED
     return Refuse(error(policy.refusal(spec.name.decode())))
 
 

@@ -69,7 +69,8 @@ class BackendConnection(asyncio.Protocol):
     def __init__(self, host: str, port: int, resp3: bool, password: str | None = None,
                  handshake: tuple[list[bytes], ...] = ()) -> None:
         self.host, self.port, self.resp3, self.password = host, port, resp3, password
-        self.handshake = handshake  # more commands to send first, replies ignored
+        self.handshake = handshake  # more commands to send first
+        self.handshake_replies: list[Pending] = []  # theirs, in order, once connected
         self.transport: asyncio.Transport | None = None
         self.up = False
         self.down = False  # True once a connect failed or the link dropped: fail fast
@@ -147,8 +148,11 @@ class BackendConnection(asyncio.Protocol):
             if self.password:
                 args += [b"AUTH", b"default", self.password.encode()]
             handshake.insert(0, encode_command(args))
+        self.handshake_replies = [Pending() for _ in self.handshake]
         if handshake:
-            self._waiting.extendleft((Pending(), None, 1) for _ in handshake)
+            replies = [Pending() for _ in range(len(handshake) - len(self.handshake))]
+            self._waiting.extendleft(reversed([(p, None, 1) for p in replies
+                                               + self.handshake_replies]))
         self.transport.write(b"".join(handshake + self._out))  # type: ignore[union-attr]
         self._out.clear()
         self._unsent = 0
@@ -279,8 +283,8 @@ class BackendPool:
         self._next += 1
         return conns[self._next % len(conns)]
 
-    def dedicated(self, resp3: bool) -> BackendConnection:
-        return BackendConnection(self.host, self.port, resp3, self.password)
+    def dedicated(self, resp3: bool, handshake: tuple[list[bytes], ...] = ()) -> BackendConnection:
+        return BackendConnection(self.host, self.port, resp3, self.password, handshake)
 
     @property
     def healthy(self) -> bool:

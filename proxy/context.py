@@ -10,6 +10,7 @@ from anyio.abc import TaskGroup
 from .backend import BackendPool
 from .control import ControlPort
 from .migration import Migrations
+from .routing import RoutingTable
 
 
 class ProxyContext:
@@ -25,6 +26,12 @@ class ProxyContext:
         self.commands_processed = 0
         self.started_at = time.time()
         self.task_group: TaskGroup | None = None  # set while the server runs
+
+    def table_changed(self, table: RoutingTable) -> None:
+        """A new table is served: clients of another tenant lose their own connections,
+        clients blocked on a slot that left are unblocked (proxy/session.py)."""
+        for session in list(self.sessions):
+            session.table_changed(table)
 
     def spawn(self, job: Callable[..., Coroutine[Any, Any, None]], *args: object) -> None:
         """Run `job(*args)` in the server's task group (it ends when the server stops)."""

@@ -7,6 +7,7 @@ command reads either the old value or the new one, never a mix.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from enum import Enum
 from typing import Protocol
@@ -38,6 +39,8 @@ class ControlPort:
         self.lease_ok = False  # the agent holds a live lease (peers ask: UMCTL LEASEOK)
         self.managed = False  # views come from etcd, not from UMCTL SETCLUSTER
         self._migrations = migrations  # they follow the table (proxy/migration.py)
+        # called with each table applied, after the swap (the clients: proxy/context.py)
+        self.followers: list[Callable[[RoutingTable], None]] = []
 
     def apply(self, table: RoutingTable, *, joining: bool = False,
               force: bool = False) -> Applied:
@@ -56,6 +59,8 @@ class ControlPort:
         if self.permission.handing_over and (me is None or me.master_id is not None):
             self.end_handover()  # the view with the new master arrived
         self._migrations.reconcile(table)
+        for follow in self.followers:
+            follow(table)
         log.info("view_applied", cluster=table.cluster, epoch=table.epoch,
                  slots=[list(r) for r in me.ranges] if me else [], nodes=len(table.nodes))
         return Applied.APPLIED

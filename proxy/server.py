@@ -31,6 +31,7 @@ class ProxyServer:
         self.control = ControlPort(self.migrations)  # the control plane's way in
         self.context = ProxyContext(listen, self.announce, backend, pool, self.control,
                                     self.migrations)
+        self.control.followers.append(self.context.table_changed)
 
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
         listen = Address.parse(self.listen)

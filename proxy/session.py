@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 from collections import deque
 from time import monotonic
 
 import structlog
 
-from . import local
+from . import dedicated
 from .admission import (
     TRYAGAIN,
     Dedicated,
@@ -32,10 +31,10 @@ from .admission import (
 )
 from .backend import BackendConnection, Batch, Pending
 from .context import ProxyContext
-from .jobs import run_dedicated
-from .local import HANDLERS, UNSUBSCRIBE_KINDS
-from .replies import Rewrite, SyncedWrite, newest_unanswered, take_ready
-from .resp import RequestError, RequestParser, bulk, encode, encode_command, error
+from .local import HANDLERS
+from .replies import SyncedWrite, newest_unanswered, take_ready
+from .resp import RequestError, RequestParser, encode, encode_command, error
+from .routing import RoutingTable
 
 log = structlog.get_logger("proxy.session")
 
@@ -57,8 +56,6 @@ MAX_PLAIN_PER_TURN = 256
 # reply outstanding), away from clients sending a few commands at a time.
 BULK_BATCH_BYTES = 16 * 1024
 
-UNSUBSCRIBE_TOKEN_BYTES = 16  # random bytes of the PING that follows an UNSUBSCRIBE
-EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
 
 _session_ids = itertools.count(1)
 
@@ -89,6 +86,10 @@ class Session(asyncio.Protocol):
         self.in_multi = False
         self.multi_failed = False
         self.multi_slots: set[int] = set()  # of the commands queued in this MULTI
+        # a blocking command in flight: its slot and reply slot; and what to answer instead
+        # of -UNBLOCKED when its slot left this node meanwhile
+        self.blocked: tuple[int, Pending] | None = None
+        self.unblocked_with: bytes | None = None
         self.name = b""
         self.closing = False
         self.paused_for_depth = False
@@ -197,25 +198,10 @@ class Session(asyncio.Protocol):
         if marker is not None:
             for i, message in enumerate(messages):
                 if message in marker:
-                    self._subscribe_mode_known(messages, i, message == marker[1])
+                    dedicated.subscribe_mode_known(self, messages, i, message == marker[1])
                     return
         self.replies.append(Pending(b"".join(messages)))
         self._write_ready()
-
-    def _subscribe_mode_known(self, messages: list[bytes], marker_at: int, left: bool) -> None:
-        """Redis answered the PING sent after an UNSUBSCRIBE: the client left subscribe mode
-        (`left`, the subscription count reached 0) or is still in it. Either way the commands
-        held meanwhile are decided now, as an ordinary client's or as a subscriber's."""
-        del messages[marker_at]  # our PING's answer is not the client's
-        if messages:
-            self.replies.append(Pending(b"".join(messages)))
-        self.unsubscribe_marker = None
-        if left:
-            self.subscribed = False
-            self.conn.raw_sink = None  # replies pair with commands again
-        assert self.barrier is not None
-        self.barrier.data = b""
-        self.replies_arrived()
 
     def raw_closed(self) -> None:
         self.closing = True
@@ -297,7 +283,7 @@ class Session(asyncio.Protocol):
         control = self.control
         if self.subscribed and argv[0].upper() != b"RESET" \
                 and self.tenant == control.table.tenant:
-            self._send_subscribed(argv)
+            dedicated.send_subscribed(self, argv)
             return
         outcome = decide(argv, control.table, self, control.permission, monotonic())
         kind = outcome.__class__
@@ -313,32 +299,20 @@ class Session(asyncio.Protocol):
             self.forward(argv)
         elif kind is Refuse or kind is Redirect:
             if self.in_multi and argv[0].upper() in (b"EXEC", b"DISCARD"):
-                self._end_transaction(outcome.reply)  # type: ignore[union-attr]
+                dedicated.end_transaction(self, outcome.reply)  # type: ignore[union-attr]
             else:
                 self.refuse(outcome.reply)  # type: ignore[union-attr]
         elif kind is Gate:
             self._gate(argv, outcome)  # type: ignore[arg-type]
         elif kind is Dedicated:
-            self._dedicated(argv, outcome.blocking)  # type: ignore[union-attr]
+            dedicated.run(self, argv, outcome)  # type: ignore[arg-type]
         elif kind is Disconnect:
             self.reply(outcome.reply)  # type: ignore[union-attr]
             self.closing = True
         else:
-            self._subscribe(argv)
+            dedicated.subscribe(self, argv)
 
-    def _send_subscribed(self, argv: list[bytes]) -> None:
-        """RESP2 subscribe mode: Redis itself answers (and refuses) what comes now. After an
-        UNSUBSCRIBE the client may have left the mode: what it sends next waits until Redis
-        answers a PING of ours, in a subscriber's form or an ordinary client's."""
-        conn = self.conn
-        conn.send_unmatched(encode_command(argv))
-        if argv[0].upper() in UNSUBSCRIBE_KINDS:
-            token = os.urandom(UNSUBSCRIBE_TOKEN_BYTES).hex().encode()
-            conn.send_unmatched(encode_command([b"PING", token]))
-            self.unsubscribe_marker = (b"*2\r\n$4\r\npong\r\n" + bulk(token), bulk(token))
-            self.barrier = Pending()  # filled when the answer is seen (raw_arrived)
-
-    def _hold_again(self, argv: list[bytes]) -> None:
+    def hold_again(self, argv: list[bytes]) -> None:
         """A barrier went up while `argv` was being run: run it (decide it anew) after."""
         self.asking = self.asked
         self.held.append(argv)
@@ -364,7 +338,7 @@ class Session(asyncio.Protocol):
         earlier = newest_unanswered(self.replies)
         if earlier is not None:
             self.barrier = earlier
-            self._hold_again(argv)
+            self.hold_again(argv)
             return
         pending = self.reply_later()
         gate.submit(self, argv, list(route.keys), route.slot, pending)
@@ -381,62 +355,11 @@ class Session(asyncio.Protocol):
             self.handle(argv)  # with a barrier back up, this holds it again, in order
 
     # -- dedicated connections ---------------------------------------------------------------
+    def table_changed(self, table: RoutingTable) -> None:
+        dedicated.table_changed(self, table)
+
     def switch_to(self, conn: BackendConnection) -> None:
         """Send later commands on `conn`, only after everything already sent has replied."""
         if self.barrier is None:
             self.barrier = newest_unanswered(self.replies)
         self.conn = conn
-
-    def _use_dedicated(self, argv: list[bytes]) -> bool:
-        """Make sure the client has its own connection; False when `argv` must wait for the
-        replies still owed on the old one (it is held and decided again then)."""
-        if self.dedicated is None:
-            self.dedicated = self.ctx.pool.dedicated(self.resp3)
-            self.owned.append(self.dedicated)
-            self.ctx.spawn(run_dedicated, self, self.dedicated)
-            self.switch_to(self.dedicated)
-            if self.barrier is not None:
-                self._hold_again(argv)
-                return False
-        return True
-
-    def _dedicated(self, argv: list[bytes], blocking: bool) -> None:
-        if not self._use_dedicated(argv):
-            return
-        name = argv[0].upper()
-        if name == b"EXEC" and self.multi_failed:
-            self._end_transaction(EXECABORT)
-            return
-        if name == b"MULTI":
-            self.in_multi = True
-        elif name in (b"EXEC", b"DISCARD"):
-            self.in_multi = self.multi_failed = False
-            self.multi_slots.clear()
-        if blocking:
-            pending = self.reply_later()
-            self.conn.queue(encode_command(argv), pending, self)
-            if pending.data is None:
-                self.barrier = pending
-        else:
-            self.forward(argv)
-
-    def _end_transaction(self, reply: bytes) -> None:
-        """EXEC may not run: discard the transaction in Redis and answer `reply` instead."""
-        self.in_multi = self.multi_failed = False
-        self.multi_slots.clear()
-        self.forward([b"DISCARD"], Rewrite(lambda _data: reply))
-
-    def _subscribe(self, argv: list[bytes]) -> None:
-        if argv[0].upper() in UNSUBSCRIBE_KINDS \
-                and (self.dedicated is None or self.dedicated.raw_sink is None):
-            # not subscribed to anything: answer as Redis would, without a connection
-            self.reply(local.unsubscribed(argv, self.resp3))
-            return
-        if not self._use_dedicated(argv):
-            return
-        conn = self.dedicated
-        assert conn is not None
-        conn.raw_sink = self
-        if not self.resp3:
-            self.subscribed = True
-        conn.send_unmatched(encode_command(argv))

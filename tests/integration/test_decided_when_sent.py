@@ -127,3 +127,20 @@ def test_writing_scripts_and_transactions_meet_the_write_pause(spawn):
         tx.sendall(encode_command([b"GET", b"t"]))
         assert read_replies(tx, 1) == [b"$-1\r\n"]  # no transaction left open in Redis
     assert command(backend.port, "EXISTS", "s", "t") == b":0\r\n"
+
+
+def test_a_client_blocked_on_a_slot_that_moves_away_is_redirected(spawn):
+    backend = spawn.redis()
+    proxy = spawn.proxy(backend)
+    setcluster_all(proxy, backend)
+    q = key_slot(b"q")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(encode_command([b"BLPOP", b"q", b"0"]) + encode_command([b"GET", b"k"]))
+        wait_for(lambda: blocked_clients(backend.port) == 1, what="BLPOP blocked in Redis")
+        assert command(proxy.port, "UMCTL", "SETCLUSTER", "v2", "2", "NOFLAGS", "mydb",
+                       backend.addr, "2", f"0-{q - 1}", f"{q + 1}-16383", "PEER", PEER, "1",
+                       f"{q}-{q}") == b"+OK\r\n"
+        unblocked, after = read_replies(s, 2)
+    assert unblocked == b"-MOVED %d %s\r\n" % (q, PEER.encode())
+    assert after == b"$-1\r\n"  # the client goes on, on a slot still served here
+    assert blocked_clients(backend.port) == 0

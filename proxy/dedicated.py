@@ -1,0 +1,187 @@
+"""What runs on a client's own backend connection: transactions, blocking commands and
+subscriptions, with the state each leaves on that connection in Redis.
+
+Functions of the client session (proxy/session.py), which calls them when `decide()` says a
+command needs a connection of its own, when pub/sub messages arrive and when a new routing
+table is served.
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import Protocol
+
+from . import local
+from .admission import TRYAGAIN, Dedicated
+from .backend import BackendConnection, Pending
+from .context import ProxyContext
+from .jobs import run_dedicated
+from .local import UNSUBSCRIBE_KINDS
+from .replies import Rewrite
+from .resp import bulk, encode_command
+from .routing import RoutingTable
+
+CLIENT_ID = ([b"CLIENT", b"ID"],)  # a dedicated connection learns its id: to unblock it
+UNSUBSCRIBE_TOKEN_BYTES = 16  # random bytes of the PING that follows an UNSUBSCRIBE
+EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+
+
+class Client(Protocol):
+    """What these functions use of a client session."""
+
+    ctx: ProxyContext
+    resp3: bool
+    tenant: str
+    conn: BackendConnection
+    dedicated: BackendConnection | None
+    owned: list[BackendConnection]
+    barrier: Pending | None
+    replies: deque[Pending]
+    in_multi: bool
+    multi_failed: bool
+    multi_slots: set[int]
+    subscribed: bool
+    unsubscribe_marker: tuple[bytes, bytes] | None
+    blocked: tuple[int, Pending] | None
+    unblocked_with: bytes | None
+
+    def reply(self, data: bytes) -> None: ...
+    def forward(self, argv: list[bytes], pending: Pending | None = None) -> None: ...
+    def switch_to(self, conn: BackendConnection) -> None: ...
+    def hold_again(self, argv: list[bytes]) -> None: ...
+    def replies_arrived(self) -> None: ...
+    def raw_arrived(self, messages: list[bytes]) -> None: ...
+    def raw_closed(self) -> None: ...
+
+
+class _Nobody:
+    """Where the reply of a command nobody waits for goes."""
+
+    def replies_arrived(self) -> None:
+        pass
+
+
+_NOBODY = _Nobody()
+
+
+def use_dedicated(s: Client, argv: list[bytes]) -> bool:
+    """Make sure the client has its own connection; False when `argv` must wait for the
+    replies still owed on the old one (it is held and decided again then)."""
+    if s.dedicated is None:
+        s.dedicated = s.ctx.pool.dedicated(s.resp3, CLIENT_ID)
+        s.owned.append(s.dedicated)
+        s.ctx.spawn(run_dedicated, s, s.dedicated)
+        s.switch_to(s.dedicated)
+        if s.barrier is not None:
+            s.hold_again(argv)
+            return False
+    return True
+
+
+def run(s: Client, argv: list[bytes], outcome: Dedicated) -> None:
+    if not use_dedicated(s, argv):
+        return
+    name = argv[0].upper()
+    if name == b"EXEC" and s.multi_failed:
+        end_transaction(s, EXECABORT)
+        return
+    if name == b"MULTI":
+        s.in_multi = True
+    elif name in (b"EXEC", b"DISCARD"):
+        s.in_multi = s.multi_failed = False
+        s.multi_slots.clear()
+    if outcome.blocking:
+        pending = Rewrite(lambda reply: unblocked(s, reply))
+        s.replies.append(pending)
+        s.conn.queue(encode_command(argv), pending, s)
+        if pending.data is None:
+            s.barrier = pending
+            s.blocked = (outcome.slot, pending)
+    else:
+        s.forward(argv)
+
+
+def end_transaction(s: Client, reply: bytes) -> None:
+    """EXEC may not run: discard the transaction in Redis and answer `reply` instead."""
+    s.in_multi = s.multi_failed = False
+    s.multi_slots.clear()
+    s.forward([b"DISCARD"], Rewrite(lambda _data: reply))
+
+
+def table_changed(s: Client, table: RoutingTable) -> None:
+    """A new table is served. The connections of a client of another tenant close (what
+    it was blocked in, its transaction or subscriptions end; the client goes with them).
+    A client blocked on a slot this node no longer serves is unblocked, as Redis Cluster
+    does, and answered with the redirect."""
+    if s.tenant != table.tenant:
+        for own in s.owned:
+            own.close()
+        return
+    blocked = s.blocked
+    if blocked is None or blocked[0] < 0 or blocked[1].data is not None:
+        return
+    route = table.routes[blocked[0]]
+    conn = s.dedicated
+    if route is None or conn is None or not conn.handshake_replies:
+        return
+    client_id = conn.handshake_replies[-1].data
+    if client_id is None or client_id[:1] != b":":
+        return  # not connected yet: the command is not blocking in Redis either
+    s.unblocked_with = route if isinstance(route, bytes) else TRYAGAIN
+    s.ctx.pool.pick(False).queue(
+        encode_command([b"CLIENT", b"UNBLOCK", client_id[1:-2], b"ERROR"]), Pending(),
+        _NOBODY)
+
+
+def unblocked(s: Client, reply: bytes) -> bytes:
+    """The reply of a blocking command, as the client gets it."""
+    s.blocked = None
+    if s.unblocked_with is not None and reply.startswith(b"-UNBLOCKED"):
+        reply = s.unblocked_with
+    s.unblocked_with = None
+    return reply
+
+
+def subscribe(s: Client, argv: list[bytes]) -> None:
+    if argv[0].upper() in UNSUBSCRIBE_KINDS \
+            and (s.dedicated is None or s.dedicated.raw_sink is None):
+        # not subscribed to anything: answer as Redis would, without a connection
+        s.reply(local.unsubscribed(argv, s.resp3))
+        return
+    if not use_dedicated(s, argv):
+        return
+    conn = s.dedicated
+    assert conn is not None
+    conn.raw_sink = s
+    if not s.resp3:
+        s.subscribed = True
+    conn.send_unmatched(encode_command(argv))
+
+
+def send_subscribed(s: Client, argv: list[bytes]) -> None:
+    """RESP2 subscribe mode: Redis itself answers (and refuses) what comes now. After an
+    UNSUBSCRIBE the client may have left the mode: what it sends next waits until Redis
+    answers a PING of ours, in a subscriber's form or an ordinary client's."""
+    conn = s.conn
+    conn.send_unmatched(encode_command(argv))
+    if argv[0].upper() in UNSUBSCRIBE_KINDS:
+        token = os.urandom(UNSUBSCRIBE_TOKEN_BYTES).hex().encode()
+        conn.send_unmatched(encode_command([b"PING", token]))
+        s.unsubscribe_marker = (b"*2\r\n$4\r\npong\r\n" + bulk(token), bulk(token))
+        s.barrier = Pending()  # filled when the answer is seen (raw_arrived)
+
+
+def subscribe_mode_known(s: Client, messages: list[bytes], marker_at: int, left: bool) -> None:
+    """Redis answered the PING sent after an UNSUBSCRIBE: the client left subscribe mode
+    (`left`, the subscription count reached 0) or is still in it. Either way the commands
+    held meanwhile are decided now, as an ordinary client's or as a subscriber's."""
+    del messages[marker_at]  # our PING's answer is not the client's
+    if messages:
+        s.replies.append(Pending(b"".join(messages)))
+    s.unsubscribe_marker = None
+    if left:
+        s.subscribed = False
+        s.conn.raw_sink = None  # replies pair with commands again
+    assert s.barrier is not None
+    s.barrier.data = b""
+    s.replies_arrived()
