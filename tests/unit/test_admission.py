@@ -13,7 +13,6 @@ from proxy import local
 from proxy.admission import (
     CROSSSLOT,
     DEDICATED,
-    DEDICATED_BLOCKING,
     FENCED,
     FORWARD,
     FORWARD_SYNCED,
@@ -22,6 +21,7 @@ from proxy.admission import (
     SUBSCRIBE,
     TENANT_GONE,
     TRYAGAIN,
+    Dedicated,
     Gate,
     Local,
     Queue,
@@ -94,8 +94,8 @@ def describe(outcome: object) -> tuple:
         return ("forward-synced",)
     if outcome is DEDICATED:
         return ("dedicated",)
-    if outcome is DEDICATED_BLOCKING:
-        return ("dedicated-blocking",)
+    if isinstance(outcome, Dedicated) and outcome.blocking:
+        return ("dedicated-blocking", outcome.slot)
     if outcome is SUBSCRIBE:
         return ("subscribe",)
     if outcome is TENANT_GONE:
@@ -180,7 +180,7 @@ CASES = [
     ("GET a", A_ARRIVING, CLIENT, OPEN, ("redirect", b"-MOVED %d %s" % (A, PEER.encode()))),
     ("GET a", A_ARRIVING, ASKED, OPEN, ("forward",)),
     ("MGET a {a}x", A_ARRIVING, ASKED, OPEN, ("gate", "m1", (b"a", b"{a}x"), A)),
-    ("BLPOP a 0", A_ARRIVING, ASKED, OPEN, ("dedicated-blocking",)),
+    ("BLPOP a 0", A_ARRIVING, ASKED, OPEN, ("dedicated-blocking", A)),
     ("BLPOP a 0", A_ARRIVING, CLIENT, OPEN, ("redirect", b"-MOVED")),
     # commands the proxy answers itself
     ("PING", ALL, CLIENT, OPEN, ("local", b"PING")),
@@ -231,8 +231,9 @@ CASES = [
     ("EXEC", ALL, IN_MULTI, OPEN, ("dedicated",)),
     ("WATCH a", ALL, CLIENT, OPEN, ("dedicated",)),
     ("WATCH a", A_MOVED, CLIENT, OPEN, ("redirect", MOVED_A)),
-    ("BLPOP a 0", ALL, CLIENT, OPEN, ("dedicated-blocking",)),
-    ("XREAD BLOCK 0 STREAMS a $", ALL, CLIENT, OPEN, ("dedicated-blocking",)),
+    ("BLPOP a 0", ALL, CLIENT, OPEN, ("dedicated-blocking", A)),
+    ("BLMOVE {b}x {b}y LEFT LEFT 0", ALL, CLIENT, OPEN, ("dedicated-blocking", B)),
+    ("XREAD BLOCK 0 STREAMS a $", ALL, CLIENT, OPEN, ("dedicated-blocking", A)),
     ("WAIT 1 0", ALL, CLIENT, OPEN, ("dedicated",)),
     ("BLPOP a b 0", ALL, CLIENT, OPEN, ("refuse", CROSSSLOT)),
     ("EVAL s 1 a", ALL, CLIENT, OPEN, ("dedicated",)),
