@@ -10,6 +10,8 @@ from tests.procs import command, wait_for
 from tools.launch import Launcher, Process, free_port
 from tools.umctl_mesh.local import setcluster_commands
 
+TEARDOWN_TIMEOUT = 2.0  # seconds from SIGTERM to SIGKILL when a test's processes stop
+
 
 class Spawner:
     """Starts real processes on loopback (tools/launch.py) into one directory; `cleanup`
@@ -30,7 +32,9 @@ class Spawner:
         return self.launcher.etcd_cluster(members, fsync=False)
 
     def cleanup(self) -> None:
-        self.launcher.cleanup()
+        # a mesh-proxy in a cluster waits up to 10 s on SIGTERM for the leader to remove it,
+        # which nobody does while everything stops at once: not worth waiting for here
+        self.launcher.cleanup(timeout=TEARDOWN_TIMEOUT)
 
 
 class StandaloneCluster:
