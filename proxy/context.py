@@ -24,6 +24,8 @@ class ProxyContext:
         self.migrations = migrations  # the gates of running migrations
         self.sessions: set[Any] = set()  # the client sessions connected now
         self.commands_processed = 0
+        self.dedicated_open = 0  # connections of clients' own (proxy/dedicated.py)
+        self.slot_scans = 0  # CLUSTER COUNTKEYSINSLOT/GETKEYSINSLOT running (proxy/local.py)
         self.started_at = time.time()
         self.task_group: TaskGroup | None = None  # set while the server runs
 

@@ -17,12 +17,19 @@ from .backend import BackendConnection, Pending
 from .context import ProxyContext
 from .jobs import run_dedicated
 from .local import UNSUBSCRIBE_KINDS
-from .replies import Rewrite
+from .replies import MAX_CLIENT_OUTPUT_BYTES, MAX_SUBSCRIBER_OUTPUT_BYTES, Rewrite
 from .resp import bulk, encode_command
 from .routing import RoutingTable
 
 CLIENT_ID = ([b"CLIENT", b"ID"],)  # a dedicated connection learns its id: to unblock it
 UNSUBSCRIBE_TOKEN_BYTES = 16  # random bytes of the PING that follows an UNSUBSCRIBE
+# Connections of clients' own (transactions, blocking commands, pub/sub) one proxy opens to
+# its Redis, at most; the rest of Redis's maxclients (10000 by default) stays free for the
+# shared connections, replication, the migration mover and the agent's checks.
+MAX_DEDICATED_CONNECTIONS = 2000
+TOO_MANY_DEDICATED = (b"-ERR max number of clients reached: this node has %d connections of "
+                      b"clients' own (transactions, blocking commands, pub/sub)\r\n"
+                      % MAX_DEDICATED_CONNECTIONS)
 EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
 
 
@@ -41,11 +48,13 @@ class Client(Protocol):
     multi_failed: bool
     multi_slots: set[int]
     subscribed: bool
+    output_limit: int
     unsubscribe_marker: tuple[bytes, bytes] | None
     blocked: tuple[int, Pending] | None
     unblocked_with: bytes | None
 
     def reply(self, data: bytes) -> None: ...
+    def refuse(self, reply: bytes) -> None: ...
     def forward(self, argv: list[bytes], pending: Pending | None = None) -> None: ...
     def switch_to(self, conn: BackendConnection) -> None: ...
     def hold_again(self, argv: list[bytes]) -> None: ...
@@ -66,16 +75,28 @@ _NOBODY = _Nobody()
 
 def use_dedicated(s: Client, argv: list[bytes]) -> bool:
     """Make sure the client has its own connection; False when `argv` must wait for the
-    replies still owed on the old one (it is held and decided again then)."""
+    replies still owed on the old one (it is held and decided again then), or when the
+    node has no connection left for it (it is refused)."""
     if s.dedicated is None:
+        if s.ctx.dedicated_open >= MAX_DEDICATED_CONNECTIONS:
+            s.refuse(TOO_MANY_DEDICATED)
+            return False
         s.dedicated = s.ctx.pool.dedicated(s.resp3, CLIENT_ID)
         s.owned.append(s.dedicated)
-        s.ctx.spawn(run_dedicated, s, s.dedicated)
+        s.ctx.dedicated_open += 1
+        s.ctx.spawn(_own_connection, s, s.dedicated)
         s.switch_to(s.dedicated)
         if s.barrier is not None:
             s.hold_again(argv)
             return False
     return True
+
+
+async def _own_connection(s: Client, conn: BackendConnection) -> None:
+    try:
+        await run_dedicated(s, conn)
+    finally:
+        s.ctx.dedicated_open -= 1
 
 
 def run(s: Client, argv: list[bytes], outcome: Dedicated) -> None:
@@ -153,6 +174,7 @@ def subscribe(s: Client, argv: list[bytes]) -> None:
     conn = s.dedicated
     assert conn is not None
     conn.raw_sink = s
+    s.output_limit = MAX_SUBSCRIBER_OUTPUT_BYTES
     if not s.resp3:
         s.subscribed = True
     conn.send_unmatched(encode_command(argv))
@@ -181,6 +203,7 @@ def subscribe_mode_known(s: Client, messages: list[bytes], marker_at: int, left:
     s.unsubscribe_marker = None
     if left:
         s.subscribed = False
+        s.output_limit = MAX_CLIENT_OUTPUT_BYTES
         s.conn.raw_sink = None  # replies pair with commands again
     assert s.barrier is not None
     s.barrier.data = b""

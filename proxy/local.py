@@ -21,12 +21,14 @@ from .admission import NOAUTH
 from .backend import BackendConnection, Pending
 from .context import ProxyContext
 from .control import Applied
-from .replies import Rewrite
+from .replies import MAX_CLIENT_OUTPUT_BYTES, Rewrite
 from .resp import OK, PONG, Err, bulk, encode, error, integer
 from .routing import format_ranges, hash_password, table_from_meta
 from .umctl import ClusterMeta, UmctlError, parse_setcluster
 
 REDIS_COMPAT_VERSION = "7.0.0"
+# CLUSTER COUNTKEYSINSLOT/GETKEYSINSLOT scan the whole backend: at most this many at once
+MAX_SLOT_SCANS = 2
 # UMCTL's read-only probes (readiness, epoch) work without AUTH; the rest needs it.
 UMCTL_WITHOUT_AUTH = frozenset({b"READY", b"GETEPOCH", b"AUTHPEER", b"LEASEOK"})
 
@@ -47,6 +49,7 @@ class Client(Protocol):
     multi_failed: bool
     multi_slots: set[int]
     subscribed: bool
+    output_limit: int
     dedicated: BackendConnection | None  # the client's own connection, if it has one
     owned: list[BackendConnection]  # every connection of its own, closed with it
 
@@ -102,6 +105,7 @@ def reset(c: Client, argv: list[bytes]) -> None:
         c.switch_to(c.ctx.pool.pick(False))
     c.resp3 = c.in_multi = c.multi_failed = c.asking = c.subscribed = c.readonly = False
     c.multi_slots.clear()
+    c.output_limit = MAX_CLIENT_OUTPUT_BYTES
     c.auth_hash = None
     c.name = b""
 
@@ -367,7 +371,10 @@ def umctl(c: Client, argv: list[bytes]) -> None:
 
 
 async def _keys_in_slot(c: Client, pending: Pending, slot: int, count: int | None) -> None:
-    keys = await jobs.keys_in_slot(c.ctx.pool, slot, count)
+    try:
+        keys = await jobs.keys_in_slot(c.ctx.pool, slot, count)
+    finally:
+        c.ctx.slot_scans -= 1
     if isinstance(keys, Err):
         pending.data = error(keys)
     else:
@@ -426,6 +433,11 @@ def cluster(c: Client, argv: list[bytes]) -> None:
         if not 0 <= slot < SLOT_COUNT or (count is not None and count < 0):
             c.reply(error("ERR Invalid slot or number of keys"))
             return
+        if c.ctx.slot_scans >= MAX_SLOT_SCANS:
+            c.reply(error(f"BUSY {MAX_SLOT_SCANS} scans of this node's keyspace are running "
+                          "(CLUSTER COUNTKEYSINSLOT/GETKEYSINSLOT); try again later"))
+            return
+        c.ctx.slot_scans += 1
         c.ctx.spawn(_keys_in_slot, c, c.reply_later(), slot, count)
 
 

@@ -13,6 +13,11 @@ from collections.abc import Callable
 from .backend import BackendConnection, Batch, Pending, ReplySink
 from .resp import encode_command
 
+# Bytes a client has not read yet before it is disconnected (Redis: client-output-buffer-limit)
+MAX_CLIENT_OUTPUT_BYTES = 256 * 1024 * 1024
+# ... for a subscriber, whose messages nobody paces (Redis's own pubsub hard limit)
+MAX_SUBSCRIBER_OUTPUT_BYTES = 32 * 1024 * 1024
+
 
 class Rewrite(Pending):
     """A reply slot whose bytes are transformed before they are written."""

@@ -32,7 +32,7 @@ from .admission import (
 from .backend import BackendConnection, Batch, Pending
 from .context import ProxyContext
 from .local import HANDLERS
-from .replies import SyncedWrite, newest_unanswered, take_ready
+from .replies import MAX_CLIENT_OUTPUT_BYTES, SyncedWrite, newest_unanswered, take_ready
 from .resp import RequestError, RequestParser, encode, encode_command, error
 from .routing import RoutingTable
 
@@ -41,8 +41,6 @@ log = structlog.get_logger("proxy.session")
 # Replies queued (or commands held) but not yet written before the proxy stops reading this
 # client's commands.
 MAX_INFLIGHT_REPLIES = 4096
-# Bytes the client has not read yet before it is disconnected (Redis: client-output-buffer-limit).
-MAX_CLIENT_OUTPUT_BYTES = 256 * 1024 * 1024
 CLIENT_WRITE_HIGH_WATER = 4 * 1024 * 1024
 # A client's batch of plain commands is forwarded as the bytes it sent while fewer than this
 # many replies are queued for it; past that, the per-command path bounds its depth.
@@ -77,6 +75,7 @@ class Session(asyncio.Protocol):
         self.tenant = ctx.control.table.tenant  # whose client this is (decide() checks it)
         self.auth_hash: str | None = None  # the password hash this client authenticated against
         self.subscribed = False  # a RESP2 client in subscribe mode: everything goes raw
+        self.output_limit = MAX_CLIENT_OUTPUT_BYTES  # unread bytes before it is dropped
         # after an UNSUBSCRIBE in subscribe mode: the two answers Redis may give to our PING
         # (still subscribed, or not any more), which tell whether the client left the mode
         self.unsubscribe_marker: tuple[bytes, bytes] | None = None
@@ -217,8 +216,8 @@ class Session(asyncio.Protocol):
             out = take_ready(replies)
             if out:
                 transport.write(out[0] if len(out) == 1 else b"".join(out))
-                if transport.get_write_buffer_size() > MAX_CLIENT_OUTPUT_BYTES:
-                    log.warning("client_output_limit", client=self.id)
+                if transport.get_write_buffer_size() > self.output_limit:
+                    log.warning("client_output_limit", client=self.id, limit=self.output_limit)
                     transport.abort()
                     return
         if self.paused_for_depth and len(replies) + len(self.held) < MAX_INFLIGHT_REPLIES // 2:
