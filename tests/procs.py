@@ -39,7 +39,8 @@ _leftover: weakref.WeakKeyDictionary[socket.socket, bytes] = weakref.WeakKeyDict
 def read_replies(s: socket.socket, n: int, timeout: float = 5.0) -> list[bytes]:
     """The next n raw replies on `s`; bytes read past them are kept for the next call."""
     s.settimeout(timeout)
-    buf, out = _leftover.pop(s, b""), []
+    buf = _leftover.pop(s, b"")
+    out: list[bytes] = []
     while True:
         while len(out) < n and (end := scan_reply(buf)) > 0:
             out.append(buf[:end])
