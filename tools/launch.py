@@ -113,10 +113,12 @@ class Process:
     """One local server: its command line, port and log; started again by `restart()`."""
 
     def __init__(self, name: str, port: int, argv: list[str], log_path: Path, workdir: Path,
-                 new_session: bool = False, die_with_parent: bool = False) -> None:
+                 new_session: bool = False, die_with_parent: bool = False,
+                 env: dict[str, str] | None = None) -> None:
         self.name, self.port, self.argv = name, port, argv
         self.log_path, self.workdir = log_path, workdir
         self.new_session, self.die_with_parent = new_session, die_with_parent
+        self.env = env  # variables added to this process's environment
         self.popen: subprocess.Popen | None = None
         self.backend: Process | None = None  # a mesh-proxy's redis-server, when started here
 
@@ -142,7 +144,8 @@ class Process:
         with open(self.log_path, "ab") as log:  # the child keeps its own copy
             self.popen = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=ROOT, start_new_session=self.new_session,
+                cwd=ROOT, env={**os.environ, **self.env} if self.env else None,
+                start_new_session=self.new_session,
                 preexec_fn=die_with_parent if self.die_with_parent else None)
 
     def wait_listening(self, timeout: float = START_TIMEOUT) -> None:
@@ -214,19 +217,21 @@ class Launcher:
     stopped together, the last started first; `cleanup()` also removes the directory."""
 
     def __init__(self, prefix: str = "moonmesh-", new_session: bool = False,
-                 die_with_parent: bool = False) -> None:
+                 die_with_parent: bool = False, env: dict[str, str] | None = None) -> None:
         """`new_session`: the processes do not get the terminal's Ctrl-C (the launcher stops
-        them in order). `die_with_parent`: they get SIGTERM when the launcher dies (Linux)."""
+        them in order). `die_with_parent`: they get SIGTERM when the launcher dies (Linux).
+        `env`: variables added to every process's environment."""
         self.workdir = Path(tempfile.mkdtemp(prefix=prefix))
         self.processes: list[Process] = []
         self.new_session, self.die_with_parent = new_session, die_with_parent
+        self.env = env
 
     def process(self, name: str, argv: list[str], port: int) -> Process:
         """A process of this launcher, not started yet."""
         if any(p.name == name for p in self.processes):
             raise LaunchError(f"a process named {name} exists already")
         p = Process(name, port, argv, self.workdir / f"{name}.log", self.workdir / name,
-                    self.new_session, self.die_with_parent)
+                    self.new_session, self.die_with_parent, self.env)
         self.processes.append(p)
         return p
 

@@ -54,3 +54,18 @@ def test_restart_comes_back_on_the_same_port(launcher):
     redis.kill()
     assert redis.restart().alive()
     assert command(redis.port, "PING") == b"+PONG\r\n"
+
+
+def test_processes_get_the_launchers_environment():
+    launcher = Launcher(prefix="mm-launch-test-", env={"MM_LAUNCH_TEST": "yes"})
+    try:
+        port = free_port()
+        p = launcher.start("env", [
+            sys.executable, "-c",
+            "import os, socket, time\n"
+            "print(os.environ['MM_LAUNCH_TEST'], flush=True)\n"
+            f"s = socket.create_server(('127.0.0.1', {port}))\n"
+            "time.sleep(60)\n"], port)
+        assert p.log() == "yes\n"
+    finally:
+        launcher.cleanup()
