@@ -1,6 +1,7 @@
 """Failover, fencing and reassignment by the leader, with real processes."""
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -24,7 +25,6 @@ class Writer:
         self.errors: list[str] = []
         self.failed: dict[str, int] = {}
         self.last_error = 0.0
-        self.first_error = 0.0
         self.streak = 0  # writes acknowledged in a row since the last failure
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run)
@@ -45,12 +45,9 @@ class Writer:
                 self.failed[key] = self.failed.get(key, 0) + 1
                 self.streak = 0
                 self.last_error = time.monotonic()
-                self.first_error = self.first_error or self.last_error
                 time.sleep(0.05)  # pacing: retry a failing cluster 20 times a second, no faster
-                try:
+                with contextlib.suppress(Exception):
                     rc.close()
-                except Exception:  # noqa: BLE001
-                    pass
                 try:
                     rc = RedisCluster(host="127.0.0.1", port=self.port, socket_timeout=2,
                                       socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
