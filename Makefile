@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test lint system-deps venv bench bench-migration clean
+.PHONY: run test lint system-deps venv clients bench bench-migration clean
 
 system-deps:
 	@command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null || { \
@@ -21,13 +21,18 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# the clients tests/integration/test_client_compat.py runs: redis-py 4.x-8.x in
+# .venv-clients/, ioredis and node-redis from tests/clients/package-lock.json (idempotent)
+clients: venv
+	bash tools/install_clients.sh
+
 # ruff (style, import order, banned imports), mypy, and the layering test
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q tests/unit/test_layering.py
 
-test: system-deps venv lint
+test: system-deps venv clients lint
 	$(VENV)/bin/pytest -q
 
 run: system-deps venv
@@ -42,4 +47,4 @@ bench-migration: system-deps venv
 	$(PY) tools/bench_migration.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-clients tests/clients/node_modules build *.egg-info
