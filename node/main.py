@@ -11,7 +11,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
-from core import logs
+from core import logs, secret
 from core.address import Address, AddressError
 from proxy.migration import DEFAULT_KEYS_PER_SECOND
 from proxy.server import ProxyServer
@@ -41,7 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: --listen)")
     parser.add_argument("--backend-password", metavar="PASSWORD",
                         help="password of the backend Redis (requirepass)")
+    parser.add_argument("--admin-password", metavar="PASSWORD",
+                        help="standalone: the secret UMCTL SETCLUSTER/HANDOVER need (proven with "
+                             "UMCTL CHALLENGE/PROVE); without it, anyone who reaches the proxy "
+                             "may reconfigure it")
     mesh = parser.add_argument_group("mesh mode (with --etcd)")
+    mesh.add_argument("--mesh-secret-file", metavar="FILE",
+                      help="the secret every node of the mesh shares (first line of FILE; "
+                           f"default: ${secret.SECRET_ENV}); peers and umctl-mesh prove it by "
+                           "HMAC challenge-response; never stored in etcd")
     mesh.add_argument("--etcd", metavar="URL[,URL...]",
                       help="etcd endpoints; the proxy joins the pool and follows its views")
     mesh.add_argument("--node-id", metavar="ID",
@@ -60,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace, key: bytes | None) -> None:
     server = ProxyServer(args.listen, args.backend, args.announce, args.backend_password,
-                         args.migration_rate)
+                         args.migration_rate, key)
     async with anyio.create_task_group() as tg:
         await tg.start(server.run)
         agent = await start_agent(tg, server, args) if args.etcd else None
@@ -98,13 +106,31 @@ async def start_agent(tg: TaskGroup, server: ProxyServer, args: argparse.Namespa
     return agent
 
 
+def admin_secret(args: argparse.Namespace) -> bytes | None:
+    if args.etcd:
+        return secret.load(args.mesh_secret_file)
+    return args.admin_password.encode() if args.admin_password else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logs.configure(args.log_level, args.log_json)
     try:
-        anyio.run(serve, args, backend_options={"use_uvloop": True})
+        key = admin_secret(args)
+    except (OSError, ValueError) as exc:
+        parser.error(f"the mesh secret: {exc}")
+    log = structlog.get_logger("proxy")
+    if key is None and args.etcd:
+        log.warning("no_mesh_secret", hint=f"set ${secret.SECRET_ENV} or --mesh-secret-file on "
+                    "every node: without it graceful failover and peer authentication are off")
+    elif key is None:
+        log.warning("no_admin_password", hint="anyone who reaches this proxy may reconfigure "
+                    "it with UMCTL SETCLUSTER; give --admin-password")
+    try:
+        anyio.run(serve, args, key, backend_options={"use_uvloop": True})
     except OSError as exc:
-        structlog.get_logger("proxy").error("proxy_failed", error=str(exc))
+        log.error("proxy_failed", error=str(exc))
         return 1
     return 0
 

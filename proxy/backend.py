@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
@@ -67,9 +68,12 @@ class BackendConnection(asyncio.Protocol):
     """One connection to the backend; FIFO of reply slots; fails them all if the link drops."""
 
     def __init__(self, host: str, port: int, resp3: bool, password: str | None = None,
-                 handshake: tuple[list[bytes], ...] = ()) -> None:
+                 handshake: tuple[list[bytes], ...] = (),
+                 prove: Callable[[bytes], list[bytes]] | None = None) -> None:
         self.host, self.port, self.resp3, self.password = host, port, resp3, password
         self.handshake = handshake  # more commands to send first
+        # a peer proxy: answer its UMCTL CHALLENGE with this command before anything else
+        self.prove = prove
         self.handshake_replies: list[Pending] = []  # theirs, in order, once connected
         self.transport: asyncio.Transport | None = None
         self.up = False
@@ -149,14 +153,36 @@ class BackendConnection(asyncio.Protocol):
                 args += [b"AUTH", b"default", self.password.encode()]
             handshake.insert(0, encode_command(args))
         self.handshake_replies = [Pending() for _ in self.handshake]
-        if handshake:
-            replies = [Pending() for _ in range(len(handshake) - len(self.handshake))]
-            self._waiting.extendleft(reversed([(p, None, 1) for p in replies
-                                               + self.handshake_replies]))
-        self.transport.write(b"".join(handshake + self._out))  # type: ignore[union-attr]
+        entries: list[tuple[Pending, ReplySink | None, int]] = [
+            (p, None, 1) for p in [Pending() for _ in range(len(handshake) - len(self.handshake))]
+            + self.handshake_replies]
+        if self.prove is not None:  # nothing else goes until the challenge is answered
+            handshake.append(encode_command([b"UMCTL", b"CHALLENGE"]))
+            challenge = _Challenge(self)
+            entries.append((challenge.reply, challenge, 1))
+            self._waiting.extendleft(reversed(entries))
+            self.transport.write(b"".join(handshake))  # type: ignore[union-attr]
+            return
+        self._waiting.extendleft(reversed(entries))
+        self._start(handshake)
+
+    def _start(self, first: list[bytes]) -> None:
+        self.transport.write(b"".join(first + self._out))  # type: ignore[union-attr]
         self._out.clear()
         self._unsent = 0
         self.up = True
+
+    def _answer_challenge(self, nonce_reply: bytes) -> None:
+        if self.transport is None or self.prove is None:
+            return
+        if nonce_reply[:1] != b"$":
+            log.error("peer_challenge_failed", peer=f"{self.host}:{self.port}",
+                      reply=nonce_reply[:200])
+            self.transport.abort()
+            return
+        answer = encode_command(self.prove(nonce_reply.split(b"\r\n")[1]))
+        self._waiting.appendleft((Pending(), None, 1))
+        self._start([answer])
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
@@ -248,6 +274,20 @@ class BackendConnection(asyncio.Protocol):
             self.transport.close()
         else:
             self._go_down()
+
+
+class _Challenge:
+    """Takes a peer's UMCTL CHALLENGE reply and sends the proof (BackendConnection.prove)."""
+
+    __slots__ = ("conn", "reply")
+
+    def __init__(self, conn: BackendConnection) -> None:
+        self.conn = conn
+        self.reply = Pending()
+
+    def replies_arrived(self) -> None:
+        if self.reply.data is not None:
+            self.conn._answer_challenge(self.reply.data)
 
 
 class RawSink(Protocol):

@@ -27,6 +27,8 @@ class ProxyContext:
         self.dedicated_open = 0  # connections of clients' own (proxy/dedicated.py)
         self.slot_scans = 0  # CLUSTER COUNTKEYSINSLOT/GETKEYSINSLOT running (proxy/local.py)
         self.started_at = time.time()
+        # the mesh secret, or a standalone proxy's admin password; None: none was given
+        self.admin_secret: bytes | None = None
         self.task_group: TaskGroup | None = None  # set while the server runs
 
     def table_changed(self, table: RoutingTable) -> None:

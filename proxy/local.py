@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import Protocol
 
 import hiredis
 
-from core import __version__
+from core import __version__, secret
+from core.address import Address
 from core.slots import SLOT_COUNT, key_slot
 
 from . import clusterinfo, commands, jobs, policy
@@ -30,7 +32,13 @@ REDIS_COMPAT_VERSION = "7.0.0"
 # CLUSTER COUNTKEYSINSLOT/GETKEYSINSLOT scan the whole backend: at most this many at once
 MAX_SLOT_SCANS = 2
 # UMCTL's read-only probes (readiness, epoch) work without AUTH; the rest needs it.
-UMCTL_WITHOUT_AUTH = frozenset({b"READY", b"GETEPOCH", b"AUTHPEER", b"LEASEOK"})
+UMCTL_WITHOUT_AUTH = frozenset({b"READY", b"GETEPOCH", b"LEASEOK", b"CHALLENGE", b"PROVE"})
+# ... and these change the node: they need the admin secret proven (UMCTL CHALLENGE/PROVE)
+UMCTL_ADMIN = frozenset({b"SETCLUSTER", b"HANDOVER"})
+NOT_ADMIN = error("NOPERM this command needs the admin secret: UMCTL CHALLENGE, then UMCTL "
+                  "PROVE <hex HMAC-SHA256 of the challenge>")
+NO_SECRET = error("NOPERM this node has no mesh secret (--mesh-secret-file or MOONMESH_SECRET): "
+                  "its admin commands are off")
 
 
 class Client(Protocol):
@@ -45,6 +53,8 @@ class Client(Protocol):
     asking: bool
     readonly: bool
     closing: bool
+    admin: bool  # proved the admin secret
+    challenge: bytes | None  # the nonce of the UMCTL CHALLENGE to answer
     in_multi: bool
     multi_failed: bool
     multi_slots: set[int]
@@ -106,7 +116,8 @@ def reset(c: Client, argv: list[bytes]) -> None:
     c.resp3 = c.in_multi = c.multi_failed = c.asking = c.subscribed = c.readonly = False
     c.multi_slots.clear()
     c.output_limit = MAX_CLIENT_OUTPUT_BYTES
-    c.auth_hash = None
+    c.auth_hash = c.challenge = None
+    c.admin = False
     c.name = b""
 
 
@@ -267,23 +278,30 @@ def info_section(ctx: ProxyContext) -> str:
 
 
 def info(c: Client, argv: list[bytes]) -> None:
+    """The backend's INFO as a cluster node's (clients and `redis-cli --cluster` refuse a node
+    whose INFO says cluster_enabled:0), with a `# Proxy` section where Redis would list every
+    section or when asked for it."""
     sections = {a.lower() for a in argv[1:]}
     extra = info_section(c.ctx)
     if sections == {b"proxy"}:
         c.reply(bulk(extra))
         return
     if sections and not sections & {b"proxy", b"all", b"everything", b"default"}:
-        c.forward(argv)
-        return
+        extra = ""
+    port = b"tcp_port:%d\r\n" % Address.parse(c.ctx.announce).port
 
-    def add_proxy_section(data: bytes) -> bytes:
+    def as_cluster_node(data: bytes) -> bytes:
         if data[:1] not in (b"$", b"="):
             return data
-        header_end = data.index(b"\r\n")
-        body = data[header_end + 2 : -2] + b"\r\n" + extra.encode()
+        body = data[data.index(b"\r\n") + 2 : -2]
+        body = body.replace(b"cluster_enabled:0\r\n", b"cluster_enabled:1\r\n").replace(
+            b"redis_mode:standalone\r\n", b"redis_mode:cluster\r\n")
+        body = re.sub(rb"tcp_port:\d+\r\n", port, body)
+        if extra:
+            body += b"\r\n" + extra.encode()
         return b"%s%d\r\n%s\r\n" % (data[:1], len(body), body)
 
-    c.forward([a for a in argv if a.lower() != b"proxy"], Rewrite(add_proxy_section))
+    c.forward([a for a in argv if a.lower() != b"proxy"], Rewrite(as_cluster_node))
 
 
 def apply_setcluster(ctx: ProxyContext, meta: ClusterMeta) -> bytes:
@@ -329,9 +347,17 @@ def umctl(c: Client, argv: list[bytes]) -> None:
     sub = argv[1].upper() if len(argv) > 1 else b""
     ctx = c.ctx
     table = ctx.control.table
-    if c.auth_hash != table.password_hash and sub not in UMCTL_WITHOUT_AUTH:
+    if not c.admin and c.auth_hash != table.password_hash and sub not in UMCTL_WITHOUT_AUTH:
         c.reply(NOAUTH)
         return
+    if sub in UMCTL_ADMIN and not c.admin:
+        if ctx.admin_secret is not None:
+            c.reply(NOT_ADMIN)
+            return
+        if ctx.control.managed:
+            c.reply(NO_SECRET)
+            return
+        # a standalone proxy started without --admin-password: open, as the seed protocol
     if sub == b"SETCLUSTER":
         try:
             meta = parse_setcluster(argv[2:])
@@ -339,13 +365,21 @@ def umctl(c: Client, argv: list[bytes]) -> None:
             c.reply(error(str(exc)))
             return
         c.reply(apply_setcluster(ctx, meta))
-    elif sub == b"AUTHPEER":  # a peer proxy moving keys here proves it knows the cluster
-        if len(argv) == 3 and table.password_hash is not None \
-                and argv[2].decode(errors="replace") == table.password_hash:
-            c.auth_hash = table.password_hash
+    elif sub == b"CHALLENGE":  # a peer or an operator's tool is about to prove the secret
+        c.challenge = secret.new_nonce()
+        c.reply(bulk(c.challenge))
+    elif sub == b"PROVE":  # UMCTL PROVE <hex HMAC-SHA256(secret, challenge)>
+        nonce, c.challenge = c.challenge, None  # one try per challenge
+        if ctx.admin_secret is None:
+            c.reply(NO_SECRET)
+        elif nonce is None or len(argv) != 3:
+            c.reply(error("ERR usage: UMCTL CHALLENGE, then UMCTL PROVE <answer>"))
+        elif secret.proves(ctx.admin_secret, nonce, argv[2]):
+            c.admin = True
+            c.auth_hash = table.password_hash  # a peer or the operator acts for the cluster
             c.reply(OK)
         else:
-            c.reply(error("WRONGPASS invalid peer credentials"))
+            c.reply(error("WRONGPASS the answer does not prove the admin secret"))
     elif sub == b"HANDOVER":  # UMCTL HANDOVER <host> <port> <timeout ms>: graceful failover
         if len(argv) != 5 or not argv[3].isdigit() or not argv[4].isdigit():
             c.reply(error("ERR usage: UMCTL HANDOVER <replica host> <port> <timeout ms>"))

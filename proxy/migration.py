@@ -27,6 +27,7 @@ import hiredis
 import structlog
 from anyio.abc import TaskGroup
 
+from core import secret
 from core.address import Address
 from core.slots import key_slot
 
@@ -276,10 +277,12 @@ class Migrations:
     per running migration, and on the source a mover task that copies its keys."""
 
     def __init__(self, pool: BackendPool, keys_per_second: int,
-                 current_table: Callable[[], RoutingTable]) -> None:
+                 current_table: Callable[[], RoutingTable],
+                 admin_secret: bytes | None = None) -> None:
         self.pool = pool
         self.keys_per_second = keys_per_second  # 0: no limit
         self.current_table = current_table
+        self.admin_secret = admin_secret  # proven to the target proxy (the mesh secret)
         self.gates: dict[str, SlotGate] = {}
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._progress: dict[str, MigrationProgress] = {}
@@ -317,11 +320,13 @@ class Migrations:
             self._end(mid)
 
     def _peer_connection(self, address: str, resp3: bool) -> BackendConnection:
-        """A connection to another proxy of this cluster, authenticated as a peer."""
+        """A connection to another proxy of this cluster, authenticated as a peer by the
+        mesh secret (challenge-response: the secret never crosses the wire)."""
         peer = Address.parse(address)
-        password_hash = self.current_table().password_hash
-        handshake = ([b"UMCTL", b"AUTHPEER", password_hash.encode()],) if password_hash else ()
-        return BackendConnection(peer.host, peer.port, resp3, handshake=handshake)
+        key = self.admin_secret
+        prove = None if key is None else (
+            lambda nonce: [b"UMCTL", b"PROVE", secret.proof(key, nonce)])
+        return BackendConnection(peer.host, peer.port, resp3, prove=prove)
 
     def _end(self, mid: str) -> None:
         self.gates.pop(mid).close()

@@ -22,15 +22,18 @@ LISTEN_BACKLOG = 1024
 class ProxyServer:
     def __init__(self, listen: str, backend: str, announce: str | None = None,
                  backend_password: str | None = None,
-                 migration_rate: int = DEFAULT_KEYS_PER_SECOND) -> None:
+                 migration_rate: int = DEFAULT_KEYS_PER_SECOND,
+                 admin_secret: bytes | None = None) -> None:
         self.listen = listen
         self.announce = announce or listen
         self.backend_address = backend
         pool = BackendPool(backend, password=backend_password)
-        self.migrations = Migrations(pool, migration_rate, lambda: self.control.table)
+        self.migrations = Migrations(pool, migration_rate, lambda: self.control.table,
+                                     admin_secret)
         self.control = ControlPort(self.migrations)  # the control plane's way in
         self.context = ProxyContext(listen, self.announce, backend, pool, self.control,
                                     self.migrations)
+        self.context.admin_secret = admin_secret
         self.control.followers.append(self.context.table_changed)
 
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001

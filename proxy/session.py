@@ -73,7 +73,9 @@ class Session(asyncio.Protocol):
         self.barrier: Pending | None = None  # commands wait until this reply has arrived
         self.held: list[list[bytes]] = []  # read while the barrier is up; decided when sent
         self.tenant = ctx.control.table.tenant  # whose client this is (decide() checks it)
-        self.auth_hash: str | None = None  # the password hash this client authenticated against
+        self.auth_hash: str | None = None
+        self.admin = False  # proved the admin secret (UMCTL CHALLENGE/PROVE)
+        self.challenge: bytes | None = None  # the password hash this client authenticated against
         self.subscribed = False  # a RESP2 client in subscribe mode: everything goes raw
         self.output_limit = MAX_CLIENT_OUTPUT_BYTES  # unread bytes before it is dropped
         # after an UNSUBSCRIBE in subscribe mode: the two answers Redis may give to our PING

@@ -1,16 +1,20 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
+from core.secret import SECRET_ENV
 from tests.procs import command, wait_for
 from tools.launch import Launcher, Process, free_port
 from tools.umctl_mesh.local import setcluster_commands
 
 TEARDOWN_TIMEOUT = 2.0  # seconds from SIGTERM to SIGKILL when a test's processes stop
+# every mesh node of the tests shares it, and so does umctl-mesh (graceful failover, drain)
+MESH_SECRET = {SECRET_ENV: "test-mesh-secret"}
 
 
 class Spawner:
@@ -18,7 +22,7 @@ class Spawner:
     stops them all and removes it."""
 
     def __init__(self) -> None:
-        self.launcher = Launcher(prefix="mm-test-")
+        self.launcher = Launcher(prefix="mm-test-", env=MESH_SECRET)
 
     def redis(self, *args: str) -> Process:
         return self.launcher.redis(None, *args)
@@ -103,7 +107,7 @@ class Mesh:
     def umctl(self, *args: str, check: bool = True, timeout: float = 60):
         out = subprocess.run([sys.executable, "-m", "tools.umctl_mesh.cli", "--etcd",
                               self.endpoint, *args], capture_output=True, text=True,
-                             timeout=timeout)
+                             timeout=timeout, env={**os.environ, **MESH_SECRET})
         if check:
             assert out.returncode == 0, out.stderr
         if "--json" in args and out.returncode == 0:

@@ -107,3 +107,32 @@ def test_config_shows_no_secret_and_sets_only_what_a_tenant_may(spawn):
         assert reply.startswith(b"-ERR CONFIG SET %s is not allowed" % param.encode()), reply
     assert command(proxy.port, "CONFIG", "SET", "slowlog-max-len", "64") == b"+OK\r\n"
     assert command(proxy.port, "CONFIG", "SET", "notify-keyspace-events", "KEA") == b"+OK\r\n"
+
+
+def prove(s: socket.socket, secret: bytes) -> bytes:
+    from core.secret import proof
+
+    send(s, ["UMCTL", "CHALLENGE"])
+    nonce = read_replies(s, 1)[0].split(b"\r\n")[1]
+    send(s, [b"UMCTL", b"PROVE", proof(secret, nonce)])
+    return read_replies(s, 1)[0]
+
+
+def test_admin_commands_need_the_admin_secret_proven(spawn):
+    backend = spawn.redis()
+    proxy = spawn.proxy(backend, "--admin-password", "s3cret-admin")
+    setcluster = ["UMCTL", "SETCLUSTER", "v2", "1", "NOFLAGS", "mydb", backend.addr, "1",
+                  "0-16383"]
+    assert command(proxy.port, *setcluster).startswith(b"-NOPERM")
+    assert command(proxy.port, "UMCTL", "HANDOVER", "127.0.0.1", "1", "100").startswith(b"-NOPERM")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        assert prove(s, b"wrong") == b"-WRONGPASS the answer does not prove the admin secret\r\n"
+        send(s, [b"UMCTL", b"PROVE", b"00"])  # a challenge is good for one answer only
+        assert read_replies(s, 1)[0].startswith(b"-ERR usage")
+        send(s, setcluster)
+        assert read_replies(s, 1)[0].startswith(b"-NOPERM")
+        assert prove(s, b"s3cret-admin") == b"+OK\r\n"
+        send(s, setcluster)
+        assert read_replies(s, 1) == [b"+OK\r\n"]
+    assert command(proxy.port, "SET", "k", "v") == b"+OK\r\n"  # the probes and clients: open
+    assert command(proxy.port, "UMCTL", "GETEPOCH") == b":1\r\n"

@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 
+from core import secret
 from core.address import Address
 from core.view import ClusterView, slots_of
 from mesh.store.etcd import EtcdStore, StoreError
@@ -32,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--etcd", default=DEFAULT_ETCD, metavar="URL[,URL...]",
                         help="etcd endpoints (default $MOONMESH_ETCD or 127.0.0.1:2379)")
     parser.add_argument("--etcd-root", default="/moonmesh", metavar="PREFIX")
+    parser.add_argument("--mesh-secret-file", metavar="FILE",
+                        help="the nodes' shared secret, for commands that act on a node "
+                             f"(failover, drain); default ${secret.SECRET_ENV}")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # --json is also accepted after the command (`umctl-mesh nodes --json`)
@@ -411,7 +415,7 @@ async def cmd_migrate(store: EtcdStore, args: argparse.Namespace) -> int:
 
 
 async def cmd_drain(store: EtcdStore, args: argparse.Namespace) -> int:
-    how, view = await ops.drain_node(store, args.node)
+    how, view = await ops.drain_node(store, args.node, args.mesh_secret)
     if args.json:
         print(json.dumps({"node": args.node, "how": how, "cluster": view.cluster if view else None,
                           "epoch": view.epoch if view else None}))
@@ -426,7 +430,7 @@ async def cmd_drain(store: EtcdStore, args: argparse.Namespace) -> int:
 
 
 async def cmd_failover(store: EtcdStore, args: argparse.Namespace) -> int:
-    view = await ops.graceful_failover(store, args.name, args.shard, args.to)
+    view = await ops.graceful_failover(store, args.name, args.shard, args.to, args.mesh_secret)
     shard = next(s for s in view.shards if s.id == args.shard)
     behind = await ops.wait_applied(store, view, 30)
     if args.json:
@@ -472,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_FAILED
     try:
         store = EtcdStore(args.etcd, root=args.etcd_root)
-    except ValueError as exc:  # a malformed --etcd
+        args.mesh_secret = secret.load(args.mesh_secret_file)
+    except (ValueError, OSError) as exc:  # a malformed --etcd, an unreadable secret file
         print(f"umctl-mesh: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:

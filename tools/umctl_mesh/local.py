@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import secrets
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ import time
 
 import anyio
 
+from core import secret
 from core.view import even_split
 from mesh.store.etcd import EtcdStore
 from proxy.resp import scan_reply
@@ -79,7 +81,8 @@ def up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     # a session of their own: Ctrl-C reaches this launcher only, which stops them in order
-    launcher = Launcher(new_session=True)
+    args.mesh_secret = secrets.token_hex(16)  # shared by the nodes, new for each mesh
+    launcher = Launcher(new_session=True, env={secret.SECRET_ENV: args.mesh_secret})
     before_stop = None
     try:
         for port in redis_ports:
@@ -139,6 +142,9 @@ def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[
 
     etcd = launcher.etcd().addr
     print(f"etcd on {etcd}")
+    secret_file = launcher.workdir / "mesh-secret"  # the nodes have it in their environment
+    secret_file.write_text(args.mesh_secret + "\n")
+    secret_file.chmod(0o600)
     for proxy_port, redis_port in zip(proxy_ports, redis_ports):
         launcher.proxy(f"{HOST}:{redis_port}", proxy_port, "--etcd", etcd,
                        "--node-id", f"node-{proxy_port}")
@@ -158,6 +164,8 @@ def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[
             print(f"cluster '{args.cluster}' created: {args.shards} shards x "
                   f"{1 + args.replicas} nodes, epoch {view.epoch}")
             print(f"see it with:   umctl-mesh --etcd {etcd} cluster show {args.cluster}")
+            print(f"the mesh secret (failover, drain): umctl-mesh --etcd {etcd} "
+                  f"--mesh-secret-file {secret_file} ...")
 
     try:
         anyio.run(create)

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import anyio
 
+from core import secret
 from core.address import Address
 from core.nodes import Assignment, MigrationProgress, NodeRecord, NodeStatus
 from core.slots import SlotRange, slot_count
@@ -307,7 +308,7 @@ HANDOVER_TIMEOUT_MS = 5000
 
 
 async def graceful_failover(store: EtcdStore, name: str, shard_id: str,
-                            to: str | None) -> ClusterView:
+                            to: str | None, mesh_secret: bytes | None) -> ClusterView:
     """Make a replica the master without losing a write: the master's Redis pauses writes and
     waits for the replica (Redis FAILOVER, driven through the master's proxy), then the view
     records the swap."""
@@ -329,8 +330,12 @@ async def graceful_failover(store: EtcdStore, name: str, shard_id: str,
     ctl = RedisCtl(view.address_of(shard.master).proxy)
     try:
         with anyio.fail_after(60):  # the proxy retries FAILOVER for up to 6 x (5 + 2) s
-            if view.config.password_hash:
-                await ctl.call("UMCTL", "AUTHPEER", view.config.password_hash)
+            if mesh_secret is None:
+                raise OpError(f"a graceful failover needs the mesh secret (${secret.SECRET_ENV} "
+                              "or --mesh-secret-file), the one the nodes were started with")
+            nonce = await ctl.call("UMCTL", "CHALLENGE")
+            assert isinstance(nonce, bytes), nonce
+            await ctl.call("UMCTL", "PROVE", secret.proof(mesh_secret, nonce))
             await ctl.call("UMCTL", "HANDOVER", backend.host, backend.port,
                            HANDOVER_TIMEOUT_MS)
     except (RedisCtlError, TimeoutError, OSError) as exc:
@@ -350,7 +355,8 @@ async def graceful_failover(store: EtcdStore, name: str, shard_id: str,
     return new
 
 
-async def drain_node(store: EtcdStore, node: str) -> tuple[str, ClusterView]:
+async def drain_node(store: EtcdStore, node: str,
+                     mesh_secret: bytes | None) -> tuple[str, ClusterView]:
     """Take `node` out of its cluster without losing data and return it to the pool: a replica
     just leaves; a master hands over to a replica first; a master without replicas has its
     slots migrated away (its shard then leaves when the last migration commits)."""
@@ -362,7 +368,7 @@ async def drain_node(store: EtcdStore, node: str) -> tuple[str, ClusterView]:
     shard = view.shard_of(node)
     assert shard is not None
     if role == "master" and [r for r in shard.replicas if r not in view.failed]:
-        await graceful_failover(store, cluster, shard.id, None)
+        await graceful_failover(store, cluster, shard.id, None, mesh_secret)
         role = "replica"
     if role == "replica":
         def change(pool: Pool, view: ClusterView) -> tuple[ClusterView, list[str]]:
