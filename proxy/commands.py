@@ -28,7 +28,7 @@ from proxy.command_table import COMMAND_ROWS, REDIS_VERSION
 
 __all__ = [
     "REDIS_VERSION", "CommandArgsError", "KeySpec", "CommandSpec", "COMMANDS", "ALL_COMMANDS",
-    "lookup", "check_arity", "key_indices", "shard_channel_indices", "arity_error",
+    "key_indices", "shard_channel_indices", "arity_error",
 ]
 
 
@@ -94,32 +94,6 @@ class CommandSpec:
 
 
 # --------------------------------------------------------------------------- public API
-
-
-def lookup(argv: list[bytes]) -> CommandSpec | None:
-    """The spec for ``argv`` (case-insensitive), the subcommand's for a known subcommand.
-
-    A container (OBJECT, XINFO, CLIENT, ...) without a subcommand argument or with an
-    unknown one yields the container's own spec; an unknown command (or empty argv) None.
-    """
-    if not argv:
-        return None
-    name = argv[0]
-    spec = _BY_ANY_CASE.get(name)
-    if spec is None:
-        spec = COMMANDS.get(name.upper())
-        if spec is None:
-            return None
-    subs = spec.subcommands
-    if subs is not None and len(argv) > 1:
-        sub = argv[1]
-        return subs.get(sub) or subs.get(sub.upper(), spec)
-    return spec
-
-
-def check_arity(spec: CommandSpec, argc: int) -> bool:
-    """Redis's arity rule: exactly ``arity`` arguments if positive, at least ``-arity`` if not."""
-    return spec.min_argc <= argc <= spec.max_argc
 
 
 def arity_error(spec: CommandSpec) -> str:
@@ -558,10 +532,3 @@ COMMANDS: dict[bytes, CommandSpec]
 ALL_COMMANDS: dict[bytes, CommandSpec]
 """Every command including subcommands, by full upper-case name (b"OBJECT|ENCODING")."""
 COMMANDS, ALL_COMMANDS = _build()
-
-# exact-bytes fast path for lookup(): upper- and lower-case spellings
-_BY_ANY_CASE: dict[bytes, CommandSpec] = {}
-for _n, _s in COMMANDS.items():
-    _BY_ANY_CASE[_n] = _s
-    _BY_ANY_CASE[_n.lower()] = _s
-del _n, _s

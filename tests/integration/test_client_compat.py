@@ -47,14 +47,7 @@ class ClusterModeNotAdvertised(AssertionError):
 
 
 # redis-py < 5 (NodesManager.initialize) and redis-cli --cluster (clusterManagerNodeIsCluster)
-# read `cluster_enabled` from INFO before anything else. The proxy forwards INFO to its
-# backend, a plain redis-server, which says 0; a Redis Cluster node says 1. INFO is answered
-# in proxy/local.py (`info`), outside this test's reach: once it says 1 these pass, and
-# strict=True makes that XPASS fail so the marker goes.
-NEEDS_CLUSTER_ENABLED = pytest.mark.xfail(
-    raises=ClusterModeNotAdvertised, strict=True,
-    reason="proxy INFO answers the backend's cluster_enabled:0 (a cluster node says 1)")
-
+# read `cluster_enabled` from INFO first: the proxy must say 1, as a cluster node does
 REFUSALS = ("Cluster mode is not enabled on this node",  # redis-py 4
             "is not configured as a cluster node")  # redis-cli --cluster
 
@@ -218,7 +211,7 @@ def written_keys(prefix: str) -> set[str]:
 
 
 REDIS_PY = [
-    pytest.param("redis4", None, "4.", marks=NEEDS_CLUSTER_ENABLED, id="redis-py-4.6"),
+    pytest.param("redis4", None, "4.", id="redis-py-4.6"),
     pytest.param("redis5", None, "5.", id="redis-py-5.3"),
     # not redis5 with RESP3: before 6.0 MOVED/ASK are known only to the RESP2 ClusterParser, so
     # over RESP3 a MOVED reaches the caller as ResponseError, from Redis Cluster as from here
@@ -329,7 +322,6 @@ def check_summary(text: str, cluster: StandaloneCluster, layout: Layout) -> None
     assert f"[OK] {sum(sizes.values())} keys in 3 masters." in text, text
 
 
-@NEEDS_CLUSTER_ENABLED
 def test_redis_cli_cluster_info(cluster):
     fill(cluster)
     code, text = redis_cli_cluster("info", f"{HOST}:{cluster.ports[1]}")
@@ -337,7 +329,6 @@ def test_redis_cli_cluster_info(cluster):
     check_summary(text, cluster, layout_of(cluster.ports[0]))
 
 
-@NEEDS_CLUSTER_ENABLED
 def test_redis_cli_cluster_check(cluster):
     fill(cluster)
     layout = layout_of(cluster.ports[0])
