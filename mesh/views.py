@@ -8,6 +8,8 @@ the node's status. It also starts gating an outgoing migration once its start ba
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import anyio
 import structlog
 
@@ -111,6 +113,10 @@ class ViewApplier:
         me = self.node_id
         shard = view.shard_of(me)
         assert shard is not None
+        if joining and self.control.table.configured:
+            # stop serving the tenant the node had before its Redis is emptied for the new
+            # one: the old tenant's clients are cut off first (their own connections close)
+            self.control.apply(empty_table())
         with anyio.fail_after(BACKEND_TIMEOUT * 3):
             if joining:
                 await self._take_backend_for(view)
@@ -125,9 +131,12 @@ class ViewApplier:
                       shard=shard.id)
 
     async def _leave_cluster(self, view: ClusterView) -> None:
-        # taken out of a cluster that goes on: keep redirecting its clients to the new owners
+        # a free node answers as a node with no slots (cluster_state:fail) and forgets the
+        # cluster's password; the clients still connected under the cluster are redirected
+        # to the new owners of their keys' slots
         still = self.views.get(view.cluster)
-        self.control.apply(table_from_view(still, self.node_id) if still else empty_table())
+        departed = table_from_view(still, self.node_id) if still else None
+        self.control.apply(replace(empty_table(), departed=departed))
         self.applied = None
         self.changed.notify()
         self.status.set(cluster="", epoch=0, role="master")

@@ -184,7 +184,7 @@ def decide(argv: list[bytes], table: RoutingTable, client: ClientState,
            permission: WritePermission, now: float) -> Outcome:
     """Where `argv` goes, decided from `table` and `permission` as they are now."""
     if client.tenant != table.tenant:
-        return TENANT_GONE
+        return _departed(argv, table.departed, client)
     name = argv[0].upper()
     entry = DISPATCH.get(name)
     if entry is None:
@@ -240,6 +240,22 @@ def decide(argv: list[bytes], table: RoutingTable, client: ClientState,
             return SUBSCRIBE
         return Dedicated(True, routed) if "blocking" in spec.flags else DEDICATED
     return Refuse(error(policy.refusal(spec.name.decode())))
+
+
+def _departed(argv: list[bytes], departed: RoutingTable | None,
+              client: ClientState) -> Outcome:
+    """A client of the cluster this node left: a keyed command is redirected to its slot's
+    owner as the node last knew it; anything else ends the connection."""
+    if departed is None or departed.tenant != client.tenant:
+        return TENANT_GONE
+    entry = DISPATCH.get(argv[0].upper())
+    if entry is None or entry[0] is Kind.LOCAL:
+        return TENANT_GONE
+    spec = entry[1]
+    if not (spec.first_key or spec.movable) or not spec.min_argc <= len(argv) <= spec.max_argc:
+        return TENANT_GONE
+    routed = _route(spec, argv, departed, client, gated=False)
+    return routed if isinstance(routed, Redirect) else TENANT_GONE
 
 
 def _declared_read_only(argv: list[bytes]) -> bool:

@@ -79,6 +79,9 @@ class RoutingTable:
     # whose data the backend holds: the cluster and, in the mesh, its creation. A client
     # connected under one tenant is never served under another (proxy/admission.py)
     tenant: str = ""
+    # a node that left a cluster which goes on: that cluster's layout as it left it, so the
+    # clients still connected under it are redirected to the new owners (nobody else sees it)
+    departed: RoutingTable | None = field(default=None, repr=False)
     # per slot: 1 where this node is a replica of the slot's master (READONLY clients read here)
     readable: bytes = b""
     # synchronous mode: acknowledge a write once WAIT says this many replicas have it

@@ -72,6 +72,7 @@ PASSWORD = make_table(password_hash=hash_password("pw"))
 SYNCED = make_table(min_replicas_ack=1)
 A_REPLICA = make_table({A: MOVED_A}, readable=bytes(1 if s == A else 0 for s in range(SLOT_COUNT)))
 
+LEFT = replace(empty_table(), departed=make_table({A: MOVED_A}, tenant="old"))
 OPEN = WritePermission()
 EXPIRED = WritePermission(deadline=NOW - 1)
 FENCED_NOW = WritePermission(fenced=True)
@@ -248,6 +249,13 @@ CASES = [
     ("SUBSCRIBE ch", PASSWORD, CLIENT, OPEN, ("refuse", NOAUTH)),
     # a client of the tenant the node served before
     ("GET a", ALL, Client(tenant="old"), OPEN, ("disconnect",)),
+    # ... which this node left, while the cluster goes on: redirected to the new owners
+    ("GET a", LEFT, Client(tenant="old"), OPEN, ("redirect", MOVED_A)),
+    ("MSET a 1 {a}x 2", LEFT, Client(tenant="old"), OPEN, ("redirect", MOVED_A)),
+    ("PING", LEFT, Client(tenant="old"), OPEN, ("disconnect",)),
+    ("CLUSTER SLOTS", LEFT, Client(tenant="old"), OPEN, ("disconnect",)),
+    ("GET a", LEFT, Client(tenant="other"), OPEN, ("disconnect",)),
+    ("GET a", LEFT, CLIENT, OPEN, ("redirect", b"-CLUSTERDOWN Hash slot not served")),
     ("PING", ALL, Client(tenant="old"), OPEN, ("disconnect",)),
     ("AUTH pw", PASSWORD, Client(tenant="old"), OPEN, ("disconnect",)),
     ("GET a", replace(ALL, tenant="new"), CLIENT, OPEN, ("disconnect",)),
