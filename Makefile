@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test lint system-deps venv clients bench bench-migration clean
+.PHONY: run test lint system-deps venv clients bench bench-migration clean chaos chaos-deps
 
 system-deps:
 	@command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null || { \
@@ -32,7 +32,7 @@ lint: venv
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q tests/unit/test_layering.py
 
-test: system-deps venv clients lint
+test: system-deps chaos-deps venv clients lint
 	$(VENV)/bin/pytest -q
 
 run: system-deps venv
@@ -48,3 +48,14 @@ bench-migration: system-deps venv
 
 clean:
 	rm -rf $(VENV) .venv-clients tests/clients/node_modules build *.egg-info
+
+# what the chaos harness (chaos/) needs: network namespaces (iproute2), nft for partitions
+chaos-deps:
+	@command -v ip >/dev/null && command -v nft >/dev/null || { \
+	  echo "installing iproute2 and nftables from Debian"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2 nftables; }
+
+# many rounds of every fault under load, hosts in network namespaces, then the history check;
+# CHAOS_ARGS="--seed N --rounds M --faults a,b --min-replicas-ack 1" replays or narrows a run
+chaos: system-deps venv chaos-deps
+	$(PY) -m chaos.run $(CHAOS_ARGS)
