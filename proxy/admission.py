@@ -35,7 +35,8 @@ RUN_INSIDE_MULTI = frozenset({b"QUIT", b"RESET", b"UMCTL"})
 QUEUE_INSIDE_MULTI = frozenset({b"PING", b"ECHO"})
 # Commands Redis does not flag as writes that may write all the same: they meet the write
 # fence. A script declared `#!lua flags=no-writes` and the _RO forms are reads.
-MAY_WRITE = frozenset({b"EVAL", b"EVALSHA", b"FCALL", b"EXEC"})
+SCRIPTS = frozenset({b"EVAL", b"EVALSHA", b"FCALL"})
+MAY_WRITE = SCRIPTS | {b"EXEC"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,11 +228,20 @@ def decide(argv: list[bytes], table: RoutingTable, client: ClientState,
                                 "moonmesh"))
         return _LOCAL[spec.name]
     if kind is Kind.DEDICATED or kind is Kind.SUBSCRIBE:
+        if kind is Kind.SUBSCRIBE and client.in_multi:  # Redis would queue it, then be stuck
+            return Refuse(error(f"ERR {name.decode()} inside MULTI is not supported through "
+                                "moonmesh"))
         routed = -1
         if spec.first_key or spec.movable:
             routed = _route(spec, argv, table, client, gated=False)
             if not isinstance(routed, int):
                 return routed
+        if routed < 0 and write and name in SCRIPTS and not table.serves_all:
+            # keys it does not declare could be anybody's slots: Redis Cluster refuses them
+            return Refuse(error("ERR a script that may write must declare its keys through "
+                                "moonmesh (numkeys is 0 here)"))
+        if client.in_multi and routed >= 0:
+            return Queue(routed)  # queued in the transaction: EXEC checks the slot again
         if name == b"EXEC" and client.multi_slots:
             moved = _gone(client.multi_slots, table)
             if moved is not None:

@@ -17,7 +17,7 @@ from .backend import BackendConnection, Pending
 from .context import ProxyContext
 from .jobs import run_dedicated
 from .local import UNSUBSCRIBE_KINDS
-from .replies import MAX_CLIENT_OUTPUT_BYTES, MAX_SUBSCRIBER_OUTPUT_BYTES, Rewrite
+from .replies import MAX_CLIENT_OUTPUT_BYTES, MAX_SUBSCRIBER_OUTPUT_BYTES, Rewrite, newest_unanswered
 from .resp import bulk, encode_command
 from .routing import RoutingTable
 
@@ -171,13 +171,26 @@ def subscribe(s: Client, argv: list[bytes]) -> None:
         return
     if not use_dedicated(s, argv):
         return
+    earlier = newest_unanswered(s.replies)
+    if earlier is not None:  # the connection goes raw only once nothing is owed on it
+        s.barrier = earlier
+        s.hold_again(argv)
+        return
     conn = s.dedicated
     assert conn is not None
     conn.raw_sink = s
     s.output_limit = MAX_SUBSCRIBER_OUTPUT_BYTES
+    conn.send_unmatched(encode_command(argv))
     if not s.resp3:
         s.subscribed = True
-    conn.send_unmatched(encode_command(argv))
+        return
+    # RESP3: the confirmations are pushes, out of band; what the client sends next waits
+    # until they are out (a PING behind them, its answer swallowed), so replies keep order
+    marker = Rewrite(lambda _data: b"")
+    s.replies.append(marker)
+    conn.queue(encode_command([b"PING"]), marker, s)
+    if marker.data is None:
+        s.barrier = marker
 
 
 def send_subscribed(s: Client, argv: list[bytes]) -> None:

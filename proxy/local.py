@@ -192,6 +192,11 @@ def hello(c: Client, argv: list[bytes]) -> None:
         return
     if name is not None:
         c.name = name
+    if (protocol == 3) != c.resp3 and c.dedicated is not None \
+            and c.dedicated.raw_sink is not None:
+        c.reply(error("ERR HELLO cannot change the protocol of a subscribed connection "
+                      "through moonmesh; RESET first"))
+        return
     if (protocol == 3) != c.resp3:  # later replies in that protocol, from Redis too
         c.resp3 = protocol == 3
         if c.dedicated is None:
@@ -297,6 +302,7 @@ def info(c: Client, argv: list[bytes]) -> None:
         body = body.replace(b"cluster_enabled:0\r\n", b"cluster_enabled:1\r\n").replace(
             b"redis_mode:standalone\r\n", b"redis_mode:cluster\r\n")
         body = re.sub(rb"tcp_port:\d+\r\n", port, body)
+        body = re.sub(rb"(executable|config_file):[^\r]*\r\n", rb"\1:\r\n", body)  # host paths
         if extra:
             body += b"\r\n" + extra.encode()
         return b"%s%d\r\n%s\r\n" % (data[:1], len(body), body)

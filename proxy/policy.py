@@ -34,13 +34,19 @@ DEDICATED = {
 SUBSCRIBE = {"SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE"}
 
 _MESH = "the mesh manages it"
+_SECRETS = "it shows the node's users and their password hashes"
 REFUSED = {
     "REPLICAOF": _MESH, "SLAVEOF": _MESH, "SHUTDOWN": _MESH, "FAILOVER": _MESH,
     "DEBUG": "it can crash or stall the node", "MIGRATE": _MESH,
     "SYNC": _MESH, "PSYNC": _MESH, "REPLCONF": _MESH, "MONITOR": "not supported through a proxy",
     "SWAPDB": "cluster mode has one database", "MOVE": "cluster mode has one database",
     "MODULE": _MESH, "ACL|SETUSER": _MESH, "ACL|DELUSER": _MESH, "ACL|LOAD": _MESH,
-    "ACL|SAVE": _MESH, "CONFIG|REWRITE": _MESH, "CONFIG|RESETSTAT": _MESH,
+    "ACL|SAVE": _MESH, "ACL|LIST": _SECRETS, "ACL|GETUSER": _SECRETS, "ACL|USERS": _SECRETS,
+    "ACL|LOG": _SECRETS, "ACL|DRYRUN": _SECRETS,
+    "CLIENT|LIST": "it would show the proxy's connections to its Redis, not clients",
+    "CLIENT|GETREDIR": "not supported through a proxy",
+    "CLIENT|TRACKINGINFO": "not supported through a proxy",
+    "CONFIG|REWRITE": _MESH, "CONFIG|RESETSTAT": _MESH,
     "CLIENT|KILL": "it would hit the proxy's shared connections",
     "CLIENT|PAUSE": "it would hit the proxy's shared connections",
     "CLIENT|UNPAUSE": "it would hit the proxy's shared connections",

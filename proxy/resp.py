@@ -110,6 +110,8 @@ class RequestParser:
                     cmd = gets()
         except hiredis.ProtocolError as exc:
             raise RequestError(f"ERR Protocol error: {exc}") from None
+        except (TypeError, ValueError):  # hiredis building a value Redis would never accept
+            raise RequestError("ERR Protocol error: expected '$'") from None
         before = self._unconsumed
         self._unconsumed = unconsumed = len(data) - pos
         if not unconsumed:

@@ -41,6 +41,8 @@ log = structlog.get_logger("proxy.session")
 # Replies queued (or commands held) but not yet written before the proxy stops reading this
 # client's commands.
 MAX_INFLIGHT_REPLIES = 4096
+# ... and bytes of commands held behind a barrier (a blocked client pipelining big writes)
+MAX_HELD_BYTES = 64 * 1024 * 1024
 CLIENT_WRITE_HIGH_WATER = 4 * 1024 * 1024
 # A client's batch of plain commands is forwarded as the bytes it sent while fewer than this
 # many replies are queued for it; past that, the per-command path bounds its depth.
@@ -72,6 +74,7 @@ class Session(asyncio.Protocol):
         self.owned: list[BackendConnection] = []  # every dedicated connection, closed with us
         self.barrier: Pending | None = None  # commands wait until this reply has arrived
         self.held: list[list[bytes]] = []  # read while the barrier is up; decided when sent
+        self.held_bytes = 0
         self.tenant = ctx.control.table.tenant  # whose client this is (decide() checks it)
         self.auth_hash: str | None = None
         self.admin = False  # proved the admin secret (UMCTL CHALLENGE/PROVE)
@@ -156,8 +159,8 @@ class Session(asyncio.Protocol):
             self.closing = True
         self.ctx.commands_processed += len(batch)
         self._write_ready()
-        if len(self.replies) + len(self.held) > MAX_INFLIGHT_REPLIES \
-                and not self.paused_for_depth:
+        if (len(self.replies) + len(self.held) > MAX_INFLIGHT_REPLIES
+                or self.held_bytes > MAX_HELD_BYTES) and not self.paused_for_depth:
             self.paused_for_depth = True
             self._update_reading()
 
@@ -201,8 +204,19 @@ class Session(asyncio.Protocol):
                 if message in marker:
                     dedicated.subscribe_mode_known(self, messages, i, message == marker[1])
                     return
-        self.replies.append(Pending(b"".join(messages)))
+        if self.subscribed:  # RESP2: what Redis sends is the reply stream itself
+            self.replies.append(Pending(b"".join(messages)))
+            self._write_ready()
+            return
+        # RESP3 pushes are out of band: they go out now, after the replies ready before them,
+        # even while the client waits for a reply (a blocked command, say)
         self._write_ready()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(b"".join(messages))
+            if transport.get_write_buffer_size() > self.output_limit:
+                log.warning("client_output_limit", client=self.id, limit=self.output_limit)
+                transport.abort()
 
     def raw_closed(self) -> None:
         self.closing = True
@@ -222,7 +236,8 @@ class Session(asyncio.Protocol):
                     log.warning("client_output_limit", client=self.id, limit=self.output_limit)
                     transport.abort()
                     return
-        if self.paused_for_depth and len(replies) + len(self.held) < MAX_INFLIGHT_REPLIES // 2:
+        if self.paused_for_depth and len(replies) + len(self.held) < MAX_INFLIGHT_REPLIES // 2 \
+                and self.held_bytes < MAX_HELD_BYTES // 2:
             self.paused_for_depth = False
             self._update_reading()
         if self.closing and not replies:
@@ -278,6 +293,7 @@ class Session(asyncio.Protocol):
         """Run one command now, or hold it until the barrier falls."""
         if self.barrier is not None:
             self.held.append(argv)
+            self.held_bytes += sum(map(len, argv))
             return
         self.asked = self.asking  # ASKING covers the one command after it
         self.asking = False
@@ -317,6 +333,7 @@ class Session(asyncio.Protocol):
         """A barrier went up while `argv` was being run: run it (decide it anew) after."""
         self.asking = self.asked
         self.held.append(argv)
+        self.held_bytes += sum(map(len, argv))
 
     def forward(self, argv: list[bytes], pending: Pending | None = None) -> None:
         pending = pending or Pending()
@@ -350,6 +367,7 @@ class Session(asyncio.Protocol):
         """The barrier fell: run the held commands in order until one raises it again."""
         self.barrier = None
         held, self.held = self.held, []
+        self.held_bytes = 0
         for argv in held:
             if self.closing:
                 break

@@ -241,6 +241,20 @@ CASES = [
     ("EVAL s 1 a", A_MOVED, CLIENT, OPEN, ("redirect", MOVED_A)),
     ("EVAL s 0", ALL, CLIENT, OPEN, ("dedicated",)),
     ("XREAD BLOCK 0 STREAMS a $", A_MOVED, CLIENT, OPEN, ("redirect", MOVED_A)),
+    # inside MULTI, commands of clients' own connections queue, and EXEC checks their slots
+    ("EVAL s 1 a", ALL, IN_MULTI, OPEN, ("queue", A)),
+    ("BLPOP a 0", ALL, IN_MULTI, OPEN, ("queue", A)),  # Redis does not block inside MULTI
+    ("SUBSCRIBE ch", ALL, IN_MULTI, OPEN, ("refuse", b"-ERR SUBSCRIBE inside MULTI")),
+    ("SSUBSCRIBE a", ALL, IN_MULTI, OPEN, ("refuse", b"-ERR SSUBSCRIBE inside MULTI")),
+    # a script that may write declares its keys where the node does not serve every slot
+    ("EVAL s 0", A_MOVED, CLIENT, OPEN, ("refuse", b"-ERR a script that may write must")),
+    ("FCALL f 0", A_MOVED, CLIENT, OPEN, ("refuse", b"-ERR a script that may write must")),
+    ("EVAL_RO s 0", A_MOVED, CLIENT, OPEN, ("dedicated",)),
+    ("EVAL s 0", ALL, CLIENT, OPEN, ("dedicated",)),
+    # what would show secrets or the proxy's own connections
+    ("ACL LIST", ALL, CLIENT, OPEN, ("refuse", b"-ERR ACL LIST is not allowed")),
+    ("ACL GETUSER default", ALL, CLIENT, OPEN, ("refuse", b"-ERR ACL GETUSER is not allowed")),
+    ("CLIENT LIST", ALL, CLIENT, OPEN, ("refuse", b"-ERR CLIENT LIST is not allowed")),
     # pub/sub
     ("SUBSCRIBE ch", ALL, CLIENT, OPEN, ("subscribe",)),
     ("UNSUBSCRIBE", ALL, CLIENT, OPEN, ("subscribe",)),
