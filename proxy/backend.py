@@ -295,6 +295,14 @@ class RawSink(Protocol):
     def raw_closed(self) -> None: ...
 
 
+# Clients' commands run in Redis as this user, which every connection of the data path
+# (re)creates when it connects, so a restarted Redis has it too. A script can call what the
+# proxy refuses; these would reach another database or another Redis (the proxy answers
+# SELECT 0 itself, the mover uses DUMP/RESTORE). The default user, the agent's, is untouched.
+DATA_USER = b"moonmesh-data"
+DATA_USER_RULES = (b"-migrate", b"-select", b"-move", b"-swapdb")
+
+
 class BackendPool:
     """A few long-lived shared connections per RESP version, kept connected with backoff.
 
@@ -308,8 +316,14 @@ class BackendPool:
         self.address = address
         self.host, self.port = where.host, where.port
         self.password = password
+        secret = password.encode() if password else None
+        self.data_user: tuple[list[bytes], ...] = (
+            [b"ACL", b"SETUSER", DATA_USER, b"reset", b"on",
+             b">" + secret if secret else b"nopass", b"~*", b"&*", b"+@all", *DATA_USER_RULES],
+            [b"AUTH", DATA_USER, secret or b"-"])
         self.shared = {
-            (resp3, bulk): [BackendConnection(self.host, self.port, resp3, password)
+            (resp3, bulk): [BackendConnection(self.host, self.port, resp3, password,
+                                              self.data_user)
                             for _ in range(BULK_CONNECTIONS_PER_PROTOCOL if bulk else size)]
             for resp3 in (False, True) for bulk in (False, True)
         }
@@ -324,7 +338,8 @@ class BackendPool:
         return conns[self._next % len(conns)]
 
     def dedicated(self, resp3: bool, handshake: tuple[list[bytes], ...] = ()) -> BackendConnection:
-        return BackendConnection(self.host, self.port, resp3, self.password, handshake)
+        return BackendConnection(self.host, self.port, resp3, self.password,
+                                 self.data_user + handshake)
 
     @property
     def healthy(self) -> bool:

@@ -142,3 +142,18 @@ def test_subscribe_waits_for_a_batch_still_owed_on_the_clients_own_connection(no
         replies = read_replies(s, 101, timeout=10)
     assert all(len(r) > 200_000 for r in replies[:100])
     assert replies[100].startswith(b"*3\r\n$9\r\nsubscribe")
+
+
+@pytest.mark.parametrize("script", [
+    "return redis.call('select', 7)",
+    "return redis.call('migrate', '127.0.0.1', ARGV[1], KEYS[1], 0, 1000, 'COPY')",
+    "return redis.call('move', KEYS[1], 3)",
+    "return redis.call('swapdb', 0, 1)",
+])
+def test_a_script_cannot_reach_another_database_or_another_redis(node, spawn, script):
+    other = spawn.redis()
+    assert command(node.port, "SET", "{a}k", "v") == b"+OK\r\n"
+    reply = command(node.port, "EVAL", script, "1", "{a}k", str(other.port))
+    assert b"can't run this command" in reply, reply  # Redis's ACL refusal
+    assert command(other.port, "DBSIZE") == b":0\r\n"
+    assert command(node.port, "GET", "{a}k") == b"$1\r\nv\r\n"
