@@ -14,11 +14,12 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import sys
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,7 @@ class Result:
     unread: list[str]
     dead: list[str]
     seconds: float
+    history: History
 
     def table(self) -> str:
         rows: dict[str, dict] = defaultdict(lambda: {"rounds": 0, "ok": 0, "failed": 0,
@@ -190,7 +192,8 @@ def run(cfg: Config) -> Result:
     for a in report.anomalies:
         for r in attribute(a, rounds):
             r.anomalies.append(a)
-    result = Result(cfg, run_id, workdir, rounds, report, unread, dead, time.monotonic() - t0)
+    result = Result(cfg, run_id, workdir, rounds, report, unread, dead, time.monotonic() - t0,
+                    history)
     history.save(workdir / "history.jsonl")
     with open(workdir / "rounds.jsonl", "w") as f:
         for r in rounds:
@@ -204,7 +207,7 @@ def run(cfg: Config) -> Result:
     text = summary(result)
     (workdir / "report.txt").write_text(text + "\n" + "\n".join(map(str, report.anomalies)))
     say(text, flush=True)
-    if report.valid and not cfg.keep:
+    if report.valid and all(r.recovered for r in rounds) and not cfg.keep:
         import shutil
 
         shutil.rmtree(workdir, ignore_errors=True)
@@ -215,6 +218,11 @@ def summary(result: Result) -> str:
     r = result.report
     lines = [f"chaos: seed {result.config.seed}, {len(result.rounds)} rounds in "
              f"{result.seconds:.0f}s; {r.summary()}", result.table()]
+    errors = Counter(f"{op.status}: {re.sub(r'[0-9.]+:[0-9]+: ', '', op.error)[:70]}"
+                     for op in result.history.ops if op.status in ("fail", "unknown"))
+    if errors:
+        lines.append("what clients were told, most often: " + "; ".join(
+            f"{n}x {e}" for e, n in errors.most_common(4)))
     outside = [a for a in r.anomalies if not attribute(a, result.rounds)]
     if outside:
         lines.append(f"found outside every fault's time (warm-up, or a window spanning none): "
@@ -227,7 +235,7 @@ def summary(result: Result) -> str:
         found = r.of(kind)
         if found:
             lines.append(f"{kind}: {len(found)}, e.g. {found[0]}")
-    if not r.valid or result.config.keep:
+    if not r.valid or result.config.keep or not all(x.recovered for x in result.rounds):
         lines.append(f"history, report and logs: {result.workdir}")
     c = result.config
     lines.append(f"replay: python -m chaos.run --seed {c.seed} --rounds {c.rounds} --faults "
