@@ -44,14 +44,15 @@ class Fault:
             f" [{self.detail}]" if self.detail else "")
 
 
-PARTITIONS = ("part-node-etcd", "part-master-replica", "part-leader", "part-halves", "one-way")
+PARTITIONS = ("part-node-etcd", "part-masters-etcd", "part-master-replica", "part-leader",
+              "part-halves", "one-way")
 
 
 class Nemesis:
     """Starts and heals faults on one deployment."""
 
-    KINDS = ("part-node-etcd", "part-master-replica", "part-leader", "part-halves",
-             "one-way", "pause-proxy", "pause-proxy-short", "kill-proxy", "kill-replica-proxy",
+    KINDS = ("part-node-etcd", "part-masters-etcd", "part-master-replica", "part-leader",
+             "part-halves", "one-way", "pause-proxy", "pause-proxy-short", "kill-proxy", "kill-replica-proxy",
              "kill-redis", "kill-etcd")
 
     def __init__(self, dep: Deployment, cluster: str, rng: random.Random) -> None:
@@ -98,6 +99,14 @@ class Nemesis:
         fault.targets, fault.hold = [node], self.rng.uniform(2, 10)
         fault.detail = "node cut from every etcd member, still talks to peers and clients"
         self._partition(fault, [node], self.etcd_hosts())
+
+    def _part_masters_etcd(self, fault: Fault, topo: Topology) -> None:
+        """Every master cut from etcd together (a rack, a zone): they still reach each
+        other, their replicas and the clients, and could vouch for each other."""
+        masters = sorted(set(topo.masters.values()))
+        fault.targets, fault.hold = masters, self.rng.uniform(4, 12)
+        fault.detail = "every master from every etcd member, together"
+        self._partition(fault, masters, self.etcd_hosts())
 
     def _part_master_replica(self, fault: Fault, topo: Topology) -> None:
         shard = self.rng.choice(sorted(s for s in topo.masters if topo.replicas[s]))

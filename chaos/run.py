@@ -92,7 +92,8 @@ class Result:
             row["unrecovered"] += 0 if r.recovered else 1
             for a in r.anomalies:
                 row["found"][a.kind] += 1
-        head = ["fault", "rounds", "ops ok", "ops failed/unknown", "not recovered", "found"]
+        head = ["fault", "rounds", "ops ok", "ops failed/unknown", "not recovered",
+                "found (within one round)"]
         cells = [head] + [[kind, str(v["rounds"]), str(v["ok"]), str(v["failed"]),
                            str(v["unrecovered"]),
                            ", ".join(f"{n} {k}" for k, n in sorted(v["found"].items()))
@@ -190,8 +191,9 @@ def run(cfg: Config) -> Result:
         raise RuntimeError(f"a client thread crashed: {errors[0]!r}") from errors[0]
     report = check(history)
     for a in report.anomalies:
-        for r in attribute(a, rounds):
-            r.anomalies.append(a)
+        blamed = attribute(a, rounds)
+        if len(blamed) == 1:  # else it is counted apart, as spanning several rounds
+            blamed[0].anomalies.append(a)
     result = Result(cfg, run_id, workdir, rounds, report, unread, dead, time.monotonic() - t0,
                     history)
     history.save(workdir / "history.jsonl")
@@ -225,8 +227,13 @@ def summary(result: Result) -> str:
             f"{n}x {e}" for e, n in errors.most_common(4)))
     outside = [a for a in r.anomalies if not attribute(a, result.rounds)]
     if outside:
-        lines.append(f"found outside every fault's time (warm-up, or a window spanning none): "
+        lines.append(f"found outside every fault's time (warm-up, final reads): "
                      f"{len(outside)}")
+    several = [a for a in r.anomalies if len(attribute(a, result.rounds)) > 1]
+    if several:
+        kinds = Counter(a.kind for a in several)
+        lines.append("found with a window spanning several rounds (blamed on none): "
+                     + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
     if result.unread:
         lines.append(f"keys never read at the end: {len(result.unread)}")
     if result.dead:
