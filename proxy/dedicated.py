@@ -7,9 +7,12 @@ table is served.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 from collections import deque
 from typing import Protocol
+
+import structlog
 
 from . import local
 from .admission import TRYAGAIN, Dedicated
@@ -20,6 +23,8 @@ from .local import UNSUBSCRIBE_KINDS
 from .replies import MAX_CLIENT_OUTPUT_BYTES, MAX_SUBSCRIBER_OUTPUT_BYTES, Rewrite, newest_unanswered
 from .resp import bulk, encode_command
 from .routing import RoutingTable
+
+log = structlog.get_logger("proxy.dedicated")
 
 CLIENT_ID = ([b"CLIENT", b"ID"],)  # a dedicated connection learns its id: to unblock it
 UNSUBSCRIBE_TOKEN_BYTES = 16  # random bytes of the PING that follows an UNSUBSCRIBE
@@ -36,7 +41,9 @@ EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
 class Client(Protocol):
     """What these functions use of a client session."""
 
+    id: int
     ctx: ProxyContext
+    transport: asyncio.Transport | None
     resp3: bool
     tenant: str
     conn: BackendConnection
@@ -59,6 +66,7 @@ class Client(Protocol):
     def switch_to(self, conn: BackendConnection) -> None: ...
     def hold_again(self, argv: list[bytes]) -> None: ...
     def replies_arrived(self) -> None: ...
+    def write_ready(self) -> None: ...
     def raw_arrived(self, messages: list[bytes]) -> None: ...
     def raw_closed(self) -> None: ...
 
@@ -204,6 +212,29 @@ def send_subscribed(s: Client, argv: list[bytes]) -> None:
         conn.send_unmatched(encode_command([b"PING", token]))
         s.unsubscribe_marker = (b"*2\r\n$4\r\npong\r\n" + bulk(token), bulk(token))
         s.barrier = Pending()  # filled when the answer is seen (raw_arrived)
+
+
+def raw_arrived(s: Client, messages: list[bytes]) -> None:
+    """Pub/sub messages (and RESP3 pushes) from the client's own connection."""
+    marker = s.unsubscribe_marker
+    if marker is not None:
+        for i, message in enumerate(messages):
+            if message in marker:
+                subscribe_mode_known(s, messages, i, message == marker[1])
+                return
+    if s.subscribed:  # RESP2: what Redis sends is the reply stream itself
+        s.replies.append(Pending(b"".join(messages)))
+        s.write_ready()
+        return
+    # RESP3 pushes are out of band: they go out now, after the replies ready before them,
+    # even while the client waits for a reply (a blocked command, say)
+    s.write_ready()
+    transport = s.transport
+    if transport is not None and not transport.is_closing():
+        transport.write(b"".join(messages))
+        if transport.get_write_buffer_size() > s.output_limit:
+            log.warning("client_output_limit", client=s.id, limit=s.output_limit)
+            transport.abort()
 
 
 def subscribe_mode_known(s: Client, messages: list[bytes], marker_at: int, left: bool) -> None:

@@ -158,7 +158,7 @@ class Session(asyncio.Protocol):
             self.reply(error(str(bad)))
             self.closing = True
         self.ctx.commands_processed += len(batch)
-        self._write_ready()
+        self.write_ready()
         if (len(self.replies) + len(self.held) > MAX_INFLIGHT_REPLIES
                 or self.held_bytes > MAX_HELD_BYTES) and not self.paused_for_depth:
             self.paused_for_depth = True
@@ -195,34 +195,16 @@ class Session(asyncio.Protocol):
     def replies_arrived(self) -> None:
         if self.barrier is not None and self.barrier.data is not None:
             self._release_held()
-        self._write_ready()
+        self.write_ready()
 
     def raw_arrived(self, messages: list[bytes]) -> None:
-        marker = self.unsubscribe_marker
-        if marker is not None:
-            for i, message in enumerate(messages):
-                if message in marker:
-                    dedicated.subscribe_mode_known(self, messages, i, message == marker[1])
-                    return
-        if self.subscribed:  # RESP2: what Redis sends is the reply stream itself
-            self.replies.append(Pending(b"".join(messages)))
-            self._write_ready()
-            return
-        # RESP3 pushes are out of band: they go out now, after the replies ready before them,
-        # even while the client waits for a reply (a blocked command, say)
-        self._write_ready()
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(b"".join(messages))
-            if transport.get_write_buffer_size() > self.output_limit:
-                log.warning("client_output_limit", client=self.id, limit=self.output_limit)
-                transport.abort()
+        dedicated.raw_arrived(self, messages)
 
     def raw_closed(self) -> None:
         self.closing = True
-        self._write_ready()
+        self.write_ready()
 
-    def _write_ready(self) -> None:
+    def write_ready(self) -> None:
         replies = self.replies
         transport = self.transport
         if transport is None:
@@ -286,7 +268,7 @@ class Session(asyncio.Protocol):
         self.replies.append(pending)
         conn.queue(data, pending, self, len(batch))
         if pending.data is not None:  # the backend is down: answered already
-            self._write_ready()
+            self.write_ready()
         return True
 
     def handle(self, argv: list[bytes]) -> None:

@@ -21,11 +21,17 @@ def one_node(standalone_node):
     return standalone_node
 
 
-def exchange(port: int, data: bytes, timeout: float = 3.0) -> tuple[bytes, bool]:
-    """Send raw bytes, read until the proxy closes or goes quiet; (replies, closed)."""
+# how long a connection that should close may stay quiet before the test says it did not
+CLOSE_WAIT = 10.0
+
+
+def exchange(port: int, data: bytes, timeout: float = 3.0,
+             quiet: float = 0.5) -> tuple[bytes, bool]:
+    """Send raw bytes, read until the proxy closes or stays quiet for `quiet` seconds;
+    (replies, closed). Tests that expect a close pass CLOSE_WAIT: they end at the close."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
-        s.settimeout(0.5)
+        s.settimeout(quiet)
         out = b""
         while True:
             try:
@@ -61,13 +67,14 @@ def assert_healthy(port: int) -> None:
     b"*3\r\n$3\r\nSET\r\n=5\r\ntxt:k\r\n+0123456789\r\n", b"*2\r\n+GET\r\n$1\r\nk\r\n",
 ])
 def test_malformed_resp_gets_a_protocol_error_and_a_close(one_node, data):
-    out, closed = exchange(one_node.port, data)
+    out, closed = exchange(one_node.port, data, quiet=CLOSE_WAIT)
     assert out.startswith(b"-ERR Protocol error") and closed
     assert_healthy(one_node.port)
 
 
 def test_replies_before_the_malformed_request_are_still_delivered(one_node):
-    out, closed = exchange(one_node.port, encode_command([b"PING"]) + b"*1\r\n$x\r\n")
+    out, closed = exchange(one_node.port, encode_command([b"PING"]) + b"*1\r\n$x\r\n",
+                           quiet=CLOSE_WAIT)
     assert replies(out) == [b"+PONG\r\n", replies(out)[1]] and closed
     assert replies(out)[1].startswith(b"-ERR Protocol error")
 
@@ -198,7 +205,7 @@ def test_long_pipeline_then_bad_bytes_runs_every_command_before_the_error(one_no
     # more commands in one read than the proxy runs per event-loop turn (MAX_COMMANDS_PER_TURN)
     n = 1000
     data = b"".join(encode_command([b"INCR", b"long:counter"]) for _ in range(n))
-    out, closed = exchange(one_node.port, data + b"*1\r\n$x\r\n")
+    out, closed = exchange(one_node.port, data + b"*1\r\n$x\r\n", quiet=CLOSE_WAIT)
     got = replies(out)
     assert closed and len(got) == n + 1
     counters = [int(r[1:-2]) for r in got[:n]]
@@ -210,7 +217,7 @@ def test_quit_inside_a_long_pipeline_stops_what_follows(one_node):
     before = int(command(one_node.port, "INCR", "quit:counter")[1:-2])
     data = b"".join(encode_command([b"INCR", b"quit:counter"]) for _ in range(300))
     data += encode_command([b"QUIT"]) + data
-    out, closed = exchange(one_node.port, data)
+    out, closed = exchange(one_node.port, data, quiet=CLOSE_WAIT)
     assert closed and replies(out)[-1] == b"+OK\r\n" and len(replies(out)) == 301
     assert command(one_node.port, "GET", "quit:counter").split(b"\r\n")[1] == b"%d" % (before + 300)
 

@@ -5,24 +5,10 @@ from __future__ import annotations
 import socket
 
 from core.slots import key_slot
-from proxy.resp import encode_command, scan_reply
-from tests.procs import command, wait_for
+from proxy.resp import encode_command
+from tests.procs import command, read_replies, wait_for
 
 PEER = "127.0.0.1:1"  # never dialled: the proxy only names it in redirects
-
-
-def read_replies(s: socket.socket, n: int) -> list[bytes]:
-    buf, out = b"", []
-    while len(out) < n:
-        end = scan_reply(buf, 0)
-        if end > 0:
-            out.append(buf[:end])
-            buf = buf[end:]
-            continue
-        chunk = s.recv(65536)
-        assert chunk, f"closed after {out}"
-        buf += chunk
-    return out
 
 
 def blocked_clients(redis_port: int) -> int:

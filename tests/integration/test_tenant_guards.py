@@ -4,24 +4,10 @@ from __future__ import annotations
 import socket
 
 from core.slots import key_slot
-from proxy.resp import encode_command, scan_reply
-from tests.procs import command
+from proxy.resp import encode_command
+from tests.procs import command, read_replies
 
 PEER = "127.0.0.1:1"  # only named in redirects
-
-
-def read_replies(s: socket.socket, n: int) -> list[bytes]:
-    buf, out = b"", []
-    while len(out) < n:
-        end = scan_reply(buf, 0)
-        if end > 0:
-            out.append(buf[:end])
-            buf = buf[end:]
-            continue
-        chunk = s.recv(65536)
-        assert chunk, f"closed after {out}"
-        buf += chunk
-    return out
 
 
 def send(s: socket.socket, *commands: list[bytes | str]) -> None:
