@@ -7,8 +7,8 @@ import socket
 import redis
 from redis.cluster import RedisCluster
 
-from tests.procs import command, read_replies, wait_for
 from proxy.resp import encode_command
+from tests.procs import command, read_replies, wait_for
 
 KEYS = 300
 
