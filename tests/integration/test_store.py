@@ -7,13 +7,20 @@ import pytest
 from mesh.store.etcd import EtcdStore, Event, LeaseKeeper, campaign
 from tests import procs
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("one_event_loop")]
 
 
 @pytest.fixture(scope="module")
 def anyio_backend():
-    # one event loop for the module: grpc's asyncio poller outlives a test's loop otherwise
     return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def one_event_loop():
+    """Holds anyio's runner for the whole module, so every test runs on one event loop:
+    grpc's asyncio poller stays bound to the loop it first saw, and a loop closed between
+    tests gets its late callbacks ('Event loop is closed' from a test's teardown)."""
+    yield
 
 
 @pytest.fixture
