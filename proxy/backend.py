@@ -118,7 +118,7 @@ class BackendConnection(asyncio.Protocol):
     def flush(self) -> None:
         self._flush_scheduled = False
         if self._out and self.up:
-            self.transport.write(b"".join(self._out))  # type: ignore[union-attr]
+            self.transport.write(b"".join(self._out))  # type: ignore[union-attr]  # connected: the transport is set
             self._out.clear()
             self._unsent = 0
 
@@ -145,7 +145,7 @@ class BackendConnection(asyncio.Protocol):
         if self.closed:  # its owner gave up on it while it was connecting
             transport.close()
             return
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport  # type: ignore[assignment]  # asyncio passes a BaseTransport; a stream's is a Transport
         handshake = [encode_command(argv) for argv in self.handshake]
         if self.resp3 or self.password:
             args = [b"HELLO", b"3" if self.resp3 else b"2"]
@@ -161,13 +161,13 @@ class BackendConnection(asyncio.Protocol):
             challenge = _Challenge(self)
             entries.append((challenge.reply, challenge, 1))
             self._waiting.extendleft(reversed(entries))
-            self.transport.write(b"".join(handshake))  # type: ignore[union-attr]
+            self.transport.write(b"".join(handshake))  # type: ignore[union-attr]  # connection_made set it
             return
         self._waiting.extendleft(reversed(entries))
         self._start(handshake)
 
     def _start(self, first: list[bytes]) -> None:
-        self.transport.write(b"".join(first + self._out))  # type: ignore[union-attr]
+        self.transport.write(b"".join(first + self._out))  # type: ignore[union-attr]  # connection_made set it
         self._out.clear()
         self._unsent = 0
         self.up = True
@@ -221,12 +221,12 @@ class BackendConnection(asyncio.Protocol):
         except BackendProtocolError as exc:
             log.error("backend_protocol_error", backend=f"{self.host}:{self.port}", data=str(exc))
             self._notify(sinks)
-            self.transport.abort()  # type: ignore[union-attr]
+            self.transport.abort()  # type: ignore[union-attr]  # data came in on it
             return
         self._got = got
         if got and last_end > start:  # a batch's first replies: hand them over now
             pending, sink, _ = waiting[0]
-            pending.parts.append(bytes(buf[start:last_end]))  # type: ignore[attr-defined]
+            pending.parts.append(bytes(buf[start:last_end]))  # type: ignore[attr-defined]  # only a Batch awaits several replies
             sinks.add(sink)
             start = last_end
         if start:
@@ -401,4 +401,4 @@ async def request_many(conn: BackendConnection, commands: list[list[bytes]]) -> 
     while pendings[-1].data is None:
         await waiter.event.wait()
         waiter.event = anyio.Event()
-    return [p.data for p in pendings]  # type: ignore[misc]
+    return [p.data for p in pendings]  # type: ignore[misc]  # every slot is filled: the loop waited for the last

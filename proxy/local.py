@@ -234,7 +234,7 @@ def client_info(c: Client, argv: list[bytes]) -> None:
 
 def config_set(c: Client, argv: list[bytes]) -> None:
     if len(argv) % 2:
-        c.reply(error(commands.arity_error(commands.COMMANDS[b"CONFIG"].subcommands[b"SET"])))  # type: ignore[index]
+        c.reply(error(commands.arity_error(commands.COMMANDS[b"CONFIG"].subcommands[b"SET"])))  # type: ignore[index]  # CONFIG has subcommands
         return
     for param in argv[2::2]:
         name = param.decode(errors="replace").lower()

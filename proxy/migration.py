@@ -132,7 +132,7 @@ class SlotGate:
 
     def _checked(self, req: _Request) -> None:
         reply = req.check.data
-        req.check = None  # type: ignore[assignment]
+        req.check = None  # type: ignore[assignment]  # None marks the check answered
         if reply is None or reply[:1] != b":":  # the check failed: the command did not run
             self._finish(req, TRYAGAIN)
             return
@@ -144,7 +144,7 @@ class SlotGate:
                 self._finished(req)
         elif present == 0 and self.marker.source:
             forward = self.forwards[resp3]
-            forward.queue(_ASKING, Pending(), None)  # type: ignore[arg-type]
+            forward.queue(_ASKING, Pending(), None)  # type: ignore[arg-type]  # nobody waits for ASKING's reply
             forward.queue(encode_command(req.argv), req.pending, req)
             if req.pending.data is not None:
                 self._finished(req)

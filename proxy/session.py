@@ -104,8 +104,8 @@ class Session(asyncio.Protocol):
 
     # -- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=CLIENT_WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        self.transport = transport  # type: ignore[assignment]  # asyncio passes a BaseTransport; a stream's is a Transport
+        transport.set_write_buffer_limits(high=CLIENT_WRITE_HIGH_WATER)  # type: ignore[attr-defined]  # a Transport has it
         self.ctx.sessions.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -287,26 +287,26 @@ class Session(asyncio.Protocol):
         outcome = decide(argv, control.table, self, control.permission, monotonic())
         kind = outcome.__class__
         if kind is Forward:
-            if outcome.synced:  # type: ignore[union-attr]
+            if outcome.synced:  # type: ignore[union-attr]  # the class test above
                 self._forward_synced(argv)
             else:
                 self.forward(argv)
         elif kind is Local:
-            HANDLERS[outcome.name](self, argv)  # type: ignore[union-attr]
+            HANDLERS[outcome.name](self, argv)  # type: ignore[union-attr]  # the class test above
         elif kind is Queue:
-            self.multi_slots.add(outcome.slot)  # type: ignore[union-attr]
+            self.multi_slots.add(outcome.slot)  # type: ignore[union-attr]  # the class test above
             self.forward(argv)
         elif kind is Refuse or kind is Redirect:
             if self.in_multi and argv[0].upper() in (b"EXEC", b"DISCARD"):
-                dedicated.end_transaction(self, outcome.reply)  # type: ignore[union-attr]
+                dedicated.end_transaction(self, outcome.reply)  # type: ignore[union-attr]  # the class test above
             else:
-                self.refuse(outcome.reply)  # type: ignore[union-attr]
+                self.refuse(outcome.reply)  # type: ignore[union-attr]  # the class test above
         elif kind is Gate:
-            self._gate(argv, outcome)  # type: ignore[arg-type]
+            self._gate(argv, outcome)  # type: ignore[arg-type]  # the class test above
         elif kind is Dedicated:
-            dedicated.run(self, argv, outcome)  # type: ignore[arg-type]
+            dedicated.run(self, argv, outcome)  # type: ignore[arg-type]  # the class test above
         elif kind is Disconnect:
-            self.reply(outcome.reply)  # type: ignore[union-attr]
+            self.reply(outcome.reply)  # type: ignore[union-attr]  # the class test above
             self.closing = True
         else:
             dedicated.subscribe(self, argv)
