@@ -91,8 +91,10 @@ class BackendConnection(asyncio.Protocol):
         self.lost = anyio.Event()
 
     # -- used by sessions, synchronously --------------------------------------------------
-    def queue(self, command: bytes, pending: Pending, sink: ReplySink, replies: int = 1) -> None:
-        """Send `command`: one request, or `replies` requests for a `Batch`."""
+    def queue(self, command: bytes, pending: Pending, sink: ReplySink | None,
+              replies: int = 1) -> None:
+        """Send `command`: one request, or `replies` requests for a `Batch`; `sink` (None:
+        nobody waits) is told when the reply has arrived."""
         if self.down:
             pending.data = BACKEND_DOWN * replies
             return

@@ -71,16 +71,6 @@ class Client(Protocol):
     def raw_closed(self) -> None: ...
 
 
-class _Nobody:
-    """Where the reply of a command nobody waits for goes."""
-
-    def replies_arrived(self) -> None:
-        pass
-
-
-_NOBODY = _Nobody()
-
-
 def use_dedicated(s: Client, argv: list[bytes]) -> bool:
     """Make sure the client has its own connection; False when `argv` must wait for the
     replies still owed on the old one (it is held and decided again then), or when the
@@ -158,8 +148,7 @@ def table_changed(s: Client, table: RoutingTable) -> None:
         return  # not connected yet: the command is not blocking in Redis either
     s.unblocked_with = route if isinstance(route, bytes) else TRYAGAIN
     s.ctx.pool.pick(False).queue(
-        encode_command([b"CLIENT", b"UNBLOCK", client_id[1:-2], b"ERROR"]), Pending(),
-        _NOBODY)
+        encode_command([b"CLIENT", b"UNBLOCK", client_id[1:-2], b"ERROR"]), Pending(), None)
 
 
 def unblocked(s: Client, reply: bytes) -> bytes:

@@ -144,7 +144,7 @@ class SlotGate:
                 self._finished(req)
         elif present == 0 and self.marker.source:
             forward = self.forwards[resp3]
-            forward.queue(_ASKING, Pending(), None)  # type: ignore[arg-type]  # nobody waits for ASKING's reply
+            forward.queue(_ASKING, Pending(), None)
             forward.queue(encode_command(req.argv), req.pending, req)
             if req.pending.data is not None:
                 self._finished(req)

@@ -43,7 +43,7 @@ class SyncedWrite(Pending):
         self.wait = encode_command([b"WAIT", b"%d" % replicas, b"%d" % timeout_ms])
 
     def queue_on(self, conn: BackendConnection) -> None:
-        conn.queue(self.command, self.write, None)  # type: ignore[arg-type]  # WAIT's reply tells
+        conn.queue(self.command, self.write, None)  # WAIT's reply tells
         conn.queue(self.wait, self.ack, self)
         if self.ack.data is not None:  # the connection is down
             self.replies_arrived()

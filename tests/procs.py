@@ -91,3 +91,9 @@ def cleanup(processes: list[Process]) -> None:
     stop_all(processes)
     for p in processes:
         shutil.rmtree(p.log_path.parent, ignore_errors=True)
+
+
+def blocked_clients(redis_port: int) -> int:
+    """How many clients a redis-server holds blocked (BLPOP and the like) now."""
+    info = command(redis_port, "INFO", "clients").decode()
+    return int(info.split("blocked_clients:")[1].split()[0])

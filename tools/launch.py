@@ -148,6 +148,9 @@ class Process:
                 start_new_session=self.new_session,
                 preexec_fn=die_with_parent if self.die_with_parent else None)
 
+    def listening(self) -> bool:
+        return listening(self.port)
+
     def wait_listening(self, timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
         while True:
@@ -155,11 +158,11 @@ class Process:
                 code = self.popen.returncode if self.popen else None
                 raise LaunchError(f"{self.name} exited with code {code}; the end of "
                                   f"{self.log_path}:\n{self.tail()}")
-            if listening(self.port):
+            if self.listening():
                 return
             if time.monotonic() > deadline:
                 self.kill()
-                raise LaunchError(f"{self.name} did not listen on port {self.port} within "
+                raise LaunchError(f"{self.name} did not listen on {self.addr} within "
                                   f"{timeout:g}s; the end of {self.log_path}:\n{self.tail()}")
             time.sleep(0.02)
 

@@ -6,14 +6,9 @@ import socket
 
 from core.slots import key_slot
 from proxy.resp import encode_command
-from tests.procs import command, read_replies, wait_for
+from tests.procs import blocked_clients, command, read_replies, wait_for
 
 PEER = "127.0.0.1:1"  # never dialled: the proxy only names it in redirects
-
-
-def blocked_clients(redis_port: int) -> int:
-    info = command(redis_port, "INFO", "clients").decode()
-    return int(info.split("blocked_clients:")[1].split()[0])
 
 
 def test_write_held_behind_a_blocking_command_follows_the_view_applied_meanwhile(spawn):

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from proxy.resp import encode_command
-from tests.procs import command, read_replies, wait_for
+from tests.procs import blocked_clients, command, read_replies, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -108,17 +108,12 @@ def test_dedicated_connections_close_with_their_clients(node):
              what="the dedicated connections to close")
 
 
-def blocked_clients(node) -> int:
-    info = command(node.backend.port, "INFO", "clients")
-    return int(info.split(b"blocked_clients:")[1].split(b"\r\n")[0])
-
-
 def test_abandoned_blpop_does_not_eat_a_later_push(node):
     s = socket.create_connection(("127.0.0.1", node.port))
     s.sendall(enc("BLPOP", "jobs", "0"))
-    wait_for(lambda: blocked_clients(node) == 1, timeout=10, what="BLPOP to block in Redis")
+    wait_for(lambda: blocked_clients(node.backend.port) == 1, timeout=10, what="BLPOP to block in Redis")
     s.close()
-    wait_for(lambda: blocked_clients(node) == 0, timeout=10,
+    wait_for(lambda: blocked_clients(node.backend.port) == 0, timeout=10,
              what="the proxy to close the abandoned BLPOP's connection")
     assert command(node.port, "RPUSH", "jobs", "job1") == b":1\r\n"
     assert command(node.port, "LLEN", "jobs") == b":1\r\n"

@@ -4,12 +4,7 @@ from __future__ import annotations
 import socket
 
 from proxy.resp import encode_command, scan_reply
-from tests.procs import command, wait_for
-
-
-def blocked_clients(redis_port: int) -> int:
-    info = command(redis_port, "INFO", "clients").decode()
-    return int(info.split("blocked_clients:")[1].split()[0])
+from tests.procs import blocked_clients, command, wait_for
 
 
 def test_a_command_in_flight_when_the_backend_dies_may_have_run_and_says_so(spawn):
