@@ -28,6 +28,18 @@ linearizable system must respect), named with the operations that show it:
 - `divergent`: two reads (with no delete possible between them) whose lists are not one a
   prefix of the other, or a value at another position than its append's reply said, or two
   appends acknowledged at the same position: two orders of the same key, two masters.
+
+`divergent` shows two masters only when both took writes of the same key and a read saw the
+result. `two-masters` counts the moments themselves, from which node acknowledged each write
+(the proxy the client's reply came from, `Op.node`), over every write of both workloads
+(appends, deletes, register sets): a slot's write acknowledged by node A, then one by node B,
+then one by A again, each completed before the next was invoked and all within
+`TWO_MASTERS_WINDOW` seconds. One owner hands a slot over at most once in that time (rounds of
+faults are longer), so A answering again after B means both were taking writes for the slot.
+Detections on one slot whose windows overlap count as one moment.
+
+Operations with other names (`set`, `get`: the register workload) are not list operations;
+`chaos/linearizable.py` checks them.
 """
 from __future__ import annotations
 
@@ -41,17 +53,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.slots import key_slot
+
 INF = float("inf")
 KINDS = ("lost", "resurrected", "stale-read", "duplicate", "divergent", "phantom",
-         "failed-write-visible", "future-read")
+         "failed-write-visible", "future-read", "two-masters")
 MAX_NAMED = 6  # operations named in one anomaly
+LIST_OPS = ("append", "read", "del")
+WRITES = ("append", "del", "set")  # what `two-masters` looks at
+TWO_MASTERS_WINDOW = 10.0  # seconds from A's first write to its return after B's
 
 
 @dataclass
 class Op:
     id: int
     process: int  # the client (thread) that ran it; each runs one operation at a time
-    f: str  # "append" | "read" | "del"
+    f: str  # "append" | "read" | "del"; registers: "set" | "get"
     key: str
     value: str | None = None  # an append's value
     invoke: float = 0.0
@@ -59,6 +76,7 @@ class Op:
     status: str = "pending"  # "ok" | "fail" | "unknown" | "pending"
     result: Any = None  # read: list of values; append: the new length; del: keys removed
     error: str = ""
+    node: str = ""  # the proxy that gave an ok reply
 
     @property
     def end(self) -> float:
@@ -67,7 +85,8 @@ class Op:
             else INF
 
     def __str__(self) -> str:
-        what = {"append": f"append {self.value!r}", "del": "del"}.get(self.f, "read")
+        what = {"append": f"append {self.value!r}", "del": "del", "set": f"set {self.value!r}",
+                "get": "get"}.get(self.f, "read")
         res = f" -> {self.result!r}" if self.status == "ok" else \
             f" ({self.error})" if self.error else ""
         return f"op {self.id} [p{self.process} {what} {self.key} {self.status}{res}]"
@@ -126,8 +145,8 @@ class History:
             self.ops.append(op)
         return op
 
-    def ok(self, op: Op, result: Any) -> Op:
-        op.complete, op.status, op.result = self.clock(), "ok", result
+    def ok(self, op: Op, result: Any, node: str = "") -> Op:
+        op.complete, op.status, op.result, op.node = self.clock(), "ok", result, node
         return op
 
     def fail(self, op: Op, error: str) -> Op:
@@ -155,7 +174,9 @@ def precedes(a: Op, b: Op) -> bool:
 
 
 def check(history: History | Iterable[Op]) -> Report:
-    ops = [op for op in (history.ops if isinstance(history, History) else history)]
+    """The list-append checks on the list operations, and `two-masters` on every write."""
+    every = list(history.ops if isinstance(history, History) else history)
+    ops = [op for op in every if op.f in LIST_OPS]
     report = Report(ops=len(ops), statuses=dict(Counter(op.status for op in ops)))
     appends: dict[str, Op] = {}
     for op in ops:
@@ -170,7 +191,44 @@ def check(history: History | Iterable[Op]) -> Report:
     report.keys = len(by_key)
     for key in sorted(by_key):
         report.anomalies.extend(_check_key(key, by_key[key], appends))
+    report.anomalies.extend(two_masters(every))
     return report
+
+
+def two_masters(ops: Iterable[Op], window: float = TWO_MASTERS_WINDOW) -> list[Anomaly]:
+    """Moments when two nodes acknowledged writes for one slot (see the module's docstring)."""
+    by_slot: dict[int, list[Op]] = defaultdict(list)
+    for op in ops:
+        if op.f in WRITES and op.status == "ok" and op.node and op.complete is not None:
+            by_slot[key_slot(op.key.encode())].append(op)
+    out: list[Anomaly] = []
+    for slot in sorted(by_slot):
+        writes = sorted(by_slot[slot], key=lambda op: op.end)
+        ends: dict[str, list[float]] = defaultdict(list)  # node -> its writes' ends, ascending
+        done: dict[str, list[Op]] = defaultdict(list)
+        last: Anomaly | None = None
+        for w in writes:
+            b_op = None  # the latest write another node completed before `w` was invoked
+            for node, times in ends.items():
+                i = bisect.bisect_left(times, w.invoke) - 1
+                if node != w.node and i >= 0 and (b_op is None or times[i] > b_op.end):
+                    b_op = done[node][i]
+            if b_op is not None:
+                mine = ends[w.node]
+                i = bisect.bisect_left(mine, b_op.invoke) - 1
+                a_op = done[w.node][i] if i >= 0 else None
+                if a_op is not None and w.invoke - a_op.end <= window:
+                    if last is not None and a_op.end <= last.window[1]:
+                        last.window = (last.window[0], w.end)  # the same moment, longer
+                    else:
+                        last = Anomaly("two-masters", w.key, [a_op.id, b_op.id, w.id],
+                                       f"slot {slot}: {w.node} acknowledged {a_op}, then "
+                                       f"{b_op.node} {b_op}, then {w.node} again {w}",
+                                       window=(a_op.end, w.end))
+                        out.append(last)
+            ends[w.node].append(w.end)
+            done[w.node].append(w)
+    return out
 
 
 def _names(ops: Iterable[Op]) -> list[int]:
