@@ -8,7 +8,10 @@ machine and the host's firewall plays no part. Names carry the run id, so runs n
 `close()` deletes every namespace (which deletes the veths and the bridge with them).
 
 Partitions are nft rules in a table of our own inside each host's namespace (`drop` on input
-and/or output for the other side's addresses); `heal()` deletes those tables.
+and/or output for the other side's addresses); packet loss is the same with `numgen random`
+dropping a share of the packets (nft needs no kernel module that might be missing, as netem's
+is on some kernels); latency is a tc netem qdisc on a host's interface. `heal()` deletes the
+tables and the qdiscs.
 
 Processes enter a namespace with setns(2) before exec (`enter`), and this process's own
 threads can open sockets inside one (`inside`): a socket belongs to the namespace of the thread
@@ -110,11 +113,32 @@ class Host:
     veth: str  # the end in the switch namespace
 
 
+def netem_available() -> str:
+    """Empty if tc netem works in a namespace here, else why not (one line)."""
+    if shutil.which("tc") is None:
+        return "`tc` is not installed (iproute2)"
+    probe = f"mmprobe{os.getpid()}"
+    out = run("ip", "netns", "add", probe, check=False)
+    if out.returncode != 0:
+        return f"`ip netns add` failed: {out.stderr.strip()}"
+    try:
+        run("ip", "link", "add", "p0", "type", "veth", "peer", "name", "p1", ns=probe)
+        added = run("tc", "qdisc", "add", "dev", "p0", "root", "netem", "delay", "1ms",
+                    ns=probe, check=False)
+        if added.returncode != 0:
+            return (f"tc netem does not work here ({added.stderr.strip()}: the kernel has no "
+                    "sch_netem module)")
+        return ""
+    finally:
+        run("ip", "netns", "del", probe, check=False)
+
+
 @dataclass
 class Network:
     run_id: str
     hosts: dict[str, Host] = field(default_factory=dict)
     closed: bool = False
+    delayed: set[str] = field(default_factory=set)  # hosts with a netem qdisc
 
     def __post_init__(self) -> None:
         self.switch = f"{PREFIX}{self.run_id}sw"
@@ -179,9 +203,30 @@ class Network:
             for h in g:
                 self.block(h, others)
 
+    def lossy(self, host: str, others: Iterable[str], percent: int) -> None:
+        """Drop `percent`% of the packets `host` exchanges with `others`, each way."""
+        addrs = sorted({self.hosts[o].ip for o in others if o != host})
+        s = "{ " + ", ".join(addrs) + " }"
+        chance = f"numgen random mod 100 < {percent} drop"
+        rules = [f"add table inet {NFT_TABLE}",
+                 f"add chain inet {NFT_TABLE} input {{ type filter hook input priority -10; }}",
+                 f"add chain inet {NFT_TABLE} output {{ type filter hook output priority -10; }}",
+                 f"add rule inet {NFT_TABLE} input ip saddr {s} {chance}",
+                 f"add rule inet {NFT_TABLE} output ip daddr {s} {chance}"]
+        run("nft", "-f", "-", ns=self.hosts[host].ns, input="\n".join(rules) + "\n")
+
+    def delay(self, host: str, ms: int, jitter_ms: int) -> None:
+        """Delay every packet `host` sends by `ms` +- `jitter_ms` (tc netem on its interface)."""
+        run("tc", "qdisc", "replace", "dev", "eth0", "root", "netem", "delay", f"{ms}ms",
+            f"{jitter_ms}ms", ns=self.hosts[host].ns)
+        self.delayed.add(host)
+
     def heal(self) -> None:
         for h in self.hosts.values():
             run("nft", "delete", "table", "inet", NFT_TABLE, ns=h.ns, check=False)
+        for name in sorted(self.delayed):
+            run("tc", "qdisc", "del", "dev", "eth0", "root", ns=self.hosts[name].ns, check=False)
+        self.delayed.clear()
 
     def rules(self, host: str) -> str:
         return run("nft", "list", "ruleset", ns=self.hosts[host].ns, check=False).stdout

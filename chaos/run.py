@@ -11,6 +11,7 @@ when something was found. Everything is torn down at the end, also on failure or
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -23,10 +24,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chaos import netns
+from chaos import linearizable, netns
 from chaos.history import KINDS, Anomaly, History, Report, check
 from chaos.hosts import PROXY_PORT, Deployment
-from chaos.nemesis import PARTITIONS, Fault, Nemesis
+from chaos.nemesis import MIGRATION_RATE, PARTITIONS, Fault, Nemesis
+from chaos.workload import KINDS as WORKLOADS
 from chaos.workload import Workload
 
 CLUSTER = "chaos"
@@ -42,7 +44,8 @@ class Config:
     spare: int = 0  # free nodes in the pool
     min_replicas_ack: int = 0
     threads: int = 4
-    keys: int = 8
+    keys: int = 8  # list keys live at a time, and registers
+    workload: str = "append"  # "append" | "register" | "both"
     warmup: float = 2.0  # seconds of load before the first fault
     recover_timeout: float = 60.0
     wait_sync: bool = True  # start each fault only once every replica finished syncing
@@ -80,6 +83,8 @@ class Result:
     dead: list[str]
     seconds: float
     history: History
+    verdicts: list[linearizable.Verdict] = field(default_factory=list)  # one per register
+    skipped: str = ""  # fault kinds this machine cannot make, and why
 
     def table(self) -> str:
         rows: dict[str, dict] = defaultdict(lambda: {"rounds": 0, "ok": 0, "failed": 0,
@@ -111,9 +116,24 @@ def attribute(anomaly: Anomaly, rounds: list[Round]) -> list[Round]:
     return [r for r in rounds if r.start <= hi and lo <= r.end]
 
 
+def register_anomalies(verdicts: list[linearizable.Verdict]) -> list[Anomaly]:
+    return [Anomaly("nonlinearizable", v.key, list(v.ops), v.detail, v.window)
+            for v in verdicts if v.violation]
+
+
 def run(cfg: Config) -> Result:
     say = print if cfg.log else (lambda *a, **k: None)
     netns.check_available(nft=any(f in PARTITIONS for f in cfg.faults))
+    skipped = ""
+    if "latency" in cfg.faults:
+        skipped = netns.netem_available()
+        if skipped:
+            say(f"chaos: skipping the latency fault: {skipped}", flush=True)
+            faults = tuple(f for f in cfg.faults if f != "latency")
+            if not faults:
+                raise netns.NetnsUnavailable(f"no fault left to run: {skipped}")
+            cfg = dataclasses.replace(cfg, faults=faults)
+            skipped = f"latency ({skipped})"
     run_id = uuid.uuid4().hex[:6]
     workdir = cfg.workdir or Path(f"/tmp/moonmesh-chaos-{run_id}")
     rng = random.Random(cfg.seed)
@@ -124,7 +144,8 @@ def run(cfg: Config) -> Result:
     rounds: list[Round] = []
     unread: list[str] = []
     dead: list[str] = []
-    dep = Deployment(run_id, nodes, workdir=workdir)
+    dep = Deployment(run_id, nodes, workdir=workdir,
+                     proxy_args=("--migration-rate", str(MIGRATION_RATE)))
     workload: Workload | None = None
     nemesis = Nemesis(dep, CLUSTER, rng)
     try:
@@ -139,7 +160,8 @@ def run(cfg: Config) -> Result:
         say(f"chaos: {nodes} nodes, {cfg.shards} shards x {cfg.replicas} replicas, 3 etcd "
             f"members, up in {time.monotonic() - t0:.1f}s", flush=True)
         workload = Workload(history, dep.client.ns, seeds, f"c{run_id}", rng.randrange(1 << 30),
-                            threads=cfg.threads, keys=cfg.keys).start()
+                            threads=cfg.threads, keys=cfg.keys, kind=cfg.workload).start()
+        nemesis.keys = workload.in_use
         wait_ops(dep, workload, 0, cfg.warmup + 20, min_ok=50)
         if cfg.wait_sync:
             dep.wait("every replica in sync with its master", lambda: replicas_synced(dep), 60)
@@ -190,12 +212,14 @@ def run(cfg: Config) -> Result:
     if errors:
         raise RuntimeError(f"a client thread crashed: {errors[0]!r}") from errors[0]
     report = check(history)
+    verdicts = linearizable.check(history.ops)
+    report.anomalies.extend(register_anomalies(verdicts))
     for a in report.anomalies:
         blamed = attribute(a, rounds)
         if len(blamed) == 1:  # else it is counted apart, as spanning several rounds
             blamed[0].anomalies.append(a)
     result = Result(cfg, run_id, workdir, rounds, report, unread, dead, time.monotonic() - t0,
-                    history)
+                    history, verdicts, skipped)
     history.save(workdir / "history.jsonl")
     with open(workdir / "rounds.jsonl", "w") as f:
         for r in rounds:
@@ -219,7 +243,13 @@ def run(cfg: Config) -> Result:
 def summary(result: Result) -> str:
     r = result.report
     lines = [f"chaos: seed {result.config.seed}, {len(result.rounds)} rounds in "
-             f"{result.seconds:.0f}s; {r.summary()}", result.table()]
+             f"{result.seconds:.0f}s; {r.summary()}"]
+    if result.verdicts:
+        outcomes = Counter(v.outcome for v in result.verdicts)
+        registers = [op for op in result.history.ops if op.f in linearizable.REGISTER_OPS]
+        lines.append(f"registers: {len(registers)} operations on {len(result.verdicts)} keys, "
+                     + ", ".join(f"{n} {o}" for o, n in sorted(outcomes.items())))
+    lines.append(result.table())
     errors = Counter(f"{op.status}: {re.sub(r'[0-9.]+:[0-9]+: ', '', op.error)[:70]}"
                      for op in result.history.ops if op.status in ("fail", "unknown"))
     if errors:
@@ -238,7 +268,9 @@ def summary(result: Result) -> str:
         lines.append(f"keys never read at the end: {len(result.unread)}")
     if result.dead:
         lines.append(f"processes found dead at the end: {', '.join(result.dead)}")
-    for kind in KINDS:
+    if result.skipped:
+        lines.append(f"not run here: {result.skipped}")
+    for kind in (*KINDS, *linearizable.KINDS):
         found = r.of(kind)
         if found:
             lines.append(f"{kind}: {len(found)}, e.g. {found[0]}")
@@ -249,7 +281,8 @@ def summary(result: Result) -> str:
                  f"{','.join(c.faults)} --shards {c.shards} --replicas {c.replicas} --spare "
                  f"{c.spare}" + (f" --min-replicas-ack {c.min_replicas_ack}"
                                  if c.min_replicas_ack else "")
-                 + ("" if c.wait_sync else " --no-wait-sync"))
+                 + ("" if c.wait_sync else " --no-wait-sync")
+                 + ("" if c.workload == "append" else f" --workload {c.workload}"))
     return "\n".join(line for line in lines if line)
 
 
@@ -326,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-replicas-ack", type=int, default=0)
     p.add_argument("--no-wait-sync", dest="wait_sync", action="store_false",
                    help="start faults without waiting for replicas to finish their sync")
+    p.add_argument("--workload", choices=WORKLOADS, default="append",
+                   help="list-append (default), registers checked for linearizability, or "
+                        "both on distinct keys")
     p.add_argument("--time-limit", type=float, default=1800)
     p.add_argument("--keep", action="store_true", help="keep the directory even if all is well")
     p.add_argument("--cleanup", action="store_true",
@@ -343,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
     cfg = Config(seed=seed, rounds=args.rounds, faults=faults, shards=args.shards,
                  replicas=args.replicas, spare=args.spare, min_replicas_ack=args.min_replicas_ack,
-                 time_limit=args.time_limit, keep=args.keep, wait_sync=args.wait_sync)
+                 time_limit=args.time_limit, keep=args.keep, wait_sync=args.wait_sync,
+                 workload=args.workload)
     try:
         result = run(cfg)
     except netns.NetnsUnavailable as exc:

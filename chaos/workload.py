@@ -1,4 +1,9 @@
-"""The client host's load: list-append operations through the proxies, every one recorded.
+"""The client host's load: list-append and register operations through the proxies, every one
+recorded.
+
+List-append (chaos/history.py checks it): RPUSH of unique values, LRANGE, DEL of retired keys.
+Registers (chaos/linearizable.py checks them): SET of unique values and GET on a fixed set of
+keys. With `kind="both"` half the client threads run each, on distinct keys.
 
 A small Redis Cluster client of its own (not redis-py's, which retries writes after timeouts
 and would make the history lie): one command per operation on the slot owner's proxy;
@@ -58,6 +63,21 @@ class Conn:
                 raise ConnectionError("connection closed")
             self.reader.feed(data)
 
+    def pipeline(self, commands: list[tuple[str | bytes, ...]]) -> list:
+        """Send every command at once, then read their replies in order."""
+        self.sock.sendall(b"".join(encode(*c) for c in commands))
+        replies: list = []
+        while len(replies) < len(commands):
+            reply = self.reader.gets()
+            if reply is not False:
+                replies.append(reply)
+                continue
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("connection closed")
+            self.reader.feed(data)
+        return replies
+
     def close(self) -> None:
         try:
             self.sock.close()
@@ -73,6 +93,7 @@ class ClusterClient:
         self.slots: list[str | None] = [None] * 16384
         self.conns: dict[str, Conn] = {}
         self.stale = True
+        self.last_addr = ""  # the node that gave the last reply
 
     def conn(self, addr: str) -> Conn:
         c = self.conns.get(addr)
@@ -128,6 +149,7 @@ class ClusterClient:
                 self.stale = True
                 raise Indefinite(f"{addr}: {type(exc).__name__} {exc}") from None
             if not isinstance(reply, hiredis.ReplyError):
+                self.last_addr = addr
                 return reply
             msg = str(reply)
             if msg.startswith("MOVED "):
@@ -149,18 +171,27 @@ class ClusterClient:
             self.drop(addr)
 
 
+KINDS = ("append", "register", "both")
+
+
 class Workload:
-    """`threads` clients appending to and reading a few live keys; now and then one key is
-    retired with DEL (no append is started on it afterwards) and read again later."""
+    """`threads` clients. List-append ones append to and read a few live keys; now and then
+    one key is retired with DEL (no append is started on it afterwards) and read again later.
+    Register ones SET and GET `keys` registers."""
 
     def __init__(self, history: History, ns: str, seeds: list[str], tag: str, seed: int,
-                 threads: int = 4, keys: int = 8, pace: float = 0.01) -> None:
+                 threads: int = 4, keys: int = 8, pace: float = 0.01,
+                 kind: str = "append") -> None:
+        if kind not in KINDS:
+            raise ValueError(f"workload {kind!r} is none of {KINDS}")
         self.history, self.ns, self.seeds, self.tag = history, ns, seeds, tag
         self.rng = random.Random(seed)
-        self.threads_n, self.pace = threads, pace
+        self.threads_n, self.pace, self.kind = threads, pace, kind
         self.lock = threading.Lock()
         self.next_key = 0
-        self.live: list[str] = [self._new_key() for _ in range(keys)]
+        lists, registers = kind in ("append", "both"), kind in ("register", "both")
+        self.live: list[str] = [self._new_key() for _ in range(keys)] if lists else []
+        self.registers: list[str] = [f"{tag}:r{i}" for i in range(keys)] if registers else []
         self.retired: list[str] = []
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
@@ -172,11 +203,18 @@ class Workload:
 
     def keys(self) -> list[str]:
         with self.lock:
-            return self.live + self.retired
+            return self.live + self.retired + self.registers
+
+    def in_use(self) -> list[str]:
+        """The keys clients write now (live lists and the registers)."""
+        with self.lock:
+            return self.live + self.registers
 
     def start(self) -> Workload:
         for p in range(self.threads_n):
-            t = threading.Thread(target=self._thread, args=(p, self.rng.randrange(1 << 30)),
+            registers = self.kind == "register" or (self.kind == "both" and p % 2 == 1)
+            target = self._register_thread if registers else self._thread
+            t = threading.Thread(target=target, args=(p, self.rng.randrange(1 << 30)),
                                  name=f"chaos-client-{p}", daemon=True)
             self.threads.append(t)
             t.start()
@@ -214,6 +252,26 @@ class Workload:
         except BaseException as exc:  # noqa: BLE001 - reported by the runner
             self.errors.append(exc)
 
+    def _register_thread(self, process: int, seed: int) -> None:
+        try:
+            netns.setns(self.ns)  # this thread only, for good
+            rng = random.Random(seed)
+            client = ClusterClient(self.seeds)
+            counter = 0
+            while not self.stop.is_set():
+                key = rng.choice(self.registers)
+                if rng.random() < 0.5:
+                    counter += 1
+                    op = self.history.invoke(process, "set", key, f"{process}.{counter}")
+                else:
+                    op = self.history.invoke(process, "get", key)
+                if not self.run_op(client, op):
+                    time.sleep(0.05)  # pacing after a failure: no hot loop on a dead node
+                time.sleep(self.pace)
+            client.close()
+        except BaseException as exc:  # noqa: BLE001 - reported by the runner
+            self.errors.append(exc)
+
     def run_op(self, client: ClusterClient, op: Op) -> bool:
         try:
             if op.f == "append":
@@ -221,6 +279,12 @@ class Workload:
             elif op.f == "read":
                 reply = client.call(op.key, "LRANGE", op.key, "0", "-1")
                 reply = [v.decode() for v in reply]
+            elif op.f == "set":
+                reply = client.call(op.key, "SET", op.key, op.value)  # type: ignore[arg-type]
+                reply = reply.decode() if isinstance(reply, bytes) else reply
+            elif op.f == "get":
+                reply = client.call(op.key, "GET", op.key)
+                reply = reply.decode() if isinstance(reply, bytes) else reply
             else:
                 reply = client.call(op.key, "DEL", op.key)
         except Definite as exc:
@@ -229,7 +293,7 @@ class Workload:
         except Indefinite as exc:
             self.history.unknown(op, str(exc))
             return False
-        self.history.ok(op, reply)
+        self.history.ok(op, reply, client.last_addr)
         return True
 
     def halt(self) -> None:
@@ -253,8 +317,9 @@ class Workload:
             client = ClusterClient(self.seeds)
             deadline = time.monotonic() + timeout
             for key in self.keys():
+                f = "get" if key in self.registers else "read"
                 while True:
-                    op = self.history.invoke(999, "read", key)
+                    op = self.history.invoke(999, f, key)
                     if self.run_op(client, op):
                         break
                     if time.monotonic() > deadline:
