@@ -16,10 +16,12 @@ On the target, a multi-key command after ASKING runs only when all its keys are 
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Protocol
 
 import anyio
@@ -31,8 +33,9 @@ from core import secret
 from core.address import Address
 from core.slots import key_slot
 
-from .admission import TRYAGAIN
+from .admission import DISPATCH, TRYAGAIN
 from .backend import BackendConnection, BackendPool, Pending, keep_connected, request, request_many
+from .replies import SyncedWrite
 from .resp import encode_command
 from .routing import MigratingSlots, RoutingTable
 
@@ -44,6 +47,14 @@ MOVE_BATCH = 128  # keys per DUMP/RESTORE/UNLINK round
 DEFAULT_KEYS_PER_SECOND = 20_000  # the mover's rate limit (mesh-proxy --migration-rate)
 MOVE_RETRY_WAIT = 0.5  # after a failed batch (the target unreachable, say)
 GATE_DRAIN_TIMEOUT = 5.0  # an ended migration waits this long for gated commands in flight
+# a command whose keys are missing on a source whose start barrier has not passed waits this
+# long for it (they may be at the target), then gets TRYAGAIN
+GATE_BARRIER_WAIT = 5.0
+# WAIT's timeout for the replicas of either side to confirm a batch's journal, copies or UNLINK
+MOVE_ACK_TIMEOUT_MS = 1000
+MOVE_ACK_ATTEMPTS = 5  # WAITs for the UNLINK before the batch is retried (its keys stay held)
+JOURNAL_DB = b"1"  # the source's journal lives here: no client can SELECT it
+MARK_TTL_MS = 600_000
 
 
 @dataclass
@@ -79,19 +90,51 @@ class Client(Protocol):
     def replies_arrived(self) -> None: ...
 
 
+class Checked(Enum):
+    """What the gate does with a command once it knows how many of its keys are here."""
+
+    RUN = "run"  # all here: run it here
+    FORWARD = "forward"  # none here, on the source: the target has them (or nobody)
+    WAIT = "wait"  # none here, on a source whose barrier has not passed: wait for it
+    TRYAGAIN = "tryagain"  # split between the two sides
+
+
+def after_check(present: int, keys: int, source: bool, ready: bool) -> Checked:
+    """The gate's decision for a command with `present` of its `keys` here."""
+    if present == keys:
+        return Checked.RUN
+    if present == 0 and source:
+        return Checked.FORWARD if ready else Checked.WAIT
+    return Checked.TRYAGAIN
+
+
+def is_write(argv: list[bytes]) -> bool:
+    """Redis flags the command (or its subcommand) as a write."""
+    entry = DISPATCH.get(argv[0].upper())
+    if entry is None:
+        return False
+    spec = entry[1]
+    if spec.subcommands is not None and len(argv) > 1:
+        spec = spec.subcommands.get(argv[1].upper(), spec)
+    return "write" in spec.flags
+
+
 class _Request:
-    __slots__ = ("gate", "session", "argv", "keys", "slot", "pending", "check")
+    __slots__ = ("gate", "session", "argv", "keys", "slot", "pending", "check", "synced")
 
     def __init__(self, gate: SlotGate, session: Client, argv: list[bytes], keys: list[bytes],
                  slot: int, pending: Pending) -> None:
         self.gate, self.session, self.argv, self.keys = gate, session, argv, keys
         self.slot, self.pending = slot, pending
-        self.check = Pending()
+        self.check: Pending | None = Pending()
+        self.synced: SyncedWrite | None = None  # synchronous mode: the write and its WAIT
 
     def replies_arrived(self) -> None:  # the backend answered the EXISTS, or ran the command
         if self.check is not None:
             self.gate._checked(self)
         else:
+            if self.synced is not None:
+                self.pending.data = self.synced.data
             self.gate._finished(self)
 
 
@@ -99,7 +142,9 @@ class SlotGate:
     """Check-then-run for the keys of one migration, ordered against the mover.
 
     `conns` reach the local backend and `forwards` the target proxy, one per RESP version so a
-    client gets replies in its own protocol.
+    client gets replies in its own protocol. On the source, nothing runs until the mover has
+    read the journal (`load`): the keys in it may have a copy at the target and stay held
+    until the mover settles them.
     """
 
     def __init__(self, marker: MigratingSlots, conns: dict[bool, BackendConnection],
@@ -110,7 +155,12 @@ class SlotGate:
         self.moving: set[bytes] = set()
         self.busy: Counter[bytes] = Counter()
         self.waiting: list[_Request] = []
+        self.unready: list[_Request] = []  # keys missing here, before the barrier passed
         self.quiet = anyio.Event()  # set when a busy key is released
+        self.ready = anyio.Event()  # the barrier passed: forward, move
+        if marker.ready:
+            self.ready.set()
+        self.loaded = not marker.source  # the journal was read (the target has none)
         self.closed = False
 
     def submit(self, session: Client, argv: list[bytes], keys: list[bytes], slot: int,
@@ -118,12 +168,29 @@ class SlotGate:
         req = _Request(self, session, argv, keys, slot, pending)
         if self.closed:
             self._answer(req, TRYAGAIN)
-        elif self.moving.intersection(keys):
+        elif not self.loaded or self.moving.intersection(keys):
             self.waiting.append(req)
         else:
             self._start(req)
 
+    def update(self, marker: MigratingSlots) -> None:
+        """A new table with the same migration, peer and side: replica counts, readiness."""
+        self.marker = marker
+        if marker.ready and not self.ready.is_set():
+            self.ready.set()
+            unready, self.unready = self.unready, []
+            for req in unready:
+                self._start(req)
+
+    def load(self, journal: list[bytes]) -> None:
+        """The mover read the journal: hold its keys (they may be at the target too) and
+        let the other commands run."""
+        self.moving.update(journal)
+        self.loaded = True
+        self.release([])
+
     def _start(self, req: _Request) -> None:
+        req.check = Pending()
         for k in req.keys:
             self.busy[k] += 1
         self.conns[req.session.resp3].queue(encode_command([b"EXISTS", *req.keys]), req.check, req)
@@ -131,36 +198,55 @@ class SlotGate:
             self._checked(req)
 
     def _checked(self, req: _Request) -> None:
-        reply = req.check.data
-        req.check = None  # type: ignore[assignment]  # None marks the check answered
+        reply = req.check.data if req.check is not None else None
+        req.check = None  # None marks the check answered
         if reply is None or reply[:1] != b":":  # the check failed: the command did not run
             self._finish(req, TRYAGAIN)
             return
-        present = int(reply[1:-2])
         resp3 = req.session.resp3
-        if present == len(req.keys):
-            self.conns[resp3].queue(encode_command(req.argv), req.pending, req)
+        marker = self.marker
+        decision = after_check(int(reply[1:-2]), len(req.keys), marker.source, marker.ready)
+        if decision is Checked.RUN:
+            conn = self.conns[resp3]
+            if marker.min_replicas_ack and is_write(req.argv):
+                req.synced = SyncedWrite(req, encode_command(req.argv), marker.min_replicas_ack,
+                                         marker.ack_timeout_ms)
+                req.synced.queue_on(conn)  # calls back once WAIT answered
+                return
+            conn.queue(encode_command(req.argv), req.pending, req)
             if req.pending.data is not None:
                 self._finished(req)
-        elif present == 0 and self.marker.source:
+        elif decision is Checked.FORWARD:
             forward = self.forwards[resp3]
             forward.queue(_ASKING, Pending(), None)
             forward.queue(encode_command(req.argv), req.pending, req)
             if req.pending.data is not None:
                 self._finished(req)
+        elif decision is Checked.WAIT:
+            self._unbusy(req)
+            self.unready.append(req)
+            asyncio.get_running_loop().call_later(GATE_BARRIER_WAIT, self._barrier_late, req)
         else:
             self._finish(req, TRYAGAIN)
+
+    def _barrier_late(self, req: _Request) -> None:
+        if req in self.unready:
+            self.unready.remove(req)
+            self._answer(req, TRYAGAIN)
 
     def _finish(self, req: _Request, reply: bytes) -> None:
         req.pending.data = reply
         self._finished(req)
 
-    def _finished(self, req: _Request) -> None:
+    def _unbusy(self, req: _Request) -> None:
         for k in req.keys:
             self.busy[k] -= 1
             if not self.busy[k]:
                 del self.busy[k]
         self.quiet.set()
+
+    def _finished(self, req: _Request) -> None:
+        self._unbusy(req)
         req.session.replies_arrived()
 
     def _answer(self, req: _Request, reply: bytes) -> None:
@@ -177,6 +263,8 @@ class SlotGate:
 
     def release(self, keys: list[bytes]) -> None:
         self.moving.difference_update(keys)
+        if not self.loaded:
+            return
         ready = [r for r in self.waiting if not self.moving.intersection(r.keys)]
         self.waiting = [r for r in self.waiting if self.moving.intersection(r.keys)]
         for req in ready:
@@ -185,9 +273,10 @@ class SlotGate:
     def close(self) -> None:
         """The migration ended: waiting commands get TRYAGAIN (their slot has a new home)."""
         self.closed = True
-        for req in self.waiting:
+        for req in self.waiting + self.unready:
             self._answer(req, TRYAGAIN)
         self.waiting.clear()
+        self.unready.clear()
 
 
 def _parse(raw: bytes) -> object:
@@ -196,12 +285,84 @@ def _parse(raw: bytes) -> object:
     return reader.gets()
 
 
+def journal_key(migration_id: str) -> bytes:
+    """The set, in the source's JOURNAL_DB, of the keys that may have a copy at the target
+    that the source has not settled yet (copied, not yet unlinked here or undone there)."""
+    return b"moonmesh:moving:" + migration_id.encode()
+
+
+def mark_key(migration_id: str) -> bytes:
+    """Written in each batch's transaction, so a WAIT on the mover's connection has a write
+    of its own to wait for (the UNLINK it confirms may be an earlier connection's)."""
+    return b"moonmesh:moved:" + migration_id.encode()
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPlan:
+    """What one batch does, from the DUMP and PEXPIRETIME replies of its keys."""
+
+    present: tuple[bytes, ...]  # copied to the target, then unlinked here
+    restore: tuple[tuple[bytes, ...], ...]  # ASKING + RESTORE, for the target proxy
+    size: int  # bytes of the copies
+
+
+def plan_batch(keys: list[bytes], dumps: list[bytes]) -> BatchPlan:
+    """`dumps`: the DUMP and PEXPIRETIME replies of `keys`, in turn."""
+    restore: list[tuple[bytes, ...]] = []
+    present: list[bytes] = []
+    size = 0
+    for i, key in enumerate(keys):
+        payload, expires = _parse(dumps[2 * i]), _parse(dumps[2 * i + 1])
+        if not isinstance(payload, bytes) or not isinstance(expires, int) or expires == -2:
+            continue  # gone (deleted or expired): nothing to copy
+        cmd: tuple[bytes, ...] = (b"RESTORE", key, b"%d" % max(expires, 0), payload, b"REPLACE")
+        if expires > 0:
+            cmd += (b"ABSTTL",)
+        restore += [(b"ASKING",), cmd]
+        present.append(key)
+        size += len(payload)
+    return BatchPlan(tuple(present), tuple(restore), size)
+
+
+def confirmed(reply: bytes, replicas: int) -> bool:
+    """WAIT's raw reply says `replicas` replicas have this connection's writes."""
+    return reply[:1] == b":" and int(reply[1:-2]) >= replicas
+
+
+async def _acked(conn: BackendConnection, replicas: int) -> bool:
+    """The writes sent on `conn` reached `replicas` replicas within MOVE_ACK_TIMEOUT_MS."""
+    if replicas <= 0:
+        return True
+    reply = await request(conn, [b"WAIT", b"%d" % replicas, b"%d" % MOVE_ACK_TIMEOUT_MS])
+    return confirmed(reply, replicas)
+
+
+async def read_journal(backend: BackendConnection, migration_id: str) -> list[bytes]:
+    replies = await request_many(backend, [[b"SELECT", JOURNAL_DB],
+                                           [b"SMEMBERS", journal_key(migration_id)],
+                                           [b"SELECT", b"0"]])
+    members = _parse(replies[1])
+    if not isinstance(members, list):
+        raise OSError(f"reading the migration journal failed: {replies[1]!r}")
+    return sorted(members)
+
+
 async def run_mover(gate: SlotGate, mask: bytearray, backend: BackendConnection,
                     target: BackendConnection, progress: MigrationProgress,
                     keys_per_second: int = DEFAULT_KEYS_PER_SECOND) -> None:
     """Move every key of the migration's slots from the backend to the target proxy, then
-    keep reporting done until cancelled (the commit removes the migration)."""
-    log_ = log.bind(migration=gate.marker.migration_id)
+    keep reporting done until cancelled (the commit removes the migration).
+
+    First the keys left unsettled (in the journal, or held after a failed batch) are held,
+    and, once the barrier has passed, settled."""
+    mid = gate.marker.migration_id
+    log_ = log.bind(migration=mid)
+    unsettled = sorted(set(await read_journal(backend, mid)) | gate.moving)
+    gate.load(unsettled)
+    await gate.ready.wait()
+    if unsettled:
+        log_.info("migration_settling", keys=len(unsettled))
+        await _move_batch(gate, unsettled, backend, target, progress)
     interval = MOVE_BATCH / keys_per_second if keys_per_second > 0 else 0.0
     if progress.total_keys < 0:  # count first, so progress has a total and an ETA
         total, cursor = 0, b"0"
@@ -240,36 +401,78 @@ async def run_mover(gate: SlotGate, mask: bytearray, backend: BackendConnection,
 
 async def _move_batch(gate: SlotGate, keys: list[bytes], backend: BackendConnection,
                       target: BackendConnection, progress: MigrationProgress) -> None:
+    """Move `keys` (held meanwhile): journal them here (replicated), copy them to the target
+    (replicated), then unlink them here and clear them from the journal in one transaction
+    (replicated) before any client is sent to the target for them.
+
+    A key's copy at the target is never seen while the source still serves the key: until
+    the batch is settled the keys stay held. A failure before anything was copied releases
+    them; a failure after the copy tries to undo it at the target, and if that cannot be
+    confirmed either, the keys stay held (and journaled) until a later attempt settles them.
+    """
+    mid = gate.marker.migration_id
+    journal = journal_key(mid)
     await gate.hold(keys)
+    settled = True  # whatever the target has of these keys, nobody can read it there
     try:
         dumps = await request_many(backend, [c for k in keys
                                              for c in ([b"DUMP", k], [b"PEXPIRETIME", k])])
-        restore: list[list[bytes]] = []
-        moved: list[bytes] = []
-        size = 0
-        for i, key in enumerate(keys):
-            payload, expires = _parse(dumps[2 * i]), _parse(dumps[2 * i + 1])
-            if not isinstance(payload, bytes) or not isinstance(expires, int) or expires == -2:
-                continue  # gone meanwhile (deleted or expired): nothing to move
-            cmd = [b"RESTORE", key, b"%d" % max(expires, 0), payload, b"REPLACE"]
-            if expires > 0:
-                cmd.append(b"ABSTTL")
-            restore += [[b"ASKING"], cmd]
-            moved.append(key)
-            size += len(payload)
-        if moved:
-            replies = await request_many(target, restore)
+        plan = plan_batch(keys, dumps)
+        present = list(plan.present)
+        if present:
+            written = await request_many(backend, [[b"SELECT", JOURNAL_DB],
+                                                   [b"SADD", journal, *present],
+                                                   [b"SELECT", b"0"]])
+            if written[1][:1] != b":":
+                raise OSError(f"journal write failed: {written[1]!r}")
+            if not await _acked(backend, gate.marker.replicas):
+                raise OSError("the journal did not reach this shard's replicas in time")
+            settled = False
+            replies = await request_many(target, [list(c) for c in plan.restore])
             failed = [r for r in replies[1::2] if r != b"+OK\r\n"]
-            if failed:
-                raise OSError(f"RESTORE at {gate.marker.peer} failed: {failed[0]!r}")
-            deleted = await request(backend, [b"UNLINK", *moved])
-            if deleted[:1] != b":":
-                raise OSError(f"UNLINK failed: {deleted!r}")
-            progress.moved_keys += len(moved)
-            progress.moved_bytes += size
+            if failed or not await _acked(target, gate.marker.peer_replicas):
+                settled = await _undo(gate, present, backend, target)
+                raise OSError(f"RESTORE at {gate.marker.peer} failed: "
+                              f"{failed[0] if failed else b'not replicated in time'!r}")
+        txn = [[b"MULTI"], *([[b"UNLINK", *present]] if present else []),
+               [b"SELECT", JOURNAL_DB], [b"SREM", journal, *keys],
+               [b"SET", mark_key(mid), b"%d" % progress.moved_keys, b"PX", b"%d" % MARK_TTL_MS],
+               [b"SELECT", b"0"], [b"EXEC"]]
+        settled = False
+        done = await request_many(backend, txn)
+        if done[-1][:1] != b"*":
+            raise OSError(f"UNLINK failed: {done[-1]!r}")
+        # the copies are the live ones now: a promoted replica must not serve the old ones
+        for _ in range(MOVE_ACK_ATTEMPTS):
+            if await _acked(backend, gate.marker.replicas):
+                settled = True
+                break
+            log.warning("migration_unlink_unconfirmed", migration=mid, keys=len(keys))
+        if not settled:
+            raise OSError("the UNLINK did not reach this shard's replicas in time")
+        progress.moved_keys += len(present)
+        progress.moved_bytes += plan.size
         progress.error = ""
     finally:
-        gate.release(keys)
+        if settled:
+            gate.release(keys)
+
+
+async def _undo(gate: SlotGate, keys: list[bytes], backend: BackendConnection,
+                target: BackendConnection) -> bool:
+    """A copy failed part-way: delete what the target may have of `keys` and clear them
+    from the journal. True once the target's deletion is confirmed (its replicas too)."""
+    try:
+        deleted = await request_many(target, [c for k in keys for c in ([b"ASKING"], [b"DEL", k])])
+        if any(r[:1] != b":" for r in deleted[1::2]) \
+                or not await _acked(target, gate.marker.peer_replicas):
+            return False
+        await request_many(backend, [[b"SELECT", JOURNAL_DB],
+                                     [b"SREM", journal_key(gate.marker.migration_id), *keys],
+                                     [b"SELECT", b"0"]])
+    except OSError:
+        return False
+    return True
 
 
 class Migrations:
@@ -286,6 +489,9 @@ class Migrations:
         self.gates: dict[str, SlotGate] = {}
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._progress: dict[str, MigrationProgress] = {}
+        # set when a migration's last gate has let go of its connections: the next mover of
+        # the same migration reads the journal only after the last one's writes
+        self._stopped: dict[str, anyio.Event] = {}
         self._tg: TaskGroup | None = None
 
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
@@ -307,9 +513,11 @@ class Migrations:
         running = table.migrations()
         for mid, (marker, mask) in running.items():
             gate = self.gates.get(mid)
-            if gate is not None and gate.marker.source == marker.source:
+            if gate is not None and gate.marker.source == marker.source \
+                    and gate.marker.peer == marker.peer:
+                gate.update(marker)
                 continue
-            if gate is not None:
+            if gate is not None:  # the other side failed over, or this node changed sides
                 self._end(mid)
             conns = {resp3: self.pool.dedicated(resp3) for resp3 in (False, True)}
             forwards = {resp3: self._peer_connection(marker.peer, resp3) for resp3 in (False, True)}
@@ -338,6 +546,8 @@ class Migrations:
     async def _run(self, gate: SlotGate, mask: bytearray) -> None:
         mid = gate.marker.migration_id
         links = [*gate.conns.values(), *gate.forwards.values()]
+        previous = self._stopped.get(mid)
+        stopped = self._stopped[mid] = anyio.Event()
         with anyio.CancelScope() as scope:
             self._scopes[mid] = scope
             try:
@@ -345,6 +555,8 @@ class Migrations:
                     for link in links:  # closed below, once commands in flight are answered
                         tg.start_soon(keep_connected, link, False)
                     if gate.marker.source:
+                        if previous is not None:
+                            await previous.wait()
                         await self._move_keys(gate, mask)
             finally:
                 with anyio.move_on_after(GATE_DRAIN_TIMEOUT, shield=True):
@@ -352,16 +564,23 @@ class Migrations:
                         await anyio.sleep(0.01)
                 for link in links:
                     link.close()
+                stopped.set()
+                if self._stopped.get(mid) is stopped:
+                    del self._stopped[mid]
 
     async def _move_keys(self, gate: SlotGate, mask: bytearray) -> None:
         mid = gate.marker.migration_id
         progress = self._progress.setdefault(mid, MigrationProgress(mid))
         while True:
-            backend = self.pool.dedicated(False)
+            # the default user: the journal is in a database clients cannot select
+            backend = BackendConnection(self.pool.host, self.pool.port, False, self.pool.password)
             target = self._peer_connection(gate.marker.peer, False)
             try:
                 await backend.connect()
                 await target.connect()
+                # a command of a client's own (WAIT) gives this connection its own Redis
+                # connection at the target, so the WAIT after the RESTOREs waits for them
+                await request(target, [b"WAIT", b"0", b"0"])
                 await run_mover(gate, mask, backend, target, progress, self.keys_per_second)
             except OSError as exc:
                 progress.error = str(exc)

@@ -55,11 +55,21 @@ class MigratingSlots:
     On the source, a key still present is served here and a missing one is forwarded to
     `peer` (proxy/migration.py); on the target, a command is served after ASKING and
     redirected to `peer` (the source, still the owner) without it.
+
+    The source gates the slots from the first moment it serves them (after a restart, a
+    promotion or a cancel too: keys may be at the peer already). Until `ready` (the start
+    barrier: the peer applied the view) it forwards nothing and moves nothing: a command
+    whose keys are missing here waits for the barrier.
     """
 
     migration_id: str
     source: bool
     peer: str  # the other side's proxy address
+    ready: bool = True  # source: the barrier passed (missing keys go to `peer`; keys move)
+    replicas: int = 0  # live replicas of this node's shard: the mover WAITs for them
+    peer_replicas: int = 0  # live replicas of the peer's shard: WAITed for after RESTORE
+    min_replicas_ack: int = 0  # synchronous mode: a gated write WAITs for this many
+    ack_timeout_ms: int = 1000
 
     def moved(self, slot: int) -> bytes:
         """The target's answer without ASKING: the slot is still the source's."""
@@ -148,19 +158,26 @@ def format_ranges(ranges: tuple[SlotRange, ...]) -> list[str]:
     return [format_range(r) for r in ranges]
 
 
+def live_replicas(view: ClusterView, shard_id: str) -> int:
+    """How many replicas of `shard_id` are not marked failed: what a WAIT there waits for."""
+    shard = next(s for s in view.shards if s.id == shard_id)
+    return sum(1 for r in shard.replicas if r not in view.failed)
+
+
 def table_from_view(view: ClusterView, me: str,
                     active: frozenset[str] | None = None) -> RoutingTable:
     """Build the table node `me` serves from a validated cluster view.
 
     A shard's slots are served by its master's proxy; a replica's proxy redirects to it.
-    Running migrations mark their slots on the source's and the target's master; the source
-    side only once its id is in `active` (the target has applied the view: the barrier),
-    until then the source serves the slots as before. None: all are active.
+    Running migrations mark their slots on the source's and the target's master. The source
+    gates them at once; it forwards and moves only once the migration's id is in `active`
+    (the target has applied the view: the barrier). None: all are active.
     """
     routes: list[bytes | MigratingSlots | None] = [SLOT_NOT_SERVED] * SLOT_COUNT
     nodes: list[NodeInfo] = []
     readable = bytearray(SLOT_COUNT)
     masters = {s.id: s.master for s in view.shards}
+    replicas = {s.id: live_replicas(view, s.id) for s in view.shards}
     for shard in view.shards:
         master_proxy = view.address_of(shard.master).proxy
         master_id = node_id(view.cluster, shard.master)
@@ -181,10 +198,20 @@ def table_from_view(view: ClusterView, me: str,
         if m.state is not MigrationState.MIGRATING:
             continue
         source, target = masters[m.source], masters[m.target]
-        if me == source and (active is None or m.id in active):
-            marker = MigratingSlots(m.id, True, view.address_of(target).proxy)
+        config = view.config
+        if me == source:
+            marker = MigratingSlots(m.id, True, view.address_of(target).proxy,
+                                    ready=active is None or m.id in active,
+                                    replicas=replicas[m.source],
+                                    peer_replicas=replicas[m.target],
+                                    min_replicas_ack=config.min_replicas_ack,
+                                    ack_timeout_ms=config.ack_timeout_ms)
         elif me == target:
-            marker = MigratingSlots(m.id, False, view.address_of(source).proxy)
+            marker = MigratingSlots(m.id, False, view.address_of(source).proxy,
+                                    replicas=replicas[m.target],
+                                    peer_replicas=replicas[m.source],
+                                    min_replicas_ack=config.min_replicas_ack,
+                                    ack_timeout_ms=config.ack_timeout_ms)
         else:
             continue
         for start, end in m.slots:
