@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 import structlog
@@ -33,6 +33,7 @@ from proxy.control import ControlPort
 from .backend_check import BackendChecker
 from .barriers import MigrationStarts
 from .fence import FenceGuard
+from .handover import HandoverError, graceful_failover
 from .leader import lead
 from .redisctl import RedisCtl, RedisCtlError
 from .status import PeerStatuses, StatusReporter
@@ -44,6 +45,9 @@ log = structlog.get_logger("mesh.agent")
 
 LEASE_TTL = 5  # seconds; a dead node leaves the pool this long after its last keepalive
 LEAVE_TIMEOUT = 10.0  # how long a clean shutdown waits to be taken out of its cluster
+# how long a leaving master may take to hand its shard over (Redis FAILOVER tries and the
+# view commit; usually well under a second); deploy/ gives a stop this plus LEAVE_TIMEOUT
+LEAVE_HANDOVER_TIMEOUT = 20.0
 RESTART_WAIT = 1.0
 REVOKE_TIMEOUT = 2.0  # a lost incarnation revokes its lease at once: the election moves on
 DEREGISTER_TIMEOUT = 3.0
@@ -56,6 +60,8 @@ class NodeConfig:
     backend: str
     host: str = ""
     backend_password: str | None = None
+    # the mesh secret: a leaving master proves it to its own proxy for UMCTL HANDOVER
+    mesh_secret: bytes | None = field(default=None, repr=False)
 
 
 class NodeAgent:
@@ -120,7 +126,9 @@ class NodeAgent:
                         await self.repo.store.revoke(lease)
 
     async def leave(self) -> None:
-        """Clean shutdown: ask to be taken out of the cluster, wait for it, then deregister."""
+        """Clean shutdown: a master hands its shard over first, then the node asks to be taken
+        out of the cluster, waits for it, and deregisters."""
+        await self._hand_over_shard()
         self.status.set(leaving=True)
         with anyio.move_on_after(LEAVE_TIMEOUT) as scope:
             if self.views.applied is not None:
@@ -133,3 +141,27 @@ class NodeAgent:
             await self.repo.deregister(self.config.node_id)
             if self.keeper is not None:
                 await self.repo.store.revoke(self.keeper.lease_id)
+
+    async def _hand_over_shard(self) -> None:
+        """A master whose shard has a replica hands the shard over as `umctl-mesh failover`
+        does (mesh/handover.py: writes pause, the replica catches up, the roles swap, the view
+        records it), so it leaves as a replica and no write is lost or taken twice. If that
+        fails it stops taking writes before it asks to leave: the replica the leader then
+        promotes is never a second master. A master with no replica leaves as it is."""
+        view, me = self.views.applied, self.config.node_id
+        shard = view.shard_of(me) if view is not None else None
+        if view is None or shard is None or shard.master != me \
+                or all(r in view.failed for r in shard.replicas):
+            return
+        try:
+            with anyio.fail_after(LEAVE_HANDOVER_TIMEOUT):
+                new = await graceful_failover(self.repo, view.cluster, shard.id, None,
+                                              self.config.mesh_secret, master=me)
+        except (HandoverError, StoreError, TimeoutError) as exc:
+            self.control.fence()
+            self.log.warning("leave_handover_failed", cluster=view.cluster, shard=shard.id,
+                             error=str(exc) or type(exc).__name__)
+            return
+        to = next(s.master for s in new.shards if s.id == shard.id)
+        self.log.info("leave_handed_over", cluster=new.cluster, epoch=new.epoch,
+                      shard=shard.id, to=to)

@@ -3,6 +3,7 @@ agent (mesh/) drives the data path (proxy/) through its control port."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING
@@ -13,11 +14,16 @@ from anyio.abc import TaskGroup
 
 from core import logs, secret
 from core.address import Address, AddressError
+from node.config import mesh_address_problem
 from proxy.migration import DEFAULT_KEYS_PER_SECOND
 from proxy.server import ProxyServer
 
 if TYPE_CHECKING:
     from mesh.agent import NodeAgent
+
+
+EXIT_USAGE = 2  # as argparse exits on a bad flag
+BACKEND_PASSWORD_ENV = "MOONMESH_BACKEND_PASSWORD"  # kept off the command line (ps shows it)
 
 
 def parse_address(text: str) -> str:
@@ -40,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address shown to clients in redirects and CLUSTER replies "
                              "(default: --listen)")
     parser.add_argument("--backend-password", metavar="PASSWORD",
-                        help="password of the backend Redis (requirepass)")
+                        default=os.environ.get(BACKEND_PASSWORD_ENV) or None,
+                        help="password of the backend Redis (requirepass; default: "
+                             f"${BACKEND_PASSWORD_ENV})")
     parser.add_argument("--admin-password", metavar="PASSWORD",
                         help="standalone: the secret UMCTL SETCLUSTER/HANDOVER need (proven with "
                              "UMCTL CHALLENGE/PROVE); without it, anyone who reaches the proxy "
@@ -73,7 +81,7 @@ async def serve(args: argparse.Namespace, key: bytes | None) -> None:
                          args.migration_rate, key)
     async with anyio.create_task_group() as tg:
         await tg.start(server.run)
-        agent = await start_agent(tg, server, args) if args.etcd else None
+        agent = await start_agent(tg, server, args, key) if args.etcd else None
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 structlog.get_logger("proxy").info("proxy_stopping", signal=signum.name)
@@ -83,7 +91,8 @@ async def serve(args: argparse.Namespace, key: bytes | None) -> None:
                 break
 
 
-async def start_agent(tg: TaskGroup, server: ProxyServer, args: argparse.Namespace) -> NodeAgent:
+async def start_agent(tg: TaskGroup, server: ProxyServer, args: argparse.Namespace,
+                      key: bytes | None) -> NodeAgent:
     """Start the node's agent in `tg`; its etcd store closes when the task group ends."""
     from mesh.agent import NodeAgent, NodeConfig
     from mesh.store.etcd import EtcdStore
@@ -95,7 +104,7 @@ async def start_agent(tg: TaskGroup, server: ProxyServer, args: argparse.Namespa
         node_id=args.node_id or f"node-{announce.port}",
         proxy=server.announce, backend=server.backend_address,
         host=args.host_tag or announce.host,
-        backend_password=args.backend_password)
+        backend_password=args.backend_password, mesh_secret=key)
     agent = NodeAgent(store, server.control, config)
 
     async def run() -> None:
@@ -116,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logs.configure(args.log_level, args.log_json)
+    if args.etcd:
+        problem = mesh_address_problem(Address.parse(args.announce or args.listen),
+                                       Address.parse(args.backend))
+        if problem is not None:
+            parser.exit(EXIT_USAGE, f"{parser.prog}: error: {problem}\n")
     try:
         key = admin_secret(args)
     except (OSError, ValueError) as exc:

@@ -10,8 +10,6 @@ from typing import NamedTuple
 
 import anyio
 
-from core import secret
-from core.address import Address
 from core.nodes import Assignment, MigrationProgress, NodeRecord, NodeStatus
 from core.slots import SlotRange, slot_count
 from core.view import (
@@ -26,9 +24,9 @@ from core.view import (
     hash_password,
     validate,
 )
+from mesh import handover
 from mesh.model import migrations as plans
 from mesh.model.placement import PlacementError, place
-from mesh.redisctl import RedisCtl, RedisCtlError
 from mesh.store.etcd import EtcdStore
 from mesh.store.repo import MeshRepo, ViewCommit
 
@@ -304,55 +302,15 @@ async def wait_migrations(store: EtcdStore, name: str, timeout: float,
     return False
 
 
-HANDOVER_TIMEOUT_MS = 5000
-
-
 async def graceful_failover(store: EtcdStore, name: str, shard_id: str,
                             to: str | None, mesh_secret: bytes | None) -> ClusterView:
-    """Make a replica the master without losing a write: the master's Redis pauses writes and
-    waits for the replica (Redis FAILOVER, driven through the master's proxy), then the view
-    records the swap."""
-    pool = await read_pool(store)
-    if name not in pool.views:
-        raise OpError(f"unknown cluster '{name}'")
-    view, _ = pool.views[name]
-    shard = next((s for s in view.shards if s.id == shard_id), None)
-    if shard is None:
-        raise OpError(f"cluster '{name}' has no shard '{shard_id}'")
-    live = [r for r in shard.replicas if r not in view.failed and r in pool.nodes]
-    if to is not None and to not in live:
-        raise OpError(f"'{to}' is not a live replica of {shard_id} (live: {', '.join(live) or 'none'})")
-    if not live:
-        raise OpError(f"shard {shard_id} has no live replica to hand over to")
-    target = to or max(live, key=lambda r: pool.statuses[r].repl_offset
-                       if r in pool.statuses else 0)
-    backend = Address.parse(view.address_of(target).backend)
-    ctl = RedisCtl(view.address_of(shard.master).proxy)
+    """Make a replica the master without losing a write (mesh/handover.py: the master's Redis
+    pauses writes and waits for the replica, then the view records the swap)."""
     try:
-        with anyio.fail_after(60):  # the proxy retries FAILOVER for up to 6 x (5 + 2) s
-            if mesh_secret is None:
-                raise OpError(f"a graceful failover needs the mesh secret (${secret.SECRET_ENV} "
-                              "or --mesh-secret-file), the one the nodes were started with")
-            nonce = await ctl.call("UMCTL", "CHALLENGE")
-            assert isinstance(nonce, bytes), nonce
-            await ctl.call("UMCTL", "PROVE", secret.proof(mesh_secret, nonce))
-            await ctl.call("UMCTL", "HANDOVER", backend.host, backend.port,
-                           HANDOVER_TIMEOUT_MS)
-    except (RedisCtlError, TimeoutError, OSError) as exc:
-        raise OpError(f"the handover from {shard.master} to {target} failed: {exc}") from None
-    finally:
-        await ctl.aclose()
-
-    def change(pool: Pool, view: ClusterView) -> tuple[ClusterView, list[str]]:
-        shards = tuple(replace(s, master=target, replicas=tuple(
-            r for r in s.replicas if r != target) + (s.master,)) if s.id == shard_id else s
-            for s in view.shards)
-        new = view.next(shards=shards)
-        validate(new)
-        return new, []
-
-    _, new = await _edit_view(store, name, change)
-    return new
+        return await handover.graceful_failover(MeshRepo(store), name, shard_id, to,
+                                                mesh_secret)
+    except handover.HandoverError as exc:
+        raise OpError(str(exc)) from None
 
 
 async def drain_node(store: EtcdStore, node: str,
