@@ -10,6 +10,7 @@ import random
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,13 +21,13 @@ from core.slots import SLOT_COUNT, key_slot
 
 # migration faults: a range of slots holding workload keys moves between two shards
 MIGRATION_RATE = 2_000  # keys/s: the chaos nodes' mesh-proxy --migration-rate
-MIGRATE_SLOTS = 2048  # slots one migration fault moves (fewer if the source's range is shorter)
-MIGRATE_FILL_KEYS = 12_000  # written into those slots first: seconds of moving at that rate
+MIGRATE_SLOTS = 4096  # slots one migration fault moves (fewer if the source's range is shorter)
+MIGRATE_FILL_KEYS = 16_000  # written into those slots first: seconds of moving at that rate
 FILL_VALUE = b"f" * 64
 TAG_TRIES = 400_000  # "t0", "t1", ...: these cover every slot (170 000 or so do)
 FILL_BATCH = 1000  # commands per pipelined round trip to a Redis
 MIGRATE_MIDWAY = (0.1, 0.6)  # the fault strikes when this share of the keys moved (uniform)
-MIGRATE_START_TIMEOUT = 20.0  # seconds for the mover to get that far; then it strikes anyway
+MIGRATE_START_TIMEOUT = 20.0  # seconds for the mover to start; then the fault strikes anyway
 # a Redis stalled by a script: longer than its busy-reply threshold (5 s), so PING says -BUSY
 STALL_SECONDS = (7.0, 9.0)
 STALL_END_TIMEOUT = 5.0  # after the hold, for the script to end by itself before SCRIPT KILL
@@ -335,12 +336,15 @@ class Nemesis:
         """Start moving a range of slots around a key the clients use to another shard and
         wait until part of it moved; None (and why, in the fault's detail) if it would not
         start."""
-        keys = sorted(self.keys())
-        slot = key_slot(self.rng.choice(keys).encode()) if keys else self.rng.randrange(SLOT_COUNT)
+        slots = sorted(key_slot(k.encode()) for k in self.keys())
+        slot = self.rng.choice(slots) if slots else self.rng.randrange(SLOT_COUNT)
         source = next(s for s, ranges in topo.slots.items()
                       if any(a <= slot <= b for a, b in ranges))
         a, b = next((a, b) for a, b in topo.slots[source] if a <= slot <= b)
-        lo = max(a, slot - self.rng.randrange(MIGRATE_SLOTS))
+        # of the windows holding that key's slot, the one with most of the clients' keys
+        starts = range(max(a, slot - MIGRATE_SLOTS + 1), min(slot, b - MIGRATE_SLOTS + 1) + 1)
+        lo = max(starts or [a], key=lambda lo: (
+            sum(1 for s in slots if lo <= s < lo + MIGRATE_SLOTS), self.rng.random()))
         hi = min(b, lo + MIGRATE_SLOTS - 1)
         target = self.rng.choice(sorted(s for s in topo.slots if s != source))
         self._fill(topo, source, lo, hi)
@@ -351,16 +355,21 @@ class Nemesis:
             return None
         share = self.rng.uniform(*MIGRATE_MIDWAY)
 
-        def far_enough() -> bool:
+        def started() -> tuple[int, int] | bool:
             got = self._progress()
-            return got is None or got[0] >= share * got[1]
+            return got is None or (got if got[0] > 0 else False)
 
+        # asking umctl-mesh for progress takes a second or more on a loaded machine, so the
+        # mover's rate times the share tells when to strike, counted from its first keys
         try:
-            self.dep.wait(f"{share:.0%} of the keys moved", far_enough, MIGRATE_START_TIMEOUT)
-            got = self._progress()
-            moved = f"{got[0]}/{got[1]} keys moved" if got else "already done"
+            got = self.dep.wait("the mover to start", started, MIGRATE_START_TIMEOUT)
+            if got is True:
+                moved = "done before the fault"
+            else:
+                time.sleep(max(0.0, share * got[1] - got[0]) / MIGRATION_RATE)
+                moved = f"{share:.0%} of {got[1]} keys moved (at the mover's rate)"
         except TimeoutError as exc:
-            moved = f"not far yet: {exc}"
+            moved = f"not started: {exc}"
         fault.detail = f"slots {lo}-{hi} {source}->{target}, {moved}"
         return Migration(source, target, (lo, hi), moved)
 
