@@ -32,11 +32,12 @@ linearizable system must respect), named with the operations that show it:
 `divergent` shows two masters only when both took writes of the same key and a read saw the
 result. `two-masters` counts the moments themselves, from which node acknowledged each write
 (the proxy the client's reply came from, `Op.node`), over every write of both workloads
-(appends, deletes, register sets): a slot's write acknowledged by node A, then one by node B,
-then one by A again, each completed before the next was invoked and all within
-`TWO_MASTERS_WINDOW` seconds. One owner hands a slot over at most once in that time (rounds of
-faults are longer), so A answering again after B means both were taking writes for the slot.
-Detections on one slot whose windows overlap count as one moment.
+(appends, deletes, register sets): a slot's writes acknowledged by node A, B, A again and B
+again, each completed before the next was invoked, all within `TWO_MASTERS_WINDOW` seconds.
+A slot may change hands twice in that time legitimately (a cancelled migration gives the slots
+to the target, which moves the keys home and gives them back), never three times (rounds of
+faults are longer), so each answering again after the other means both were taking writes for
+the slot. Detections on one slot whose windows overlap count as one moment.
 
 Operations with other names (`set`, `get`: the register workload) are not list operations;
 `chaos/linearizable.py` checks them.
@@ -203,29 +204,29 @@ def two_masters(ops: Iterable[Op], window: float = TWO_MASTERS_WINDOW) -> list[A
             by_slot[key_slot(op.key.encode())].append(op)
     out: list[Anomaly] = []
     for slot in sorted(by_slot):
-        writes = sorted(by_slot[slot], key=lambda op: op.end)
         ends: dict[str, list[float]] = defaultdict(list)  # node -> its writes' ends, ascending
         done: dict[str, list[Op]] = defaultdict(list)
+
+        def before(node: str, t: float, ends=ends, done=done) -> Op | None:  # noqa: ANN001
+            """`node`'s last write of this slot completed before `t`."""
+            i = bisect.bisect_left(ends[node], t) - 1
+            return done[node][i] if i >= 0 else None
+
         last: Anomaly | None = None
-        for w in writes:
-            b_op = None  # the latest write another node completed before `w` was invoked
-            for node, times in ends.items():
-                i = bisect.bisect_left(times, w.invoke) - 1
-                if node != w.node and i >= 0 and (b_op is None or times[i] > b_op.end):
-                    b_op = done[node][i]
-            if b_op is not None:
-                mine = ends[w.node]
-                i = bisect.bisect_left(mine, b_op.invoke) - 1
-                a_op = done[w.node][i] if i >= 0 else None
-                if a_op is not None and w.invoke - a_op.end <= window:
-                    if last is not None and a_op.end <= last.window[1]:
-                        last.window = (last.window[0], w.end)  # the same moment, longer
-                    else:
-                        last = Anomaly("two-masters", w.key, [a_op.id, b_op.id, w.id],
-                                       f"slot {slot}: {w.node} acknowledged {a_op}, then "
-                                       f"{b_op.node} {b_op}, then {w.node} again {w}",
-                                       window=(a_op.end, w.end))
-                        out.append(last)
+        for w in sorted(by_slot[slot], key=lambda op: op.end):
+            others = [o for o in (before(n, w.invoke) for n in ends if n != w.node) if o]
+            y = max(others, key=lambda o: o.end, default=None)
+            x0 = before(w.node, y.invoke) if y else None
+            y0 = before(y.node, x0.invoke) if y and x0 else None
+            if y0 is not None and w.invoke - y0.end <= window:
+                if last is not None and y0.end <= last.window[1]:
+                    last.window = (last.window[0], w.end)  # the same moment, longer
+                else:
+                    last = Anomaly("two-masters", w.key, [y0.id, x0.id, y.id, w.id],
+                                   f"slot {slot}: {y.node} acknowledged {y0}, {w.node} {x0}, "
+                                   f"{y.node} again {y}, {w.node} again {w}",
+                                   window=(y0.end, w.end))
+                    out.append(last)
             ends[w.node].append(w.end)
             done[w.node].append(w)
     return out

@@ -1,7 +1,8 @@
 """A bounded chaos run (chaos/run.py): real hosts in network namespaces, two rounds of faults
 the mesh is expected to survive today (a replica's proxy killed -9 and restarted; a master's
-proxy stopped for less than its lease), under list-append load, and the history checker's
-verdict on what the clients saw. `make chaos` runs every kind of fault, many rounds.
+proxy stopped for less than its lease), under list-append and register load (half the client
+threads each), and the checkers' verdicts on what the clients saw: no list anomaly, no two
+masters, every register linearizable. `make chaos` runs every kind of fault, many rounds.
 
 Where namespaces cannot be made, this fails with the one-line reason (it is not skipped: the
 machines that run the tests can, as root)."""
@@ -20,7 +21,6 @@ SEED = 20261130  # the schedule; a failure prints it with the history's director
 SURVIVED = ("kill-replica-proxy", "pause-proxy-short")
 
 
-
 @pytest.mark.timeout(150)
 def test_the_history_under_survivable_faults_has_no_anomaly(capsys):
     try:
@@ -29,7 +29,7 @@ def test_the_history_under_survivable_faults_has_no_anomaly(capsys):
         pytest.fail(f"chaos harness cannot run here: {exc}", pytrace=False)
     started = time.monotonic()
     result = run(Config(seed=SEED, rounds=2, faults=SURVIVED, warmup=1.0,
-                        recover_timeout=30, time_limit=60))
+                        recover_timeout=30, time_limit=60, workload="both"))
     elapsed = time.monotonic() - started
     out = capsys.readouterr().out
     report = result.report
@@ -39,6 +39,9 @@ def test_the_history_under_survivable_faults_has_no_anomaly(capsys):
     assert not result.unread and not result.dead, out
     # the history is real: acknowledged appends and reads on many keys, read again at the end
     assert report.statuses.get("ok", 0) > 200 and report.keys >= 8, out
+    assert len(result.verdicts) == 8, out
+    assert all(v.outcome == "linearizable" for v in result.verdicts), out
+    assert sum(1 for op in result.history.ops if op.f == "set" and op.status == "ok") > 100, out
     assert report.valid, "\n".join([out, *map(str, report.anomalies[:20])])
     assert not netns.leftovers(result.run_id), "namespaces left behind"
     assert elapsed < 90, f"the short chaos run took {elapsed:.0f}s"

@@ -249,24 +249,25 @@ def acked(h: H, key: str, value: str, t0: float, t1: float, node: str) -> Op:
     return op
 
 
-def test_a_slot_acknowledged_by_a_then_b_then_a_again_is_two_masters():
+def test_a_slot_acknowledged_by_two_nodes_in_turn_is_two_masters():
     h = H()
     a1 = acked(h, "k", "a1", 0, 1, "n1")
     b1 = acked(h, "k", "b1", 2, 3, "n2")  # n2 took the slot over ...
-    a2 = acked(h, "k", "a2", 4, 5, "n1")  # ... and n1 still acknowledged a write
-    acked(h, "k", "b2", 6, 7, "n2")
+    a2 = acked(h, "k", "a2", 4, 5, "n1")  # ... n1 still acknowledged a write ...
+    b2 = acked(h, "k", "b2", 6, 7, "n2")  # ... and n2 too: both take writes
     acked(h, "k", "a3", 8, 9, "n1")  # the same moment, going on
     found = check(h.ops).of("two-masters")
-    assert len(found) == 1 and found[0].ops == [a1.id, b1.id, a2.id]
+    assert len(found) == 1 and found[0].ops == [a1.id, b1.id, a2.id, b2.id]
     assert found[0].window == (1, 9)
 
 
 @pytest.mark.parametrize("times", [
     [(0, 1, "n1"), (2, 3, "n2"), (4, 5, "n2")],  # one handover
-    [(0, 3, "n1"), (1, 2, "n2"), (2.5, 4, "n1")],  # overlapping around a handover
-    [(0, 1, "n1"), (2, 3, "n2"), (20, 21, "n1")],  # and back, much later
+    [(0, 1, "n1"), (2, 3, "n2"), (4, 5, "n1"), (6, 7, "n1")],  # and back (a cancel)
+    [(0, 3, "n1"), (1, 2, "n2"), (2.5, 4, "n1"), (3.5, 5, "n2")],  # overlapping
+    [(0, 1, "n1"), (2, 3, "n2"), (4, 5, "n1"), (20, 21, "n2")],  # the third, much later
 ])
-def test_one_handover_or_overlapping_acknowledgements_are_not_two_masters(times):
+def test_handovers_or_overlapping_acknowledgements_are_not_two_masters(times):
     h = H()
     for i, (t0, t1, node) in enumerate(times):
         acked(h, "k", f"v{i}", t0, t1, node)
@@ -280,5 +281,6 @@ def test_two_masters_looks_at_slots_not_keys_and_at_every_kind_of_write():
     d.node = "n2"
     s = h._op(3, "set", "{t}c", 4, 5, "ok", value="x", result="OK")
     s.node = "n1"
-    h.read("{t}a", ["a1"], 6, 7)
-    assert [a.ops for a in check(h.ops).of("two-masters")] == [[0, d.id, s.id]]
+    b = acked(h, "{t}d", "d1", 6, 7, "n2")
+    h.read("{t}a", ["a1"], 8, 9)
+    assert [a.ops for a in check(h.ops).of("two-masters")] == [[0, d.id, s.id, b.id]]
