@@ -13,6 +13,29 @@ section 7.4: a key is either here and served here, or gone and served at the tar
 both, and a delete here can never be undone by a late copy.
 
 On the target, a multi-key command after ASKING runs only when all its keys are there.
+
+The source gates a migration's slots from the first table it serves them with (after a
+restart, a promotion or a cancel too). Until the start barrier has passed it forwards and
+moves nothing: commands whose keys are all here run here, those with missing keys wait for
+the barrier (GATE_BARRIER_WAIT, then -TRYAGAIN). Nothing runs until the mover has read the
+journal.
+
+A batch, with its keys held: DUMP them; add them to the journal (a set in the source Redis's
+JOURNAL_DB, which clients cannot select, replicated with the rest); copy them to the target
+(RESTORE after ASKING); then one MULTI here UNLINKs them and removes them from the journal.
+WAIT follows each step when the shard has live replicas (MOVE_ACK_TIMEOUT_MS):
+- the journal not confirmed: nothing was copied; the keys are released, the batch retried.
+- a RESTORE refused, or the copies not confirmed at the target: the copies are deleted there
+  (confirmed by WAIT too) and removed from the journal; if that cannot be confirmed either,
+  the keys stay held and journaled until a later attempt settles them.
+- the UNLINK not confirmed: the keys stay held (clients on them wait) and WAIT is tried again
+  (MOVE_ACK_ATTEMPTS, then the batch is retried) until the replicas have it, since a promoted
+  replica would otherwise serve the old values. A replica the leader marks failed stops
+  counting when the view says so.
+A key in the journal may have a copy at the target; a restarted or promoted source holds the
+journal's keys from its first moment and settles them first (copies again what is here,
+forgets what is gone). So a copy at the target is only ever read once the source let go of
+the key for good.
 """
 from __future__ import annotations
 
