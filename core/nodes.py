@@ -90,6 +90,7 @@ class NodeStatus:
     epoch: int = 0
     role: str = "master"  # the backend's role as ROLE reports it: master | replica
     backend_ok: bool = True
+    fenced: bool = False  # the proxy refuses writes (it may be replaced once it says so)
     repl_offset: int = 0
     leaving: bool = False  # set by a node shutting down cleanly
     # migration id -> progress, for the migrations this node is the source of

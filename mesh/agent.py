@@ -28,7 +28,7 @@ from anyio.abc import TaskStatus
 
 from core import __version__
 from core.nodes import NodeRecord
-from proxy.control import ControlPort
+from proxy.control import FENCED_LEAVING, ControlPort
 
 from .backend_check import BackendChecker
 from .barriers import MigrationStarts
@@ -75,7 +75,7 @@ class NodeAgent:
         # what outlives a lease: the views seen, the one applied, the fence
         self.views = ViewApplier(self.repo, control, self.ctl, self.status, self.peers,
                                  config.node_id)
-        self.fence = FenceGuard(control, self.views, config.node_id)
+        self.fence = FenceGuard(control, self.views, store, config.node_id)
         self.keeper: LeaseKeeper | None = None
         self.log = log.bind(node=config.node_id)
 
@@ -158,7 +158,7 @@ class NodeAgent:
                 new = await graceful_failover(self.repo, view.cluster, shard.id, None,
                                               self.config.mesh_secret, master=me)
         except (HandoverError, StoreError, TimeoutError) as exc:
-            self.control.fence()
+            self.control.fence(FENCED_LEAVING)
             self.log.warning("leave_handover_failed", cluster=view.cluster, shard=shard.id,
                              error=str(exc) or type(exc).__name__)
             return

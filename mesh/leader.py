@@ -16,7 +16,7 @@ from core.view import NodeAddress
 from .model import migrations as plans
 from .model.changes import without_departed
 from .model.failover import plan_failover
-from .model.health import HealthTracker, liveness
+from .model.health import HealthTracker, liveness, may_write
 from .store.etcd import Fence, StoreError, campaign
 from .store.repo import MeshRepo, ViewCommit
 
@@ -79,21 +79,24 @@ async def handle_failures(repo: MeshRepo, fence: Fence, tracker: HealthTracker) 
     (mesh/model/failover.py), after the grace the tracker measures."""
     nodes = await repo.nodes()
     registered = {nid: r.record for nid, r in nodes.items()}
-    statuses = await repo.statuses()
+    statuses, status_revisions, _ = await repo.statuses_as_read()
     assigned = await repo.assigned()
     views = list((await repo.views()).values())
     members = {n for stored in views for n in stored.view.node_ids}
     alive = liveness(members, registered, statuses)
     offsets = {n: s.repl_offset for n, s in statuses.items()}
-    health = tracker.update(alive, offsets, anyio.current_time())
+    health = tracker.update(alive, offsets, anyio.current_time(),
+                            may_write(registered, statuses))
     free = [(n, NodeAddress(r.proxy, r.backend)) for n, r in registered.items()
             if n not in assigned and alive.get(n)]
     for stored in views:
         step = plan_failover(stored.view, health, anyio.current_time(), free)
         if step is None:
             continue
+        as_read = () if step.replaced is None else \
+            ((step.replaced, status_revisions.get(step.replaced, 0)),)
         change = ViewCommit(claim=step.claimed, unassign=step.released,
-                            forget_data=step.released, fence=fence)
+                            forget_data=step.released, fence=fence, statuses_as_read=as_read)
         if await repo.commit_view(stored.cluster, stored.revision, step.view, change):
             log.warning("failover", cluster=stored.view.cluster, epoch=step.view.epoch,
                         step=step.what)

@@ -10,6 +10,7 @@ import anyio
 from core.nodes import NodeStatus
 
 from .notify import Changed
+from .store.etcd import StoreError
 from .store.repo import MeshRepo
 
 STATUS_HEARTBEAT = 3.0  # the status key is rewritten at least this often
@@ -23,6 +24,7 @@ class StatusReporter:
         self.repo = repo
         self.status = NodeStatus(node_id)
         self.changed = Changed()
+        self.lease: int | None = None  # the current lease (set by run)
 
     def set(self, **changes: Any) -> None:
         new = replace(self.status, **changes)
@@ -31,11 +33,18 @@ class StatusReporter:
             self.changed.notify()
 
     async def run(self, lease: int) -> None:
+        self.lease = lease
         while True:
             changed = self.changed.waiter()
-            await self.repo.put_status(replace(self.status, updated=time.time()), lease)
+            await self.publish()
             with anyio.move_on_after(STATUS_HEARTBEAT):
                 await changed.wait()
+
+    async def publish(self) -> None:
+        """Write the status now (on the current lease); returns once etcd has it."""
+        if self.lease is None:
+            raise StoreError("no lease yet to write the status on")
+        await self.repo.put_status(replace(self.status, updated=time.time()), self.lease)
 
 
 class PeerStatuses:

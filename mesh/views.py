@@ -13,14 +13,15 @@ from dataclasses import replace
 import anyio
 import structlog
 
+from core import clock
 from core.address import Address
 from core.nodes import DataOwner
 from core.view import ClusterView, Migration
-from proxy.control import ControlPort
+from proxy.control import FENCED_LEASE, ControlPort
 from proxy.routing import empty_table, table_from_view
 
 from .barriers import wait_commit
-from .model.fencing import FENCE_HARD
+from .model.fencing import Lease
 from .notify import Changed
 from .redisctl import RedisCtl, RedisCtlError
 from .status import PeerStatuses, StatusReporter
@@ -47,18 +48,14 @@ class ViewApplier:
         self.changed = Changed()  # the applied view (or the active set) changed
         self.removed = anyio.Event()  # set when no view names this node any more
         self.lock = anyio.Lock()  # one change of the proxy or the backend at a time
+        self.keeper: LeaseKeeper | None = None  # the current lease's
         self.log = log.bind(node=node_id)
 
     # -- watching ----------------------------------------------------------------------------
     async def run(self, keeper: LeaseKeeper) -> None:
         """Read every view, apply, let writes resume under this lease, then follow changes."""
+        self.keeper = keeper
         revision = await self.read_all()
-        deadline = keeper.deadline - FENCE_HARD
-        if self.control.fenced:  # the current view is applied again: writes may resume
-            self.control.unfence(deadline)
-            self.log.warning("unfenced", epoch=self.applied.epoch if self.applied else 0)
-        else:
-            self.control.allow_writes_until(deadline)
         await self.repo.watch_views(revision + 1, self._on_change, self.read_all)
 
     async def read_all(self) -> int:
@@ -83,10 +80,7 @@ class ViewApplier:
     async def reconcile(self) -> None:
         """Make the proxy and the backend match the newest view that names this node."""
         me = self.node_id
-        mine = [v for v in self.views.values() if me in v.node_ids]
-        if len(mine) > 1:
-            self.log.error("node_in_several_clusters", clusters=sorted(v.cluster for v in mine))
-        target = max(mine, key=lambda v: v.epoch, default=None)
+        target = self._target()
         async with self.lock:
             current = self.applied
             if target is None:
@@ -98,16 +92,46 @@ class ViewApplier:
                 self.removed = anyio.Event()
             same = current is not None and current.uid == target.uid \
                 and current.cluster == target.cluster
-            if current is not None and same and target.epoch <= current.epoch:
-                return
-            try:
-                if current is not None and same:
-                    await wait_commit(self.peers, me, current, target)
-                await self._apply(target, joining=not same)
-            except (RedisCtlError, TimeoutError, StoreError) as exc:
-                # retried by the backend check every second until it applies
-                self.log.warning("view_apply_failed", cluster=target.cluster,
-                                 epoch=target.epoch, error=repr(exc))
+            if current is None or not same or target.epoch > current.epoch:
+                try:
+                    if current is not None and same:
+                        await wait_commit(self.peers, me, current, target)
+                    await self._apply(target, joining=not same)
+                except (RedisCtlError, TimeoutError, StoreError) as exc:
+                    # retried by the backend check every second until it applies; the old
+                    # table stays live, so writes stay fenced if they were
+                    self.log.warning("view_apply_failed", cluster=target.cluster,
+                                     epoch=target.epoch, error=repr(exc))
+                    return
+            self._resume_writes()
+
+    def _target(self) -> ClusterView | None:
+        """The newest view that names this node (None: no view does)."""
+        mine = [v for v in self.views.values() if self.node_id in v.node_ids]
+        if len(mine) > 1:
+            self.log.error("node_in_several_clusters", clusters=sorted(v.cluster for v in mine))
+        return max(mine, key=lambda v: v.epoch, default=None)
+
+    def current(self) -> bool:
+        """The proxy serves the newest view read (or none, when no view names this node)."""
+        target, applied = self._target(), self.applied
+        if target is None or applied is None:
+            return target is None and applied is None
+        return (target.cluster, target.uid, target.epoch) == \
+            (applied.cluster, applied.uid, applied.epoch)
+
+    def _resume_writes(self) -> None:
+        """The newest view is applied: if the fence guard fenced writes for the lease and the
+        lease is sound again (a new one, or a keepalive that landed after all), lift it."""
+        keeper = self.keeper
+        if FENCED_LEASE not in self.control.fenced_for or keeper is None or keeper.lost.is_set():
+            return
+        lease = Lease(keeper.deadline, keeper.expired)
+        if lease.at_risk(clock.now()):
+            return
+        self.control.unfence(FENCED_LEASE, lease.write_deadline)
+        self.log.warning("unfenced", epoch=self.applied.epoch if self.applied else 0,
+                         still_fenced_for=sorted(self.control.fenced_for))
 
     async def _apply(self, view: ClusterView, joining: bool) -> None:
         me = self.node_id

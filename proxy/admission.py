@@ -43,7 +43,7 @@ MAY_WRITE = SCRIPTS | {b"EXEC"}
 class WritePermission:
     """May this node take writes now? Swapped whole by the control port; read per write."""
 
-    deadline: float = float("inf")  # time.monotonic() past which writes are refused
+    deadline: float = float("inf")  # core.clock.now() past which writes are refused
     fenced: bool = False  # the lease may have expired: no writes until the view is re-read
     handing_over: bool = False  # a graceful failover is switching masters: retry soon
 

@@ -269,6 +269,12 @@ class BackendConnection(asyncio.Protocol):
         if self.raw_sink is not None:
             self.raw_sink.raw_closed()
 
+    def abort(self) -> None:
+        """Drop the link now if commands are in flight: they fail as not run or
+        -UNCERTAIN; the keeper of the connection reconnects it."""
+        if self.transport is not None and self._waiting:
+            self.transport.abort()
+
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -346,6 +352,11 @@ class BackendPool:
     @property
     def healthy(self) -> bool:
         return any(c.up for conns in self.shared.values() for c in conns)
+
+    def drop_in_flight(self) -> None:
+        for conns in self.shared.values():
+            for conn in conns:
+                conn.abort()
 
     async def run(self, tg: TaskGroup) -> None:
         for conns in self.shared.values():

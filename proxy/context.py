@@ -37,6 +37,16 @@ class ProxyContext:
         for session in list(self.sessions):
             session.table_changed(table)
 
+    def cut_in_flight(self) -> None:
+        """Writes were just fenced: drop every backend connection with commands in flight.
+        Their clients get -UNCERTAIN now instead of an acknowledgement later: a Redis that is
+        stalled (a long script) would run them after the leader promoted a replica, and the
+        acknowledged writes would vanish in the resync."""
+        self.pool.drop_in_flight()
+        for session in list(self.sessions):
+            for conn in session.owned:
+                conn.abort()
+
     def spawn(self, job: Callable[..., Coroutine[Any, Any, None]], *args: object) -> None:
         """Run `job(*args)` in the server's task group (it ends when the server stops)."""
         assert self.task_group is not None, "the server is not running"

@@ -20,6 +20,11 @@ from .routing import RoutingTable, empty_table
 log = structlog.get_logger("proxy.control")
 
 
+FENCED_LEASE = "lease"
+FENCED_BACKEND = "backend"
+FENCED_LEAVING = "leaving"  # shutting down after a handover that failed: never lifted
+
+
 class Applied(Enum):
     APPLIED = "applied"
     STALE = "stale"  # older than the table being served: epochs only move forward
@@ -36,11 +41,14 @@ class ControlPort:
         self.table: RoutingTable = empty_table()  # read per command; replaced only by apply()
         # no writes until the control plane says so (standalone: it never needs to)
         self.permission = WritePermission()
-        self.lease_ok = False  # the agent holds a live lease (peers ask: UMCTL LEASEOK)
+        self.fenced_for: frozenset[str] = frozenset()  # why writes are fenced (see fence())
         self.managed = False  # views come from etcd, not from UMCTL SETCLUSTER
         self._migrations = migrations  # they follow the table (proxy/migration.py)
         # called with each table applied, after the swap (the clients: proxy/context.py)
         self.followers: list[Callable[[RoutingTable], None]] = []
+        # called when writes become fenced, after the switch (proxy/context.py: commands
+        # already at Redis are cut off, so none is acknowledged after the fence)
+        self.on_fence: list[Callable[[], None]] = []
 
     def apply(self, table: RoutingTable, *, joining: bool = False,
               force: bool = False) -> Applied:
@@ -67,15 +75,25 @@ class ControlPort:
 
     # -- write permission --------------------------------------------------------------------
     def allow_writes_until(self, deadline: float) -> None:
-        """Take writes until time.monotonic() passes `deadline` (unless fenced)."""
+        """Take writes until core.clock.now() passes `deadline` (unless fenced)."""
         if not self.permission.fenced and self.permission.deadline != deadline:
             self.permission = replace(self.permission, deadline=deadline)
 
-    def fence(self) -> None:
-        """No writes until `unfence`: the lease may have expired."""
+    def fence(self, reason: str) -> None:
+        """No writes until every reason given is lifted by `unfence`. Reasons: FENCED_LEASE
+        (the lease may have expired), FENCED_BACKEND (the Redis failed its checks: the leader
+        may promote a replica once the node says it fenced), FENCED_LEAVING."""
+        was_fenced, self.fenced_for = self.permission.fenced, self.fenced_for | {reason}
         self.permission = replace(self.permission, fenced=True)
+        if not was_fenced:
+            for hook in self.on_fence:
+                hook()
 
-    def unfence(self, deadline: float) -> None:
+    def unfence(self, reason: str, deadline: float) -> None:
+        """Lift `reason`; writes resume (until `deadline`) when no other reason holds."""
+        self.fenced_for = self.fenced_for - {reason}
+        if self.fenced_for:
+            return
         self.permission = replace(self.permission, fenced=False, deadline=deadline)
 
     @property

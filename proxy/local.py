@@ -32,7 +32,7 @@ REDIS_COMPAT_VERSION = "7.0.0"
 # CLUSTER COUNTKEYSINSLOT/GETKEYSINSLOT scan the whole backend: at most this many at once
 MAX_SLOT_SCANS = 2
 # UMCTL's read-only probes (readiness, epoch) work without AUTH; the rest needs it.
-UMCTL_WITHOUT_AUTH = frozenset({b"READY", b"GETEPOCH", b"LEASEOK", b"CHALLENGE", b"PROVE"})
+UMCTL_WITHOUT_AUTH = frozenset({b"READY", b"GETEPOCH", b"CHALLENGE", b"PROVE"})
 # ... and these change the node: they need the admin secret proven (UMCTL CHALLENGE/PROVE)
 UMCTL_ADMIN = frozenset({b"SETCLUSTER", b"HANDOVER"})
 NOT_ADMIN = error("NOPERM this command needs the admin secret: UMCTL CHALLENGE, then UMCTL "
@@ -394,8 +394,6 @@ def umctl(c: Client, argv: list[bytes]) -> None:
         # (umctl-mesh writes it after the swap)
         ctx.control.start_handover()
         ctx.spawn(_handover, c, c.reply_later(), argv[2], argv[3], argv[4])
-    elif sub == b"LEASEOK":  # asked by a peer deciding whether to fence itself
-        c.reply(integer(1 if ctx.control.lease_ok else 0))
     elif sub == b"GETEPOCH":
         c.reply(integer(table.epoch))
     elif sub == b"READY":

@@ -35,6 +35,7 @@ class ProxyServer:
                                     self.migrations)
         self.context.admin_secret = admin_secret
         self.control.followers.append(self.context.table_changed)
+        self.control.on_fence.append(self.context.cut_in_flight)
 
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
         listen = Address.parse(self.listen)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
-from time import monotonic
 
 import structlog
+
+from core import clock
 
 from . import dedicated
 from .admission import (
@@ -261,7 +262,7 @@ class Session(asyncio.Protocol):
             return False
         control = self.control
         if not plain_batch(batch, control.table, self.tenant, self.auth_hash,
-                           control.permission, monotonic()):
+                           control.permission, clock.now()):
             return False
         self.asked = False
         pending = Pending() if len(batch) == 1 else Batch()
@@ -284,7 +285,7 @@ class Session(asyncio.Protocol):
                 and self.tenant == control.table.tenant:
             dedicated.send_subscribed(self, argv)
             return
-        outcome = decide(argv, control.table, self, control.permission, monotonic())
+        outcome = decide(argv, control.table, self, control.permission, clock.now())
         kind = outcome.__class__
         if kind is Forward:
             if outcome.synced:  # type: ignore[union-attr]  # the class test above

@@ -1,11 +1,16 @@
 """What the leader does about dead nodes. Pure: views, liveness and `now` in; a new view out.
 
 A member is dead when it has no registration (its lease expired) or its status says its Redis
-is down, continuously for longer than the grace. A dead master hands its shard to the live
-replica with the highest replication offset and becomes a (failed) replica itself, so when it
-comes back it resyncs from the new master and never serves as a second one. A shard with no
-live member gets a free node (empty: its data is reported lost) or, with no free node, its
-slots go to the other shards; the cluster's `failover: manual` forbids both.
+is down, continuously for longer than the grace. A dead master is replaced only once it cannot
+write: its lease expired (etcd expires it no earlier than the node's own fence deadline,
+mesh/model/fencing.py), or its status says it fenced (the leader then commits the new view
+only if that status is still as read: `FailoverStep.replaced`).
+
+A dead master hands its shard to the live replica with the highest replication offset and
+becomes a (failed) replica itself, so when it comes back it resyncs from the new master and
+never serves as a second one. A shard with no live member gets a free node (empty: its data is
+reported lost) or, with no free node, its slots go to the other shards; the cluster's
+`failover: manual` forbids both.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ class Health:
     alive: bool  # registered, and its Redis answers
     since: float  # when it last changed (the leader's clock)
     repl_offset: int = 0
+    may_write: bool = False  # registered and not fenced by its own word
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +36,7 @@ class FailoverStep:
     claimed: tuple[str, ...] = ()  # free nodes taken into the cluster
     released: tuple[str, ...] = ()  # nodes that leave it (their data is gone)
     what: str = ""
+    replaced: str | None = None  # the master replaced: its status must be as read
 
 
 def dead(node: str, health: dict[str, Health], now: float, grace: float) -> bool:
@@ -46,6 +53,8 @@ def plan_failover(view: ClusterView, health: dict[str, Health], now: float,
     for shard in view.shards:
         if not dead(shard.master, health, now, grace):
             continue
+        if shard.master in health and health[shard.master].may_write:
+            continue  # its lease holds and it has not fenced: it will, or it comes back
         live = [r for r in shard.replicas if r not in failed and not dead(r, health, now, grace)
                 and health[r].alive]
         if live:
@@ -54,10 +63,11 @@ def plan_failover(view: ClusterView, health: dict[str, Health], now: float,
             new_shard = replace(shard, master=best, replicas=replicas)
             new = _with(view, shard, new_shard, failed=(failed | {shard.master}) - recovered)
             return FailoverStep(new, what=f"promoted {best} in {shard.id} "
-                                          f"(master {shard.master} dead)")
+                                          f"(master {shard.master} dead)",
+                                replaced=shard.master)
         if view.config.failover == "manual":
             continue
-        return _reassign(view, shard, free, now)
+        return replace(_reassign(view, shard, free, now), replaced=shard.master)
     # replicas that died or came back
     now_failed = {m for s in view.shards for m in s.replicas if dead(m, health, now, grace)}
     wanted = (failed | now_failed) - recovered
@@ -79,12 +89,16 @@ def _reassign(view: ClusterView, shard: Shard, free: list[tuple[str, NodeAddress
               now: float) -> FailoverStep:
     slots = slot_count(shard.slots)
     gone = shard.members
+    # keys of slots migrating into the dead shard that had already moved were there too
+    moving_in = [r for m in view.migrations if m.target == shard.id for r in m.slots]
+    also = (f", and the keys already moved to it of slots "
+            f"{', '.join(f'{a}-{b}' for a, b in moving_in)}") if moving_in else ""
     nodes = [(n, a) for n, a in view.nodes if n not in gone]
     failed = tuple(n for n in view.failed if n not in gone)
     if free:
         node, address = sorted(free)[0]
         note = (f"epoch {view.epoch + 1}: shard {shard.id} lost every node; {node} took over "
-                f"its {slots} slots EMPTY: their data is lost")
+                f"its {slots} slots EMPTY: their data is lost{also}")
         new = view.next(shards=tuple(replace(s, master=node, replicas=()) if s.id == shard.id
                                      else s for s in view.shards),
                         nodes=tuple(sorted(nodes + [(node, address)])), failed=failed,
@@ -100,7 +114,7 @@ def _reassign(view: ClusterView, shard: Shard, free: list[tuple[str, NodeAddress
         shares[others[i % len(others)].id].append(r)
     note = (f"epoch {view.epoch + 1}: shard {shard.id} lost every node and the pool had no "
             f"free node; its {slots} slots went to {', '.join(s.id for s in others)} EMPTY: "
-            "their data is lost")
+            f"their data is lost{also}")
     new = view.next(shards=tuple(replace(s, slots=normalize(shares[s.id])) for s in others),
                     nodes=tuple(nodes), failed=failed, lost=view.lost + (note,),
                     migrations=tuple(m for m in view.migrations

@@ -28,15 +28,23 @@ def liveness(members: Iterable[str], registered: Iterable[str],
     return alive
 
 
+def may_write(registered: Iterable[str], statuses: Mapping[str, NodeStatus]) -> set[str]:
+    """Nodes that may still take writes: their lease holds and they have not said they
+    fenced. The leader never replaces a master in this set (mesh/model/failover.py)."""
+    return {n for n in registered if not (n in statuses and statuses[n].fenced)}
+
+
 def track(previous: Mapping[str, Health], alive: Mapping[str, bool],
-          offsets: Mapping[str, int], now: float) -> dict[str, Health]:
+          offsets: Mapping[str, int], now: float,
+          writable: Iterable[str] = ()) -> dict[str, Health]:
     """The health of every node after one observation at `now`. `since` moves only when a
     node changes between alive and dead; a node no longer seen at all counts as dead."""
+    writable = set(writable)
     state: dict[str, Health] = {}
     for node, ok in alive.items():
         before = previous.get(node)
         since = before.since if before is not None and before.alive == ok else now
-        state[node] = Health(ok, since, offsets.get(node, 0))
+        state[node] = Health(ok, since, offsets.get(node, 0), node in writable)
     for node, before in previous.items():
         if node not in alive:
             since = before.since if not before.alive else now
@@ -52,8 +60,8 @@ class HealthTracker:
         self.state: dict[str, Health] = {}
 
     def update(self, alive: Mapping[str, bool], offsets: Mapping[str, int],
-               now: float) -> dict[str, Health]:
-        self.state = track(self.state, alive, offsets, now)
+               now: float, writable: Iterable[str] = ()) -> dict[str, Health]:
+        self.state = track(self.state, alive, offsets, now, writable)
         return self.state
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import time
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +20,7 @@ import anyio
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential, wait_random
 
+from core import clock
 from core.address import Address, AddressError
 
 from .keys import Keys
@@ -27,6 +28,18 @@ from .keys import Keys
 log = structlog.get_logger("mesh.store")
 
 RPC_TIMEOUT = 3  # seconds for one etcd call
+# gRPC backs off reconnecting up to 120 s by default: after a long partition a node would
+# stay away from etcd (fenced) long after the heal. Pings find a dead connection (etcd
+# refuses pings more often than every 5 s).
+GRPC_OPTIONS = {"grpc.lb_policy_name": "pick_first",
+                "grpc.initial_reconnect_backoff_ms": 100,
+                "grpc.min_reconnect_backoff_ms": 100,
+                "grpc.max_reconnect_backoff_ms": 1000,
+                "grpc.keepalive_time_ms": 5000,
+                "grpc.keepalive_timeout_ms": 2000,
+                "grpc.keepalive_permit_without_calls": 1}
+MEMBER_ASK_TIMEOUT = 0.3  # seconds a member has to say whether it has a leader
+MEMBER_REPLY_MAX = 64 * 1024  # bytes read of a member's answer
 RETRY_WINDOW = 6.0  # how long a call is retried while etcd is unreachable
 WATCH_RESTART_MAX_WAIT = 1.0
 
@@ -101,7 +114,7 @@ class EtcdStore:
         self.keys = Keys(root)
         host, port = _grpc_target(self.endpoints)
         self._client = aetcd.Client(host=host, port=port, timeout=RPC_TIMEOUT,
-                                    options={"grpc.lb_policy_name": "pick_first"})
+                                    options=GRPC_OPTIONS)
 
     async def __aenter__(self) -> EtcdStore:
         return self
@@ -126,6 +139,28 @@ class EtcdStore:
 
     def describe(self) -> str:
         return ",".join(str(Address(h, p)) for h, p in self.endpoints)
+
+    # -- members, asked directly ------------------------------------------------------------
+    async def ask_members(self) -> tuple[int, int]:
+        """Ask every configured member, directly and at once, whether it has a leader.
+        Returns (members, leaderless): how many members the cluster has (the most any member
+        lists, at least the endpoints configured) and how many answered "no leader"."""
+        answers: list[tuple[bool, int]] = []
+
+        async def ask(host: str, port: int) -> None:
+            with anyio.move_on_after(MEMBER_ASK_TIMEOUT), \
+                    contextlib.suppress(OSError, ValueError, anyio.EndOfStream):
+                status = await _gateway(host, port, "/v3/maintenance/status")
+                listed = await _gateway(host, port, "/v3/cluster/member/list")
+                # proto3 JSON leaves a zero out: no "leader" means none
+                answers.append((int(status.get("leader", 0)) != 0,
+                                len(listed.get("members", ()))))
+
+        async with anyio.create_task_group() as tg:
+            for host, port in self.endpoints:
+                tg.start_soon(ask, host, port)
+        members = max([len(self.endpoints), *(n for _, n in answers)])
+        return members, sum(1 for has_leader, _ in answers if not has_leader)
 
     # -- keys --------------------------------------------------------------------------------
     async def get(self, key: bytes) -> KV | None:
@@ -235,43 +270,63 @@ class EtcdStore:
                         await watch.cancel()
 
 
+async def _gateway(host: str, port: int, path: str) -> dict:
+    """POST {} to etcd's JSON gateway on one member's client port; the decoded answer. The
+    member answers this itself: no leader is involved."""
+    async with await anyio.connect_tcp(host, port) as stream:
+        target = str(Address(host, port))
+        await stream.send(f"POST {path} HTTP/1.0\r\nHost: {target}\r\n"
+                          "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+                          .encode())
+        reply = b""
+        with contextlib.suppress(anyio.EndOfStream):
+            while len(reply) < MEMBER_REPLY_MAX:
+                reply += await stream.receive()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n", 1)[0]:
+        raise ValueError(f"etcd member {host}:{port} answered {head[:40]!r}")
+    answer = json.loads(body)
+    if not isinstance(answer, dict):
+        raise ValueError(f"etcd member {host}:{port} answered {body[:40]!r}")
+    return answer
+
+
 class LeaseKeeper:
     """Keeps one lease alive; `lost` is set the moment it cannot be trusted any more.
 
-    `deadline` (monotonic) is when etcd may expire the lease: the last successful keepalive
-    plus its TTL. Loss is declared when a keepalive says the lease is gone, or when the
-    deadline passes without one.
+    `deadline` (core.clock) is when etcd may expire the lease at the earliest: the moment the
+    last successful keepalive was sent plus the TTL it answered. Loss is declared when a
+    keepalive says the lease is gone (`expired`), or when the deadline passes without one.
     """
 
     def __init__(self, store: EtcdStore, ttl: int) -> None:
         self.store = store
         self.ttl = ttl
         self.lease_id = 0
-        self.deadline = 0.0
-        self.refreshing_since: float | None = None  # a keepalive in flight since (monotonic)
+        self.deadline = float("-inf")
+        self.expired = False  # etcd said the lease is gone
         self.lost = anyio.Event()
 
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
-        sent = time.monotonic()
+        sent = clock.now()
         self.lease_id = await self.store.grant(self.ttl)
         self.deadline = sent + self.ttl
         task_status.started()
         while True:
             await anyio.sleep(self.ttl / 3)
-            sent = time.monotonic()
-            self.refreshing_since = sent
+            sent = clock.now()
             try:
                 with anyio.fail_after(max(0.1, self.deadline - sent)):
                     remaining = await self.store.refresh(self.lease_id)
-                self.refreshing_since = None
             except (StoreError, TimeoutError) as exc:
-                if time.monotonic() >= self.deadline:
+                if clock.now() >= self.deadline:
                     log.warning("lease_lost", lease=self.lease_id, reason=str(exc))
                     self.lost.set()
                     return
                 continue
             if remaining <= 0:
                 log.warning("lease_lost", lease=self.lease_id, reason="expired at etcd")
+                self.expired = True
                 self.lost.set()
                 return
             self.deadline = sent + remaining

@@ -74,6 +74,9 @@ class ViewCommit:
     unassign: tuple[str, ...] = ()
     forget_data: tuple[str, ...] = ()
     fence: Fence | None = None  # leader duties: the leader's election key must still exist
+    # (node, mod revision; 0: absent): these statuses must be as the caller read them (a
+    # master replaced on its own word that it fenced must not have spoken again since)
+    statuses_as_read: tuple[tuple[str, int], ...] = ()
 
 
 class MeshRepo:
@@ -143,7 +146,8 @@ class MeshRepo:
         keys = self.keys
         if view is not None:
             validate(view)  # views are validated on every write (and every read)
-        checks = {keys.view(cluster): revision, **{keys.assignment(n): 0 for n in change.claim}}
+        checks = {keys.view(cluster): revision, **{keys.assignment(n): 0 for n in change.claim},
+                  **{keys.status(n): rev for n, rev in change.statuses_as_read}}
         puts: dict[bytes, bytes] = {}
         deletes: list[bytes] = []
         if view is not None:
@@ -203,15 +207,22 @@ class MeshRepo:
 
     async def read_statuses(self) -> tuple[dict[str, NodeStatus], int]:
         """Every readable status, and the etcd revision of the read (to watch from)."""
+        statuses, _, revision = await self.statuses_as_read()
+        return statuses, revision
+
+    async def statuses_as_read(self) -> tuple[dict[str, NodeStatus], dict[str, int], int]:
+        """Every readable status, each status key's mod revision (for `ViewCommit.
+        statuses_as_read`), and the etcd revision of the read."""
         kvs, revision = await self.store.get_prefix(self.keys.statuses)
-        found = {}
+        found, revisions = {}, {}
         for kv in kvs:
             try:
                 status = NodeStatus.decode(kv.value)
             except RecordError:
                 continue
             found[status.node_id] = status
-        return found, revision
+            revisions[status.node_id] = kv.mod_revision
+        return found, revisions, revision
 
     async def watch_statuses(self, start_revision: int,
                              on_change: Callable[[str, NodeStatus | None], Awaitable[None]],

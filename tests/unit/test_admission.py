@@ -31,7 +31,7 @@ from proxy.admission import (
     decide,
     plain_batch,
 )
-from proxy.control import Applied, ControlPort
+from proxy.control import FENCED_LEASE, Applied, ControlPort
 from proxy.routing import SLOT_NOT_SERVED, MigratingSlots, NodeInfo, RoutingTable, empty_table, hash_password
 
 A, B, C = key_slot(b"a"), key_slot(b"b"), key_slot(b"c")  # 15495, 3300, 7365
@@ -380,10 +380,10 @@ def test_write_permission_is_swapped_whole():
     before = port.permission
     port.allow_writes_until(NOW)
     assert port.permission == WritePermission(deadline=NOW) and before == WritePermission()
-    port.fence()
+    port.fence(FENCED_LEASE)
     port.allow_writes_until(NOW + 10)  # a fenced node stays fenced until unfenced
     assert port.permission.refusal(NOW - 1) == FENCED
-    port.unfence(NOW + 10)
+    port.unfence(FENCED_LEASE, NOW + 10)
     assert port.permission.refusal(NOW) is None
 
 

@@ -64,3 +64,26 @@ def test_with_no_free_node_the_slots_go_to_the_live_shards():
 def test_manual_failover_config_forbids_reassignment():
     view = replace(make_view(2, 0), config=ClusterConfig(failover="manual"))
     assert plan_failover(view, health({"node-0": NOW - 5}), NOW, []) is None
+
+
+def test_a_dead_master_that_may_still_write_is_not_replaced():
+    """Its Redis fails checks but its lease holds and it has not said it fenced: promoting
+    now would leave two masters taking writes (a stalled Redis runs queued writes later)."""
+    view = make_view(2, 1)
+    state = health({"node-0": NOW - 5})
+    state["node-0"] = replace(state["node-0"], may_write=True)
+    assert plan_failover(view, state, NOW, []) is None
+    state["node-0"] = replace(state["node-0"], may_write=False)  # it fenced, or its lease is gone
+    step = plan_failover(view, state, NOW, [])
+    assert step.view.shards[0].master == "node-1" and step.replaced == "node-0"
+
+
+def test_a_reassigned_target_reports_the_keys_that_had_moved_into_it_as_lost():
+    from core.view import Migration, MigrationState
+
+    view = make_view(2, 0)
+    view = view.next(migrations=(Migration(((0, 99),), "s1", "s2", view.epoch + 1,
+                                           MigrationState.MIGRATING),))
+    free = [("spare", NodeAddress("127.0.0.1:9000", "127.0.0.1:19000"))]
+    step = plan_failover(view, health({"node-1": NOW - 5}), NOW, free)
+    assert step.replaced == "node-1" and "slots 0-99" in step.view.lost[-1]

@@ -8,7 +8,16 @@ from core.nodes import MigrationProgress, NodeStatus
 from core.view import Migration, MigrationState
 from mesh.model import migrations as plans
 from mesh.model.failover import DEFAULT_GRACE, Health, plan_failover
-from mesh.model.fencing import FENCE_HARD, FENCE_MARGIN, NO_LEASE, REFRESH_STUCK, Lease, Verdict, verdict
+from mesh.model.fencing import (
+    FENCE_HARD,
+    FENCE_MARGIN,
+    NEVER,
+    NO_LEADER_GRACE,
+    NO_LEASE,
+    Lease,
+    MemberPoll,
+    writes_until,
+)
 from mesh.model.health import HealthTracker, Misses, liveness, track
 from tests.unit.test_view import make_view
 
@@ -108,41 +117,35 @@ def test_backend_misses(checks, healthy):
 # -- the fence rule --------------------------------------------------------------------------
 
 DEADLINE = 100.0
+ASKED = DEADLINE + 3  # the members were asked well past the lease deadline
 
 
-@pytest.mark.parametrize("now,refreshing_since,healthy,ok", [
-    (DEADLINE - FENCE_MARGIN - 1, None, True, True),
-    (DEADLINE - FENCE_MARGIN, None, False, False),  # close to the deadline: ask the peers
-    (DEADLINE + 1, None, False, False),
-    # a keepalive stuck in flight: still healthy, but this node tells peers it lost etcd
-    (50.0, 50.0 - REFRESH_STUCK - 0.01, True, False),
-    (50.0, 50.0 - REFRESH_STUCK + 0.01, True, True),
+@pytest.mark.parametrize("lease,poll,until", [
+    # the lease alone: writes until just before etcd may expire it
+    (Lease(DEADLINE), None, DEADLINE - FENCE_HARD),
+    (Lease(DEADLINE), MemberPoll(ASKED, 3, 1), DEADLINE - FENCE_HARD),  # a minority
+    (Lease(DEADLINE), MemberPoll(ASKED, 4, 2), DEADLINE - FENCE_HARD),  # half
+    # a majority of etcd's members has no leader: a grace from when they were asked
+    (Lease(DEADLINE), MemberPoll(ASKED, 3, 2), ASKED + NO_LEADER_GRACE),
+    (Lease(DEADLINE), MemberPoll(ASKED, 5, 3), ASKED + NO_LEADER_GRACE),
+    # ... which never shortens the lease's own deadline
+    (Lease(DEADLINE), MemberPoll(DEADLINE - 5, 3, 3), DEADLINE - FENCE_HARD),
+    # etcd said the lease is gone, or there never was one: nothing to extend
+    (Lease(DEADLINE, expired=True), MemberPoll(ASKED, 3, 3), NEVER),
+    (NO_LEASE, MemberPoll(ASKED, 3, 3), NEVER),
 ])
-def test_lease_health(now, refreshing_since, healthy, ok):
-    lease = Lease(True, DEADLINE, refreshing_since)
-    assert (lease.healthy(now), lease.ok(now)) == (healthy, ok)
-    assert lease.write_deadline == DEADLINE - FENCE_HARD
+def test_writes_until(lease, poll, until):
+    assert writes_until(lease, poll) == until
 
 
-def test_no_lease_is_never_healthy():
-    assert not NO_LEASE.healthy(0.0) and not NO_LEASE.ok(0.0) and not NO_LEASE.stuck(0.0)
-
-
-@pytest.mark.parametrize("peers,alive,now,expected", [
-    # every peer that answered lost etcd too: nobody can be promoted, keep writing
-    (False, True, DEADLINE - 1, Verdict.KEEP_WRITES),
-    (False, True, DEADLINE + 5, Verdict.KEEP_WRITES),
-    (False, False, DEADLINE + 5, Verdict.KEEP_WRITES),
-    # a peer reaches etcd: this node is the one cut off; fence at the hard deadline
-    (True, True, DEADLINE - FENCE_HARD - 0.1, Verdict.ASK_AGAIN),
-    (True, True, DEADLINE - FENCE_HARD, Verdict.FENCE),
-    (True, False, DEADLINE - 1, Verdict.FENCE),  # the lease is lost already
-    # nobody answered: the same as a peer that reaches etcd
-    (None, True, DEADLINE - FENCE_HARD - 0.1, Verdict.ASK_AGAIN),
-    (None, True, DEADLINE, Verdict.FENCE),
+@pytest.mark.parametrize("now,at_risk", [
+    (DEADLINE - FENCE_MARGIN - 0.01, False),
+    (DEADLINE - FENCE_MARGIN, True),  # close to the deadline: ask etcd's members
+    (DEADLINE + 1, True),
 ])
-def test_fence_verdict(peers, alive, now, expected):
-    assert verdict(peers, Lease(alive, DEADLINE), now) is expected
+def test_lease_at_risk(now, at_risk):
+    assert Lease(DEADLINE).at_risk(now) is at_risk
+    assert Lease(DEADLINE, expired=True).at_risk(now) and NO_LEASE.at_risk(now)
 
 
 # -- the next migration step -----------------------------------------------------------------
