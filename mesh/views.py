@@ -202,7 +202,9 @@ class ViewApplier:
         """Set the backend's role again if something changed it (the backend check)."""
         async with self.lock:
             view = self.applied
-            if view is not None and view.shard_of(self.node_id) is not None:
+            # a graceful failover swaps the roles before the view records it: leave them be
+            if view is not None and view.shard_of(self.node_id) is not None \
+                    and not self.control.permission.handing_over:
                 await self._set_role(view)
 
     async def activate(self, view: ClusterView, migration: Migration) -> None:

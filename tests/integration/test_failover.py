@@ -266,6 +266,46 @@ def _write_refused(rc: RedisCluster) -> str:
     return ""
 
 
+STALL_SCRIPT = """
+local function now() local t = redis.call('TIME') return tonumber(t[1]) + tonumber(t[2]) / 1e6 end
+local start = now()
+while now() - start < tonumber(ARGV[1]) do end
+return 1
+"""
+STALL = 15  # seconds: past the busy-reply threshold (5 s) and the node's backend checks
+
+
+def test_a_stalled_master_redis_is_replaced_only_after_its_node_fenced(mesh_factory, capsys):
+    """A long script stalls the master's Redis: the node fences and cuts the writes already
+    at Redis before its status says so, the leader promotes the replica on that word, and the
+    old master does not take a write again once its script ends (it had no view to apply
+    while its Redis was busy). Every acknowledged write survives."""
+    mesh, created = make_cluster(mesh_factory, 1, 1)
+    old = master_of(created, "s1")
+    replica = next(n["node"] for n in created["shards"][0]["nodes"] if n["role"] == "replica")
+    wait_replication(mesh, replica)
+    stalled = redis.Redis(port=mesh.redis[old].port, socket_timeout=STALL + 10)
+    with Writer(mesh.proxies[old].port) as writer:
+        writer.running()
+        stall = threading.Thread(target=stalled.eval, args=(STALL_SCRIPT, 0, STALL))
+        stall.start()
+        shown = wait_for(lambda: (lambda v: v if master_of(v, "s1") == replica else None)(
+            mesh.umctl("--json", "cluster", "show", "fo")), timeout=STALL + 15,
+            what="the replica promoted")
+        stall.join()
+        writer.recovered()
+        writer.acknowledged(200)
+    assert old in shown["failed"] or old in {n["node"] for n in shown["shards"][0]["nodes"]}
+    wait_for(lambda: command(mesh.redis[old].port, "ROLE").startswith(b"*5\r\n$5\r\nslave"),
+             what="the old master a replica")
+    lost = writer.check(mesh.proxies[replica].port)
+    with capsys.disabled():
+        print(f"\n[stalled master] acknowledged: {sum(writer.acked.values())}, lost: {lost}, "
+              f"failed writes: {len(writer.errors)} {sorted(set(writer.errors))}")
+    assert lost == 0
+    stalled.close()
+
+
 def test_graceful_failover_under_load_loses_nothing(mesh_factory, capsys):
     mesh, created = make_cluster(mesh_factory, 1, 1)
     old = master_of(created, "s1")
