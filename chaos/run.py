@@ -242,8 +242,10 @@ def run(cfg: Config) -> Result:
 
 def summary(result: Result) -> str:
     r = result.report
+    found = "no anomaly" if r.valid else ", ".join(
+        f"{n} {k}" for k, n in sorted(r.counts().items()))
     lines = [f"chaos: seed {result.config.seed}, {len(result.rounds)} rounds in "
-             f"{result.seconds:.0f}s; {r.summary()}"]
+             f"{result.seconds:.0f}s; " + (r.summary() if r.ops else found)]
     if result.verdicts:
         outcomes = Counter(v.outcome for v in result.verdicts)
         registers = [op for op in result.history.ops if op.f in linearizable.REGISTER_OPS]
