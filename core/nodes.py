@@ -87,11 +87,14 @@ class NodeStatus:
 
     node_id: str
     cluster: str = ""
+    cluster_uid: str = ""  # the applied cluster's creation (a cluster deleted and made again
+    # under the same name is another one)
     epoch: int = 0
     role: str = "master"  # the backend's role as ROLE reports it: master | replica
     backend_ok: bool = True
     fenced: bool = False  # the proxy refuses writes (it may be replaced once it says so)
     repl_offset: int = 0
+    synced: bool = True  # its Redis finished a sync with the master it follows now
     leaving: bool = False  # set by a node shutting down cleanly
     # migration id -> progress, for the migrations this node is the source of
     migrations: dict[str, MigrationProgress] = field(default_factory=dict)
@@ -105,6 +108,14 @@ class NodeStatus:
             object.__setattr__(self, "migrations", {
                 str(mid): p if isinstance(p, MigrationProgress) else MigrationProgress.from_dict(p)
                 for mid, p in self.migrations.items()})
+
+    def serves(self, cluster: str, uid: str) -> bool:
+        """The node applied a view of that very cluster (name and creation)."""
+        return (self.cluster, self.cluster_uid) == (cluster, uid)
+
+    def applied(self, cluster: str, uid: str) -> int:
+        """The epoch of that very cluster this node applied; 0: none."""
+        return self.epoch if self.serves(cluster, uid) else 0
 
     def progress(self, migration_id: str) -> MigrationProgress:
         """This node's report on a migration it is the source of (defaults if none)."""

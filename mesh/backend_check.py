@@ -16,7 +16,7 @@ import structlog
 from core.nodes import MigrationProgress
 from proxy.control import FENCED_BACKEND, ControlPort
 
-from .model.health import Misses
+from .model.health import Misses, Synced
 from .redisctl import RedisCtl, RedisCtlError
 from .status import StatusReporter
 from .store.etcd import StoreError
@@ -38,12 +38,15 @@ class BackendChecker:
 
     async def run(self) -> None:
         misses = Misses()
+        synced = Synced(synced=False)  # nothing seen yet
         while True:
             ok, offset = True, self.status.status.repl_offset
             try:
                 with anyio.fail_after(BACKEND_TIMEOUT):
                     await self.ctl.call("PING")
-                    offset = await self.ctl.replication_offset()
+                    replication = await self.ctl.replication()
+                    offset = replication.offset
+                    synced = synced.seen(replication.master, replication.link_up)
                     await self.applier.keep_role()
             except (RedisCtlError, TimeoutError):
                 ok = False
@@ -60,7 +63,7 @@ class BackendChecker:
             progress = {mid: MigrationProgress.from_dict(p)
                         for mid, p in self.control.migration_progress().items()}
             self.status.set(backend_ok=healthy, fenced=self.control.fenced, repl_offset=offset,
-                            migrations=progress)
+                            synced=synced.synced, migrations=progress)
             await anyio.sleep(BACKEND_CHECK_INTERVAL)
 
     async def _recovered(self) -> None:

@@ -33,7 +33,7 @@ def outgoing(view: ClusterView, node_id: str) -> list[Migration]:
 def peer_epoch(peers: PeerStatuses, view: ClusterView, shard_id: str) -> int:
     """The epoch of `view`'s cluster that the master of `shard_id` reports applied."""
     master = next(s.master for s in view.shards if s.id == shard_id)
-    return peers.applied_epoch(master, view.cluster)
+    return peers.applied_epoch(master, view.cluster, view.uid)
 
 
 async def wait_commit(peers: PeerStatuses, node_id: str, current: ClusterView,

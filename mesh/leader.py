@@ -86,7 +86,8 @@ async def handle_failures(repo: MeshRepo, fence: Fence, tracker: HealthTracker) 
     alive = liveness(members, registered, statuses)
     offsets = {n: s.repl_offset for n, s in statuses.items()}
     health = tracker.update(alive, offsets, anyio.current_time(),
-                            may_write(registered, statuses))
+                            may_write(registered, statuses),
+                            unsynced=[n for n, s in statuses.items() if not s.synced])
     free = [(n, NodeAddress(r.proxy, r.backend)) for n, r in registered.items()
             if n not in assigned and alive.get(n)]
     for stored in views:

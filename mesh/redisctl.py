@@ -5,6 +5,8 @@ Callers own timeouts.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import anyio
 import hiredis
 from anyio.abc import SocketStream
@@ -78,12 +80,24 @@ class RedisCtl:
                 raise RedisCtlError(f"unexpected ROLE reply {reply!r}") from None
         return kind, None
 
-    async def replication_offset(self) -> int:
+    async def replication(self) -> Replication:
+        """What INFO replication says: the offset, the master followed, whether its link is up."""
         info = await self.call("INFO", "replication")
         if not isinstance(info, bytes):
             raise RedisCtlError(f"unexpected INFO reply {info!r}")
-        for line in info.decode().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("master_repl_offset", "slave_repl_offset"):
-                return int(value)
-        return 0
+        fields = dict(line.partition(":")[::2] for line in info.decode().splitlines())
+        try:
+            offset = int(fields.get("slave_repl_offset") or fields.get("master_repl_offset") or 0)
+        except ValueError:
+            raise RedisCtlError(f"unexpected INFO reply {info!r}") from None
+        if fields.get("role") != "slave":
+            return Replication(offset)
+        master = f"{fields.get('master_host', '')}:{fields.get('master_port', '')}"
+        return Replication(offset, master, fields.get("master_link_status") == "up")
+
+
+@dataclass(frozen=True, slots=True)
+class Replication:
+    offset: int
+    master: str | None = None  # the master followed (None: this is a master)
+    link_up: bool = False

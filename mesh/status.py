@@ -74,7 +74,8 @@ class PeerStatuses:
             self.statuses[node_id] = status
         self.changed.notify()
 
-    def applied_epoch(self, node_id: str, cluster: str) -> int:
-        """The epoch of `cluster` the node reports applied (0: none, or another cluster's)."""
+    def applied_epoch(self, node_id: str, cluster: str, uid: str) -> int:
+        """The epoch of that cluster (name and creation uid) the node reports applied (0: none,
+        or another cluster's)."""
         status = self.statuses.get(node_id)
-        return status.epoch if status is not None and status.cluster == cluster else 0
+        return status.applied(cluster, uid) if status is not None else 0

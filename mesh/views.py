@@ -150,7 +150,7 @@ class ViewApplier:
         self.applied = view
         self.changed.notify()
         role = "master" if shard.master == me else "replica"
-        self.status.set(cluster=view.cluster, epoch=view.epoch, role=role)
+        self.status.set(cluster=view.cluster, cluster_uid=view.uid, epoch=view.epoch, role=role)
         self.log.info("view_applied", cluster=view.cluster, epoch=view.epoch, role=role,
                       shard=shard.id)
 
@@ -163,7 +163,7 @@ class ViewApplier:
         self.control.apply(replace(empty_table(), departed=departed))
         self.applied = None
         self.changed.notify()
-        self.status.set(cluster="", epoch=0, role="master")
+        self.status.set(cluster="", cluster_uid="", epoch=0, role="master")
         self.log.info("left_cluster", cluster=view.cluster, epoch=view.epoch)
         try:
             with anyio.fail_after(BACKEND_TIMEOUT):

@@ -322,7 +322,7 @@ def mark_key(migration_id: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class BatchPlan:
-    """What one batch does, from the DUMP and PEXPIRETIME replies of its keys."""
+    """What one batch does, from the DUMP and PTTL replies of its keys."""
 
     present: tuple[bytes, ...]  # copied to the target, then unlinked here
     restore: tuple[tuple[bytes, ...], ...]  # ASKING + RESTORE, for the target proxy
@@ -330,7 +330,9 @@ class BatchPlan:
 
 
 def plan_batch(keys: list[bytes], dumps: list[bytes]) -> BatchPlan:
-    """`dumps`: the DUMP and PEXPIRETIME replies of `keys`, in turn."""
+    """`dumps`: the DUMP and PTTL replies of `keys`, in turn. The time left goes over, not
+    the moment of expiry (PEXPIRETIME + ABSTTL would trust that both hosts' wall clocks
+    agree); a key lives at most the copy's transfer time longer, as with Redis's MIGRATE."""
     restore: list[tuple[bytes, ...]] = []
     present: list[bytes] = []
     size = 0
@@ -338,9 +340,9 @@ def plan_batch(keys: list[bytes], dumps: list[bytes]) -> BatchPlan:
         payload, expires = _parse(dumps[2 * i]), _parse(dumps[2 * i + 1])
         if not isinstance(payload, bytes) or not isinstance(expires, int) or expires == -2:
             continue  # gone (deleted or expired): nothing to copy
-        cmd: tuple[bytes, ...] = (b"RESTORE", key, b"%d" % max(expires, 0), payload, b"REPLACE")
-        if expires > 0:
-            cmd += (b"ABSTTL",)
+        # a TTL of 0 would mean none: a key with under 1 ms left keeps 1 ms
+        ttl = 0 if expires == -1 else max(expires, 1)
+        cmd: tuple[bytes, ...] = (b"RESTORE", key, b"%d" % ttl, payload, b"REPLACE")
         restore += [(b"ASKING",), cmd]
         present.append(key)
         size += len(payload)
@@ -439,7 +441,7 @@ async def _move_batch(gate: SlotGate, keys: list[bytes], backend: BackendConnect
     settled = True  # whatever the target has of these keys, nobody can read it there
     try:
         dumps = await request_many(backend, [c for k in keys
-                                             for c in ([b"DUMP", k], [b"PEXPIRETIME", k])])
+                                             for c in ([b"DUMP", k], [b"PTTL", k])])
         plan = plan_batch(keys, dumps)
         present = list(plan.present)
         if present:

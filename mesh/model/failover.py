@@ -28,6 +28,7 @@ class Health:
     since: float  # when it last changed (the leader's clock)
     repl_offset: int = 0
     may_write: bool = False  # registered and not fenced by its own word
+    synced: bool = True  # its Redis finished a sync with the master it follows now
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +56,13 @@ def plan_failover(view: ClusterView, health: dict[str, Health], now: float,
             continue
         if shard.master in health and health[shard.master].may_write:
             continue  # its lease holds and it has not fenced: it will, or it comes back
+        # a replica that never finished its sync is empty or half-loaded: promoting it
+        # would lose what the master had; the shard waits for its master instead
         live = [r for r in shard.replicas if r not in failed and not dead(r, health, now, grace)
-                and health[r].alive]
+                and health[r].alive and health[r].synced]
+        if not live and any(health.get(r) and health[r].alive for r in shard.replicas
+                            if r not in failed):
+            continue
         if live:
             best = max(live, key=lambda r: (health[r].repl_offset, -shard.replicas.index(r)))
             replicas = tuple(r for r in shard.replicas if r != best) + (shard.master,)

@@ -35,16 +35,17 @@ def may_write(registered: Iterable[str], statuses: Mapping[str, NodeStatus]) -> 
 
 
 def track(previous: Mapping[str, Health], alive: Mapping[str, bool],
-          offsets: Mapping[str, int], now: float,
-          writable: Iterable[str] = ()) -> dict[str, Health]:
+          offsets: Mapping[str, int], now: float, writable: Iterable[str] = (),
+          unsynced: Iterable[str] = ()) -> dict[str, Health]:
     """The health of every node after one observation at `now`. `since` moves only when a
     node changes between alive and dead; a node no longer seen at all counts as dead."""
-    writable = set(writable)
+    writable, unsynced = set(writable), set(unsynced)
     state: dict[str, Health] = {}
     for node, ok in alive.items():
         before = previous.get(node)
         since = before.since if before is not None and before.alive == ok else now
-        state[node] = Health(ok, since, offsets.get(node, 0), node in writable)
+        state[node] = Health(ok, since, offsets.get(node, 0), node in writable,
+                             node not in unsynced)
     for node, before in previous.items():
         if node not in alive:
             since = before.since if not before.alive else now
@@ -59,9 +60,9 @@ class HealthTracker:
     def __init__(self) -> None:
         self.state: dict[str, Health] = {}
 
-    def update(self, alive: Mapping[str, bool], offsets: Mapping[str, int],
-               now: float, writable: Iterable[str] = ()) -> dict[str, Health]:
-        self.state = track(self.state, alive, offsets, now, writable)
+    def update(self, alive: Mapping[str, bool], offsets: Mapping[str, int], now: float,
+               writable: Iterable[str] = (), unsynced: Iterable[str] = ()) -> dict[str, Health]:
+        self.state = track(self.state, alive, offsets, now, writable, unsynced)
         return self.state
 
 
@@ -77,3 +78,20 @@ class Misses:
     def healthy(self, limit: int) -> bool:
         """Fewer than `limit` failures in a row: one slow PING is not a dead Redis."""
         return self.count < limit
+
+
+@dataclass(frozen=True, slots=True)
+class Synced:
+    """Whether this node's Redis holds a copy of the master it follows now: it finished a sync
+    with that master at some point (the link may be down since). A replica that never did is
+    empty or half-loaded, and the leader never promotes it (mesh/model/failover.py)."""
+
+    master: str | None = None  # None: a master, which holds its own data
+    synced: bool = True
+
+    def seen(self, master: str | None, link_up: bool) -> Synced:
+        if master is None:
+            return Synced()
+        if master != self.master:
+            return Synced(master, link_up)
+        return Synced(master, self.synced or link_up)

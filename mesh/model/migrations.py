@@ -172,7 +172,8 @@ def next_step(view: ClusterView, statuses: Mapping[str, NodeStatus]) -> Migratio
         if m.state is not MigrationState.MIGRATING:
             continue
         status = statuses.get(masters[m.source])
-        if status is not None and status.cluster == view.cluster and status.progress(m.id).done:
+        if status is not None and status.serves(view.cluster, view.uid) \
+                and status.progress(m.id).done:
             new, left = commit(view, m.id)
             return MigrationStep(new, tuple(left), f"commit {m.id}")
     started = start_next(view)

@@ -87,3 +87,12 @@ def test_a_reassigned_target_reports_the_keys_that_had_moved_into_it_as_lost():
     free = [("spare", NodeAddress("127.0.0.1:9000", "127.0.0.1:19000"))]
     step = plan_failover(view, health({"node-1": NOW - 5}), NOW, free)
     assert step.replaced == "node-1" and "slots 0-99" in step.view.lost[-1]
+
+
+def test_a_replica_that_never_finished_its_sync_is_not_promoted():
+    view = make_view(2, 1)
+    state = health({"node-0": NOW - 5})
+    state["node-1"] = replace(state["node-1"], synced=False)
+    assert plan_failover(view, state, NOW, []) is None  # the shard waits for its master
+    state["node-1"] = replace(state["node-1"], synced=True)
+    assert plan_failover(view, state, NOW, []).view.shards[0].master == "node-1"

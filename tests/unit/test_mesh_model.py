@@ -18,7 +18,7 @@ from mesh.model.fencing import (
     MemberPoll,
     writes_until,
 )
-from mesh.model.health import HealthTracker, Misses, liveness, track
+from mesh.model.health import HealthTracker, Misses, Synced, liveness, track
 from tests.unit.test_view import make_view
 
 # -- liveness --------------------------------------------------------------------------------
@@ -114,6 +114,23 @@ def test_backend_misses(checks, healthy):
     assert misses.healthy(3) is healthy
 
 
+# -- whether a replica holds its master's data -------------------------------------------------
+
+@pytest.mark.parametrize("seen,synced", [
+    ([(None, False)], True),  # a master holds its own data
+    ([("m:1", False)], False),  # the first sync is still running
+    ([("m:1", False), ("m:1", True)], True),
+    ([("m:1", True), ("m:1", False)], True),  # the link dropped after a sync: still a copy
+    ([("m:1", True), ("m:2", False)], False),  # a new master: not synced with it yet
+    ([("m:1", True), (None, False), ("m:1", False)], False),  # promoted, then a replica again
+])
+def test_synced(seen, synced):
+    state = Synced(synced=False)
+    for master, link_up in seen:
+        state = state.seen(master, link_up)
+    assert state.synced is synced
+
+
 # -- the fence rule --------------------------------------------------------------------------
 
 DEADLINE = 100.0
@@ -162,9 +179,10 @@ def migrating_view():
     return started
 
 
-def status(node, cluster="mydb", **progress):
-    return NodeStatus(node, cluster=cluster, migrations={
-        mid: MigrationProgress(**p) for mid, p in progress.items()})
+def status(node, cluster="mydb", uid=None, **progress):
+    return NodeStatus(node, cluster=cluster, cluster_uid=make_view(2, 0).uid if uid is None
+                      else uid, migrations={mid: MigrationProgress(**p)
+                                            for mid, p in progress.items()})
 
 
 def test_nothing_to_do_without_migrations():
@@ -184,6 +202,7 @@ def test_pending_migrations_start():
     ({"node-0": "not done"}, False),
     ({"node-0": "done"}, True),
     ({"node-0": "done elsewhere"}, False),  # a status of another cluster does not count
+    ({"node-0": "done before"}, False),  # nor one of an earlier cluster of the same name
     ({"node-1": "done"}, False),  # the target's word does not count
 ])
 def test_a_running_migration_commits_when_its_source_reports_every_key_moved(reported, commits):
@@ -192,6 +211,7 @@ def test_a_running_migration_commits_when_its_source_reports_every_key_moved(rep
     statuses = {}
     for node, what in reported.items():
         statuses[node] = status(node, cluster="other" if what == "done elsewhere" else "mydb",
+                                uid="an-earlier-one" if what == "done before" else None,
                                 **{running.id: {"done": what != "not done", "moved_keys": 9}})
     step = plans.next_step(view, statuses)
     if commits:

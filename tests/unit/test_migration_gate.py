@@ -67,14 +67,15 @@ def test_a_batch_copies_what_is_still_here_with_its_ttl():
     keys = [b"a", b"b", b"c", b"d"]
     dumps = [b"$3\r\nPAY\r\n", b":-1\r\n",  # a: no TTL
              b"$-1\r\n", b":-2\r\n",  # b: gone
-             b"$2\r\nPQ\r\n", b":1700000000000\r\n",  # c: expires
-             b"$1\r\nX\r\n", b":-2\r\n"]  # d: expired between DUMP and PEXPIRETIME
-    plan = plan_batch(keys, dumps)
-    assert plan.present == (b"a", b"c")
+             b"$2\r\nPQ\r\n", b":1500\r\n",  # c: expires in 1.5 s
+             b"$1\r\nX\r\n", b":-2\r\n",  # d: expired between DUMP and PTTL
+             b"$1\r\nY\r\n", b":0\r\n"]  # e: under 1 ms left (0 would mean no TTL)
+    plan = plan_batch(keys + [b"e"], dumps)
+    assert plan.present == (b"a", b"c", b"e")
     assert plan.restore == ((b"ASKING",), (b"RESTORE", b"a", b"0", b"PAY", b"REPLACE"),
-                            (b"ASKING",), (b"RESTORE", b"c", b"1700000000000", b"PQ",
-                                           b"REPLACE", b"ABSTTL"))
-    assert plan.size == 5
+                            (b"ASKING",), (b"RESTORE", b"c", b"1500", b"PQ", b"REPLACE"),
+                            (b"ASKING",), (b"RESTORE", b"e", b"1", b"Y", b"REPLACE"))
+    assert plan.size == 6
 
 
 @pytest.mark.parametrize("reply, replicas, expected", [

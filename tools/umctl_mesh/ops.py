@@ -161,8 +161,8 @@ async def wait_applied(store: EtcdStore, view: ClusterView, timeout: float,
         while True:
             statuses = await repo.statuses()
             behind = [n for n in view.node_ids
-                      if not (statuses.get(n) and statuses[n].cluster == view.cluster
-                              and statuses[n].epoch >= view.epoch)]
+                      if not (statuses.get(n)
+                              and statuses[n].applied(view.cluster, view.uid) >= view.epoch)]
             if progress is not None:
                 progress(len(view.node_ids) - len(behind), len(view.node_ids))
             if not behind:
