@@ -60,6 +60,9 @@ class Migration:
         return f"{self.source}>{self.target}@{self.epoch}"
 
 
+REASSIGN_AFTER = 60  # seconds (ClusterConfig.reassign_after)
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
     password_hash: str | None = None
@@ -68,6 +71,9 @@ class ClusterConfig:
     # synchronous mode: a write is acknowledged only once this many replicas have it
     min_replicas_ack: int = 0
     ack_timeout_ms: int = 1000
+    # seconds every node of a shard must have been dead before the leader gives its slots away
+    # EMPTY (its data is lost); synchronous mode never does (mesh/model/failover.py)
+    reassign_after: int = REASSIGN_AFTER
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +116,10 @@ def validate(view: ClusterView) -> None:
         raise ViewError("epoch must be at least 1")
     if view.config.failover not in ("auto", "manual"):
         raise ViewError("config failover must be auto or manual")
-    if view.config.min_replicas_ack < 0 or view.config.ack_timeout_ms < 1:
-        raise ViewError("config min_replicas_ack must be >= 0 and ack_timeout_ms >= 1")
+    if view.config.min_replicas_ack < 0 or view.config.ack_timeout_ms < 1 \
+            or view.config.reassign_after < 0:
+        raise ViewError("config min_replicas_ack and reassign_after must be >= 0 and "
+                        "ack_timeout_ms >= 1")
     addresses = dict(view.nodes)
     if len(addresses) != len(view.nodes):
         raise ViewError("a node is listed twice")
@@ -186,7 +194,8 @@ def to_json(view: ClusterView) -> bytes:
                    "replica_reads": view.config.replica_reads,
                    "failover": view.config.failover,
                    "min_replicas_ack": view.config.min_replicas_ack,
-                   "ack_timeout_ms": view.config.ack_timeout_ms},
+                   "ack_timeout_ms": view.config.ack_timeout_ms,
+                   "reassign_after": view.config.reassign_after},
         "shards": [{"id": s.id, "master": s.master, "replicas": list(s.replicas),
                     "slots": [list(r) for r in s.slots]} for s in view.shards],
         "migrations": [{"slots": [list(r) for r in m.slots], "from": m.source, "to": m.target,
@@ -211,7 +220,8 @@ def from_json(data: bytes | str) -> ClusterView:
                                  replica_reads=bool(config.get("replica_reads", False)),
                                  failover=str(config.get("failover", "auto")),
                                  min_replicas_ack=_int(config.get("min_replicas_ack", 0)),
-                                 ack_timeout_ms=_int(config.get("ack_timeout_ms", 1000))),
+                                 ack_timeout_ms=_int(config.get("ack_timeout_ms", 1000)),
+                                 reassign_after=_int(config.get("reassign_after", REASSIGN_AFTER))),
             shards=tuple(Shard(id=str(s["id"]), master=str(s["master"]),
                                replicas=tuple(map(str, s.get("replicas", []))),
                                slots=tuple((_int(a), _int(b)) for a, b in s["slots"]))

@@ -32,6 +32,9 @@ SHARED_CONNECTIONS_PER_PROTOCOL = 4
 # ... and this many more for clients sending big batches, so that one client's deep pipeline
 # never sits in the stream ahead of another client's single command
 BULK_CONNECTIONS_PER_PROTOCOL = 2
+# ... and this many for synchronous mode's writes: their WAIT holds the stream until replicas
+# confirm, which must not hold back other clients' reads
+SYNCED_CONNECTIONS_PER_PROTOCOL = 2
 # not sent: the command did not run (cluster clients retry CLUSTERDOWN by themselves)
 BACKEND_DOWN = b"-CLUSTERDOWN The backend of this node is unreachable\r\n"
 # sent, and then the link was lost: it may have run, so no client should retry it blindly
@@ -81,6 +84,7 @@ class BackendConnection(asyncio.Protocol):
         self.closed = False  # closed by its owner: never (re)connects
         self.raw_sink: RawSink | None = None  # pub/sub: every byte goes to one client
         self.bulk = False  # one of the pool's connections for big batches
+        self.synced = False  # one of the pool's connections for writes followed by WAIT
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._waiting: deque[tuple[Pending, ReplySink | None, int]] = deque()
@@ -338,10 +342,22 @@ class BackendPool:
         for (_, bulk), conns in self.shared.items():
             for conn in conns:
                 conn.bulk = bulk
+        self.synced = {resp3: [BackendConnection(self.host, self.port, resp3, password,
+                                                 self.data_user)
+                               for _ in range(SYNCED_CONNECTIONS_PER_PROTOCOL)]
+                       for resp3 in (False, True)}
+        for conns in self.synced.values():
+            for conn in conns:
+                conn.synced = True
         self._next = 0
 
     def pick(self, resp3: bool, bulk: bool = False) -> BackendConnection:
         conns = self.shared[(resp3, bulk)]
+        self._next += 1
+        return conns[self._next % len(conns)]
+
+    def pick_synced(self, resp3: bool) -> BackendConnection:
+        conns = self.synced[resp3]
         self._next += 1
         return conns[self._next % len(conns)]
 
@@ -354,12 +370,12 @@ class BackendPool:
         return any(c.up for conns in self.shared.values() for c in conns)
 
     def drop_in_flight(self) -> None:
-        for conns in self.shared.values():
+        for conns in [*self.shared.values(), *self.synced.values()]:
             for conn in conns:
                 conn.abort()
 
     async def run(self, tg: TaskGroup) -> None:
-        for conns in self.shared.values():
+        for conns in [*self.shared.values(), *self.synced.values()]:
             for conn in conns:
                 tg.start_soon(keep_connected, conn)
 

@@ -130,9 +130,10 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        if (len(data) > BULK_BATCH_BYTES) is not self.conn.bulk and not self.replies \
+        bulk = len(data) > BULK_BATCH_BYTES
+        if (bulk is not self.conn.bulk or self.conn.synced) and not self.replies \
                 and self.dedicated is None and self.barrier is None:
-            self.conn = self.ctx.pool.pick(self.resp3, not self.conn.bulk)
+            self.conn = self.ctx.pool.pick(self.resp3, bulk)
         parser = self.parser
         try:
             batch = parser.feed(data)
@@ -324,6 +325,10 @@ class Session(asyncio.Protocol):
         self.conn.queue(encode_command(argv), pending, self)
 
     def _forward_synced(self, argv: list[bytes]) -> None:
+        # the WAIT behind the write holds its connection's stream: take one that only such
+        # writes use (when nothing of this client's is in flight, so its order holds)
+        if not self.conn.synced and not self.replies and self.dedicated is None:
+            self.conn = self.ctx.pool.pick_synced(self.resp3)
         table = self.control.table
         pending = SyncedWrite(self, encode_command(argv), table.min_replicas_ack,
                               table.ack_timeout_ms)

@@ -8,9 +8,10 @@ only if that status is still as read: `FailoverStep.replaced`).
 
 A dead master hands its shard to the live replica with the highest replication offset and
 becomes a (failed) replica itself, so when it comes back it resyncs from the new master and
-never serves as a second one. A shard with no live member gets a free node (empty: its data is
-reported lost) or, with no free node, its slots go to the other shards; the cluster's
-`failover: manual` forbids both.
+never serves as a second one. A shard with no live member for the cluster's `reassign_after`
+(60 s by default) gets a free node (empty: its data is reported lost) or, with no free node,
+its slots go to the other shards; the cluster's `failover: manual` and synchronous mode forbid
+both.
 """
 from __future__ import annotations
 
@@ -71,7 +72,11 @@ def plan_failover(view: ClusterView, health: dict[str, Health], now: float,
             return FailoverStep(new, what=f"promoted {best} in {shard.id} "
                                           f"(master {shard.master} dead)",
                                 replaced=shard.master)
-        if view.config.failover == "manual":
+        # giving the slots away loses the shard's data: only after a long outage (a partition
+        # of a few seconds must not cost a shard), and never where writes were promised safe
+        if view.config.failover == "manual" or view.config.min_replicas_ack > 0 \
+                or not all(dead(m, health, now, view.config.reassign_after)
+                           for m in shard.members):
             continue
         return replace(_reassign(view, shard, free, now), replaced=shard.master)
     # replicas that died or came back

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -14,7 +15,7 @@ from redis.retry import Retry
 
 from core.slots import key_slot
 from mesh.agent import LEASE_TTL
-from tests.procs import command, wait_for
+from tests.procs import blocked_clients, command, wait_for
 
 
 class Writer:
@@ -172,7 +173,7 @@ def test_partitioned_master_fences_itself_and_rejoins_as_replica(mesh_factory):
 
 
 def test_shard_without_replicas_gets_a_free_node_and_the_loss_is_reported(mesh_factory):
-    mesh, created = make_cluster(mesh_factory, 2, 0, extra=1)
+    mesh, created = make_cluster(mesh_factory, 2, 0, 1, "--reassign-after", "2")
     old = master_of(created, "s1")
     mesh.proxies[old].kill()
     shown = wait_for(lambda: (lambda v: v if master_of(v, "s1") != old else None)(
@@ -227,6 +228,46 @@ def test_sync_mode_loses_no_acknowledged_write_when_a_master_dies(mesh_factory, 
         print(f"\n[failover: sync mode] acknowledged: {sum(writer.acked.values())}, "
               f"lost: {lost}, failed writes: {len(writer.errors)} {sorted(set(writer.errors))}")
     assert lost == 0 and sum(writer.acked.values()) > 100
+
+
+SLOW_WRITERS = 12  # more than the shared backend connections, so every one has a WAIT
+
+
+def test_sync_mode_waits_do_not_hold_back_other_clients_reads(mesh_factory):
+    """The replica is stopped, so every sync-mode write waits the whole ack timeout (1 s) in
+    WAIT. Reads of another client on the same proxy must not queue behind those WAITs."""
+    mesh, created = make_cluster(mesh_factory, 1, 1, 0, "--min-replicas-ack", "1")
+    master = master_of(created, "s1")
+    replica = next(n["node"] for n in created["shards"][0]["nodes"] if n["role"] == "replica")
+    wait_replication(mesh, replica)
+    port = mesh.proxies[master].port
+    key = _key_of(created, "s1")
+    assert command(port, "SET", key, "v") == b"+OK\r\n"
+    stop = threading.Event()
+
+    def slow_writes(i: int) -> None:
+        while not stop.is_set():
+            command(port, "SET", f"{key}:{i}", "x", timeout=10)
+
+    os.kill(mesh.redis[replica].pid, signal.SIGSTOP)
+    writers = [threading.Thread(target=slow_writes, args=(i,)) for i in range(SLOW_WRITERS)]
+    try:
+        for t in writers:
+            t.start()
+        wait_for(lambda: blocked_clients(mesh.redis[master].port) > 0,
+                 what="writers blocked in WAIT")
+        took = []
+        for _ in range(20):
+            started = time.monotonic()
+            assert command(port, "GET", key) == b"$1\r\nv\r\n"
+            took.append(time.monotonic() - started)
+    finally:
+        stop.set()
+        os.kill(mesh.redis[replica].pid, signal.SIGCONT)
+        for t in writers:
+            t.join(15)
+    # a read behind a WAIT takes up to the ack timeout (1 s); alone it takes a millisecond
+    assert max(took) < 0.5, f"reads held behind WAITs: {sorted(took)[-3:]}"
 
 
 def test_with_etcd_gone_writes_stop_at_the_lease_deadline_reads_go_on_and_writes_come_back(

@@ -3,11 +3,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 from core.slots import slot_count
-from core.view import ClusterConfig, NodeAddress
+from core.view import REASSIGN_AFTER, ClusterConfig, NodeAddress
 from mesh.model.failover import Health, plan_failover
 from tests.unit.test_view import make_view
 
 NOW = 100.0
+LONG_AGO = NOW - REASSIGN_AFTER - 1  # dead long enough to give slots away
 
 
 def health(dead: dict[str, float] = {}, offsets: dict[str, int] = {}, nodes=8):  # noqa: B006
@@ -48,14 +49,14 @@ def test_dead_replica_is_marked_failed():
 def test_shard_without_live_node_gets_a_free_node_and_the_loss_is_reported():
     view = make_view(2, 0)
     free = [("spare", NodeAddress("127.0.0.1:9000", "127.0.0.1:19000"))]
-    step = plan_failover(view, health({"node-0": NOW - 5}), NOW, free)
+    step = plan_failover(view, health({"node-0": LONG_AGO}), NOW, free)
     assert step.view.shards[0].master == "spare" and step.claimed == ("spare",)
     assert step.released == ("node-0",) and "lost" in step.view.lost[-1]
 
 
 def test_with_no_free_node_the_slots_go_to_the_live_shards():
     view = make_view(3, 0)
-    step = plan_failover(view, health({"node-1": NOW - 5}), NOW, [])
+    step = plan_failover(view, health({"node-1": LONG_AGO}), NOW, [])
     assert [s.id for s in step.view.shards] == ["s1", "s3"]
     assert sum(slot_count(s.slots) for s in step.view.shards) == 16384
     assert "node-1" not in step.view.node_ids and step.view.lost
@@ -63,7 +64,7 @@ def test_with_no_free_node_the_slots_go_to_the_live_shards():
 
 def test_manual_failover_config_forbids_reassignment():
     view = replace(make_view(2, 0), config=ClusterConfig(failover="manual"))
-    assert plan_failover(view, health({"node-0": NOW - 5}), NOW, []) is None
+    assert plan_failover(view, health({"node-0": LONG_AGO}), NOW, []) is None
 
 
 def test_a_dead_master_that_may_still_write_is_not_replaced():
@@ -85,7 +86,7 @@ def test_a_reassigned_target_reports_the_keys_that_had_moved_into_it_as_lost():
     view = view.next(migrations=(Migration(((0, 99),), "s1", "s2", view.epoch + 1,
                                            MigrationState.MIGRATING),))
     free = [("spare", NodeAddress("127.0.0.1:9000", "127.0.0.1:19000"))]
-    step = plan_failover(view, health({"node-1": NOW - 5}), NOW, free)
+    step = plan_failover(view, health({"node-1": LONG_AGO}), NOW, free)
     assert step.replaced == "node-1" and "slots 0-99" in step.view.lost[-1]
 
 
@@ -96,3 +97,14 @@ def test_a_replica_that_never_finished_its_sync_is_not_promoted():
     assert plan_failover(view, state, NOW, []) is None  # the shard waits for its master
     state["node-1"] = replace(state["node-1"], synced=True)
     assert plan_failover(view, state, NOW, []).view.shards[0].master == "node-1"
+
+
+def test_a_shard_dead_for_a_short_while_keeps_its_slots():
+    """A partition of a few seconds must not cost a shard its data: the slots are given
+    away EMPTY only after reassign_after, and never in synchronous mode."""
+    view = make_view(2, 0)
+    free = [("spare", NodeAddress("127.0.0.1:9000", "127.0.0.1:19000"))]
+    assert plan_failover(view, health({"node-0": NOW - 5}), NOW, free) is None
+    assert plan_failover(view, health({"node-0": LONG_AGO}), NOW, free) is not None
+    sync = replace(view, config=ClusterConfig(min_replicas_ack=1))
+    assert plan_failover(sync, health({"node-0": LONG_AGO}), NOW, free) is None

@@ -15,7 +15,7 @@ import anyio
 
 from core import secret
 from core.address import Address
-from core.view import ClusterView, slots_of
+from core.view import REASSIGN_AFTER, ClusterView, slots_of
 from mesh.store.etcd import EtcdStore, StoreError
 
 from . import local, ops
@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--min-replicas-ack", type=int, default=0, metavar="N",
                         help="synchronous mode: acknowledge a write only once N replicas have "
                              "it (WAIT); a failover then loses no acknowledged write")
+    create.add_argument("--reassign-after", type=int, default=REASSIGN_AFTER,
+                        metavar="SECONDS",
+                        help="when every node of a shard has been dead this long, give its "
+                             "slots to a free node or the other shards, EMPTY: its data is "
+                             f"lost (default {REASSIGN_AFTER}; never in "
+                             "synchronous mode)")
     create.add_argument("--no-wait", action="store_true",
                         help="return once the view is written, without waiting for the nodes")
     create.add_argument("--timeout", type=float, default=30.0,
@@ -248,7 +254,7 @@ async def cmd_release(store: EtcdStore, args: argparse.Namespace) -> int:
 
 async def cmd_create(store: EtcdStore, args: argparse.Namespace) -> int:
     view = await ops.create_cluster(store, args.name, args.shards, args.replicas, args.password,
-                                    args.min_replicas_ack)
+                                    args.min_replicas_ack, args.reassign_after)
     behind: list[str] = []
     if not args.no_wait:
         def progress(done: int, total: int) -> None:

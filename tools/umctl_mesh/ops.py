@@ -14,6 +14,7 @@ from core.nodes import Assignment, MigrationProgress, NodeRecord, NodeStatus
 from core.slots import SlotRange, slot_count
 from core.view import (
     CLUSTER_NAME,
+    REASSIGN_AFTER,
     ClusterConfig,
     ClusterView,
     Migration,
@@ -83,7 +84,8 @@ async def read_pool(store: EtcdStore) -> Pool:
 
 
 def build_view(name: str, pool: Pool, shards: int, replicas: int,
-               password: str | None, min_replicas_ack: int = 0) -> ClusterView:
+               password: str | None, min_replicas_ack: int = 0,
+               reassign_after: int = REASSIGN_AFTER) -> ClusterView:
     if not CLUSTER_NAME.fullmatch(name):
         raise OpError(f"invalid cluster name '{name}' (letters, digits, '_', '.', '-'; "
                       "at most 64)")
@@ -100,7 +102,7 @@ def build_view(name: str, pool: Pool, shards: int, replicas: int,
     if min_replicas_ack > replicas:
         raise OpError(f"--min-replicas-ack {min_replicas_ack} needs at least as many replicas")
     config = ClusterConfig(password_hash=hash_password(password) if password else None,
-                           min_replicas_ack=min_replicas_ack)
+                           min_replicas_ack=min_replicas_ack, reassign_after=reassign_after)
     view = ClusterView(name, 1, shard_list, nodes, config, uid=uuid.uuid4().hex)
     try:
         validate(view)
@@ -110,14 +112,16 @@ def build_view(name: str, pool: Pool, shards: int, replicas: int,
 
 
 async def create_cluster(store: EtcdStore, name: str, shards: int, replicas: int,
-                         password: str | None, min_replicas_ack: int = 0) -> ClusterView:
+                         password: str | None, min_replicas_ack: int = 0,
+                         reassign_after: int = REASSIGN_AFTER) -> ClusterView:
     """Write the view and claim its nodes in one transaction that requires both absent."""
     repo = MeshRepo(store)
     for _ in range(RACE_RETRIES):
         pool = await read_pool(store)
         if name in pool.views:
             raise OpError(f"cluster '{name}' already exists")
-        view = build_view(name, pool, shards, replicas, password, min_replicas_ack)
+        view = build_view(name, pool, shards, replicas, password, min_replicas_ack,
+                          reassign_after)
         if await repo.commit_view(name, 0, view, ViewCommit(claim=view.node_ids)):
             return view
     raise OpError("lost the race for free nodes 5 times in a row; try again")
