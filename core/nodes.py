@@ -92,7 +92,7 @@ class NodeStatus:
     epoch: int = 0
     role: str = "master"  # the backend's role as ROLE reports it: master | replica
     backend_ok: bool = True
-    fenced: bool = False  # the proxy refuses writes (it may be replaced once it says so)
+    fenced: bool = False  # the proxy serves no keys (it may be replaced once it says so)
     repl_offset: int = 0
     synced: bool = True  # its Redis finished a sync with the master it follows now
     leaving: bool = False  # set by a node shutting down cleanly

@@ -24,7 +24,7 @@ NOAUTH = b"-NOAUTH Authentication required.\r\n"
 TRYAGAIN = b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n"
 TENANT_CHANGED = (b"-CLUSTERDOWN this node was given to another cluster since you connected; "
                   b"reconnect\r\n")
-FENCED = (b"-CLUSTERDOWN this node lost contact with the mesh and refuses writes until it "
+FENCED = (b"-CLUSTERDOWN this node lost contact with the mesh and serves no keys until it "
           b"rejoins\r\n")
 
 # Answered without AUTH (as Redis does); everything else needs it when a password is set.
@@ -219,6 +219,12 @@ def decide(argv: list[bytes], table: RoutingTable, client: ClientState,
                 return routed
             if client.in_multi and routed >= 0:
                 return Queue(routed)
+        if not write:
+            # reads stop with writes: past the deadline a replica may have been promoted and
+            # taken newer writes, and a read here would go back in time
+            refusal = permission.refusal(now)
+            if refusal is not None:
+                return Refuse(refusal)
         return FORWARD_SYNCED if write and table.min_replicas_ack else FORWARD
     if kind is Kind.LOCAL:
         if client.in_multi and name not in RUN_INSIDE_MULTI:
@@ -330,14 +336,15 @@ def _route(spec: commands.CommandSpec, argv: list[bytes], table: RoutingTable,
     return Gate(route.migration_id, tuple(argv[i] for i in positions), slot)
 
 
-def _build_plain() -> dict[bytes, tuple[int, int, bool]]:
+def _build_plain() -> dict[bytes, tuple[int, int]]:
     """Commands of one key at argv[1] that need nothing but routing (GET, SET, HSET, ...):
-    name as clients usually spell it -> (min argc, max argc, is a write)."""
+    name as clients usually spell it -> (min argc, max argc). Reads and writes alike meet
+    the fence (`decide()`)."""
     plain = {}
     for name, (kind, spec) in DISPATCH.items():
         if (kind is Kind.KEYED and spec.subcommands is None and not spec.movable
                 and spec.first_key == spec.last_key == 1):
-            entry = (spec.min_argc, spec.max_argc, "write" in spec.flags)
+            entry = (spec.min_argc, spec.max_argc)
             plain[name] = plain[name.lower()] = entry
     return plain
 
@@ -353,7 +360,6 @@ def plain_batch(batch: list[list[bytes]], table: RoutingTable, tenant: str,
     if tenant != table.tenant or auth_hash != table.password_hash or table.min_replicas_ack:
         return False
     routes = None if table.serves_all else table.routes
-    writable = None
     for argv in batch:
         entry = PLAIN.get(argv[0])
         if entry is None or not entry[0] <= len(argv) <= entry[1]:
@@ -363,8 +369,4 @@ def plain_batch(batch: list[list[bytes]], table: RoutingTable, tenant: str,
             if routes[key_slot(key) if b"{" in key else crc_hqx(key, 0) & SLOT_MASK] \
                     is not None:
                 return False
-        if entry[2] and writable is None:
-            writable = permission.refusal(now) is None
-            if not writable:
-                return False
-    return True
+    return permission.refusal(now) is None  # reads and writes alike (see decide())
