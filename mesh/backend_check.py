@@ -48,8 +48,10 @@ class BackendChecker:
                     offset = replication.offset
                     synced = synced.seen(replication.master, replication.link_up)
                     await self.applier.keep_role()
-            except (RedisCtlError, TimeoutError):
+            except (RedisCtlError, TimeoutError) as exc:
                 ok = False
+                log.warning("backend_check_failed", node=self.status.status.node_id,
+                            error=str(exc) or type(exc).__name__)
             misses = misses.record(ok)
             healthy = misses.healthy(BACKEND_FAIL_LIMIT)
             fenced_here = FENCED_BACKEND in self.control.fenced_for

@@ -224,6 +224,10 @@ async def cmd_nodes(store: EtcdStore, args: argparse.Namespace) -> int:
             health = "backend down"
         elif view is not None and (applied is None or applied < view.epoch):
             health = "behind"
+        elif role == "replica" and not st.synced:
+            health = "syncing"  # never promoted until its first sync with its master is done
+        elif st.fenced:
+            health = "fenced"
         else:
             health = "ok"
         rows.append({
