@@ -28,7 +28,7 @@ from anyio.abc import TaskStatus
 
 from core import __version__
 from core.nodes import NodeRecord
-from proxy.control import FENCED_LEAVING, ControlPort
+from proxy.control import FENCED_LEASE, FENCED_LEAVING, ControlPort
 
 from .backend_check import BackendChecker
 from .barriers import MigrationStarts
@@ -110,6 +110,8 @@ class NodeAgent:
                                 self.config.host, __version__, time.time())
             await self.repo.register(record, lease)
             self.log.info("node_registered", lease=f"{lease:x}")
+            self.status.lease = lease
+            await self.status.publish()  # before the views are read: see ViewApplier.run
             tg.start_soon(self.peers.run)
             tg.start_soon(self.views.run, keeper)
             tg.start_soon(self.status.run, lease)
@@ -121,6 +123,11 @@ class NodeAgent:
                 self.log.warning("lease_lost_reregistering")
                 tg.cancel_scope.cancel()
             finally:
+                # the lease is about to be revoked (or is gone): nothing may be served on it
+                # from now on, whatever its deadline says
+                keeper.expired = True
+                if self.views.applied is not None:
+                    self.control.fence(FENCED_LEASE)
                 with anyio.move_on_after(REVOKE_TIMEOUT, shield=True):
                     with contextlib.suppress(StoreError):
                         await self.repo.store.revoke(lease)

@@ -94,10 +94,14 @@ async def handle_failures(repo: MeshRepo, fence: Fence, tracker: HealthTracker) 
         step = plan_failover(stored.view, health, anyio.current_time(), free)
         if step is None:
             continue
-        as_read = () if step.replaced is None else \
-            ((step.replaced, status_revisions.get(step.replaced, 0)),)
-        change = ViewCommit(claim=step.claimed, unassign=step.released,
-                            forget_data=step.released, fence=fence, statuses_as_read=as_read)
+        # the replaced master must still be as read: unregistered, or fenced by its own word
+        # (a node back from a partition registers and speaks before it reads the views)
+        old = step.replaced
+        registered_at = nodes[old].revision if old is not None and old in nodes else 0
+        change = ViewCommit(
+            claim=step.claimed, unassign=step.released, forget_data=step.released, fence=fence,
+            statuses_as_read=() if old is None else ((old, status_revisions.get(old, 0)),),
+            nodes_as_read=() if old is None else ((old, registered_at),))
         if await repo.commit_view(stored.cluster, stored.revision, step.view, change):
             log.warning("failover", cluster=stored.view.cluster, epoch=step.view.epoch,
                         step=step.what)

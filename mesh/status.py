@@ -25,6 +25,7 @@ class StatusReporter:
         self.status = NodeStatus(node_id)
         self.changed = Changed()
         self.lease: int | None = None  # the current lease (set by run)
+        self.publishing = anyio.Lock()
 
     def set(self, **changes: Any) -> None:
         new = replace(self.status, **changes)
@@ -41,10 +42,13 @@ class StatusReporter:
                 await changed.wait()
 
     async def publish(self) -> None:
-        """Write the status now (on the current lease); returns once etcd has it."""
-        if self.lease is None:
-            raise StoreError("no lease yet to write the status on")
-        await self.repo.put_status(replace(self.status, updated=time.time()), self.lease)
+        """Write the status now (on the current lease); returns once etcd has it. One put at a
+        time, each of the status as it is when its turn comes: an older put retried late can
+        never land after a newer one (the backend fence's recovery relies on it)."""
+        async with self.publishing:
+            if self.lease is None:
+                raise StoreError("no lease yet to write the status on")
+            await self.repo.put_status(replace(self.status, updated=time.time()), self.lease)
 
 
 class PeerStatuses:

@@ -53,9 +53,15 @@ class ViewApplier:
 
     # -- watching ----------------------------------------------------------------------------
     async def run(self, keeper: LeaseKeeper) -> None:
-        """Read every view, apply, let writes resume under this lease, then follow changes."""
-        self.keeper = keeper
+        """Read every view, apply, let writes resume under this lease, then follow changes.
+        The lease counts for the fence only once the views were read under it: until then
+        `self.views` holds what an earlier lease saw, which may miss a failover that made
+        this node a replica (the backend check's reconcile must not unfence on it)."""
         revision = await self.read_all()
+        self.keeper = keeper
+        async with self.lock:
+            if self.current():
+                self._resume_writes()
         await self.repo.watch_views(revision + 1, self._on_change, self.read_all)
 
     async def read_all(self) -> int:

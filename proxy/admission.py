@@ -215,16 +215,20 @@ def decide(argv: list[bytes], table: RoutingTable, client: ClientState,
         if spec.first_key or spec.movable:
             # inside MULTI the gate cannot run a command now without breaking the transaction
             routed = _route(spec, argv, table, client, gated=not client.in_multi)
-            if not isinstance(routed, int):
+            if not isinstance(routed, (int, Gate)):
                 return routed
-            if client.in_multi and routed >= 0:
+            if client.in_multi and isinstance(routed, int) and routed >= 0:
                 return Queue(routed)
+        else:
+            routed = -1
         if not write:
             # reads stop with writes: past the deadline a replica may have been promoted and
             # taken newer writes, and a read here would go back in time
             refusal = permission.refusal(now)
             if refusal is not None:
                 return Refuse(refusal)
+        if isinstance(routed, Gate):
+            return routed
         return FORWARD_SYNCED if write and table.min_replicas_ack else FORWARD
     if kind is Kind.LOCAL:
         if client.in_multi and name not in RUN_INSIDE_MULTI:
@@ -242,6 +246,10 @@ def decide(argv: list[bytes], table: RoutingTable, client: ClientState,
             routed = _route(spec, argv, table, client, gated=False)
             if not isinstance(routed, int):
                 return routed
+        if not write and routed >= 0:  # reads stop with writes (above)
+            refusal = permission.refusal(now)
+            if refusal is not None:
+                return Refuse(refusal)
         if routed < 0 and write and name in SCRIPTS and not table.serves_all:
             # keys it does not declare could be anybody's slots: Redis Cluster refuses them
             return Refuse(error("ERR a script that may write must declare its keys through "

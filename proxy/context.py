@@ -43,6 +43,7 @@ class ProxyContext:
         stalled (a long script) would run them after the leader promoted a replica, and the
         acknowledged writes would vanish in the resync."""
         self.pool.drop_in_flight()
+        self.migrations.cut_in_flight()
         for session in list(self.sessions):
             for conn in session.owned:
                 conn.abort()

@@ -171,8 +171,12 @@ class SlotGate:
     """
 
     def __init__(self, marker: MigratingSlots, conns: dict[bool, BackendConnection],
-                 forwards: dict[bool, BackendConnection]) -> None:
+                 forwards: dict[bool, BackendConnection],
+                 refusal: Callable[[], bytes | None] = lambda: None) -> None:
         self.marker = marker
+        # the node's fence, asked again when a command is about to run here: it was decided
+        # when submitted, but may have waited (for the mover, or at a stalled Redis) since
+        self.refusal = refusal
         self.conns = conns
         self.forwards = forwards
         self.moving: set[bytes] = set()
@@ -229,7 +233,9 @@ class SlotGate:
         resp3 = req.session.resp3
         marker = self.marker
         decision = after_check(int(reply[1:-2]), len(req.keys), marker.source, marker.ready)
-        if decision is Checked.RUN:
+        if decision is Checked.RUN and (refused := self.refusal()) is not None:
+            self._finish(req, refused)
+        elif decision is Checked.RUN:
             conn = self.conns[resp3]
             if marker.min_replicas_ack and is_write(req.argv):
                 req.synced = SyncedWrite(req, encode_command(req.argv), marker.min_replicas_ack,
@@ -437,6 +443,8 @@ async def _move_batch(gate: SlotGate, keys: list[bytes], backend: BackendConnect
     """
     mid = gate.marker.migration_id
     journal = journal_key(mid)
+    if gate.refusal() is not None:  # a fenced node moves nothing: a replica may be promoted
+        raise OSError("this node is fenced")
     await gate.hold(keys)
     settled = True  # whatever the target has of these keys, nobody can read it there
     try:
@@ -506,8 +514,10 @@ class Migrations:
 
     def __init__(self, pool: BackendPool, keys_per_second: int,
                  current_table: Callable[[], RoutingTable],
-                 admin_secret: bytes | None = None) -> None:
+                 admin_secret: bytes | None = None,
+                 refusal: Callable[[], bytes | None] = lambda: None) -> None:
         self.pool = pool
+        self.refusal = refusal  # the node's fence now (proxy/control.py), for the gates
         self.keys_per_second = keys_per_second  # 0: no limit
         self.current_table = current_table
         self.admin_secret = admin_secret  # proven to the target proxy (the mesh secret)
@@ -517,6 +527,7 @@ class Migrations:
         # set when a migration's last gate has let go of its connections: the next mover of
         # the same migration reads the journal only after the last one's writes
         self._stopped: dict[str, anyio.Event] = {}
+        self._movers: dict[str, tuple[BackendConnection, BackendConnection]] = {}
         self._tg: TaskGroup | None = None
 
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
@@ -530,6 +541,16 @@ class Migrations:
                 self._tg = None
                 for gate in self.gates.values():
                     gate.close()
+
+    def cut_in_flight(self) -> None:
+        """The node was just fenced: drop the gates' and movers' links with commands in
+        flight (a batch cut off stays journaled and is settled later)."""
+        for gate in self.gates.values():
+            for conn in [*gate.conns.values(), *gate.forwards.values()]:
+                conn.abort()
+        for backend, target in self._movers.values():
+            backend.abort()
+            target.abort()
 
     def progress(self) -> dict[str, dict]:
         return {mid: p.as_dict() for mid, p in self._progress.items()}
@@ -546,7 +567,8 @@ class Migrations:
                 self._end(mid)
             conns = {resp3: self.pool.dedicated(resp3) for resp3 in (False, True)}
             forwards = {resp3: self._peer_connection(marker.peer, resp3) for resp3 in (False, True)}
-            gate = self.gates[mid] = SlotGate(marker, conns, forwards if marker.source else {})
+            gate = self.gates[mid] = SlotGate(marker, conns, forwards if marker.source else {},
+                                              self.refusal)
             assert self._tg is not None, "Migrations.run() has not started"
             self._tg.start_soon(self._run, gate, mask)
         for mid in [m for m in self.gates if m not in running]:
@@ -600,6 +622,7 @@ class Migrations:
             # the default user: the journal is in a database clients cannot select
             backend = BackendConnection(self.pool.host, self.pool.port, False, self.pool.password)
             target = self._peer_connection(gate.marker.peer, False)
+            self._movers[mid] = (backend, target)
             try:
                 await backend.connect()
                 await target.connect()
@@ -613,4 +636,5 @@ class Migrations:
             finally:
                 backend.close()
                 target.close()
+                self._movers.pop(mid, None)
             await anyio.sleep(MOVE_RETRY_WAIT)

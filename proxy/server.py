@@ -6,6 +6,7 @@ import asyncio
 import anyio
 import structlog
 
+from core import clock
 from core.address import Address
 
 from .backend import BackendPool
@@ -29,7 +30,8 @@ class ProxyServer:
         self.backend_address = backend
         pool = BackendPool(backend, password=backend_password)
         self.migrations = Migrations(pool, migration_rate, lambda: self.control.table,
-                                     admin_secret)
+                                     admin_secret,
+                                     lambda: self.control.permission.refusal(clock.now()))
         self.control = ControlPort(self.migrations)  # the control plane's way in
         self.context = ProxyContext(listen, self.announce, backend, pool, self.control,
                                     self.migrations)

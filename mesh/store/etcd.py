@@ -143,24 +143,28 @@ class EtcdStore:
     # -- members, asked directly ------------------------------------------------------------
     async def ask_members(self) -> tuple[int, int]:
         """Ask every configured member, directly and at once, whether it has a leader.
-        Returns (members, leaderless): how many members the cluster has (the most any member
-        lists, at least the endpoints configured) and how many answered "no leader"."""
-        answers: list[tuple[bool, int]] = []
+        Returns (members, leaderless): how many members the cluster has (those any member
+        lists, at least the endpoints configured) and how many distinct listed members
+        answered "no leader" (an endpoint given twice, or one not in the list, counts once or
+        not at all)."""
+        leaderless: set[str] = set()
+        listed: set[str] = set()
 
         async def ask(host: str, port: int) -> None:
             with anyio.move_on_after(MEMBER_ASK_TIMEOUT), \
-                    contextlib.suppress(OSError, ValueError, anyio.EndOfStream):
+                    contextlib.suppress(OSError, ValueError, KeyError, TypeError,
+                                        anyio.EndOfStream):
                 status = await _gateway(host, port, "/v3/maintenance/status")
-                listed = await _gateway(host, port, "/v3/cluster/member/list")
+                members = await _gateway(host, port, "/v3/cluster/member/list")
+                listed.update(str(m["ID"]) for m in members.get("members", ()))
                 # proto3 JSON leaves a zero out: no "leader" means none
-                answers.append((int(status.get("leader", 0)) != 0,
-                                len(listed.get("members", ()))))
+                if int(status.get("leader", 0)) == 0:
+                    leaderless.add(str(status["header"]["member_id"]))
 
         async with anyio.create_task_group() as tg:
             for host, port in self.endpoints:
                 tg.start_soon(ask, host, port)
-        members = max([len(self.endpoints), *(n for _, n in answers)])
-        return members, sum(1 for has_leader, _ in answers if not has_leader)
+        return max(len(self.endpoints), len(listed)), len(leaderless & listed)
 
     # -- keys --------------------------------------------------------------------------------
     async def get(self, key: bytes) -> KV | None:

@@ -51,6 +51,7 @@ class Registered:
 
     record: NodeRecord
     lease: int
+    revision: int = 0  # the record's mod revision (for `ViewCommit.nodes_as_read`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,7 @@ class ViewCommit:
     # (node, mod revision; 0: absent): these statuses must be as the caller read them (a
     # master replaced on its own word that it fenced must not have spoken again since)
     statuses_as_read: tuple[tuple[str, int], ...] = ()
+    nodes_as_read: tuple[tuple[str, int], ...] = ()  # the same for registrations
 
 
 class MeshRepo:
@@ -147,7 +149,8 @@ class MeshRepo:
         if view is not None:
             validate(view)  # views are validated on every write (and every read)
         checks = {keys.view(cluster): revision, **{keys.assignment(n): 0 for n in change.claim},
-                  **{keys.status(n): rev for n, rev in change.statuses_as_read}}
+                  **{keys.status(n): rev for n, rev in change.statuses_as_read},
+                  **{keys.node(n): rev for n, rev in change.nodes_as_read}}
         puts: dict[bytes, bytes] = {}
         deletes: list[bytes] = []
         if view is not None:
@@ -170,7 +173,7 @@ class MeshRepo:
                 record = NodeRecord.decode(kv.value)
             except RecordError:
                 continue
-            found[record.node_id] = Registered(record, kv.lease)
+            found[record.node_id] = Registered(record, kv.lease, kv.mod_revision)
         return found
 
     async def register(self, record: NodeRecord, lease: int) -> None:
