@@ -300,14 +300,23 @@ def recovered(dep: Deployment, workload: Workload, since: int, timeout: float,
     and then most operations succeeding again."""
     deadline = time.monotonic() + timeout
 
+    behind: list[str] = []
+
     def settled() -> bool:
         shown = dep.show(CLUSTER)
         members = [n for s in shown["shards"] for n in s["nodes"]]
-        return (not shown["migrations"] and not shown["failed"]
-                and all(n["alive"] and n["applied_epoch"] == shown["epoch"]
-                        and n["backend_ok"] for n in members))
+        behind[:] = [f"{n['node']} (alive {n['alive']}, epoch {n['applied_epoch']} of "
+                     f"{shown['epoch']}, backend ok {n['backend_ok']})" for n in members
+                     if not (n["alive"] and n["applied_epoch"] == shown["epoch"]
+                             and n["backend_ok"])]
+        behind.extend(f"migration {m}" for m in shown["migrations"])
+        behind.extend(f"failed {n}" for n in shown["failed"])
+        return not behind
 
-    dep.wait("every node alive and on the current view", settled, timeout)
+    try:
+        dep.wait("every node alive and on the current view", settled, timeout)
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}; not settled: {', '.join(behind)}") from None
     # the next fault starts from full redundancy: a replica whose first sync has not finished
     # (Redis delays a diskless sync 5 s) has nothing to give if it is promoted now
     if wait_sync:

@@ -31,6 +31,7 @@ from .store.repo import MeshRepo, ViewChange
 log = structlog.get_logger("mesh.views")
 
 BACKEND_TIMEOUT = 2.0
+VIEW_RESYNC_INTERVAL = 10.0  # seconds between two reads of every view, the watch aside
 
 
 class ViewApplier:
@@ -62,7 +63,13 @@ class ViewApplier:
         async with self.lock:
             if self.current():
                 self._resume_writes()
-        await self.repo.watch_views(revision + 1, self._on_change, self.read_all)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.repo.watch_views, revision + 1, self._on_change, self.read_all)
+            # a safety net under the watch: after a partition a watch stream was seen to stay
+            # silent (a node one epoch behind for good) while everything else worked
+            while True:
+                await anyio.sleep(VIEW_RESYNC_INTERVAL)
+                await self.read_all()
 
     async def read_all(self) -> int:
         read = await self.repo.read_views()
