@@ -22,7 +22,7 @@ from core.view import ClusterView, ViewError
 
 from .model.changes import ChangeError, handed_over, handover_target
 from .redisctl import RedisCtl, RedisCtlError
-from .store.repo import MeshRepo
+from .store.repo import MeshRepo, StoredView
 
 HANDOVER_TIMEOUT_MS = 5000  # per FAILOVER try: how long the replica has to catch up
 HANDOVER_DEADLINE = 60.0  # the proxy retries FAILOVER for up to 6 x (5 + 2) s
@@ -39,13 +39,7 @@ async def graceful_failover(repo: MeshRepo, cluster: str, shard_id: str, to: str
     """Hand shard `shard_id` of `cluster` to `to` (default: the live replica with the highest
     replication offset) and return the view that records it. `master`: proceed only while
     this node is the shard's master (a node handing over its own shard)."""
-    try:
-        stored = await repo.view(cluster)
-    except ViewError as exc:
-        raise HandoverError(f"the view of '{cluster}' in etcd is invalid: {exc}") from None
-    if stored is None:
-        raise HandoverError(f"unknown cluster '{cluster}'")
-    view = stored.view
+    view = (await _stored(repo, cluster, f"unknown cluster '{cluster}'")).view
     shard = next((s for s in view.shards if s.id == shard_id), None)
     if shard is not None and master is not None and shard.master != master:
         raise HandoverError(f"{master} is not the master of {shard_id} (it is {shard.master})")
@@ -96,12 +90,8 @@ async def commit_handover(repo: MeshRepo, cluster: str, shard_id: str, master: s
     """Step 2: write the view with `target` as the master of `shard_id`, by compare-and-swap,
     re-read and re-checked after a lost race."""
     for _ in range(COMMIT_RETRIES):
-        try:
-            stored = await repo.view(cluster)
-        except ViewError as exc:
-            raise HandoverError(f"the view of '{cluster}' in etcd is invalid: {exc}") from None
-        if stored is None:
-            raise HandoverError(f"cluster '{cluster}' was deleted during the handover")
+        stored = await _stored(repo, cluster,
+                               f"cluster '{cluster}' was deleted during the handover")
         try:
             new = handed_over(stored.view, shard_id, master, target)
         except (ChangeError, ViewError) as exc:
@@ -113,3 +103,14 @@ async def commit_handover(repo: MeshRepo, cluster: str, shard_id: str, master: s
             return new
     raise HandoverError(f"cluster '{cluster}' kept changing; the handover of {shard_id} to "
                         f"{target} was not recorded")
+
+
+async def _stored(repo: MeshRepo, cluster: str, missing: str) -> StoredView:
+    """The cluster's view as stored; HandoverError (`missing` if there is none)."""
+    try:
+        stored = await repo.view(cluster)
+    except ViewError as exc:
+        raise HandoverError(f"the view of '{cluster}' in etcd is invalid: {exc}") from None
+    if stored is None:
+        raise HandoverError(missing)
+    return stored
