@@ -28,7 +28,7 @@ from anyio.abc import TaskStatus
 
 from core import __version__
 from core.nodes import NodeRecord
-from proxy.control import FENCED_LEASE, FENCED_LEAVING, ControlPort
+from proxy.control import FENCED_LEAVING, ControlPort
 
 from .backend_check import BackendChecker
 from .barriers import MigrationStarts
@@ -76,6 +76,7 @@ class NodeAgent:
         self.views = ViewApplier(self.repo, control, self.ctl, self.status, self.peers,
                                  config.node_id)
         self.fence = FenceGuard(control, self.views, store, config.node_id)
+        self.backend = BackendChecker(self.ctl, self.views, self.status, control)
         self.keeper: LeaseKeeper | None = None
         self.log = log.bind(node=config.node_id)
 
@@ -115,7 +116,7 @@ class NodeAgent:
             tg.start_soon(self.peers.run)
             tg.start_soon(self.views.run, keeper)
             tg.start_soon(self.status.run, lease)
-            tg.start_soon(BackendChecker(self.ctl, self.views, self.status, self.control).run)
+            tg.start_soon(self.backend.run)
             tg.start_soon(MigrationStarts(self.peers, self.views, self.config.node_id).run)
             tg.start_soon(lead, self.repo, lease, self.config.node_id)
             try:
@@ -123,14 +124,15 @@ class NodeAgent:
                 self.log.warning("lease_lost_reregistering")
                 tg.cancel_scope.cancel()
             finally:
-                # the lease is about to be revoked (or is gone): nothing may be served on it
-                # from now on, whatever its deadline says
-                keeper.expired = True
-                if self.views.applied is not None:
-                    self.control.fence(FENCED_LEASE)
-                with anyio.move_on_after(REVOKE_TIMEOUT, shield=True):
-                    with contextlib.suppress(StoreError):
-                        await self.repo.store.revoke(lease)
+                # a lost lease is revoked at once, so the election moves on. One that still
+                # holds (the incarnation failed otherwise: etcd refused a write) is left to
+                # expire: the fence guard keeps its deadline, and the node stays registered
+                # until then, so nobody is promoted while it may still serve (a revoke would
+                # end the lease before the deadline the guard trusts)
+                if keeper.lost.is_set():
+                    with anyio.move_on_after(REVOKE_TIMEOUT, shield=True):
+                        with contextlib.suppress(StoreError):
+                            await self.repo.store.revoke(lease)
 
     async def leave(self) -> None:
         """Clean shutdown: a master hands its shard over first, then the node asks to be taken

@@ -35,10 +35,13 @@ class BackendChecker:
         self.applier = applier
         self.status = status
         self.control = control
+        # whether the Redis holds a copy of its master's data outlives a lease: a replica
+        # whose agent restarts while its master is down still has that copy
+        self.synced = Synced(synced=False)  # nothing seen yet
 
     async def run(self) -> None:
+        """One lease's worth of checks (the agent keeps one checker across leases)."""
         misses = Misses()
-        synced = Synced(synced=False)  # nothing seen yet
         while True:
             ok, offset = True, self.status.status.repl_offset
             try:
@@ -46,7 +49,7 @@ class BackendChecker:
                     await self.ctl.call("PING")
                     replication = await self.ctl.replication()
                     offset = replication.offset
-                    synced = synced.seen(replication.master, replication.link_up)
+                    self.synced = self.synced.seen(replication.master, replication.link_up)
                     await self.applier.keep_role()
             except (RedisCtlError, TimeoutError) as exc:
                 ok = False
@@ -65,7 +68,7 @@ class BackendChecker:
             progress = {mid: MigrationProgress.from_dict(p)
                         for mid, p in self.control.migration_progress().items()}
             self.status.set(backend_ok=healthy, fenced=self.control.fenced, repl_offset=offset,
-                            synced=synced.synced, migrations=progress)
+                            synced=self.synced.synced, migrations=progress)
             await anyio.sleep(BACKEND_CHECK_INTERVAL)
 
     async def _recovered(self) -> None:
