@@ -101,8 +101,12 @@ def make_cluster(mesh_factory, shards: int, replicas: int, extra: int = 0, *opti
 
 
 def wait_replication(mesh, replica: str) -> None:  # noqa: ANN001
+    """The replica's Redis is in sync, and its node has said so (a replica that never
+    finished its sync is never promoted)."""
     wait_for(lambda: b"master_link_status:up" in command(mesh.redis[replica].port, "INFO",
                                                            "replication"), what="replication")
+    wait_for(lambda: {n["node"]: n["health"] for n in mesh.umctl("--json", "nodes")}[replica]
+             == "ok", what="the replica's node to report its sync")
 
 
 def master_of(shown: dict, shard: str) -> str:

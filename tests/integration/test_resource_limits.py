@@ -90,7 +90,8 @@ def test_clients_needing_connections_of_their_own_are_bounded(spawn):
         blocked.append(s)
     wait_for(lambda: b"blocked_clients:%d" % MAX_DEDICATED_CONNECTIONS
              in command(backend.port, "INFO", "clients"), timeout=60, what="all blocked")
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as one_more:
+    # a loaded machine with 2000 clients blocked may take a while: the reply must come
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as one_more:
         one_more.sendall(encode_command([b"BLPOP", b"q", b"0"]) + encode_command([b"GET", b"k"]))
         assert read_one(one_more).startswith(b"-ERR max number of clients reached")
         assert read_one(one_more) == b"$-1\r\n"  # and it is served otherwise
