@@ -141,9 +141,7 @@ def test_killed_master_redis_fails_over_and_the_old_master_rejoins_as_replica(me
     mesh, created = make_cluster(mesh_factory, 1, 1)
     old = master_of(created, "s1")
     new = next(n["node"] for n in created["shards"][0]["nodes"] if n["role"] == "replica")
-    # a replica that never finished its sync is never promoted: wait until its node says so
-    wait_for(lambda: {n["node"]: n["health"] for n in mesh.umctl("--json", "nodes")}[new] == "ok",
-             what="the replica synced")
+    wait_replication(mesh, new)  # a replica that never finished its sync is never promoted
     mesh.redis[old].kill()
     shown = wait_for(lambda: (lambda v: v if master_of(v, "s1") == new else None)(
         mesh.umctl("--json", "cluster", "show", "fo")), what="a failover")
