@@ -35,6 +35,7 @@ from .barriers import MigrationStarts
 from .fence import FenceGuard
 from .handover import HandoverError, graceful_failover
 from .leader import lead
+from .model.fencing import KEEPALIVE_INTERVAL
 from .redisctl import RedisCtl, RedisCtlError
 from .status import PeerStatuses, StatusReporter
 from .store.etcd import EtcdStore, LeaseKeeper, StoreError
@@ -43,7 +44,10 @@ from .views import ViewApplier
 
 log = structlog.get_logger("mesh.agent")
 
-LEASE_TTL = 5  # seconds; a dead node leaves the pool this long after its last keepalive
+# seconds; a node nobody revoked leaves the pool this long after its last keepalive (its
+# writes stopped long before: mesh/model/fencing.py). etcd's minimum is 1.5 x its election
+# timeout.
+LEASE_TTL = 3
 LEAVE_TIMEOUT = 10.0  # how long a clean shutdown waits to be taken out of its cluster
 # how long a leaving master may take to hand its shard over (Redis FAILOVER tries and the
 # view commit; usually well under a second); deploy/ gives a stop this plus LEAVE_TIMEOUT
@@ -75,7 +79,7 @@ class NodeAgent:
         # what outlives a lease: the views seen, the one applied, the fence
         self.views = ViewApplier(self.repo, control, self.ctl, self.status, self.peers,
                                  config.node_id)
-        self.fence = FenceGuard(control, self.views, store, config.node_id)
+        self.fence = FenceGuard(control, self.views, config.node_id)
         self.backend = BackendChecker(self.ctl, self.views, self.status, control)
         self.keeper: LeaseKeeper | None = None
         self.log = log.bind(node=config.node_id)
@@ -103,7 +107,8 @@ class NodeAgent:
     async def _incarnation(self) -> None:
         """One lease: register on it and run every per-lease task until it is lost."""
         async with anyio.create_task_group() as tg:
-            keeper = LeaseKeeper(self.repo.store, LEASE_TTL)
+            keeper = LeaseKeeper(self.repo.store, LEASE_TTL, KEEPALIVE_INTERVAL,
+                                 on_renew=self.fence.check)
             await tg.start(keeper.run)
             self.keeper = self.fence.keeper = keeper
             lease = keeper.lease_id
@@ -118,7 +123,7 @@ class NodeAgent:
             tg.start_soon(self.status.run, lease)
             tg.start_soon(self.backend.run)
             tg.start_soon(MigrationStarts(self.peers, self.views, self.config.node_id).run)
-            tg.start_soon(lead, self.repo, lease, self.config.node_id)
+            tg.start_soon(lead, self.repo, lease, self.config.node_id, self.peers.changed)
             try:
                 await keeper.lost.wait()
                 self.log.warning("lease_lost_reregistering")

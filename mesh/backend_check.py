@@ -1,7 +1,8 @@
-"""The backend check: PING the node's Redis every second, keep its role as the view says,
-track its replication offset and the node's migration progress in the status.
+"""The backend check: PING the node's Redis every BACKEND_CHECK_INTERVAL, keep its role as
+the view says, track its replication offset and the node's migration progress in the status.
 
-A Redis that fails BACKEND_FAIL_LIMIT checks in a row fences the node's writes (commands
+A Redis that refuses connections (its process is gone), or has failed its checks for
+BACKEND_STALL_LIMIT, fences the node's writes (commands
 already at Redis are cut off, proxy/context.py) before the status says so: the leader
 promotes a replica past a master that still holds its lease only on that word (mesh/leader.py
 compares the status it read in the failover's transaction). When the Redis answers again, the
@@ -13,10 +14,11 @@ from __future__ import annotations
 import anyio
 import structlog
 
+from core import clock
 from core.nodes import MigrationProgress
 from proxy.control import FENCED_BACKEND, ControlPort
 
-from .model.health import Misses, Synced
+from .model.health import Checks, Synced
 from .redisctl import RedisCtl, RedisCtlError
 from .status import StatusReporter
 from .store.etcd import StoreError
@@ -24,8 +26,10 @@ from .views import BACKEND_TIMEOUT, ViewApplier
 
 log = structlog.get_logger("mesh.backend_check")
 
-BACKEND_CHECK_INTERVAL = 1.0
-BACKEND_FAIL_LIMIT = 3  # consecutive failed checks before the node reports its Redis dead
+BACKEND_CHECK_INTERVAL = 0.2
+# seconds of failed checks (timeouts, errors) before the node reports a Redis that still
+# accepts connections dead: a slow command, a fork or a short stall is not a failover
+BACKEND_STALL_LIMIT = 3.0
 
 
 class BackendChecker:
@@ -41,27 +45,29 @@ class BackendChecker:
 
     async def run(self) -> None:
         """One lease's worth of checks (the agent keeps one checker across leases)."""
-        misses = Misses()
+        checks = Checks()
         while True:
-            ok, offset = True, self.status.status.repl_offset
+            ok, refused, offset = True, False, self.status.status.repl_offset
             try:
                 with anyio.fail_after(BACKEND_TIMEOUT):
-                    await self.ctl.call("PING")
+                    await self._ping()
                     replication = await self.ctl.replication()
                     offset = replication.offset
                     self.synced = self.synced.seen(replication.master, replication.link_up)
                     await self.applier.keep_role()
             except (RedisCtlError, TimeoutError) as exc:
-                ok = False
-                log.warning("backend_check_failed", node=self.status.status.node_id,
-                            error=str(exc) or type(exc).__name__)
-            misses = misses.record(ok)
-            healthy = misses.healthy(BACKEND_FAIL_LIMIT)
+                ok, refused = False, getattr(exc, "refused", False)
+                if checks.failing_since is None:  # log changes, not every check
+                    log.warning("backend_check_failed", node=self.status.status.node_id,
+                                error=str(exc) or type(exc).__name__)
+            checks = checks.record(ok, clock.now(), refused)
+            healthy = not checks.dead(clock.now(), BACKEND_STALL_LIMIT)
             fenced_here = FENCED_BACKEND in self.control.fenced_for
             if not healthy and not fenced_here:
                 self.control.fence(FENCED_BACKEND)
-                log.warning("fenced", reason="the backend failed its checks",
-                            node=self.status.status.node_id, misses=misses.count)
+                log.warning("fenced", reason="the backend refuses connections" if refused
+                            else "the backend failed its checks",
+                            node=self.status.status.node_id)
             elif healthy and fenced_here:
                 await self._recovered()
             await self.applier.reconcile()  # retries an apply that failed; a no-op otherwise
@@ -70,6 +76,16 @@ class BackendChecker:
             self.status.set(backend_ok=healthy, fenced=self.control.fenced, repl_offset=offset,
                             synced=self.synced.synced, migrations=progress)
             await anyio.sleep(BACKEND_CHECK_INTERVAL)
+
+    async def _ping(self) -> None:
+        """PING; a connection that broke (the Redis died under it) is tried once more at once,
+        so a dead Redis shows as refused in this check, not the next."""
+        try:
+            await self.ctl.call("PING")
+        except RedisCtlError as exc:
+            if exc.refused:
+                raise
+            await self.ctl.call("PING")
 
     async def _recovered(self) -> None:
         try:

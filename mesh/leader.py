@@ -8,6 +8,8 @@ themselves are pure (`mesh/model/`); this module reads, decides and commits.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import anyio
 import structlog
 
@@ -16,28 +18,78 @@ from core.view import NodeAddress
 from .model import migrations as plans
 from .model.changes import without_departed
 from .model.failover import plan_failover
+from .model.fencing import STALE_TERM_WINDOW
 from .model.health import HealthTracker, liveness, may_write
+from .notify import Changed
+from .prober import Prober
 from .store.etcd import Fence, StoreError, campaign
 from .store.repo import MeshRepo, ViewCommit
 
 log = structlog.get_logger("mesh.leader")
 
-DUTY_INTERVAL = 0.5
+DUTY_INTERVAL = 0.5  # seconds between two passes when every member is well
+DUTY_INTERVAL_PENDING = 0.05  # ... while a member is dead or suspected (a failover is near)
+TERM_POLL = 0.5  # seconds between two looks at etcd's raft term
+REVOKE_AGAIN_AFTER = 10.0  # a node whose lease was revoked is not revoked again before this
 
 
-async def lead(repo: MeshRepo, lease_id: int, node_id: str) -> None:
+@dataclass
+class FailureState:
+    """What the leader's failure duty keeps between passes (its own clock)."""
+
+    tracker: HealthTracker = field(default_factory=HealthTracker)
+    prober: Prober = field(default_factory=lambda: Prober(Changed()))
+    term: int | None = None  # etcd's raft term last seen
+    term_since: float = float("inf")  # when it was first seen
+    term_polled: float = float("-inf")
+    revoked: dict[str, float] = field(default_factory=dict)  # node -> when its lease was
+
+    @property
+    def renewals_trusted_from(self) -> float:
+        """From when no etcd leader of an older term answers keepalives any more."""
+        return self.term_since + STALE_TERM_WINDOW
+
+    async def look_at_term(self, repo: MeshRepo, now: float) -> None:
+        """A new term means a deposed etcd leader may still renew leases for a while
+        (mesh/model/fencing.py): promotions after lease loss wait for it."""
+        if now - self.term_polled < TERM_POLL:
+            return
+        self.term_polled = now
+        term = await repo.store.raft_term()  # until the first answer, term_since is never
+        if term != self.term:
+            self.term, self.term_since = term, now
+
+
+async def lead(repo: MeshRepo, lease_id: int, node_id: str,
+               statuses_changed: Changed | None = None) -> None:
     """Campaign on `lease_id`, then run the duties forever (cancelled with the lease)."""
     fence = await campaign(repo.store, lease_id)
     log.info("leader_elected", node=node_id, lease=f"{lease_id:x}")
-    tracker = HealthTracker()
-    while True:
-        try:
-            await remove_departed_nodes(repo, fence)
-            await handle_failures(repo, fence, tracker)
-            await drive_migrations(repo, fence)
-        except StoreError as exc:
-            log.warning("leader_duty_failed", error=str(exc))
-        await anyio.sleep(DUTY_INTERVAL)
+    state = FailureState()
+    wakes = [state.prober.wake] + ([statuses_changed] if statuses_changed else [])
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(state.prober.run)
+        while True:
+            waiters = [w.waiter() for w in wakes]
+            pending = False
+            try:
+                await remove_departed_nodes(repo, fence)
+                pending = await handle_failures(repo, fence, state)
+                await drive_migrations(repo, fence)
+            except StoreError as exc:
+                log.warning("leader_duty_failed", error=str(exc))
+            await _first_of(waiters, DUTY_INTERVAL_PENDING if pending else DUTY_INTERVAL)
+
+
+async def _first_of(events: list[anyio.Event], timeout: float) -> None:
+    """Return when one of `events` is set, or after `timeout`."""
+    with anyio.move_on_after(timeout):
+        async with anyio.create_task_group() as tg:
+            async def wait(event: anyio.Event) -> None:
+                await event.wait()
+                tg.cancel_scope.cancel()
+            for event in events:
+                tg.start_soon(wait, event)
 
 
 async def remove_departed_nodes(repo: MeshRepo, fence: Fence) -> None:
@@ -74,24 +126,48 @@ async def drive_migrations(repo: MeshRepo, fence: Fence) -> None:
                      step=step.what, nodes_left=list(step.left))
 
 
-async def handle_failures(repo: MeshRepo, fence: Fence, tracker: HealthTracker) -> None:
-    """Fail over dead masters, mark dead replicas, reassign dead shards
-    (mesh/model/failover.py), after the grace the tracker measures."""
+async def handle_failures(repo: MeshRepo, fence: Fence, state: FailureState) -> bool:
+    """Revoke the leases of nodes the probes suspect, then fail over dead masters, mark dead
+    replicas, reassign dead shards (mesh/model/failover.py). True while a member is dead or
+    suspected: the next pass comes sooner."""
+    now = anyio.current_time()
+    await state.look_at_term(repo, now)
     nodes = await repo.nodes()
+    views = list((await repo.views()).values())
+    members = {n for stored in views for n in stored.view.node_ids}
+    state.prober.watch({n: nodes[n].record.proxy for n in members if n in nodes})
+    suspects = state.prober.suspects(now) & members
+    for node in sorted(suspects):
+        if node in nodes and now - state.revoked.get(node, float("-inf")) >= REVOKE_AGAIN_AFTER:
+            # the node's writes end FENCE_AFTER past its last keepalive, which was sent
+            # before this revocation (mesh/model/fencing.py); the failover waits for that
+            checks = state.prober.checks.get(node)
+            reason = "nothing listens at its proxy port" if checks and checks.refused \
+                else "its proxy does not answer"
+            state.revoked[node] = now
+            state.prober.forget(node)
+            try:
+                await repo.store.revoke(nodes[node].lease)
+            except StoreError as exc:  # it may have landed: the next pass reads the nodes
+                log.warning("lease_revoke_failed", node=node, error=str(exc))
+                continue
+            log.warning("lease_revoked", node=node, lease=f"{nodes[node].lease:x}",
+                        reason=reason)
+            del nodes[node]
     registered = {nid: r.record for nid, r in nodes.items()}
     statuses, status_revisions, _ = await repo.statuses_as_read()
     assigned = await repo.assigned()
-    views = list((await repo.views()).values())
-    members = {n for stored in views for n in stored.view.node_ids}
     alive = liveness(members, registered, statuses)
     offsets = {n: s.repl_offset for n, s in statuses.items()}
-    health = tracker.update(alive, offsets, anyio.current_time(),
-                            may_write(registered, statuses),
-                            unsynced=[n for n, s in statuses.items() if not s.synced])
+    now = anyio.current_time()
+    health = state.tracker.update(alive, offsets, now, may_write(registered, statuses),
+                                  unsynced=[n for n, s in statuses.items() if not s.synced],
+                                  registered=registered)
     free = [(n, NodeAddress(r.proxy, r.backend)) for n, r in registered.items()
             if n not in assigned and alive.get(n)]
     for stored in views:
-        step = plan_failover(stored.view, health, anyio.current_time(), free)
+        step = plan_failover(stored.view, health, now, free,
+                             renewals_trusted_from=state.renewals_trusted_from)
         if step is None:
             continue
         # the replaced master must still be as read: unregistered, or fenced by its own word
@@ -106,3 +182,4 @@ async def handle_failures(repo: MeshRepo, fence: Fence, tracker: HealthTracker) 
             log.warning("failover", cluster=stored.view.cluster, epoch=step.view.epoch,
                         step=step.what)
             free = [f for f in free if f[0] not in step.claimed]
+    return bool(suspects) or not all(alive.get(n) for n in members)

@@ -17,8 +17,28 @@ from proxy.resp import ReplyScanner, encode_command
 READ_SIZE = 65536
 
 
+def connection_refused(exc: BaseException) -> bool:
+    """Whether a failed connect found nothing listening (anyio's connect_tcp reports a refusal
+    as an OSError caused by a group of the attempts' errors)."""
+    seen: list[BaseException] = [exc]
+    while seen:
+        e = seen.pop()
+        if isinstance(e, ConnectionRefusedError):
+            return True
+        if isinstance(e, BaseExceptionGroup):
+            seen.extend(e.exceptions)
+        if e.__cause__ is not None:
+            seen.append(e.__cause__)
+    return False
+
+
 class RedisCtlError(Exception):
-    """The backend could not be reached or answered with an error."""
+    """The backend could not be reached or answered with an error. `refused`: nothing listens
+    at its address (the Redis process is gone)."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class RedisCtl:
@@ -41,7 +61,8 @@ class RedisCtl:
                 reply = await self._exchange(args)
             except (OSError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
                 await self.aclose()
-                raise RedisCtlError(f"backend {self.address}: {exc!r}") from None
+                raise RedisCtlError(f"backend {self.address}: {exc!r}",
+                                    refused=connection_refused(exc)) from None
             except BaseException:
                 await self.aclose()  # cancelled mid-reply: the next reply would be this one's
                 raise

@@ -135,14 +135,14 @@ class ViewApplier:
 
     def _resume_writes(self) -> None:
         """The newest view is applied: if the fence guard fenced writes for the lease and the
-        lease is sound again (a new one, or a keepalive that landed after all), lift it."""
+        lease holds again (a new one, or a keepalive that landed after all), lift it."""
         keeper = self.keeper
         if FENCED_LEASE not in self.control.fenced_for or keeper is None or keeper.lost.is_set():
             return
-        lease = Lease(keeper.deadline, keeper.expired)
-        if lease.at_risk(clock.now()):
+        until = Lease(keeper.renewed_at, keeper.expired).writes_until
+        if clock.now() >= until:
             return
-        self.control.unfence(FENCED_LEASE, lease.write_deadline)
+        self.control.unfence(FENCED_LEASE, until)
         self.log.warning("unfenced", epoch=self.applied.epoch if self.applied else 0,
                          still_fenced_for=sorted(self.control.fenced_for))
 

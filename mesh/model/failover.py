@@ -1,10 +1,10 @@
 """What the leader does about dead nodes. Pure: views, liveness and `now` in; a new view out.
 
-A member is dead when it has no registration (its lease expired) or its status says its Redis
-is down, continuously for longer than the grace. A dead master is replaced only once it cannot
-write: its lease expired (etcd expires it no earlier than the node's own fence deadline,
-mesh/model/fencing.py), or its status says it fenced (the leader then commits the new view
-only if that status is still as read: `FailoverStep.replaced`).
+A member is dead when it has no registration (its lease expired or the leader revoked it) or
+its status says its Redis is down. A dead master is replaced only once it cannot write
+(`replaceable`): its status says it fenced itself (the leader then commits the new view only if
+that status is still as read: `FailoverStep.replaced`), or its lease has been gone for
+LEASE_GONE_WAIT, past which the node's own fence has stopped it (mesh/model/fencing.py).
 
 A dead master hands its shard to the live replica with the highest replication offset and
 becomes a (failed) replica itself, so when it comes back it resyncs from the new master and
@@ -20,7 +20,9 @@ from dataclasses import dataclass, replace
 from core.slots import normalize, slot_count
 from core.view import ClusterView, NodeAddress, Shard, validate
 
-DEFAULT_GRACE = 2.0  # seconds a node must stay dead before the leader acts
+from .fencing import LEASE_GONE_WAIT
+
+DEFAULT_GRACE = 1.0  # seconds a replica must stay dead before it is marked failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +32,8 @@ class Health:
     repl_offset: int = 0
     may_write: bool = False  # registered and not fenced by its own word
     synced: bool = True  # its Redis finished a sync with the master it follows now
+    registered: bool = True  # its lease holds
+    gone_since: float = 0.0  # when the leader first saw its lease gone (if not registered)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,17 +50,28 @@ def dead(node: str, health: dict[str, Health], now: float, grace: float) -> bool
     return h is None or (not h.alive and now - h.since >= grace)
 
 
+def replaceable(node: str, health: dict[str, Health], now: float,
+                renewals_trusted_from: float) -> bool:
+    """The node is dead and cannot write any more: it said it fenced, or its lease has been
+    gone LEASE_GONE_WAIT, counted from when the leader saw it gone and from when stale etcd
+    leaders stopped answering keepalives (`renewals_trusted_from`), whichever is later."""
+    h = health.get(node)
+    if h is None or h.alive:
+        return False
+    if h.registered:
+        return not h.may_write  # fenced by its own word; else it will, or it comes back
+    return now >= max(h.gone_since, renewals_trusted_from) + LEASE_GONE_WAIT
+
+
 def plan_failover(view: ClusterView, health: dict[str, Health], now: float,
-                  free: list[tuple[str, NodeAddress]], grace: float = DEFAULT_GRACE
-                  ) -> FailoverStep | None:
+                  free: list[tuple[str, NodeAddress]], grace: float = DEFAULT_GRACE,
+                  renewals_trusted_from: float = float("-inf")) -> FailoverStep | None:
     """The next step for one cluster, or None when every shard has a live master."""
     failed = set(view.failed)
     recovered = {n for n in failed if health.get(n) and health[n].alive}
     for shard in view.shards:
-        if not dead(shard.master, health, now, grace):
+        if not replaceable(shard.master, health, now, renewals_trusted_from):
             continue
-        if shard.master in health and health[shard.master].may_write:
-            continue  # its lease holds and it has not fenced: it will, or it comes back
         # a replica that never finished its sync is empty or half-loaded: promoting it
         # would lose what the master had; the shard waits for its master instead
         live = [r for r in shard.replicas if r not in failed and not dead(r, health, now, grace)

@@ -2,8 +2,8 @@
 
 Two counters live here. The leader's: since when each node has been alive or dead by the
 leader's own clock (`HealthTracker`; `failover.plan_failover` acts only after a grace of
-continuous death). The agent's: how many checks of its backend failed in a row (`Misses`; the
-node reports its Redis dead after a few).
+continuous death). The agent's: since when the checks of its backend fail (`Checks`;
+the node reports its Redis dead at once when nothing listens, after a while when it stalls).
 """
 from __future__ import annotations
 
@@ -36,48 +36,69 @@ def may_write(registered: Iterable[str], statuses: Mapping[str, NodeStatus]) -> 
 
 def track(previous: Mapping[str, Health], alive: Mapping[str, bool],
           offsets: Mapping[str, int], now: float, writable: Iterable[str] = (),
-          unsynced: Iterable[str] = ()) -> dict[str, Health]:
+          unsynced: Iterable[str] = (), registered: Iterable[str] | None = None
+          ) -> dict[str, Health]:
     """The health of every node after one observation at `now`. `since` moves only when a
-    node changes between alive and dead; a node no longer seen at all counts as dead."""
+    node changes between alive and dead, `gone_since` when its lease is first seen gone; a
+    node no longer seen at all counts as dead and unregistered. `registered` None: every
+    node in `alive` is."""
     writable, unsynced = set(writable), set(unsynced)
+    holds = set(alive) if registered is None else set(registered)
     state: dict[str, Health] = {}
     for node, ok in alive.items():
         before = previous.get(node)
         since = before.since if before is not None and before.alive == ok else now
+        is_registered = node in holds
+        gone_since = before.gone_since if before is not None and not before.registered \
+            and not is_registered else now
         state[node] = Health(ok, since, offsets.get(node, 0), node in writable,
-                             node not in unsynced)
+                             node not in unsynced, is_registered, gone_since)
     for node, before in previous.items():
         if node not in alive:
             since = before.since if not before.alive else now
-            state[node] = Health(False, since, before.repl_offset)
+            gone_since = before.gone_since if not before.registered else now
+            state[node] = Health(False, since, before.repl_offset, registered=False,
+                                 gone_since=gone_since)
     return state
 
 
 class HealthTracker:
     """Since when each node has been alive or dead, by the leader's clock. A new leader starts
-    with no history, so it waits a whole grace before acting: blips are never failovers."""
+    with no history: a lease it finds gone counts as gone from that moment, so it waits a
+    whole LEASE_GONE_WAIT before replacing that node."""
 
     def __init__(self) -> None:
         self.state: dict[str, Health] = {}
 
     def update(self, alive: Mapping[str, bool], offsets: Mapping[str, int], now: float,
-               writable: Iterable[str] = (), unsynced: Iterable[str] = ()) -> dict[str, Health]:
-        self.state = track(self.state, alive, offsets, now, writable, unsynced)
+               writable: Iterable[str] = (), unsynced: Iterable[str] = (),
+               registered: Iterable[str] | None = None) -> dict[str, Health]:
+        self.state = track(self.state, alive, offsets, now, writable, unsynced, registered)
         return self.state
 
 
 @dataclass(frozen=True, slots=True)
-class Misses:
-    """Consecutive failed checks of a backend; any success starts over."""
+class Checks:
+    """Repeated checks of a process (a node's Redis by its agent, a node's proxy by the
+    leader): since when they fail (any success starts over), and whether the latest found
+    nothing listening at its address (a refused connection: the process is gone)."""
 
-    count: int = 0
+    failing_since: float | None = None
+    refused: bool = False
 
-    def record(self, ok: bool) -> Misses:
-        return Misses(0 if ok else self.count + 1)
+    def record(self, ok: bool, now: float, refused: bool = False) -> Checks:
+        if ok:
+            return Checks()
+        return Checks(now if self.failing_since is None else self.failing_since, refused)
 
-    def healthy(self, limit: int) -> bool:
-        """Fewer than `limit` failures in a row: one slow PING is not a dead Redis."""
-        return self.count < limit
+    def dead(self, now: float, stall_limit: float, refused_limit: float = 0.0) -> bool:
+        """Failing for `refused_limit` with nothing listening now, or for `stall_limit`
+        whatever the reason: a process that stops answering (a slow command, a fork, a
+        SIGSTOP) is not dead until much later than one whose port is closed."""
+        if self.failing_since is None:
+            return False
+        failing = now - self.failing_since
+        return (self.refused and failing >= refused_limit) or failing >= stall_limit
 
 
 @dataclass(frozen=True, slots=True)

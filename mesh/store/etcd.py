@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,8 +37,6 @@ GRPC_OPTIONS = {"grpc.lb_policy_name": "pick_first",
                 "grpc.keepalive_time_ms": 5000,
                 "grpc.keepalive_timeout_ms": 2000,
                 "grpc.keepalive_permit_without_calls": 1}
-MEMBER_ASK_TIMEOUT = 0.3  # seconds a member has to say whether it has a leader
-MEMBER_REPLY_MAX = 64 * 1024  # bytes read of a member's answer
 RETRY_WINDOW = 6.0  # how long a call is retried while etcd is unreachable
 WATCH_RESTART_MAX_WAIT = 1.0
 
@@ -140,31 +137,12 @@ class EtcdStore:
     def describe(self) -> str:
         return ",".join(str(Address(h, p)) for h, p in self.endpoints)
 
-    # -- members, asked directly ------------------------------------------------------------
-    async def ask_members(self) -> tuple[int, int]:
-        """Ask every configured member, directly and at once, whether it has a leader.
-        Returns (members, leaderless): how many members the cluster has (those any member
-        lists, at least the endpoints configured) and how many distinct listed members
-        answered "no leader" (an endpoint given twice, or one not in the list, counts once or
-        not at all)."""
-        leaderless: set[str] = set()
-        listed: set[str] = set()
-
-        async def ask(host: str, port: int) -> None:
-            with anyio.move_on_after(MEMBER_ASK_TIMEOUT), \
-                    contextlib.suppress(OSError, ValueError, KeyError, TypeError,
-                                        anyio.EndOfStream):
-                status = await _gateway(host, port, "/v3/maintenance/status")
-                members = await _gateway(host, port, "/v3/cluster/member/list")
-                listed.update(str(m["ID"]) for m in members.get("members", ()))
-                # proto3 JSON leaves a zero out: no "leader" means none
-                if int(status.get("leader", 0)) == 0:
-                    leaderless.add(str(status["header"]["member_id"]))
-
-        async with anyio.create_task_group() as tg:
-            for host, port in self.endpoints:
-                tg.start_soon(ask, host, port)
-        return max(len(self.endpoints), len(listed)), len(leaderless & listed)
+    # -- cluster ----------------------------------------------------------------------------
+    async def raft_term(self) -> int:
+        """The raft term of the member this client talks to. A term higher than the last one
+        seen means etcd elected a new leader since (mesh/model/fencing.py, STALE_TERM_WINDOW)."""
+        status = await self._call("status", lambda: self._client.status())
+        return int(status.raft_term)
 
     # -- keys --------------------------------------------------------------------------------
     async def get(self, key: bytes) -> KV | None:
@@ -274,39 +252,24 @@ class EtcdStore:
                         await watch.cancel()
 
 
-async def _gateway(host: str, port: int, path: str) -> dict:
-    """POST {} to etcd's JSON gateway on one member's client port; the decoded answer. The
-    member answers this itself: no leader is involved."""
-    async with await anyio.connect_tcp(host, port) as stream:
-        target = str(Address(host, port))
-        await stream.send(f"POST {path} HTTP/1.0\r\nHost: {target}\r\n"
-                          "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
-                          .encode())
-        reply = b""
-        with contextlib.suppress(anyio.EndOfStream):
-            while len(reply) < MEMBER_REPLY_MAX:
-                reply += await stream.receive()
-    head, _, body = reply.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n", 1)[0]:
-        raise ValueError(f"etcd member {host}:{port} answered {head[:40]!r}")
-    answer = json.loads(body)
-    if not isinstance(answer, dict):
-        raise ValueError(f"etcd member {host}:{port} answered {body[:40]!r}")
-    return answer
-
-
 class LeaseKeeper:
     """Keeps one lease alive; `lost` is set the moment it cannot be trusted any more.
 
-    `deadline` (core.clock) is when etcd may expire the lease at the earliest: the moment the
-    last successful keepalive was sent plus the TTL it answered. Loss is declared when a
-    keepalive says the lease is gone (`expired`), or when the deadline passes without one.
+    `renewed_at` (core.clock) is when the last keepalive etcd answered "alive" was sent (the
+    fence rule counts from it, mesh/model/fencing.py); `deadline` is when etcd may expire the
+    lease at the earliest: that moment plus the TTL it answered. Loss is declared when a
+    keepalive says the lease is gone (`expired`: it expired, or the leader revoked it), or
+    when the deadline passes without one.
     """
 
-    def __init__(self, store: EtcdStore, ttl: int) -> None:
+    def __init__(self, store: EtcdStore, ttl: int, interval: float,
+                 on_renew: Callable[[], None] = lambda: None) -> None:
         self.store = store
+        self.on_renew = on_renew  # called after each keepalive that moved `renewed_at`
         self.ttl = ttl
+        self.interval = interval
         self.lease_id = 0
+        self.renewed_at = float("-inf")
         self.deadline = float("-inf")
         self.expired = False  # etcd said the lease is gone
         self.lost = anyio.Event()
@@ -314,10 +277,10 @@ class LeaseKeeper:
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
         sent = clock.now()
         self.lease_id = await self.store.grant(self.ttl)
-        self.deadline = sent + self.ttl
+        self.renewed_at, self.deadline = sent, sent + self.ttl
         task_status.started()
         while True:
-            await anyio.sleep(self.ttl / 3)
+            await anyio.sleep(self.interval)
             sent = clock.now()
             try:
                 with anyio.fail_after(max(0.1, self.deadline - sent)):
@@ -329,11 +292,12 @@ class LeaseKeeper:
                     return
                 continue
             if remaining <= 0:
-                log.warning("lease_lost", lease=self.lease_id, reason="expired at etcd")
+                log.warning("lease_lost", lease=self.lease_id, reason="gone at etcd")
                 self.expired = True
                 self.lost.set()
                 return
-            self.deadline = sent + remaining
+            self.renewed_at, self.deadline = sent, sent + remaining
+            self.on_renew()
 
 
 async def campaign(store: EtcdStore, lease_id: int) -> Fence:

@@ -15,6 +15,7 @@ from redis.retry import Retry
 
 from core.slots import key_slot
 from mesh.agent import LEASE_TTL
+from mesh.model.fencing import FENCE_AFTER
 from tests.procs import blocked_clients, command, wait_for
 
 
@@ -279,8 +280,7 @@ def test_with_etcd_gone_the_node_stops_serving_keys_at_the_lease_deadline_and_co
         mesh_factory):
     """No etcd member answers: the node cannot tell an outage from being cut off while the
     others promote its replica, so at its lease deadline it stops serving keys, reads too (the
-    fence rule, mesh/model/fencing.py); it serves them again once etcd is back. (Members that
-    are up but have no leader keep it serving: tests/integration/test_fence_rule.py.)"""
+    fence rule, mesh/model/fencing.py); it serves them again once etcd is back."""
     mesh, created = make_cluster(mesh_factory, 2, 0)
     node = master_of(created, "s1")
     port = mesh.proxies[node].port
@@ -293,8 +293,8 @@ def test_with_etcd_gone_the_node_stops_serving_keys_at_the_lease_deadline_and_co
         refused = wait_for(lambda: (lambda r: r if r.startswith(b"-") else None)(
             command(port, "SET", key, "during")), timeout=LEASE_TTL + 5,
             what="writes refused once the lease may have expired")
-        # the deadline is the last keepalive's send time + TTL - 0.5 s: under TTL from the kill
-        assert time.monotonic() - killed < LEASE_TTL, refused
+        # the deadline is FENCE_AFTER past the last successful keepalive's sending
+        assert time.monotonic() - killed < FENCE_AFTER + 0.5, refused
         assert refused.startswith(b"-CLUSTERDOWN")
         assert command(port, "GET", key).startswith(b"-CLUSTERDOWN")
     finally:

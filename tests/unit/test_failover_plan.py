@@ -12,17 +12,18 @@ LONG_AGO = NOW - REASSIGN_AFTER - 1  # dead long enough to give slots away
 
 
 def health(dead: dict[str, float] = {}, offsets: dict[str, int] = {}, nodes=8):  # noqa: B006
-    """Everyone alive since long ago, except `dead` (node -> when it died)."""
+    """Everyone alive since long ago, except `dead` (node -> when its lease was gone)."""
     return {f"node-{i}": Health(f"node-{i}" not in dead, dead.get(f"node-{i}", 0.0),
-                                offsets.get(f"node-{i}", 0)) for i in range(nodes)}
+                                offsets.get(f"node-{i}", 0), registered=f"node-{i}" not in dead,
+                                gone_since=dead.get(f"node-{i}", 0.0)) for i in range(nodes)}
 
 
 def test_everyone_alive_means_nothing_to_do():
     assert plan_failover(make_view(2, 1), health(), NOW, []) is None
 
 
-def test_a_blip_shorter_than_the_grace_is_ignored():
-    assert plan_failover(make_view(2, 1), health({"node-0": NOW - 1}), NOW, [], grace=2) is None
+def test_a_lease_gone_for_less_than_the_wait_is_not_acted_on():
+    assert plan_failover(make_view(2, 1), health({"node-0": NOW - 1}), NOW, []) is None
 
 
 def test_dead_master_hands_over_to_the_most_up_to_date_replica():
@@ -72,7 +73,7 @@ def test_a_dead_master_that_may_still_write_is_not_replaced():
     now would leave two masters taking writes (a stalled Redis runs queued writes later)."""
     view = make_view(2, 1)
     state = health({"node-0": NOW - 5})
-    state["node-0"] = replace(state["node-0"], may_write=True)
+    state["node-0"] = replace(state["node-0"], may_write=True, registered=True)
     assert plan_failover(view, state, NOW, []) is None
     state["node-0"] = replace(state["node-0"], may_write=False)  # it fenced, or its lease is gone
     step = plan_failover(view, state, NOW, [])

@@ -1,5 +1,5 @@
 """The control plane's pure decisions as tables: failure detection (the leader's health
-tracker, the agent's backend misses), the write fence rule, the next migration step."""
+tracker, the checks of a Redis or a proxy), the write fence rule, the next migration step."""
 from __future__ import annotations
 
 import pytest
@@ -7,18 +7,9 @@ import pytest
 from core.nodes import MigrationProgress, NodeStatus
 from core.view import Migration, MigrationState
 from mesh.model import migrations as plans
-from mesh.model.failover import DEFAULT_GRACE, Health, plan_failover
-from mesh.model.fencing import (
-    FENCE_HARD,
-    FENCE_MARGIN,
-    NEVER,
-    NO_LEADER_GRACE,
-    NO_LEASE,
-    Lease,
-    MemberPoll,
-    writes_until,
-)
-from mesh.model.health import HealthTracker, Misses, Synced, liveness, track
+from mesh.model.failover import DEFAULT_GRACE, Health, plan_failover, replaceable
+from mesh.model.fencing import FENCE_AFTER, LEASE_GONE_WAIT, NEVER, NO_LEASE, Lease
+from mesh.model.health import Checks, HealthTracker, Synced, liveness, track
 from tests.unit.test_view import make_view
 
 # -- liveness --------------------------------------------------------------------------------
@@ -67,51 +58,123 @@ def test_health_tracker(observations, expected):
 def test_track_keeps_offsets_and_does_not_touch_the_previous_state():
     before = {"a": Health(True, 0.0, 10), "gone": Health(True, 0.0, 7)}
     after = track(before, {"a": True}, {"a": 20}, 4.0)
-    assert after == {"a": Health(True, 0.0, 20), "gone": Health(False, 4.0, 7)}
+    assert after == {"a": Health(True, 0.0, 20, gone_since=4.0),
+                     "gone": Health(False, 4.0, 7, registered=False, gone_since=4.0)}
     assert before["gone"] == Health(True, 0.0, 7)
 
 
-def test_a_new_leader_waits_a_whole_grace_before_failing_over():
+# (observations: [(now, registered?)], expected gone_since, or None while registered)
+GONE = [
+    ([(0, True)], None),
+    ([(0, True), (5, False)], 5),  # first seen gone at 5
+    ([(0, True), (5, False), (9, False)], 5),  # still gone since 5
+    ([(0, False)], 0),  # a new leader: gone from its first look
+    ([(0, True), (5, False), (6, True), (7, False)], 7),  # a new lease, then gone again
+]
+
+
+@pytest.mark.parametrize("observations,gone_since", GONE)
+def test_health_tracker_knows_since_when_a_lease_is_gone(observations, gone_since):
+    tracker = HealthTracker()
+    for now, holds in observations:
+        health = tracker.update({"a": holds}, {}, now, registered=["a"] if holds else [])
+    assert (None if health["a"].registered else health["a"].gone_since) == gone_since
+
+
+# -- when a dead master may be replaced ------------------------------------------------------
+
+T = 100.0
+
+
+@pytest.mark.parametrize("health,now,trusted_from,ok", [
+    (None, T, NEVER, False),  # never seen
+    (Health(True, 0.0), T, NEVER, False),  # alive
+    # registered but its Redis is dead: only once it said it fenced (may_write False)
+    (Health(False, T, may_write=True), T + 60, NEVER, False),
+    (Health(False, T, may_write=False), T, NEVER, True),
+    # its lease is gone: LEASE_GONE_WAIT after the leader saw that
+    (Health(False, T, registered=False, gone_since=T), T + LEASE_GONE_WAIT - 0.01, NEVER, False),
+    (Health(False, T, registered=False, gone_since=T), T + LEASE_GONE_WAIT, NEVER, True),
+    # ... and after an etcd leader of an older term stopped answering keepalives
+    (Health(False, T, registered=False, gone_since=T), T + LEASE_GONE_WAIT, T + 1, False),
+    (Health(False, T, registered=False, gone_since=T), T + 1 + LEASE_GONE_WAIT, T + 1, True),
+])
+def test_replaceable(health, now, trusted_from, ok):
+    states = {} if health is None else {"m": health}
+    assert replaceable("m", states, now, trusted_from) is ok
+
+
+def test_the_wait_covers_the_dead_nodes_own_fence():
+    # the node's last keepalive was sent before the lease was gone, and its writes stopped
+    # FENCE_AFTER later: the leader waits longer than that, with a margin for clock rates
+    assert LEASE_GONE_WAIT >= FENCE_AFTER * 1.2
+
+
+def test_a_new_leader_waits_for_a_lease_it_finds_gone():
     view = make_view(2, 1)  # s1: node-0 (+node-1)
     tracker = HealthTracker()
     everyone = {f"node-{i}": True for i in range(4)}
     dead_master = {**everyone, "node-0": False}
-    health = tracker.update(dead_master, {}, 100.0)  # first observation: dead "since now"
+    holding = [n for n in everyone if n != "node-0"]
+    health = tracker.update(dead_master, {}, 100.0, registered=holding)
     assert plan_failover(view, health, 100.0, []) is None
-    health = tracker.update(dead_master, {}, 100.0 + DEFAULT_GRACE - 0.1)
-    assert plan_failover(view, health, 100.0 + DEFAULT_GRACE - 0.1, []) is None
-    health = tracker.update(dead_master, {}, 100.0 + DEFAULT_GRACE)
-    step = plan_failover(view, health, 100.0 + DEFAULT_GRACE, [])
+    later = 100.0 + LEASE_GONE_WAIT - 0.1
+    health = tracker.update(dead_master, {}, later, registered=holding)
+    assert plan_failover(view, health, later, []) is None
+    later = 100.0 + LEASE_GONE_WAIT
+    health = tracker.update(dead_master, {}, later, registered=holding)
+    step = plan_failover(view, health, later, [])
     assert step is not None and step.view.shards[0].master == "node-1"
 
 
-def test_a_blip_starts_the_grace_over():
+def test_a_master_that_comes_back_is_not_replaced():
     view = make_view(2, 1)
     tracker = HealthTracker()
     everyone = {f"node-{i}": True for i in range(4)}
+    holding = [n for n in everyone if n != "node-0"]
     tracker.update(everyone, {}, 0.0)
-    tracker.update({**everyone, "node-0": False}, {}, 10.0)
-    tracker.update(everyone, {}, 11.0)
-    health = tracker.update({**everyone, "node-0": False}, {}, 12.0)
-    assert plan_failover(view, health, 12.0 + DEFAULT_GRACE - 0.5, []) is None
+    tracker.update({**everyone, "node-0": False}, {}, 10.0, registered=holding)
+    health = tracker.update(everyone, {}, 11.0)  # a new lease: registered and alive again
+    assert plan_failover(view, health, 11.0 + 60, []) is None
 
 
-# -- the agent's backend misses --------------------------------------------------------------
+def test_a_replica_is_marked_failed_after_the_grace():
+    view = make_view(2, 1)  # s1: node-0 + node-1
+    tracker = HealthTracker()
+    everyone = {f"node-{i}": True for i in range(4)}
+    holding = [n for n in everyone if n != "node-1"]
+    tracker.update(everyone, {}, 0.0)
+    health = tracker.update({**everyone, "node-1": False}, {}, 10.0, registered=holding)
+    assert plan_failover(view, health, 10.0 + DEFAULT_GRACE - 0.1, []) is None
+    step = plan_failover(view, health, 10.0 + DEFAULT_GRACE, [])
+    assert step is not None and "node-1" in step.view.failed
 
-@pytest.mark.parametrize("checks,healthy", [
-    ([], True),
-    ([False], True),
-    ([False, False], True),
-    ([False, False, False], False),
-    ([False, False, False, True], True),  # one success starts over
-    ([False, False, True, False, False], True),
-    ([False] * 10, False),
+
+# -- the checks of a process (a node's Redis, a node's proxy) ----------------------------------
+
+STALL, REFUSED = 3.0, 0.15
+
+
+@pytest.mark.parametrize("checks,now,dead", [
+    ([], 0.0, False),
+    ([(0.0, False, False)], 0.1, False),  # one timeout
+    ([(0.0, False, False), (2.0, False, False)], 2.9, False),
+    ([(0.0, False, False), (2.0, False, False)], 3.0, True),  # stalled for STALL
+    ([(0.0, False, False), (2.0, True, False)], 3.0, False),  # one success starts over
+    ([(0.0, False, True)], 0.0, False),  # refused once: not yet
+    ([(0.0, False, True), (0.1, False, True)], 0.15, True),  # refused for REFUSED
+    ([(0.0, False, False), (0.1, False, True)], 0.15, True),  # broke, then refused
+    ([(0.0, False, True), (0.1, False, False)], 0.2, False),  # refused, then a timeout
 ])
-def test_backend_misses(checks, healthy):
-    misses = Misses()
-    for ok in checks:
-        misses = misses.record(ok)
-    assert misses.healthy(3) is healthy
+def test_checks(checks, now, dead):
+    state = Checks()
+    for at, ok, refused in checks:
+        state = state.record(ok, at, refused)
+    assert state.dead(now, STALL, REFUSED) is dead
+
+
+def test_a_refused_backend_is_dead_at_once():
+    assert Checks().record(False, 5.0, refused=True).dead(5.0, STALL)
 
 
 # -- whether a replica holds its master's data -------------------------------------------------
@@ -133,36 +196,13 @@ def test_synced(seen, synced):
 
 # -- the fence rule --------------------------------------------------------------------------
 
-DEADLINE = 100.0
-ASKED = DEADLINE + 3  # the members were asked well past the lease deadline
-
-
-@pytest.mark.parametrize("lease,poll,until", [
-    # the lease alone: writes until just before etcd may expire it
-    (Lease(DEADLINE), None, DEADLINE - FENCE_HARD),
-    (Lease(DEADLINE), MemberPoll(ASKED, 3, 1), DEADLINE - FENCE_HARD),  # a minority
-    (Lease(DEADLINE), MemberPoll(ASKED, 4, 2), DEADLINE - FENCE_HARD),  # half
-    # a majority of etcd's members has no leader: a grace from when they were asked
-    (Lease(DEADLINE), MemberPoll(ASKED, 3, 2), ASKED + NO_LEADER_GRACE),
-    (Lease(DEADLINE), MemberPoll(ASKED, 5, 3), ASKED + NO_LEADER_GRACE),
-    # ... which never shortens the lease's own deadline
-    (Lease(DEADLINE), MemberPoll(DEADLINE - 5, 3, 3), DEADLINE - FENCE_HARD),
-    # etcd said the lease is gone, or there never was one: nothing to extend
-    (Lease(DEADLINE, expired=True), MemberPoll(ASKED, 3, 3), NEVER),
-    (NO_LEASE, MemberPoll(ASKED, 3, 3), NEVER),
+@pytest.mark.parametrize("lease,until", [
+    (Lease(100.0), 100.0 + FENCE_AFTER),  # FENCE_AFTER past the last keepalive's sending
+    (Lease(100.0, expired=True), NEVER),  # etcd said it is gone (expired or revoked)
+    (NO_LEASE, NEVER),
 ])
-def test_writes_until(lease, poll, until):
-    assert writes_until(lease, poll) == until
-
-
-@pytest.mark.parametrize("now,at_risk", [
-    (DEADLINE - FENCE_MARGIN - 0.01, False),
-    (DEADLINE - FENCE_MARGIN, True),  # close to the deadline: ask etcd's members
-    (DEADLINE + 1, True),
-])
-def test_lease_at_risk(now, at_risk):
-    assert Lease(DEADLINE).at_risk(now) is at_risk
-    assert Lease(DEADLINE, expired=True).at_risk(now) and NO_LEASE.at_risk(now)
+def test_writes_until(lease, until):
+    assert lease.writes_until == until
 
 
 # -- the next migration step -----------------------------------------------------------------
