@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test lint system-deps venv clients bench bench-migration clean chaos chaos-deps
+.PHONY: run test lint system-deps venv clients bench bench-migration bench-failover clean chaos chaos-deps
 
 system-deps:
 	@command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null || { \
@@ -45,6 +45,10 @@ bench: system-deps venv
 
 bench-migration: system-deps venv
 	$(PY) tools/bench_migration.py
+
+# kill -9 / SIGSTOP of a master, Moonmesh and native Redis Cluster side by side (BENCH_ARGS="--runs 1")
+bench-failover: system-deps venv
+	$(PY) tools/bench_failover.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-clients tests/clients/node_modules build *.egg-info
