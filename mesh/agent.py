@@ -35,7 +35,7 @@ from .barriers import MigrationStarts
 from .fence import FenceGuard
 from .handover import HandoverError, graceful_failover
 from .leader import lead
-from .model.fencing import KEEPALIVE_INTERVAL
+from .model.fencing import KEEPALIVE_INTERVAL, LEASE_TTL
 from .redisctl import RedisCtl, RedisCtlError
 from .status import PeerStatuses, StatusReporter
 from .store.etcd import EtcdStore, LeaseKeeper, StoreError
@@ -44,10 +44,6 @@ from .views import ViewApplier
 
 log = structlog.get_logger("mesh.agent")
 
-# seconds; a node nobody revoked leaves the pool this long after its last keepalive (its
-# writes stopped long before: mesh/model/fencing.py). etcd's minimum is 1.5 x its election
-# timeout.
-LEASE_TTL = 3
 LEAVE_TIMEOUT = 10.0  # how long a clean shutdown waits to be taken out of its cluster
 # how long a leaving master may take to hand its shard over (Redis FAILOVER tries and the
 # view commit; usually well under a second); deploy/ gives a stop this plus LEAVE_TIMEOUT

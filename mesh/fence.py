@@ -15,7 +15,7 @@ from .views import ViewApplier
 
 log = structlog.get_logger("mesh.fence")
 
-FENCE_POLL = 0.05  # seconds between two looks at the lease
+FENCE_POLL = 0.1  # seconds between two looks at the lease
 
 
 def lease_of(keeper: LeaseKeeper | None) -> Lease:

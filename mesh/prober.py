@@ -16,7 +16,7 @@ from anyio.abc import SocketStream
 
 from core.address import Address
 
-from .model.health import Checks
+from .model.health import SUSPECT_REFUSED, SUSPECT_SILENT, Checks
 from .notify import Changed
 from .redisctl import connection_refused
 
@@ -24,8 +24,6 @@ log = structlog.get_logger("mesh.prober")
 
 PROBE_INTERVAL = 0.1  # seconds between two PINGs of one proxy
 PROBE_TIMEOUT = 0.5  # seconds a proxy has to answer one
-SUSPECT_REFUSED = 0.15  # seconds of refused connections (at least two probes) before suspicion
-SUSPECT_SILENT = 3.0  # seconds without a reply before suspicion (a 1 s SIGSTOP is no failover)
 PROBE_READ = 4096
 
 

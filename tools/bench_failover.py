@@ -53,6 +53,8 @@ from redis.retry import Retry
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.secret import SECRET_ENV  # noqa: E402
+from mesh.model.fencing import FENCE_AFTER, LEASE_GONE_WAIT, LEASE_TTL  # noqa: E402
+from mesh.model.health import SUSPECT_REFUSED, SUSPECT_SILENT  # noqa: E402
 from tools.launch import (  # noqa: E402
     HOST,
     ROOT,
@@ -98,14 +100,9 @@ def commit() -> str:
 
 def moonmesh_timing() -> str:
     """Today's detection budget, read from the code (it may change under us)."""
-    parts = []
-    with contextlib.suppress(Exception):
-        from mesh.agent import LEASE_TTL
-        parts.append(f"lease TTL {LEASE_TTL:g} s")
-    with contextlib.suppress(Exception):
-        from mesh.model.failover import DEFAULT_GRACE
-        parts.append(f"grace {DEFAULT_GRACE:g} s")
-    return " + ".join(parts) or "unknown"
+    return (f"suspicion after {SUSPECT_REFUSED:g} s of refused probes ({SUSPECT_SILENT:g} s "
+            f"of silence), lease revoked, promotion {LEASE_GONE_WAIT:g} s later (a node "
+            f"fences {FENCE_AFTER:g} s after its last keepalive; lease TTL {LEASE_TTL:g} s)")
 
 
 # --------------------------------------------------------------------------- probe keys
@@ -556,11 +553,7 @@ def settle_after(cluster) -> float:  # noqa: ANN001
     """Seconds to wait after a stop before the view is read again."""
     if isinstance(cluster, Native):
         return 2 * cluster.node_timeout + 1
-    with contextlib.suppress(Exception):
-        from mesh.agent import LEASE_TTL
-        from mesh.model.failover import DEFAULT_GRACE
-        return LEASE_TTL + DEFAULT_GRACE + 1
-    return 8.0
+    return min(SUSPECT_SILENT, LEASE_TTL) + LEASE_GONE_WAIT + 1
 
 
 def moonmesh_case(case: str, give_up: float) -> dict:
@@ -676,8 +669,8 @@ def main() -> int:
         ["kill-node", "kill-node-leader", "kill-redis", "stop-1s", "stop-10s"]
     why = (f"native cluster-node-timeout {args.node_timeout} ms, matched to the detection "
            f"budget Moonmesh aims for (issue 13: every slot writable again in < 2 s; Valkey's "
-           f"best-ranked replica reaches ~1.5-2 s with a 1.5 s node timeout), not to Moonmesh's "
-           f"current {moonmesh_timing()}")
+           f"best-ranked replica reaches ~1.5-2 s with a 1.5 s node timeout). Moonmesh: "
+           f"{moonmesh_timing()}")
     print(f"commit {commit()}; {runs} run(s) each; give up after {give_up:g} s", flush=True)
     print(why, flush=True)
 

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# seconds; a node nobody revoked leaves the pool this long after its last keepalive (its
+# writes stopped long before). etcd's minimum is 1.5 x its election timeout.
+LEASE_TTL = 3
 FENCE_AFTER = 1.0  # seconds past the last successful keepalive's sending that writes stop
 KEEPALIVE_INTERVAL = 0.2  # seconds between keepalives: several chances inside FENCE_AFTER
 LEASE_GONE_MARGIN = 0.2  # clock rates and the view's way to the nodes

@@ -14,6 +14,10 @@ from core.nodes import NodeStatus
 
 from .failover import Health
 
+# when the leader stops trusting a node its probes cannot reach (mesh/prober.py)
+SUSPECT_REFUSED = 0.15  # seconds of refused connections (two probes at least)
+SUSPECT_SILENT = 3.0  # seconds without a reply: a 1 s pause (SIGSTOP, GC) is no failover
+
 
 def liveness(members: Iterable[str], registered: Iterable[str],
              statuses: Mapping[str, NodeStatus]) -> dict[str, bool]:

@@ -23,8 +23,7 @@ from chaos import netns
 from chaos.hosts import PROXY_PORT, Deployment
 from chaos.workload import Conn
 from core.slots import key_slot
-from mesh.agent import LEASE_TTL
-from mesh.model.fencing import FENCE_AFTER
+from mesh.model.fencing import FENCE_AFTER, LEASE_TTL
 
 pytestmark = pytest.mark.integration
 CLUSTER = "fence"
