@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test lint system-deps venv clients bench bench-migration bench-failover clean chaos chaos-deps
+.PHONY: run test lint system-deps venv clients bench bench-migration bench-failover soak-failover clean chaos chaos-deps
 
 system-deps:
 	@command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null || { \
@@ -49,6 +49,11 @@ bench-migration: system-deps venv
 # kill -9 / SIGSTOP of a master, Moonmesh and native Redis Cluster side by side (BENCH_ARGS="--runs 1")
 bench-failover: system-deps venv
 	$(PY) tools/bench_failover.py $(BENCH_ARGS)
+
+# false failovers: a 3x1 cluster under full redis-benchmark load, no fault, SOAK_MINUTES long
+SOAK_MINUTES ?= 30
+soak-failover: system-deps venv
+	$(PY) tools/soak_failover.py --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) .venv-clients tests/clients/node_modules build *.egg-info
