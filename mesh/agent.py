@@ -35,7 +35,7 @@ from .barriers import MigrationStarts
 from .fence import FenceGuard
 from .handover import HandoverError, graceful_failover
 from .leader import lead
-from .model.fencing import KEEPALIVE_INTERVAL, LEASE_TTL
+from .model.fencing import CONFIRM_INTERVAL, KEEPALIVE_EVERY, LEASE_TTL
 from .redisctl import RedisCtl, RedisCtlError
 from .status import PeerStatuses, StatusReporter
 from .store.etcd import EtcdStore, LeaseKeeper, StoreError
@@ -103,7 +103,8 @@ class NodeAgent:
     async def _incarnation(self) -> None:
         """One lease: register on it and run every per-lease task until it is lost."""
         async with anyio.create_task_group() as tg:
-            keeper = LeaseKeeper(self.repo.store, LEASE_TTL, KEEPALIVE_INTERVAL,
+            keeper = LeaseKeeper(self.repo.store, LEASE_TTL, CONFIRM_INTERVAL,
+                                 KEEPALIVE_EVERY, self.repo.keys.node(self.config.node_id),
                                  on_renew=self.fence.check)
             await tg.start(keeper.run)
             self.keeper = self.fence.keeper = keeper

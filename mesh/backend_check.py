@@ -16,7 +16,7 @@ import structlog
 
 from core import clock
 from core.nodes import MigrationProgress
-from proxy.control import FENCED_BACKEND, ControlPort
+from proxy.control import FENCED_BACKEND, FENCED_LEAVING, ControlPort
 
 from .model.health import Checks, Synced
 from .redisctl import RedisCtl, RedisCtlError
@@ -30,6 +30,7 @@ BACKEND_CHECK_INTERVAL = 0.2
 # seconds of failed checks (timeouts, errors) before the node reports a Redis that still
 # accepts connections dead: a slow command, a fork or a short stall is not a failover
 BACKEND_STALL_LIMIT = 3.0
+LASTING_FENCES = frozenset({FENCED_BACKEND, FENCED_LEAVING})
 
 
 class BackendChecker:
@@ -68,12 +69,16 @@ class BackendChecker:
                 log.warning("fenced", reason="the backend refuses connections" if refused
                             else "the backend failed its checks",
                             node=self.status.status.node_id)
-            elif healthy and fenced_here:
+            elif ok and fenced_here:  # a check that passed: -LOADING is no recovery
                 await self._recovered()
             await self.applier.reconcile()  # retries an apply that failed; a no-op otherwise
             progress = {mid: MigrationProgress.from_dict(p)
                         for mid, p in self.control.migration_progress().items()}
-            self.status.set(backend_ok=healthy, fenced=self.control.fenced, repl_offset=offset,
+            # "fenced" is the node's word that lets the leader replace it at once: only for
+            # fences lifted by publishing first (a lease fence lifts on a read, unannounced)
+            self.status.set(backend_ok=healthy,
+                            fenced=bool(self.control.fenced_for & LASTING_FENCES),
+                            repl_offset=offset,
                             synced=self.synced.synced, migrations=progress)
             await anyio.sleep(BACKEND_CHECK_INTERVAL)
 

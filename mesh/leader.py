@@ -18,8 +18,7 @@ from core.view import NodeAddress
 from .model import migrations as plans
 from .model.changes import without_departed
 from .model.failover import plan_failover
-from .model.fencing import STALE_TERM_WINDOW
-from .model.health import HealthTracker, liveness, may_write
+from .model.health import SUSPECT_SILENT, HealthTracker, liveness, may_write
 from .notify import Changed
 from .prober import Prober
 from .store.etcd import Fence, StoreError, campaign
@@ -29,7 +28,6 @@ log = structlog.get_logger("mesh.leader")
 
 DUTY_INTERVAL = 0.5  # seconds between two passes when every member is well
 DUTY_INTERVAL_PENDING = 0.05  # ... while a member is dead or suspected (a failover is near)
-TERM_POLL = 0.5  # seconds between two looks at etcd's raft term
 REVOKE_AGAIN_AFTER = 10.0  # a node whose lease was revoked is not revoked again before this
 
 
@@ -39,25 +37,19 @@ class FailureState:
 
     tracker: HealthTracker = field(default_factory=HealthTracker)
     prober: Prober = field(default_factory=lambda: Prober(Changed()))
-    term: int | None = None  # etcd's raft term last seen
-    term_since: float = float("inf")  # when it was first seen
-    term_polled: float = float("-inf")
     revoked: dict[str, float] = field(default_factory=dict)  # node -> when its lease was
+    # node -> (its status key's revision, when the leader first saw that revision)
+    status_seen: dict[str, tuple[int, float]] = field(default_factory=dict)
 
-    @property
-    def renewals_trusted_from(self) -> float:
-        """From when no etcd leader of an older term answers keepalives any more."""
-        return self.term_since + STALE_TERM_WINDOW
+    def saw_statuses(self, revisions: dict[str, int], now: float) -> None:
+        self.status_seen = {n: self.status_seen[n] if n in self.status_seen
+                            and self.status_seen[n][0] == rev else (rev, now)
+                            for n, rev in revisions.items()}
 
-    async def look_at_term(self, repo: MeshRepo, now: float) -> None:
-        """A new term means a deposed etcd leader may still renew leases for a while
-        (mesh/model/fencing.py): promotions after lease loss wait for it."""
-        if now - self.term_polled < TERM_POLL:
-            return
-        self.term_polled = now
-        term = await repo.store.raft_term()  # until the first answer, term_since is never
-        if term != self.term:
-            self.term, self.term_since = term, now
+    def speaks(self, node: str, now: float) -> bool:
+        """The node wrote its status lately: it reaches etcd, whatever the probes say."""
+        seen = self.status_seen.get(node)
+        return seen is not None and now - seen[1] < SUSPECT_SILENT
 
 
 async def lead(repo: MeshRepo, lease_id: int, node_id: str,
@@ -131,31 +123,35 @@ async def handle_failures(repo: MeshRepo, fence: Fence, state: FailureState) -> 
     replicas, reassign dead shards (mesh/model/failover.py). True while a member is dead or
     suspected: the next pass comes sooner."""
     now = anyio.current_time()
-    await state.look_at_term(repo, now)
     nodes = await repo.nodes()
+    statuses, status_revisions, _ = await repo.statuses_as_read()
+    state.saw_statuses(status_revisions, now)
     views = list((await repo.views()).values())
     members = {n for stored in views for n in stored.view.node_ids}
     state.prober.watch({n: nodes[n].record.proxy for n in members if n in nodes})
     suspects = state.prober.suspects(now) & members
     for node in sorted(suspects):
-        if node in nodes and now - state.revoked.get(node, float("-inf")) >= REVOKE_AGAIN_AFTER:
-            # the node's writes end FENCE_AFTER past its last keepalive, which was sent
-            # before this revocation (mesh/model/fencing.py); the failover waits for that
-            checks = state.prober.checks.get(node)
-            reason = "nothing listens at its proxy port" if checks and checks.refused \
-                else "its proxy does not answer"
-            state.revoked[node] = now
-            state.prober.forget(node)
-            try:
-                await repo.store.revoke(nodes[node].lease)
-            except StoreError as exc:  # it may have landed: the next pass reads the nodes
-                log.warning("lease_revoke_failed", node=node, error=str(exc))
-                continue
-            log.warning("lease_revoked", node=node, lease=f"{nodes[node].lease:x}",
-                        reason=reason)
-            del nodes[node]
+        checks = state.prober.checks.get(node)
+        refused = checks is not None and checks.refused
+        if node not in nodes or now - state.revoked.get(node, float("-inf")) < REVOKE_AGAIN_AFTER \
+                or (not refused and state.speaks(node, now)):
+            continue  # gone already, just revoked, or silent to the leader alone
+        # the node's keys stop FENCE_AFTER past its last read that found its lease, which was
+        # sent before this revocation (mesh/model/fencing.py); the failover waits for that
+        try:
+            await repo.store.revoke(nodes[node].lease)
+        except StoreError as exc:  # it may have landed: the next pass reads the nodes
+            log.warning("lease_revoke_failed", node=node, error=str(exc))
+            continue
+        state.revoked[node] = now
+        state.prober.forget(node)
+        log.warning("lease_revoked", node=node, lease=f"{nodes[node].lease:x}",
+                    reason="nothing listens at its proxy port" if refused
+                    else "its proxy does not answer")
+        del nodes[node]  # and its status, on the same lease
+        statuses.pop(node, None)
+        status_revisions.pop(node, None)
     registered = {nid: r.record for nid, r in nodes.items()}
-    statuses, status_revisions, _ = await repo.statuses_as_read()
     assigned = await repo.assigned()
     alive = liveness(members, registered, statuses)
     offsets = {n: s.repl_offset for n, s in statuses.items()}
@@ -166,8 +162,7 @@ async def handle_failures(repo: MeshRepo, fence: Fence, state: FailureState) -> 
     free = [(n, NodeAddress(r.proxy, r.backend)) for n, r in registered.items()
             if n not in assigned and alive.get(n)]
     for stored in views:
-        step = plan_failover(stored.view, health, now, free,
-                             renewals_trusted_from=state.renewals_trusted_from)
+        step = plan_failover(stored.view, health, now, free)
         if step is None:
             continue
         # the replaced master must still be as read: unregistered, or fenced by its own word

@@ -14,6 +14,10 @@ from .store.etcd import StoreError
 from .store.repo import MeshRepo
 
 STATUS_HEARTBEAT = 3.0  # the status key is rewritten at least this often
+# fields that change all the time under load (checked every 0.2 s): written at most this often;
+# a change of any other field (health, fence, epoch, role) is written at once
+NOISY_FIELDS = frozenset({"repl_offset", "migrations"})
+NOISY_INTERVAL = 1.0
 
 
 class StatusReporter:
@@ -24,22 +28,34 @@ class StatusReporter:
         self.repo = repo
         self.status = NodeStatus(node_id)
         self.changed = Changed()
+        self.dirty = False  # a noisy field changed since the last write
         self.lease: int | None = None  # the current lease (set by run)
         self.publishing = anyio.Lock()
 
     def set(self, **changes: Any) -> None:
         new = replace(self.status, **changes)
-        if new != self.status:
-            self.status = new
+        if new == self.status:
+            return
+        urgent = any(getattr(new, f) != getattr(self.status, f)
+                     for f in changes if f not in NOISY_FIELDS)
+        self.status = new
+        if urgent:
             self.changed.notify()
+        else:
+            self.dirty = True
 
     async def run(self, lease: int) -> None:
         self.lease = lease
         while True:
             changed = self.changed.waiter()
+            self.dirty = False
             await self.publish()
             with anyio.move_on_after(STATUS_HEARTBEAT):
-                await changed.wait()
+                while True:  # an urgent change at once, noisy ones NOISY_INTERVAL apart
+                    with anyio.move_on_after(NOISY_INTERVAL):
+                        await changed.wait()
+                    if changed.is_set() or self.dirty:
+                        break
 
     async def publish(self) -> None:
         """Write the status now (on the current lease); returns once etcd has it. One put at a

@@ -50,27 +50,25 @@ def dead(node: str, health: dict[str, Health], now: float, grace: float) -> bool
     return h is None or (not h.alive and now - h.since >= grace)
 
 
-def replaceable(node: str, health: dict[str, Health], now: float,
-                renewals_trusted_from: float) -> bool:
+def replaceable(node: str, health: dict[str, Health], now: float) -> bool:
     """The node is dead and cannot write any more: it said it fenced, or its lease has been
-    gone LEASE_GONE_WAIT, counted from when the leader saw it gone and from when stale etcd
-    leaders stopped answering keepalives (`renewals_trusted_from`), whichever is later."""
+    gone LEASE_GONE_WAIT since the leader saw it gone (mesh/model/fencing.py)."""
     h = health.get(node)
     if h is None or h.alive:
         return False
     if h.registered:
         return not h.may_write  # fenced by its own word; else it will, or it comes back
-    return now >= max(h.gone_since, renewals_trusted_from) + LEASE_GONE_WAIT
+    return now >= h.gone_since + LEASE_GONE_WAIT
 
 
 def plan_failover(view: ClusterView, health: dict[str, Health], now: float,
-                  free: list[tuple[str, NodeAddress]], grace: float = DEFAULT_GRACE,
-                  renewals_trusted_from: float = float("-inf")) -> FailoverStep | None:
+                  free: list[tuple[str, NodeAddress]], grace: float = DEFAULT_GRACE
+                  ) -> FailoverStep | None:
     """The next step for one cluster, or None when every shard has a live master."""
     failed = set(view.failed)
     recovered = {n for n in failed if health.get(n) and health[n].alive}
     for shard in view.shards:
-        if not replaceable(shard.master, health, now, renewals_trusted_from):
+        if not replaceable(shard.master, health, now):
             continue
         # a replica that never finished its sync is empty or half-loaded: promoting it
         # would lose what the master had; the shard waits for its master instead

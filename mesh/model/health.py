@@ -93,7 +93,11 @@ class Checks:
     def record(self, ok: bool, now: float, refused: bool = False) -> Checks:
         if ok:
             return Checks()
-        return Checks(now if self.failing_since is None else self.failing_since, refused)
+        if self.failing_since is None:
+            return Checks(now, refused)
+        # a refusal stays the verdict until a check passes (a restarted Redis answers -LOADING
+        # or times out before it serves)
+        return Checks(self.failing_since, refused or self.refused)
 
     def dead(self, now: float, stall_limit: float, refused_limit: float = 0.0) -> bool:
         """Failing for `refused_limit` with nothing listening now, or for `stall_limit`

@@ -137,13 +137,6 @@ class EtcdStore:
     def describe(self) -> str:
         return ",".join(str(Address(h, p)) for h, p in self.endpoints)
 
-    # -- cluster ----------------------------------------------------------------------------
-    async def raft_term(self) -> int:
-        """The raft term of the member this client talks to. A term higher than the last one
-        seen means etcd elected a new leader since (mesh/model/fencing.py, STALE_TERM_WINDOW)."""
-        status = await self._call("status", lambda: self._client.status())
-        return int(status.raft_term)
-
     # -- keys --------------------------------------------------------------------------------
     async def get(self, key: bytes) -> KV | None:
         got = await self._call("get", lambda: self._client.get(key))
@@ -253,21 +246,30 @@ class EtcdStore:
 
 
 class LeaseKeeper:
-    """Keeps one lease alive; `lost` is set the moment it cannot be trusted any more.
+    """Keeps one lease alive and confirms it; `lost` is set the moment it cannot be trusted.
 
-    `renewed_at` (core.clock) is when the last keepalive etcd answered "alive" was sent (the
-    fence rule counts from it, mesh/model/fencing.py); `deadline` is when etcd may expire the
-    lease at the earliest: that moment plus the TTL it answered. Loss is declared when a
-    keepalive says the lease is gone (`expired`: it expired, or the leader revoked it), or
-    when the deadline passes without one.
+    Every `interval` the keeper reads `witness` (the node's registration, put on this lease)
+    with a linearizable read: etcd answers it only after confirming, with a quorum in the
+    current term, that its leader still leads, and from state that includes every entry
+    committed before the read was sent. So when the key is still there on this lease, no
+    revocation or expiry of the lease had been committed when the read was sent, and
+    `renewed_at` (core.clock) moves to that send time: the fence rule counts from it
+    (mesh/model/fencing.py). A keepalive alone proves less on etcd 3.5.1: a deposed or
+    lagging etcd leader may still answer one after the lease was revoked.
+
+    Keepalives go every `keepalive_every` reads; `deadline` is when etcd may expire the lease
+    at the earliest. Loss is declared when a keepalive says the lease is gone (`expired`: it
+    expired, or the leader revoked it), or when the deadline passes without one.
     """
 
-    def __init__(self, store: EtcdStore, ttl: int, interval: float,
-                 on_renew: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, store: EtcdStore, ttl: int, interval: float, keepalive_every: int,
+                 witness: bytes, on_renew: Callable[[], None] = lambda: None) -> None:
         self.store = store
-        self.on_renew = on_renew  # called after each keepalive that moved `renewed_at`
         self.ttl = ttl
         self.interval = interval
+        self.keepalive_every = keepalive_every
+        self.witness = witness
+        self.on_renew = on_renew  # called after each read that moved `renewed_at`
         self.lease_id = 0
         self.renewed_at = float("-inf")
         self.deadline = float("-inf")
@@ -277,27 +279,38 @@ class LeaseKeeper:
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
         sent = clock.now()
         self.lease_id = await self.store.grant(self.ttl)
+        # the lease cannot have been revoked before it was granted
         self.renewed_at, self.deadline = sent, sent + self.ttl
         task_status.started()
+        tick = 0
         while True:
             await anyio.sleep(self.interval)
-            sent = clock.now()
+            tick += 1
             try:
+                if tick % self.keepalive_every == 0:
+                    await self._keepalive()
+                sent = clock.now()
                 with anyio.fail_after(max(0.1, self.deadline - sent)):
-                    remaining = await self.store.refresh(self.lease_id)
+                    kv = await self.store.get(self.witness)
             except (StoreError, TimeoutError) as exc:
-                if clock.now() >= self.deadline:
-                    log.warning("lease_lost", lease=self.lease_id, reason=str(exc))
+                if self.expired or clock.now() >= self.deadline:
+                    log.warning("lease_lost", lease=self.lease_id,
+                                reason="gone at etcd" if self.expired else str(exc))
                     self.lost.set()
                     return
                 continue
-            if remaining <= 0:
-                log.warning("lease_lost", lease=self.lease_id, reason="gone at etcd")
-                self.expired = True
-                self.lost.set()
-                return
-            self.renewed_at, self.deadline = sent, sent + remaining
-            self.on_renew()
+            if kv is not None and kv.lease == self.lease_id:
+                self.renewed_at = sent
+                self.on_renew()
+
+    async def _keepalive(self) -> None:
+        sent = clock.now()
+        with anyio.fail_after(max(0.1, self.deadline - sent)):
+            remaining = await self.store.refresh(self.lease_id)
+        if remaining <= 0:
+            self.expired = True
+            raise StoreError("the lease is gone at etcd")
+        self.deadline = sent + remaining
 
 
 async def campaign(store: EtcdStore, lease_id: int) -> Fence:
