@@ -4,6 +4,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
+from core import clock
 from mesh.store.etcd import EtcdStore, Event, LeaseKeeper, campaign
 from tests import procs
 
@@ -71,18 +72,24 @@ async def test_watch_resumes_after_an_etcd_restart(etcd):
                                                  (b"/t/w/a", None)]
 
 
-async def test_lease_keeper_keeps_a_key_alive_and_reports_loss(etcd):
+async def test_lease_keeper_keeps_a_key_alive_confirms_it_and_reports_loss(etcd):
     async with EtcdStore(etcd.addr, root="/t") as store:
         async with anyio.create_task_group() as tg:
-            keeper = LeaseKeeper(store, ttl=2)
+            keeper = LeaseKeeper(store, ttl=2, interval=0.2, keepalive_every=3,
+                                 witness=b"/t/alive")
             await tg.start(keeper.run)
             await store.put(b"/t/alive", b"x", lease=keeper.lease_id)
-            await anyio.sleep(3)
+            await anyio.sleep(3)  # past the TTL: only keepalives keep it
             assert await store.get(b"/t/alive") is not None and not keeper.lost.is_set()
+            # reads that find the key on the lease move the fence's clock
+            assert clock.now() - keeper.renewed_at < 1.0
             await store.revoke(keeper.lease_id)
+            revoked_at = clock.now()
             with anyio.fail_after(3):
                 await keeper.lost.wait()
-            assert await store.get(b"/t/alive") is None
+            assert await store.get(b"/t/alive") is None and keeper.expired
+            # no read sent after the revocation confirmed the lease
+            assert keeper.renewed_at < revoked_at
 
 
 async def test_election_passes_to_the_next_candidate(etcd):
