@@ -17,6 +17,7 @@ from .model import migrations as plans
 from .model.changes import without_departed
 from .model.failover import plan_failover
 from .model.health import HealthTracker, liveness, may_write
+from .model.replicas import free_nodes, observe, plan_replicas
 from .store.etcd import Fence, StoreError, campaign
 from .store.repo import MeshRepo, ViewCommit
 
@@ -34,6 +35,7 @@ async def lead(repo: MeshRepo, lease_id: int, node_id: str) -> None:
         try:
             await remove_departed_nodes(repo, fence)
             await handle_failures(repo, fence, tracker)
+            await fill_replicas(repo, fence, tracker)
             await drive_migrations(repo, fence)
         except StoreError as exc:
             log.warning("leader_duty_failed", error=str(exc))
@@ -106,3 +108,23 @@ async def handle_failures(repo: MeshRepo, fence: Fence, tracker: HealthTracker) 
             log.warning("failover", cluster=stored.view.cluster, epoch=step.view.epoch,
                         step=step.what)
             free = [f for f in free if f[0] not in step.claimed]
+
+
+async def fill_replicas(repo: MeshRepo, fence: Fence, tracker: HealthTracker) -> None:
+    """Keep each cluster's declared replica count (mesh/model/replicas.py): free nodes join
+    shards short of replicas, a replica dead for the cluster's reassign_after leaves once its
+    replacement synced, a surplus leaves. Uses the health `handle_failures` just tracked."""
+    nodes = {nid: r.record for nid, r in (await repo.nodes()).items()}
+    statuses = await repo.statuses()
+    free = free_nodes(nodes, await repo.assigned(),
+                      {n: h.alive for n, h in tracker.state.items()})
+    for stored in (await repo.views()).values():
+        seen = observe(stored.view, tracker.state, nodes, statuses)
+        step = plan_replicas(stored.view, seen, free, anyio.current_time())
+        if step is None:
+            continue
+        if await repo.commit_view(stored.cluster, stored.revision, step.view,
+                                  ViewCommit(claim=step.claimed, unassign=step.released,
+                                             fence=fence)):
+            log.info("replicas", cluster=stored.cluster, epoch=step.view.epoch, step=step.what)
+            free = [f for f in free if f.node_id not in step.claimed]
