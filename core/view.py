@@ -61,6 +61,7 @@ class Migration:
 
 
 REASSIGN_AFTER = 60  # seconds (ClusterConfig.reassign_after)
+MAX_REPLICAS = 16  # replicas per shard a cluster may declare (ClusterConfig.replicas)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,10 @@ class ClusterConfig:
     # seconds every node of a shard must have been dead before the leader gives its slots away
     # EMPTY (its data is lost); synchronous mode never does (mesh/model/failover.py)
     reassign_after: int = REASSIGN_AFTER
+    # replicas per shard the leader keeps (mesh/model/replicas.py): it fills missing ones from
+    # free nodes and replaces one dead for `reassign_after`. A view written before this field
+    # existed declares what its shards have (`from_json`)
+    replicas: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +125,8 @@ def validate(view: ClusterView) -> None:
             or view.config.reassign_after < 0:
         raise ViewError("config min_replicas_ack and reassign_after must be >= 0 and "
                         "ack_timeout_ms >= 1")
+    if not 0 <= view.config.replicas <= MAX_REPLICAS:
+        raise ViewError(f"config replicas must be 0 to {MAX_REPLICAS}")
     addresses = dict(view.nodes)
     if len(addresses) != len(view.nodes):
         raise ViewError("a node is listed twice")
@@ -195,7 +202,8 @@ def to_json(view: ClusterView) -> bytes:
                    "failover": view.config.failover,
                    "min_replicas_ack": view.config.min_replicas_ack,
                    "ack_timeout_ms": view.config.ack_timeout_ms,
-                   "reassign_after": view.config.reassign_after},
+                   "reassign_after": view.config.reassign_after,
+                   "replicas": view.config.replicas},
         "shards": [{"id": s.id, "master": s.master, "replicas": list(s.replicas),
                     "slots": [list(r) for r in s.slots]} for s in view.shards],
         "migrations": [{"slots": [list(r) for r in m.slots], "from": m.source, "to": m.target,
@@ -210,6 +218,9 @@ def from_json(data: bytes | str) -> ClusterView:
     try:
         doc = json.loads(data)
         config = doc.get("config") or {}
+        shards = doc["shards"]
+        # a view from before declared replica counts: the most any shard has
+        declared = max((len(s.get("replicas", [])) for s in shards), default=0)
         view = ClusterView(
             cluster=str(doc["cluster"]),
             uid=str(doc.get("uid", "")),
@@ -221,11 +232,12 @@ def from_json(data: bytes | str) -> ClusterView:
                                  failover=str(config.get("failover", "auto")),
                                  min_replicas_ack=_int(config.get("min_replicas_ack", 0)),
                                  ack_timeout_ms=_int(config.get("ack_timeout_ms", 1000)),
-                                 reassign_after=_int(config.get("reassign_after", REASSIGN_AFTER))),
+                                 reassign_after=_int(config.get("reassign_after", REASSIGN_AFTER)),
+                                 replicas=_int(config.get("replicas", declared))),
             shards=tuple(Shard(id=str(s["id"]), master=str(s["master"]),
                                replicas=tuple(map(str, s.get("replicas", []))),
                                slots=tuple((_int(a), _int(b)) for a, b in s["slots"]))
-                         for s in doc["shards"]),
+                         for s in shards),
             migrations=tuple(Migration(slots=tuple((_int(a), _int(b)) for a, b in m["slots"]),
                                        source=str(m["from"]), target=str(m["to"]),
                                        epoch=_int(m["epoch"]),

@@ -44,9 +44,8 @@ from .views import ViewApplier
 
 log = structlog.get_logger("mesh.agent")
 
-LEAVE_TIMEOUT = 10.0  # how long a clean shutdown waits to be taken out of its cluster
-# how long a leaving master may take to hand its shard over (Redis FAILOVER tries and the
-# view commit; usually well under a second); deploy/ gives a stop this plus LEAVE_TIMEOUT
+# how long a stopping master may take to hand its shard over (Redis FAILOVER tries and the
+# view commit; usually well under a second); deploy/ gives a stop this plus DEREGISTER_TIMEOUT
 LEAVE_HANDOVER_TIMEOUT = 20.0
 RESTART_WAIT = 1.0
 REVOKE_TIMEOUT = 2.0  # a lost incarnation revokes its lease at once: the election moves on
@@ -136,17 +135,13 @@ class NodeAgent:
                         with contextlib.suppress(StoreError):
                             await self.repo.store.revoke(lease)
 
-    async def leave(self) -> None:
-        """Clean shutdown: a master hands its shard over first, then the node asks to be taken
-        out of the cluster, waits for it, and deregisters."""
+    async def stop(self) -> None:
+        """Clean shutdown (SIGTERM): a master hands its shard over first, then the node
+        deregisters and revokes its lease, so the leader sees it gone at once and marks it a
+        failed replica. It stays a member: restarted with the same node id it registers
+        again, leaves `failed` and resyncs as a replica of its shard. Leaving a cluster for
+        good is `umctl-mesh node drain`."""
         await self._hand_over_shard()
-        self.status.set(leaving=True)
-        with anyio.move_on_after(LEAVE_TIMEOUT) as scope:
-            if self.views.applied is not None:
-                await self.views.removed.wait()
-        if scope.cancelled_caught:
-            applied = self.views.applied
-            self.log.warning("leave_timed_out", cluster=applied.cluster if applied else "")
         with anyio.move_on_after(DEREGISTER_TIMEOUT, shield=True), \
                 contextlib.suppress(StoreError):
             await self.repo.deregister(self.config.node_id)
@@ -156,9 +151,11 @@ class NodeAgent:
     async def _hand_over_shard(self) -> None:
         """A master whose shard has a replica hands the shard over as `umctl-mesh failover`
         does (mesh/handover.py: writes pause, the replica catches up, the roles swap, the view
-        records it), so it leaves as a replica and no write is lost or taken twice. If that
-        fails it stops taking writes before it asks to leave: the replica the leader then
-        promotes is never a second master. A master with no replica leaves as it is."""
+        records it), so it stops as a replica and no write is lost or taken twice. If that
+        fails it stops taking writes before it deregisters: the replica the leader then
+        promotes is never a second master. A master with no live replica stops as it is (its
+        slots are unserved until it is back, or reassigned after the cluster's
+        reassign_after)."""
         view, me = self.views.applied, self.config.node_id
         shard = view.shard_of(me) if view is not None else None
         if view is None or shard is None or shard.master != me \

@@ -19,6 +19,7 @@ from .model import migrations as plans
 from .model.changes import without_departed
 from .model.failover import plan_failover
 from .model.health import SUSPECT_SILENT, HealthTracker, liveness, may_write
+from .model.replicas import free_nodes, observe, plan_replicas
 from .notify import Changed
 from .prober import Prober
 from .store.etcd import Fence, StoreError, campaign
@@ -67,6 +68,7 @@ async def lead(repo: MeshRepo, lease_id: int, node_id: str,
             try:
                 await remove_departed_nodes(repo, fence)
                 pending = await handle_failures(repo, fence, state)
+                await fill_replicas(repo, fence, state.tracker)
                 await drive_migrations(repo, fence)
             except StoreError as exc:
                 log.warning("leader_duty_failed", error=str(exc))
@@ -178,3 +180,23 @@ async def handle_failures(repo: MeshRepo, fence: Fence, state: FailureState) -> 
                         step=step.what)
             free = [f for f in free if f[0] not in step.claimed]
     return bool(suspects) or not all(alive.get(n) for n in members)
+
+
+async def fill_replicas(repo: MeshRepo, fence: Fence, tracker: HealthTracker) -> None:
+    """Keep each cluster's declared replica count (mesh/model/replicas.py): free nodes join
+    shards short of replicas, a replica dead for the cluster's reassign_after leaves once its
+    replacement synced, a surplus leaves. Uses the health `handle_failures` just tracked."""
+    nodes = {nid: r.record for nid, r in (await repo.nodes()).items()}
+    statuses = await repo.statuses()
+    free = free_nodes(nodes, await repo.assigned(),
+                      {n: h.alive for n, h in tracker.state.items()})
+    for stored in (await repo.views()).values():
+        seen = observe(stored.view, tracker.state, nodes, statuses)
+        step = plan_replicas(stored.view, seen, free, anyio.current_time())
+        if step is None:
+            continue
+        if await repo.commit_view(stored.cluster, stored.revision, step.view,
+                                  ViewCommit(claim=step.claimed, unassign=step.released,
+                                             fence=fence)):
+            log.info("replicas", cluster=stored.cluster, epoch=step.view.epoch, step=step.what)
+            free = [f for f in free if f.node_id not in step.claimed]

@@ -86,7 +86,7 @@ async def serve(args: argparse.Namespace, key: bytes | None) -> None:
             async for signum in signals:
                 structlog.get_logger("proxy").info("proxy_stopping", signal=signum.name)
                 if agent is not None:
-                    await agent.leave()
+                    await agent.stop()  # hands a master's shard over; stays a member
                 tg.cancel_scope.cancel()
                 break
 

@@ -7,6 +7,7 @@ command reads either the old value or the new one, never a mix.
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import replace
 from enum import Enum
@@ -14,7 +15,10 @@ from typing import Protocol
 
 import structlog
 
+from core import clock
+
 from .admission import WritePermission
+from .backend import Pending, ReplySink
 from .routing import RoutingTable, empty_table
 
 log = structlog.get_logger("proxy.control")
@@ -23,6 +27,12 @@ log = structlog.get_logger("proxy.control")
 FENCED_LEASE = "lease"
 FENCED_BACKEND = "backend"
 FENCED_LEAVING = "leaving"  # shutting down after a handover that failed: never lifted
+# how long a command that would be refused TRYAGAIN because of a graceful handover is held
+# instead, waiting for the view that makes this node a replica (it then gets its MOVED): Redis
+# FAILOVER waits for the replica's next once-a-second ACK, so a handover takes up to about
+# 1.3 s, longer than the TRYAGAIN retries of cluster clients last (redis-py: about 0.4 s).
+# Past it, TRYAGAIN as before
+HANDOVER_HOLD = 2.0
 
 
 class Applied(Enum):
@@ -49,6 +59,11 @@ class ControlPort:
         # called when writes become fenced, after the switch (proxy/context.py: commands
         # already at Redis are cut off, so none is acknowledged after the fence)
         self.on_fence: list[Callable[[], None]] = []
+        # commands held while a handover runs: one barrier shared by the clients holding
+        # them, lifted when the handover ends or HANDOVER_HOLD has passed (see hold_handover)
+        self.handover_hold_until = 0.0
+        self._handover_barrier: Pending | None = None
+        self._handover_waiters: list[ReplySink] = []
 
     def apply(self, table: RoutingTable, *, joining: bool = False,
               force: bool = False) -> Applied:
@@ -101,11 +116,39 @@ class ControlPort:
         return self.permission.fenced
 
     def start_handover(self) -> None:
-        """Writes answer TRYAGAIN until a view shows this node a replica (or it failed)."""
+        """Writes answer TRYAGAIN until a view shows this node a replica (or it failed);
+        for the first HANDOVER_HOLD seconds they are held instead (`hold_handover`)."""
         self.permission = replace(self.permission, handing_over=True)
+        self.handover_hold_until = clock.now() + HANDOVER_HOLD
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (a unit test): nothing can be held then
+            return
+        loop.call_later(HANDOVER_HOLD, self._release_handover_waiters)
 
     def end_handover(self) -> None:
         self.permission = replace(self.permission, handing_over=False)
+        self._release_handover_waiters()
+
+    def hold_handover(self, waiter: ReplySink) -> Pending | None:
+        """A barrier for a client's command refused because of the running handover: it
+        falls (`waiter.replies_arrived()`) when the handover ends or the hold time is over,
+        and the command is decided again. None when there is nothing to wait for."""
+        if not self.permission.handing_over or clock.now() >= self.handover_hold_until:
+            return None
+        if self._handover_barrier is None:
+            self._handover_barrier = Pending()
+        self._handover_waiters.append(waiter)
+        return self._handover_barrier
+
+    def _release_handover_waiters(self) -> None:
+        barrier, waiters = self._handover_barrier, self._handover_waiters
+        self._handover_barrier, self._handover_waiters = None, []
+        if barrier is None:
+            return
+        barrier.data = b""  # not a reply: it only lifts the barrier
+        for waiter in waiters:
+            waiter.replies_arrived()
 
     # -- reports -----------------------------------------------------------------------------
     def migration_progress(self) -> dict[str, dict]:

@@ -299,6 +299,8 @@ class Session(asyncio.Protocol):
             self.multi_slots.add(outcome.slot)  # type: ignore[union-attr]  # the class test above
             self.forward(argv)
         elif kind is Refuse or kind is Redirect:
+            if outcome.reply is TRYAGAIN and self._hold_for_handover(argv):  # type: ignore[union-attr]  # the class test above
+                return
             if self.in_multi and argv[0].upper() in (b"EXEC", b"DISCARD"):
                 dedicated.end_transaction(self, outcome.reply)  # type: ignore[union-attr]  # the class test above
             else:
@@ -312,6 +314,21 @@ class Session(asyncio.Protocol):
             self.closing = True
         else:
             dedicated.subscribe(self, argv)
+
+    def _hold_for_handover(self, argv: list[bytes]) -> bool:
+        """A graceful handover runs (proxy/control.py HANDOVER_HOLD): hold `argv` until it
+        ends, then decide it again (a MOVED to the new master, usually), instead of a TRYAGAIN
+        that cluster clients retry for less time than a handover takes. Not inside MULTI,
+        on a dedicated connection or subscribed: those get their TRYAGAIN."""
+        if self.in_multi or self.dedicated is not None or self.subscribed:
+            return False
+        barrier = self.control.hold_handover(self)
+        if barrier is None:
+            return False
+        earlier = newest_unanswered(self.replies)
+        self.barrier = earlier if earlier is not None else barrier
+        self.hold_again(argv)
+        return True
 
     def hold_again(self, argv: list[bytes]) -> None:
         """A barrier went up while `argv` was being run: run it (decide it anew) after."""

@@ -36,8 +36,8 @@ class Spawner:
         return self.launcher.etcd_cluster(members, fsync=False)
 
     def cleanup(self) -> None:
-        # a mesh-proxy in a cluster waits up to 10 s on SIGTERM for the leader to remove it,
-        # which nobody does while everything stops at once: not worth waiting for here
+        # a master in a cluster tries to hand its shard over on SIGTERM, to replicas that
+        # stop at the same time: not worth waiting for here
         self.launcher.cleanup(timeout=TEARDOWN_TIMEOUT)
 
 

@@ -394,7 +394,7 @@ def test_graceful_failover_under_load_loses_nothing(mesh_factory, capsys):
     assert command(mesh.redis[old].port, "ROLE").startswith(b"*5\r\n$5\r\nslave")
 
 
-def test_drain_returns_nodes_to_the_pool_without_losing_keys(mesh_factory):
+def test_drain_takes_nodes_out_for_good_without_losing_keys(mesh_factory):
     mesh, created = make_cluster(mesh_factory, 2, 1)
     rc = RedisCluster(host="127.0.0.1", port=mesh.proxies[master_of(created, "s2")].port)
     for i in range(1000):
@@ -404,8 +404,10 @@ def test_drain_returns_nodes_to_the_pool_without_losing_keys(mesh_factory):
     wait_replication(mesh, replica)
     out = mesh.umctl("--json", "node", "drain", old)
     assert out["how"] == "removed"
+    # held out of the pool, so the leader (which keeps the declared replica per shard from
+    # free nodes) does not take it straight back
     nodes = {n["node"]: n for n in mesh.umctl("--json", "nodes")}
-    assert nodes[old]["role"] == "free"
+    assert nodes[old]["role"] == "held"
     # the shard left with a lone master: draining it moves its slots away
     lone = master_of(mesh.umctl("--json", "cluster", "show", "fo"), "s1")
     out = mesh.umctl("node", "drain", lone, "--wait", "--timeout", "120", timeout=180)
@@ -414,6 +416,8 @@ def test_drain_returns_nodes_to_the_pool_without_losing_keys(mesh_factory):
     assert [s["id"] for s in shown["shards"]] == ["s2"]
     assert all(rc.get(f"d:{i}") == str(i).encode() for i in range(1000))
     rc.close()
+    mesh.umctl("nodes", "release", old)
+    assert {n["node"]: n for n in mesh.umctl("--json", "nodes")}[old]["role"] == "free"
 
 
 def test_failover_completes_when_an_etcd_member_and_the_leader_die_with_the_master(mesh_factory):

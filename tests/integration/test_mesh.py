@@ -231,17 +231,20 @@ def test_killing_the_leader_elects_another(mesh_factory):
     assert time.monotonic() - started < 15, new
 
 
-def test_a_replica_that_shuts_down_cleanly_leaves_its_cluster(mesh_factory):
+def test_a_replica_that_shuts_down_cleanly_stays_in_its_cluster_and_returns(mesh_factory):
     mesh = mesh_factory(2)
     mesh.wait_pool(2)
     created = mesh.umctl("--json", "cluster", "create", "tidy", "--shards", "1",
                          "--replicas", "1")
     replica = next(n["node"] for n in created["shards"][0]["nodes"] if n["role"] == "replica")
-    mesh.proxies[replica].stop()  # SIGTERM: a clean shutdown
-    shown = wait_for(lambda: (lambda v: v if v["epoch"] == 2 else None)(
-        mesh.umctl("--json", "cluster", "show", "tidy")), what="the replica's removal")
-    assert [n["node"] for n in shown["shards"][0]["nodes"]] != [] and \
-        all(n["node"] != replica for n in shown["shards"][0]["nodes"])
+    mesh.proxies[replica].stop()  # SIGTERM: a clean shutdown (a restart, say)
+    shown = wait_for(lambda: (lambda v: v if v["failed"] == [replica] else None)(
+        mesh.umctl("--json", "cluster", "show", "tidy")), what="the replica marked failed")
+    assert replica in {n["node"] for n in shown["shards"][0]["nodes"]}
+    mesh.proxies[replica].start()  # the same node id, ports and Redis
+    shown = wait_for(lambda: (lambda v: v if v["failed"] == [] else None)(
+        mesh.umctl("--json", "cluster", "show", "tidy")), what="the replica back")
+    assert {n["node"]: n["role"] for n in shown["shards"][0]["nodes"]}[replica] == "replica"
 
 
 def test_a_cluster_created_again_under_the_same_name_starts_empty(mesh_factory):

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mesh.agent import DEREGISTER_TIMEOUT, LEAVE_HANDOVER_TIMEOUT, LEAVE_TIMEOUT
+from mesh.agent import DEREGISTER_TIMEOUT, LEAVE_HANDOVER_TIMEOUT
 from node import probe
 from node.main import build_parser
 from tools.launch import etcd_binary
@@ -30,7 +30,7 @@ DEPLOY = ROOT / "deploy"
 FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z-]*)")
 VENV_BIN = "/opt/moonmesh/.venv/bin/"  # where the image installs the project
 # a stop must outlast all of it: handover, waiting for the view, deregistering
-STOP_NEEDS = LEAVE_HANDOVER_TIMEOUT + LEAVE_TIMEOUT + DEREGISTER_TIMEOUT
+STOP_NEEDS = LEAVE_HANDOVER_TIMEOUT + DEREGISTER_TIMEOUT
 CLUSTER_LABEL = "moonmesh.io/cluster"
 
 

@@ -52,15 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     nodes_sub = nodes.add_subparsers(dest="nodes_command", metavar="ACTION")
     release = nodes_sub.add_parser("release", parents=[common], help="return a held node to the free pool",
                                    description="Release a node kept out of the pool by "
-                                               "`cluster delete --keep-data`; its data is "
-                                               "erased when it next joins a cluster.")
+                                               "`cluster delete --keep-data` or `nodes drain`; "
+                                               "its data is erased when it next joins a "
+                                               "cluster.")
     release.add_argument("node")
     release.set_defaults(func=cmd_release)
     drain = nodes_sub.add_parser("drain", parents=[common],
-                                 help="move a node's data away and return it to the pool",
+                                 help="take a node out of its cluster for good",
                                  description="A replica leaves its cluster; a master hands over "
-                                             "to a replica first; a master without replicas "
-                                             "has its slots migrated to the other shards.")
+                                             "to a replica first; either is then held out of "
+                                             "the pool until `nodes release` (the leader fills "
+                                             "the cluster's declared replicas from free "
+                                             "nodes). A master without replicas has its slots "
+                                             "migrated to the other shards and returns to the "
+                                             "pool. A node stopped with SIGTERM, by contrast, "
+                                             "stays in its cluster and returns to its place "
+                                             "when it restarts.")
     drain.add_argument("node")
     drain.add_argument("--wait", action="store_true", help="wait for the migrations")
     drain.add_argument("--timeout", type=float, default=3600.0)
@@ -110,17 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
     def plan_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
         p.add_argument("--wait", action="store_true",
-                       help="wait until every migration is committed, with a progress bar")
+                       help="wait until every migration is committed (and, with --replicas, "
+                            "every replica synced), with a progress bar")
         p.add_argument("--timeout", type=float, default=3600.0,
                        help="how long --wait waits (default 3600 s)")
 
     scale = csub.add_parser("scale", parents=[common], help="grow or shrink a cluster online",
-                            description="Add shards (free nodes from the pool, with as many "
-                                        "replicas as the cluster's shards have) or remove the "
-                                        "last ones; slots move online until counts are even. "
-                                        "Removed shards' nodes return to the pool.")
+                            description="--shards: add shards (free nodes from the pool, with "
+                                        "the cluster's declared replicas) or remove the last "
+                                        "ones; slots move online until counts are even. "
+                                        "Removed shards' nodes return to the pool. "
+                                        "--replicas: declare the replicas per shard; free "
+                                        "nodes join (or surplus replicas return to the pool) "
+                                        "at once, and the leader keeps the count from then on, "
+                                        "replacing a replica dead for the cluster's "
+                                        "reassign-after from the pool.")
     scale.add_argument("name")
-    scale.add_argument("--shards", type=int, required=True, help="the number of shards wanted")
+    scale.add_argument("--shards", type=int, help="the number of shards wanted")
+    scale.add_argument("--replicas", type=int, help="the number of replicas per shard wanted")
     plan_options(scale)
     scale.set_defaults(func=cmd_scale)
     rebalance = csub.add_parser("rebalance", parents=[common], help="even out slot counts between shards")
@@ -182,6 +196,8 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
 
 
 def view_doc(view: ClusterView, pool: ops.Pool) -> dict:
+    """`replicas_live` per shard: replicas alive, applied the view and synced."""
+    synced = ops.replicas_in_sync(view, pool)
     shards = []
     for shard in view.shards:
         members = []
@@ -195,8 +211,10 @@ def view_doc(view: ClusterView, pool: ops.Pool) -> dict:
                 "alive": nid in pool.nodes, "backend_ok": st.backend_ok if st else None,
             })
         shards.append({"id": shard.id, "slots": [list(r) for r in shard.slots],
-                       "slot_count": slots_of(shard), "nodes": members})
+                       "slot_count": slots_of(shard), "nodes": members,
+                       "replicas_live": len(synced[shard.id])})
     return {"cluster": view.cluster, "epoch": view.epoch,
+            "replicas_declared": view.config.replicas,
             "password": view.config.password_hash is not None, "shards": shards,
             "failed": list(view.failed), "lost": list(view.lost),
             "migrations": [{"slots": [list(r) for r in m.slots], "from": m.source,
@@ -298,6 +316,8 @@ def print_view(view: ClusterView, pool: ops.Pool) -> None:
                          "yes" if applied is not None and applied >= view.epoch
                          else f"no ({applied if applied is not None else '-'})"])
     print(table(["SHARD", "ROLE", "NODE", "PROXY", "BACKEND", "SLOTS", "APPLIED"], rows))
+    live = ", ".join(f"{s['id']} {s['replicas_live']}" for s in doc["shards"])
+    print(f"replicas per shard: {view.config.replicas} declared; live and synced: {live}")
     for line in doc["lost"]:
         print(f"DATA LOST: {line}")
 
@@ -341,15 +361,21 @@ async def cmd_delete(store: EtcdStore, args: argparse.Namespace) -> int:
     return 0
 
 
-def print_plan(old: ClusterView, new: ClusterView, dry_run: bool, as_json: bool) -> None:
+def plan_doc(old: ClusterView, new: ClusterView, dry_run: bool) -> dict[str, Any]:
     rows: list[dict[str, Any]] = [
         {"slots": [list(r) for r in m.slots], "slot_count": sum(b - a + 1 for a, b in m.slots),
          "from": m.source, "to": m.target} for m in new.migrations]
     added = [s.id for s in new.shards if s.id not in {x.id for x in old.shards}]
+    return {"cluster": new.cluster, "epoch": new.epoch, "dry_run": dry_run,
+            "new_shards": added, "migrations": rows}
+
+
+def print_plan(old: ClusterView, new: ClusterView, dry_run: bool, as_json: bool) -> None:
+    doc = plan_doc(old, new, dry_run)
     if as_json:
-        print(json.dumps({"cluster": new.cluster, "epoch": new.epoch, "dry_run": dry_run,
-                          "new_shards": added, "migrations": rows}, indent=2))
+        print(json.dumps(doc, indent=2))
         return
+    rows, added = doc["migrations"], doc["new_shards"]
     verb = "would move" if dry_run else "moves"
     total = sum(r["slot_count"] for r in rows)
     print(f"cluster {new.cluster}: {verb} {total} slots in {len(rows)} migrations"
@@ -386,10 +412,74 @@ async def follow(store: EtcdStore, args: argparse.Namespace, name: str) -> int:
     return 0
 
 
+def replica_plan_doc(plan: ops.ReplicaPlan, dry_run: bool) -> dict:
+    return {"cluster": plan.new.cluster, "epoch": plan.new.epoch, "dry_run": dry_run,
+            "replicas": plan.new.config.replicas, "was": plan.old.config.replicas,
+            "changed": plan.new is not plan.old,
+            "added": {k: list(v) for k, v in plan.added.items()},
+            "removed": {k: list(v) for k, v in plan.removed.items()}}
+
+
+def print_replica_plan(plan: ops.ReplicaPlan, dry_run: bool) -> None:
+    name, want = plan.new.cluster, plan.new.config.replicas
+    if plan.new is plan.old:
+        print(f"cluster {name} already declares {want} replicas per shard")
+        return
+    verb = "would declare" if dry_run else "declares"
+    print(f"cluster {name}: {verb} {want} replicas per shard (was {plan.old.config.replicas})")
+    rows = [[s.id, ", ".join(plan.added.get(s.id, ())) or "-",
+             ", ".join(plan.removed.get(s.id, ())) or "-"] for s in plan.new.shards]
+    print(table(["SHARD", "JOIN", "LEAVE (to the pool)"], rows))
+
+
+async def follow_replicas(store: EtcdStore, args: argparse.Namespace, name: str) -> int:
+    def progress(view: ClusterView, synced: dict[str, list[str]]) -> None:
+        line = ", ".join(f"{sid} {len(r)}/{view.config.replicas}" for sid, r in synced.items())
+        if not args.json and sys.stderr.isatty():
+            print(f"\rreplicas synced: {line}   ", end="", file=sys.stderr, flush=True)
+
+    ok = await ops.wait_replicas(store, name, args.timeout, progress)
+    if not args.json and sys.stderr.isatty():
+        print(file=sys.stderr)
+    if not ok:
+        print(f"umctl-mesh: the replicas of '{name}' are not all synced after "
+              f"{args.timeout:g}s", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
 async def cmd_scale(store: EtcdStore, args: argparse.Namespace) -> int:
-    old, new = await ops.scale_cluster(store, args.name, args.shards, args.dry_run)
-    print_plan(old, new, args.dry_run, args.json)
-    return await follow(store, args, args.name) if args.wait and not args.dry_run else 0
+    """--replicas first (new shards then get the new count), then --shards. --json prints
+    the shards plan alone as before, the replicas plan alone, or {"replicas", "shards"}."""
+    if args.shards is None and args.replicas is None:
+        print("umctl-mesh: cluster scale needs --shards N and/or --replicas N", file=sys.stderr)
+        return EXIT_USAGE
+    docs: dict[str, Any] = {}
+    if args.replicas is not None:
+        plan = await ops.scale_replicas(store, args.name, args.replicas, args.dry_run)
+        docs["replicas"] = replica_plan_doc(plan, args.dry_run)
+        if not args.json:
+            print_replica_plan(plan, args.dry_run)
+    if args.shards is not None:
+        pool = await ops.read_pool(store)
+        current = pool.views[args.name][0] if args.name in pool.views else None
+        if current is not None and len(current.shards) == args.shards:
+            docs["shards"] = {"cluster": args.name, "shards": args.shards, "changed": False}
+            if not args.json:
+                print(f"cluster {args.name} already has {args.shards} shards")
+        else:
+            old, new = await ops.scale_cluster(store, args.name, args.shards, args.dry_run)
+            docs["shards"] = plan_doc(old, new, args.dry_run)
+            if not args.json:
+                print_plan(old, new, args.dry_run, False)
+    if args.json:
+        print(json.dumps(docs if len(docs) > 1 else next(iter(docs.values())), indent=2))
+    if not args.wait or args.dry_run:
+        return 0
+    code = await follow(store, args, args.name)
+    if code == 0 and args.replicas is not None:
+        code = await follow_replicas(store, args, args.name)
+    return code
 
 
 async def cmd_rebalance(store: EtcdStore, args: argparse.Namespace) -> int:
@@ -430,7 +520,10 @@ async def cmd_drain(store: EtcdStore, args: argparse.Namespace) -> int:
         print(json.dumps({"node": args.node, "how": how, "cluster": view.cluster if view else None,
                           "epoch": view.epoch if view else None}))
     elif how == "removed":
-        print(f"node {args.node} left cluster {view.cluster} (epoch {view.epoch}) and is free")
+        print(f"node {args.node} left cluster {view.cluster} (epoch {view.epoch}); it is held "
+              f"out of the pool (stop it, or `umctl-mesh nodes release {args.node}`); the "
+              f"leader adds a free node in its place while the cluster declares "
+              f"{view.config.replicas} replicas per shard")
     else:
         print(f"node {args.node}: its slots are migrating away in {view.cluster}; it returns to "
               "the pool when the last migration commits")

@@ -26,7 +26,7 @@ from tools.launch import HOST, START_TIMEOUT, Launcher, LaunchError, port_free
 STATUS_INTERVAL = 2.0
 REDIS_PORT_OFFSET = 10000
 APPLY_TIMEOUT = 30.0
-STOP_TIMEOUT = 15.0  # a mesh-proxy leaving its cluster waits up to 10 s for the leader
+STOP_TIMEOUT = 15.0  # a stopping master hands its shard over first (mesh/agent.py)
 
 
 def setcluster_commands(cluster: str, proxies: list[str], backends: list[str],
@@ -173,7 +173,8 @@ def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[
         raise LaunchError(str(exc)) from None
 
     async def delete() -> None:
-        # nodes out of every cluster shut down at once instead of waiting to be removed
+        # nodes out of every cluster shut down at once: no master hands over to a replica
+        # that is stopping too
         async with EtcdStore(etcd) as store:
             with anyio.fail_after(5):
                 await ops.delete_cluster(store, args.cluster, keep_data=False)

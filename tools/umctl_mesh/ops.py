@@ -14,6 +14,7 @@ from core.nodes import Assignment, MigrationProgress, NodeRecord, NodeStatus
 from core.slots import SlotRange, slot_count
 from core.view import (
     CLUSTER_NAME,
+    MAX_REPLICAS,
     REASSIGN_AFTER,
     ClusterConfig,
     ClusterView,
@@ -28,6 +29,7 @@ from core.view import (
 from mesh import handover
 from mesh.model import migrations as plans
 from mesh.model.placement import PlacementError, place
+from mesh.model.replicas import FreeNode, Seen, plan_replicas
 from mesh.store.etcd import EtcdStore
 from mesh.store.repo import MeshRepo, ViewCommit
 
@@ -101,8 +103,11 @@ def build_view(name: str, pool: Pool, shards: int, replicas: int,
                   for nid in members)
     if min_replicas_ack > replicas:
         raise OpError(f"--min-replicas-ack {min_replicas_ack} needs at least as many replicas")
+    if not 0 <= replicas <= MAX_REPLICAS:
+        raise OpError(f"--replicas must be 0 to {MAX_REPLICAS}")
     config = ClusterConfig(password_hash=hash_password(password) if password else None,
-                           min_replicas_ack=min_replicas_ack, reassign_after=reassign_after)
+                           min_replicas_ack=min_replicas_ack, reassign_after=reassign_after,
+                           replicas=replicas)
     view = ClusterView(name, 1, shard_list, nodes, config, uid=uuid.uuid4().hex)
     try:
         validate(view)
@@ -181,10 +186,12 @@ Change = Callable[[Pool, ClusterView], tuple[ClusterView, Sequence[str]]]
 
 
 async def _edit_view(store: EtcdStore, name: str, change: Change, dry_run: bool = False,
-                     unassign: tuple[str, ...] = ()) -> tuple[ClusterView, ClusterView]:
+                     unassign: tuple[str, ...] = (), hold: tuple[str, ...] = ()
+                     ) -> tuple[ClusterView, ClusterView]:
     """Read the view, let `change(pool, view)` return (new view, free nodes it claims), write
     it with one compare-and-swap (retried on a lost race), the nodes in `unassign` returning
-    to the pool in the same transaction. Returns (old, new)."""
+    to the pool in the same transaction (those in `hold` held out of it). Returns (old,
+    new)."""
     repo = MeshRepo(store)
     for _ in range(RACE_RETRIES):
         pool = await read_pool(store)
@@ -195,7 +202,8 @@ async def _edit_view(store: EtcdStore, name: str, change: Change, dry_run: bool 
         if dry_run:
             return view, new
         if await repo.commit_view(name, revision, new,
-                                  ViewCommit(claim=tuple(claimed), unassign=unassign)):
+                                  ViewCommit(claim=tuple(claimed), unassign=unassign,
+                                             hold=hold)):
             return view, new
     raise OpError(f"cluster '{name}' kept changing; try again")
 
@@ -219,7 +227,7 @@ async def scale_cluster(store: EtcdStore, name: str, shards: int,
             raise OpError(f"cluster '{name}' already has {shards} shards")
         if shards < len(current):
             return _planned(view, plans.plan(view, current[:shards])), []
-        replicas = len(view.shards[0].replicas)
+        replicas = view.config.replicas
         try:
             layout = place(pool.free(), shards - len(current), replicas)
         except PlacementError as exc:
@@ -271,6 +279,110 @@ async def cancel_migrations(store: EtcdStore, name: str) -> tuple[ClusterView, C
     return await _edit_view(store, name, change)
 
 
+@dataclass(frozen=True)
+class ReplicaPlan:
+    old: ClusterView
+    new: ClusterView  # `old` itself when the cluster already declares that count
+    added: dict[str, tuple[str, ...]]  # shard id -> free nodes that join it
+    removed: dict[str, tuple[str, ...]]  # shard id -> replicas that leave it
+
+
+def _seen_now(pool: Pool, view: ClusterView) -> dict[str, Seen]:
+    """What the operator sees of a cluster's members: alive (registered, Redis up) or not,
+    with no history (so nothing counts as dead for long: replacing dead replicas is the
+    leader's), and in sync if its status says it follows its master with a finished sync."""
+    seen = {}
+    for nid in view.node_ids:
+        st = pool.statuses.get(nid)
+        alive = nid in pool.nodes and st is not None and st.backend_ok
+        rec = pool.nodes.get(nid)
+        seen[nid] = Seen(alive, float("inf"), alive and st is not None
+                         and st.serves(view.cluster, view.uid) and st.role == "replica"
+                         and st.synced, rec.host if rec else "")
+    return seen
+
+
+def _replica_change(pool: Pool, view: ClusterView, replicas: int) -> ReplicaPlan:
+    if not 0 <= replicas <= MAX_REPLICAS:
+        raise OpError(f"--replicas must be 0 to {MAX_REPLICAS}")
+    if replicas < view.config.min_replicas_ack:
+        raise OpError(f"cluster '{view.cluster}' acknowledges writes once "
+                      f"{view.config.min_replicas_ack} replicas have them (synchronous mode): "
+                      f"it needs at least {view.config.min_replicas_ack} replicas")
+    if replicas == view.config.replicas:
+        return ReplicaPlan(view, view, {}, {})
+    free = [FreeNode(n.node_id, NodeAddress(n.proxy, n.backend), n.host) for n in pool.free()
+            if pool.statuses.get(n.node_id) and pool.statuses[n.node_id].backend_ok]
+    missing = sum(max(0, replicas - len(s.replicas)) for s in view.shards)
+    if missing > len(free):
+        raise OpError(f"cluster '{view.cluster}' needs {missing} free nodes for {replicas} "
+                      f"replicas per shard; the pool has {len(free)}: "
+                      f"{missing - len(free)} missing")
+    declared = view.next(config=replace(view.config, replicas=replicas))
+    step = plan_replicas(declared, _seen_now(pool, view), free, 0.0)
+    if step is None:
+        return ReplicaPlan(view, declared, {}, {})
+    new = replace(step.view, epoch=view.epoch + 1)  # one epoch: the count and its nodes
+    before = {s.id: s.replicas for s in view.shards}
+    added = {s.id: tuple(r for r in s.replicas if r not in before[s.id]) for s in new.shards}
+    removed = {s.id: tuple(r for r in before[s.id] if r not in s.replicas) for s in new.shards}
+    return ReplicaPlan(view, new, {k: v for k, v in added.items() if v},
+                       {k: v for k, v in removed.items() if v})
+
+
+async def scale_replicas(store: EtcdStore, name: str, replicas: int,
+                         dry_run: bool) -> ReplicaPlan:
+    """Declare `replicas` per shard, and in the same commit claim the free nodes that need
+    (or return to the pool the replicas that exceed) it; the leader keeps the count from
+    then on (mesh/model/replicas.py)."""
+    repo = MeshRepo(store)
+    for _ in range(RACE_RETRIES):
+        pool = await read_pool(store)
+        if name not in pool.views:
+            raise OpError(f"unknown cluster '{name}'")
+        view, revision = pool.views[name]
+        plan = _replica_change(pool, view, replicas)
+        if dry_run or plan.new is view:
+            return plan
+        claimed = tuple(n for ns in plan.added.values() for n in ns)
+        released = tuple(n for ns in plan.removed.values() for n in ns)
+        if await repo.commit_view(name, revision, plan.new,
+                                  ViewCommit(claim=claimed, unassign=released)):
+            return plan
+    raise OpError(f"cluster '{name}' kept changing; try again")
+
+
+def replicas_in_sync(view: ClusterView, pool: Pool) -> dict[str, list[str]]:
+    """Shard id -> its replicas that are alive, not failed, applied the view and synced."""
+    out = {}
+    for shard in view.shards:
+        out[shard.id] = [r for r in shard.replicas if r in pool.nodes and r not in view.failed
+                         and (st := pool.statuses.get(r)) is not None and st.backend_ok
+                         and st.applied(view.cluster, view.uid) >= view.epoch
+                         and st.role == "replica" and st.synced]
+    return out
+
+
+async def wait_replicas(store: EtcdStore, name: str, timeout: float,
+                        progress: Callable[[ClusterView, dict[str, list[str]]], None] | None
+                        = None) -> bool:
+    """Wait until every shard has exactly its declared replicas, each in sync."""
+    with anyio.move_on_after(timeout):
+        while True:
+            pool = await read_pool(store)
+            if name not in pool.views:
+                raise OpError(f"unknown cluster '{name}'")
+            view = pool.views[name][0]
+            synced = replicas_in_sync(view, pool)
+            if progress is not None:
+                progress(view, synced)
+            if all(len(s.replicas) == view.config.replicas == len(synced[s.id])
+                   for s in view.shards):
+                return True
+            await anyio.sleep(0.5)
+    return False
+
+
 def migration_rows(view: ClusterView, pool: Pool) -> list[dict]:
     masters = {s.id: s.master for s in view.shards}
     rows = []
@@ -319,9 +431,12 @@ async def graceful_failover(store: EtcdStore, name: str, shard_id: str,
 
 async def drain_node(store: EtcdStore, node: str,
                      mesh_secret: bytes | None) -> tuple[str, ClusterView]:
-    """Take `node` out of its cluster without losing data and return it to the pool: a replica
-    just leaves; a master hands over to a replica first; a master without replicas has its
-    slots migrated away (its shard then leaves when the last migration commits)."""
+    """Take `node` out of its cluster for good without losing data: a replica just leaves; a
+    master hands over to a replica first. Either is then held out of the pool (`nodes
+    release` returns it), so the leader, which keeps the cluster's declared replica count
+    from free nodes, does not take it straight back. A master without replicas has its slots
+    migrated away (its shard then leaves, and the node returns to the pool, when the last
+    migration commits)."""
     pool = await read_pool(store)
     cluster, role = pool.role_of(node)
     if not cluster:
@@ -341,7 +456,7 @@ async def drain_node(store: EtcdStore, node: str,
             validate(new)
             return new, []
 
-        _, new = await _edit_view(store, cluster, change, unassign=(node,))
+        _, new = await _edit_view(store, cluster, change, hold=(node,))
         return "removed", new
     others = [s.id for s in view.shards if s.id != shard.id]
     if not others:
