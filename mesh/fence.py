@@ -9,17 +9,13 @@ import structlog
 from core import clock
 from proxy.control import FENCED_LEASE, ControlPort
 
-from .model.fencing import NEVER, NO_LEASE, Lease
+from .model.fencing import NEVER, lease_of
 from .store.etcd import LeaseKeeper
 from .views import ViewApplier
 
 log = structlog.get_logger("mesh.fence")
 
 FENCE_POLL = 0.1  # seconds between two looks at the lease
-
-
-def lease_of(keeper: LeaseKeeper | None) -> Lease:
-    return NO_LEASE if keeper is None else Lease(keeper.renewed_at, keeper.expired)
 
 
 class FenceGuard:

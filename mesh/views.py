@@ -21,7 +21,7 @@ from proxy.control import FENCED_LEASE, ControlPort
 from proxy.routing import empty_table, table_from_view
 
 from .barriers import wait_commit
-from .model.fencing import Lease
+from .model.fencing import lease_of
 from .notify import Changed
 from .redisctl import RedisCtl, RedisCtlError
 from .status import PeerStatuses, StatusReporter
@@ -139,7 +139,7 @@ class ViewApplier:
         keeper = self.keeper
         if FENCED_LEASE not in self.control.fenced_for or keeper is None or keeper.lost.is_set():
             return
-        until = Lease(keeper.renewed_at, keeper.expired).writes_until
+        until = lease_of(keeper).writes_until
         if clock.now() >= until:
             return
         self.control.unfence(FENCED_LEASE, until)

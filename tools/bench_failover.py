@@ -102,7 +102,7 @@ def moonmesh_timing() -> str:
     """Today's detection budget, read from the code (it may change under us)."""
     return (f"suspicion after {SUSPECT_REFUSED:g} s of refused probes ({SUSPECT_SILENT:g} s "
             f"of silence), lease revoked, promotion {LEASE_GONE_WAIT:g} s later (a node "
-            f"fences {FENCE_AFTER:g} s after its last keepalive; lease TTL {LEASE_TTL:g} s)")
+            f"fences {FENCE_AFTER:g} s after etcd last confirmed its lease; lease TTL {LEASE_TTL:g} s)")
 
 
 # --------------------------------------------------------------------------- probe keys

@@ -22,6 +22,7 @@ less than LEASE_GONE_MARGIN / FENCE_AFTER (20%) over a few seconds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 # seconds; a node nobody revoked leaves the pool this long after its last keepalive (its
 # writes stopped long before). etcd's minimum is 1.5 x its election timeout.
@@ -49,3 +50,17 @@ class Lease:
 
 
 NO_LEASE = Lease(renewed_at=NEVER)
+
+
+class KeeperState(Protocol):
+    """What a lease keeper (mesh/store/etcd.py) shows of its lease."""
+
+    @property
+    def renewed_at(self) -> float: ...
+    @property
+    def expired(self) -> bool: ...
+
+
+def lease_of(keeper: KeeperState | None) -> Lease:
+    """The keeper's lease read at one instant (NO_LEASE before the first)."""
+    return NO_LEASE if keeper is None else Lease(keeper.renewed_at, keeper.expired)
