@@ -15,7 +15,7 @@ import structlog
 
 from core.view import ClusterView, Migration, MigrationState
 
-from .notify import Changed
+from .notify import Changed, first_of
 from .status import PeerStatuses
 
 log = structlog.get_logger("mesh.barriers")
@@ -91,14 +91,3 @@ class MigrationStarts:
                 if peer_epoch(self.peers, view, m.target) >= m.epoch:
                     await self.applier.activate(view, m)
             await first_of(applied, statuses)
-
-
-async def first_of(*events: anyio.Event) -> None:
-    """Wait until one of `events` is set."""
-    async with anyio.create_task_group() as tg:
-        async def wait(event: anyio.Event) -> None:
-            await event.wait()
-            tg.cancel_scope.cancel()
-
-        for event in events:
-            tg.start_soon(wait, event)

@@ -20,7 +20,7 @@ from .model.changes import without_departed
 from .model.failover import plan_failover
 from .model.health import SUSPECT_SILENT, HealthTracker, liveness, may_write
 from .model.replicas import free_nodes, observe, plan_replicas
-from .notify import Changed
+from .notify import Changed, first_of
 from .prober import Prober
 from .store.etcd import Fence, StoreError, campaign
 from .store.repo import MeshRepo, ViewCommit
@@ -72,18 +72,7 @@ async def lead(repo: MeshRepo, lease_id: int, node_id: str,
                 await drive_migrations(repo, fence)
             except StoreError as exc:
                 log.warning("leader_duty_failed", error=str(exc))
-            await _first_of(waiters, DUTY_INTERVAL_PENDING if pending else DUTY_INTERVAL)
-
-
-async def _first_of(events: list[anyio.Event], timeout: float) -> None:
-    """Return when one of `events` is set, or after `timeout`."""
-    with anyio.move_on_after(timeout):
-        async with anyio.create_task_group() as tg:
-            async def wait(event: anyio.Event) -> None:
-                await event.wait()
-                tg.cancel_scope.cancel()
-            for event in events:
-                tg.start_soon(wait, event)
+            await first_of(*waiters, timeout=DUTY_INTERVAL_PENDING if pending else DUTY_INTERVAL)
 
 
 async def remove_departed_nodes(repo: MeshRepo, fence: Fence) -> None:

@@ -23,3 +23,15 @@ class Changed:
 
     async def wait(self) -> None:
         await self._event.wait()
+
+
+async def first_of(*events: anyio.Event, timeout: float = float("inf")) -> None:
+    """Wait until one of `events` is set, or `timeout` has passed."""
+    with anyio.move_on_after(timeout):
+        async with anyio.create_task_group() as tg:
+            async def wait(event: anyio.Event) -> None:
+                await event.wait()
+                tg.cancel_scope.cancel()
+
+            for event in events:
+                tg.start_soon(wait, event)
