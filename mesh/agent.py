@@ -15,6 +15,7 @@ The work is done by small tasks, each in its own module; the agent owns their ta
 | backend check | mesh/backend_check.py | one lease |
 | migration start barriers | mesh/barriers.py | one lease |
 | leader (campaign, then duties) | mesh/leader.py | one lease |
+| the leader's watch (revokes a dead leader's lease) | mesh/leader.py | one lease |
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from .backend_check import BackendChecker
 from .barriers import MigrationStarts
 from .fence import FenceGuard
 from .handover import HandoverError, graceful_failover
-from .leader import lead
+from .leader import lead, watch_the_leader
 from .model.fencing import CONFIRM_INTERVAL, KEEPALIVE_EVERY, LEASE_TTL
 from .redisctl import RedisCtl, RedisCtlError
 from .status import PeerStatuses, StatusReporter
@@ -120,6 +121,7 @@ class NodeAgent:
             tg.start_soon(self.backend.run)
             tg.start_soon(MigrationStarts(self.peers, self.views, self.config.node_id).run)
             tg.start_soon(lead, self.repo, lease, self.config.node_id, self.peers.changed)
+            tg.start_soon(watch_the_leader, self.repo, self.config.node_id)
             try:
                 await keeper.lost.wait()
                 self.log.warning("lease_lost_reregistering")

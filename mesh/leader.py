@@ -30,6 +30,7 @@ log = structlog.get_logger("mesh.leader")
 DUTY_INTERVAL = 0.5  # seconds between two passes when every member is well
 DUTY_INTERVAL_PENDING = 0.05  # ... while a member is dead or suspected (a failover is near)
 REVOKE_AGAIN_AFTER = 10.0  # a node whose lease was revoked is not revoked again before this
+LEADER_LOOK_INTERVAL = 0.5  # seconds between two reads of who leads (watch_the_leader)
 
 
 @dataclass
@@ -189,3 +190,40 @@ async def fill_replicas(repo: MeshRepo, fence: Fence, tracker: HealthTracker) ->
                                              fence=fence)):
             log.info("replicas", cluster=stored.cluster, epoch=step.view.epoch, step=step.what)
             free = [f for f in free if f.node_id not in step.claimed]
+
+
+async def watch_the_leader(repo: MeshRepo, node_id: str) -> None:
+    """Every node but the leader probes the leader's proxy; one whose port refuses
+    connections (its process is gone) has its lease revoked at once, so the election moves on
+    instead of waiting out the lease TTL, and the next leader's failover of its shard starts
+    from that revocation (the fence rule makes a wrong revocation a failover, never a second
+    master). A leader that listens but does not answer is left to its lease's expiry: a
+    partition between it and one node must not depose it."""
+    prober = Prober(Changed())
+    revoked: set[int] = set()  # leases revoked from here
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(prober.run)
+        while True:
+            woken = prober.wake.waiter()
+            try:
+                nodes = await repo.nodes()
+                leader = await repo.leader(nodes)
+            except StoreError:  # etcd is away: nothing to revoke through it either
+                leader = None
+            if leader is None or leader == node_id:
+                prober.watch({})
+            else:
+                prober.watch({leader: nodes[leader].record.proxy})
+                checks = prober.checks.get(leader)
+                lease = nodes[leader].lease
+                if checks is not None and checks.refused and leader in prober.suspects(
+                        anyio.current_time()) and lease not in revoked:
+                    revoked.add(lease)
+                    prober.forget(leader)
+                    try:
+                        await repo.store.revoke(lease)
+                        log.warning("lease_revoked", node=leader, lease=f"{lease:x}",
+                                    reason="the leader: nothing listens at its proxy port")
+                    except StoreError as exc:  # another node did it, or it expired
+                        log.info("leader_revoke_failed", node=leader, error=str(exc))
+            await first_of(woken, timeout=LEADER_LOOK_INTERVAL)

@@ -140,6 +140,28 @@ def test_killed_master_proxy_fails_over_to_its_replica(mesh_factory, capsys):
     assert failed and failed[0]["role"] == "replica"
 
 
+def test_a_killed_leader_that_is_a_master_is_replaced_without_waiting_out_its_lease(
+        mesh_factory):
+    """The other nodes probe the leader's proxy: nothing listening there gets its lease
+    revoked, so the election and the failover of its shard start at once, not after the TTL."""
+    mesh, created = make_cluster(mesh_factory, 2, 1)
+    leader = wait_for(lambda: next((n["node"] for n in mesh.umctl("--json", "nodes")
+                                    if n["leader"]), None), what="a leader")
+    shard = next(s["id"] for s in created["shards"] if leader in [n["node"] for n in s["nodes"]])
+    if master_of(mesh.umctl("--json", "cluster", "show", "fo"), shard) != leader:
+        mesh.umctl("failover", "fo", shard, "--to", leader)
+    replica = next(n["node"] for n in mesh.umctl("--json", "cluster", "show", "fo")["shards"]
+                   [[s["id"] for s in created["shards"]].index(shard)]["nodes"]
+                   if n["role"] == "replica")
+    wait_replication(mesh, replica)
+    mesh.proxies[leader].kill()
+    mesh.redis[leader].kill()
+    wait_for(lambda: master_of(mesh.umctl("--json", "cluster", "show", "fo"), shard) == replica,
+             what="the leader's shard failed over")
+    logs = "".join(p.log_path.read_text() for n, p in mesh.proxies.items() if n != leader)
+    assert f"node={leader} reason='the leader: nothing listens at its proxy port'" in logs
+
+
 def test_a_one_second_pause_of_a_masters_proxy_is_no_failover(mesh_factory):
     """A frozen proxy (SIGSTOP, a long GC, a VM pause) of 1 s is ridden out: no failover; it
     serves writes again once a keepalive lands after it wakes."""
