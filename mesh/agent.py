@@ -105,7 +105,7 @@ class NodeAgent:
         async with anyio.create_task_group() as tg:
             keeper = LeaseKeeper(self.repo.store, LEASE_TTL, CONFIRM_INTERVAL,
                                  KEEPALIVE_EVERY, self.repo.keys.node(self.config.node_id),
-                                 on_renew=self.fence.check)
+                                 on_renew=self._lease_confirmed)
             await tg.start(keeper.run)
             self.keeper = self.fence.keeper = keeper
             lease = keeper.lease_id
@@ -136,6 +136,13 @@ class NodeAgent:
                     with anyio.move_on_after(REVOKE_TIMEOUT, shield=True):
                         with contextlib.suppress(StoreError):
                             await self.repo.store.revoke(lease)
+
+    def _lease_confirmed(self) -> None:
+        """etcd confirmed the lease (the keeper's read found it): move the deadline on, and
+        lift a lease fence now rather than at the next reconcile (a node frozen past its
+        deadline serves again as soon as etcd answers it)."""
+        self.fence.check()
+        self.views.resume_if_current()
 
     async def stop(self) -> None:
         """Clean shutdown (SIGTERM): a master hands its shard over first, then the node

@@ -133,6 +133,12 @@ class ViewApplier:
         return (target.cluster, target.uid, target.epoch) == \
             (applied.cluster, applied.uid, applied.epoch)
 
+    def resume_if_current(self) -> None:
+        """`_resume_writes` from outside an apply: only when none runs and the newest view
+        read is the one applied."""
+        if not self.lock.locked() and self.current():
+            self._resume_writes()
+
     def _resume_writes(self) -> None:
         """The newest view is applied: if the fence guard fenced writes for the lease and the
         lease holds again (a new one, or a keepalive that landed after all), lift it."""

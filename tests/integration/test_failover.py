@@ -149,6 +149,7 @@ def test_a_killed_leader_that_is_a_master_is_replaced_without_waiting_out_its_le
                                     if n["leader"]), None), what="a leader")
     shard = next(s["id"] for s in created["shards"] if leader in [n["node"] for n in s["nodes"]])
     if master_of(mesh.umctl("--json", "cluster", "show", "fo"), shard) != leader:
+        wait_replication(mesh, leader)  # a handover needs its target in sync
         mesh.umctl("failover", "fo", shard, "--to", leader)
     replica = next(n["node"] for n in mesh.umctl("--json", "cluster", "show", "fo")["shards"]
                    [[s["id"] for s in created["shards"]].index(shard)]["nodes"]
