@@ -12,6 +12,9 @@ system-deps:
 	@command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null || { \
 	  echo "installing redis-server and redis-tools from Debian"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server redis-tools; }
+	@command -v systemd-analyze >/dev/null || { \
+	  echo "installing systemd (systemd-analyze checks deploy/systemd units)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd; }
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)

@@ -62,8 +62,8 @@ def test_a_proxy_of_a_cluster_with_a_password_is_live_and_ready(spawn):
 
 class Entrypoint:
     def __init__(self, tmp_path: Path) -> None:
-        if not MESH_PROXY.exists():
-            pytest.skip("no mesh-proxy console script in this venv")
+        # `make venv` installs the console scripts (pip install -e .)
+        assert MESH_PROXY.exists(), f"{MESH_PROXY} missing: run make venv"
         self.port, self.redis_port = free_port(), free_port()
         self.log = tmp_path / "entrypoint.log"
         env = {**os.environ, "MOONMESH_BIN": str(MESH_PROXY.parent), "MOONMESH_DATA": str(tmp_path),
