@@ -77,7 +77,8 @@ def test_a_restarted_master_returns_as_a_replica_of_its_shard_and_no_free_node_i
     shown = back_in_place(mesh, old, "s1")
     assert members(shown) == {replica: ("s1", "master", False), old: ("s1", "replica", False)}
     assert shown["failed"] == [] and shown["replicas_declared"] == 1
-    assert shown["shards"][0]["replicas_live"] == 1
+    wait_for(lambda: show(mesh)["shards"][0]["replicas_live"] == 1,
+             what="the returned replica counted live (synced, the newest view applied)")
     wait_for(lambda: command(mesh.redis[old].port, "GET", "k") == b"$6\r\nduring\r\n",
              what="the returned node to hold what was written while it was away")
     free = {n["node"] for n in mesh.umctl("--json", "nodes") if n["role"] == "free"}
