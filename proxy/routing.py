@@ -65,11 +65,14 @@ class MigratingSlots:
     migration_id: str
     source: bool
     peer: str  # the other side's proxy address
+    peer_backend: str = ""  # the other side's Redis: the source MIGRATEs keys straight there
     ready: bool = True  # source: the barrier passed (missing keys go to `peer`; keys move)
     replicas: int = 0  # live replicas of this node's shard: the mover WAITs for them
     peer_replicas: int = 0  # live replicas of the peer's shard: WAITed for after RESTORE
     min_replicas_ack: int = 0  # synchronous mode: a gated write WAITs for this many
     ack_timeout_ms: int = 1000
+    # the cluster's migration rate in keys/s (0: no limit); None: the node's --migration-rate
+    keys_per_second: int | None = None
 
     def moved(self, slot: int) -> bytes:
         """The target's answer without ASKING: the slot is still the source's."""
@@ -201,6 +204,7 @@ def table_from_view(view: ClusterView, me: str,
         config = view.config
         if me == source:
             marker = MigratingSlots(m.id, True, view.address_of(target).proxy,
+                                    view.address_of(target).backend,
                                     ready=active is None or m.id in active,
                                     replicas=replicas[m.source],
                                     peer_replicas=replicas[m.target],
@@ -208,6 +212,7 @@ def table_from_view(view: ClusterView, me: str,
                                     ack_timeout_ms=config.ack_timeout_ms)
         elif me == target:
             marker = MigratingSlots(m.id, False, view.address_of(source).proxy,
+                                    view.address_of(source).backend,
                                     replicas=replicas[m.target],
                                     peer_replicas=replicas[m.source],
                                     min_replicas_ack=config.min_replicas_ack,
