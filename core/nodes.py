@@ -65,11 +65,13 @@ class MigrationProgress:
     """What a migration's source reports about it (one entry of its status's `migrations`).
     The defaults are what a reader assumes for a migration the source has not reported."""
 
-    total_keys: int = -1  # counted before anything moves; -1: not yet
+    total_keys: int = -1  # estimated, then counted by the first pass; -1: not yet
     moved_keys: int = 0
     left_keys: int | None = None  # None: not counted yet
     moved_bytes: int = 0
     passes: int = 0
+    method: str = ""  # "migrate": Redis to Redis; "proxy": DUMP/RESTORE through the proxies
+    chunked_keys: int = 0  # big keys copied in chunks
     done: bool = False  # every key moved: the leader may commit
     error: str = ""
     keys_per_sec: float = 0.0

@@ -15,7 +15,7 @@ from anyio.abc import TaskGroup
 from core import logs, secret
 from core.address import Address, AddressError
 from node.config import mesh_address_problem
-from proxy.migration import DEFAULT_KEYS_PER_SECOND
+from proxy.mover import DEFAULT_KEYS_PER_SECOND
 from proxy.server import ProxyServer
 
 if TYPE_CHECKING:

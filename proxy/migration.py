@@ -1,5 +1,5 @@
-"""Slot migration on the data path: the gate that serializes clients against the key mover,
-and the mover itself.
+"""Slot migration on the data path: the gate that serializes clients against the key mover
+(proxy/mover.py), and `Migrations`, which follows the routing table.
 
 Every command on a migrating slot, on the source, goes through the gate: it asks the backend
 whether the command's keys are here (`EXISTS`), then runs it here, forwards it to the target
@@ -7,10 +7,9 @@ proxy after ASKING (none are here: they moved, or never existed), or answers `-T
 (some are). Forwarding instead of answering `-ASK` is deliberate: redis-py 8 fails with an
 AttributeError on an ASK to a node missing from its slot map, which a new shard always is.
 The mover moves a batch of keys only while no client command on those keys is between its
-check and its reply, and clients
-that arrive for keys being moved wait for the batch. That is the whole race of DESIGN.md
-section 7.4: a key is either here and served here, or gone and served at the target, never
-both, and a delete here can never be undone by a late copy.
+check and its reply, and clients that arrive for keys being moved wait for the batch. That
+is the whole race of DESIGN.md section 7.4: a key is either here and served here, or gone and
+served at the target, never both, and a delete here can never be undone by a late copy.
 
 On the target, a multi-key command after ASKING runs only when all its keys are there.
 
@@ -18,46 +17,37 @@ The source gates a migration's slots from the first table it serves them with (a
 restart, a promotion or a cancel too). Until the start barrier has passed it forwards and
 moves nothing: commands whose keys are all here run here, those with missing keys wait for
 the barrier (GATE_BARRIER_WAIT, then -TRYAGAIN). Nothing runs until the mover has read the
-journal.
-
-A batch, with its keys held: DUMP them; add them to the journal (a set in the source Redis's
-JOURNAL_DB, which clients cannot select, replicated with the rest); copy them to the target
-(RESTORE after ASKING); then one MULTI here UNLINKs them and removes them from the journal.
-WAIT follows each step when the shard has live replicas (MOVE_ACK_TIMEOUT_MS):
-- the journal not confirmed: nothing was copied; the keys are released, the batch retried.
-- a RESTORE refused, or the copies not confirmed at the target: the copies are deleted there
-  (confirmed by WAIT too) and removed from the journal; if that cannot be confirmed either,
-  the keys stay held and journaled until a later attempt settles them.
-- the UNLINK not confirmed: the keys stay held (clients on them wait) and WAIT is tried again
-  (MOVE_ACK_ATTEMPTS, then the batch is retried) until the replicas have it, since a promoted
-  replica would otherwise serve the old values. A replica the leader marks failed stops
-  counting when the view says so.
-A key in the journal may have a copy at the target; a restarted or promoted source holds the
-journal's keys from its first moment and settles them first (copies again what is here,
-forgets what is gone). So a copy at the target is only ever read once the source let go of
-the key for good.
+journal (its keys may have a copy at the target: they stay held until the mover settles them).
 """
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
 import anyio
-import hiredis
 import structlog
 from anyio.abc import TaskGroup
 
 from core import secret
 from core.address import Address
-from core.slots import key_slot
 
 from .admission import DISPATCH, TRYAGAIN
-from .backend import BackendConnection, BackendPool, Pending, keep_connected, request, request_many
+from .backend import BackendConnection, BackendPool, Pending, keep_connected, request
+from .mover import (
+    DirectCopy,
+    MigrationProgress,
+    Pacer,
+    ProxyCopy,
+    Side,
+    direct_target,
+    move_all,
+    probe_direct,
+    read_journal,
+    settle,
+)
 from .replies import SyncedWrite
 from .resp import encode_command
 from .routing import MigratingSlots, RoutingTable
@@ -65,44 +55,11 @@ from .routing import MigratingSlots, RoutingTable
 log = structlog.get_logger("proxy.migration")
 
 _ASKING = encode_command([b"ASKING"])
-SCAN_COUNT = 1000
-MOVE_BATCH = 128  # keys per DUMP/RESTORE/UNLINK round
-DEFAULT_KEYS_PER_SECOND = 20_000  # the mover's rate limit (mesh-proxy --migration-rate)
-MOVE_RETRY_WAIT = 0.5  # after a failed batch (the target unreachable, say)
+MOVE_RETRY_WAIT = 0.5  # after a failed attempt (the target unreachable, say)
 GATE_DRAIN_TIMEOUT = 5.0  # an ended migration waits this long for gated commands in flight
 # a command whose keys are missing on a source whose start barrier has not passed waits this
 # long for it (they may be at the target), then gets TRYAGAIN
 GATE_BARRIER_WAIT = 5.0
-# WAIT's timeout for the replicas of either side to confirm a batch's journal, copies or UNLINK
-MOVE_ACK_TIMEOUT_MS = 1000
-MOVE_ACK_ATTEMPTS = 5  # WAITs for the UNLINK before the batch is retried (its keys stay held)
-JOURNAL_DB = b"1"  # the source's journal lives here: no client can SELECT it
-MARK_TTL_MS = 600_000
-
-
-@dataclass
-class MigrationProgress:
-    """What the source reports about one migration (published in its status)."""
-
-    migration_id: str
-    total_keys: int = -1  # counted by a first scan before anything moves; -1: not yet
-    moved_keys: int = 0
-    moved_bytes: int = 0
-    passes: int = 0
-    started_at: float = field(default_factory=time.time)
-    done: bool = False
-    error: str = ""
-
-    def as_dict(self) -> dict:
-        elapsed = max(time.time() - self.started_at, 1e-6)
-        rate = self.moved_keys / elapsed
-        left = 0 if self.done else max(self.total_keys - self.moved_keys, 0)
-        return {"total_keys": self.total_keys, "moved_keys": self.moved_keys,
-                "left_keys": left if self.total_keys >= 0 else None,
-                "moved_bytes": self.moved_bytes, "passes": self.passes, "done": self.done,
-                "error": self.error, "keys_per_sec": round(rate, 1),
-                "eta_sec": round(left / rate, 1) if rate and self.total_keys >= 0 else None,
-                "started_at": self.started_at}
 
 
 class Client(Protocol):
@@ -308,205 +265,6 @@ class SlotGate:
         self.unready.clear()
 
 
-def _parse(raw: bytes) -> object:
-    reader = hiredis.Reader()
-    reader.feed(raw)
-    return reader.gets()
-
-
-def journal_key(migration_id: str) -> bytes:
-    """The set, in the source's JOURNAL_DB, of the keys that may have a copy at the target
-    that the source has not settled yet (copied, not yet unlinked here or undone there)."""
-    return b"moonmesh:moving:" + migration_id.encode()
-
-
-def mark_key(migration_id: str) -> bytes:
-    """Written in each batch's transaction, so a WAIT on the mover's connection has a write
-    of its own to wait for (the UNLINK it confirms may be an earlier connection's)."""
-    return b"moonmesh:moved:" + migration_id.encode()
-
-
-@dataclass(frozen=True, slots=True)
-class BatchPlan:
-    """What one batch does, from the DUMP and PTTL replies of its keys."""
-
-    present: tuple[bytes, ...]  # copied to the target, then unlinked here
-    restore: tuple[tuple[bytes, ...], ...]  # ASKING + RESTORE, for the target proxy
-    size: int  # bytes of the copies
-
-
-def plan_batch(keys: list[bytes], dumps: list[bytes]) -> BatchPlan:
-    """`dumps`: the DUMP and PTTL replies of `keys`, in turn. The time left goes over, not
-    the moment of expiry (PEXPIRETIME + ABSTTL would trust that both hosts' wall clocks
-    agree); a key lives at most the copy's transfer time longer, as with Redis's MIGRATE."""
-    restore: list[tuple[bytes, ...]] = []
-    present: list[bytes] = []
-    size = 0
-    for i, key in enumerate(keys):
-        payload, expires = _parse(dumps[2 * i]), _parse(dumps[2 * i + 1])
-        if not isinstance(payload, bytes) or not isinstance(expires, int) or expires == -2:
-            continue  # gone (deleted or expired): nothing to copy
-        # a TTL of 0 would mean none: a key with under 1 ms left keeps 1 ms
-        ttl = 0 if expires == -1 else max(expires, 1)
-        cmd: tuple[bytes, ...] = (b"RESTORE", key, b"%d" % ttl, payload, b"REPLACE")
-        restore += [(b"ASKING",), cmd]
-        present.append(key)
-        size += len(payload)
-    return BatchPlan(tuple(present), tuple(restore), size)
-
-
-def confirmed(reply: bytes, replicas: int) -> bool:
-    """WAIT's raw reply says `replicas` replicas have this connection's writes."""
-    return reply[:1] == b":" and int(reply[1:-2]) >= replicas
-
-
-async def _acked(conn: BackendConnection, replicas: int) -> bool:
-    """The writes sent on `conn` reached `replicas` replicas within MOVE_ACK_TIMEOUT_MS."""
-    if replicas <= 0:
-        return True
-    reply = await request(conn, [b"WAIT", b"%d" % replicas, b"%d" % MOVE_ACK_TIMEOUT_MS])
-    return confirmed(reply, replicas)
-
-
-async def read_journal(backend: BackendConnection, migration_id: str) -> list[bytes]:
-    replies = await request_many(backend, [[b"SELECT", JOURNAL_DB],
-                                           [b"SMEMBERS", journal_key(migration_id)],
-                                           [b"SELECT", b"0"]])
-    members = _parse(replies[1])
-    if not isinstance(members, list):
-        raise OSError(f"reading the migration journal failed: {replies[1]!r}")
-    return sorted(members)
-
-
-async def run_mover(gate: SlotGate, mask: bytearray, backend: BackendConnection,
-                    target: BackendConnection, progress: MigrationProgress,
-                    keys_per_second: int = DEFAULT_KEYS_PER_SECOND) -> None:
-    """Move every key of the migration's slots from the backend to the target proxy, then
-    keep reporting done until cancelled (the commit removes the migration).
-
-    First the keys left unsettled (in the journal, or held after a failed batch) are held,
-    and, once the barrier has passed, settled."""
-    mid = gate.marker.migration_id
-    log_ = log.bind(migration=mid)
-    unsettled = sorted(set(await read_journal(backend, mid)) | gate.moving)
-    gate.load(unsettled)
-    await gate.ready.wait()
-    if unsettled:
-        log_.info("migration_settling", keys=len(unsettled))
-        await _move_batch(gate, unsettled, backend, target, progress)
-    interval = MOVE_BATCH / keys_per_second if keys_per_second > 0 else 0.0
-    if progress.total_keys < 0:  # count first, so progress has a total and an ETA
-        total, cursor = 0, b"0"
-        while True:
-            reply = _parse(await request(backend, [b"SCAN", cursor, b"COUNT", b"%d" % SCAN_COUNT]))
-            if not isinstance(reply, list):
-                raise OSError(f"SCAN failed: {reply}")
-            cursor, batch = reply
-            total += sum(1 for k in batch if mask[key_slot(k)])
-            if cursor == b"0":
-                break
-        progress.total_keys = total
-    log_.info("migration_mover_started", keys=progress.total_keys)
-    while not progress.done:
-        cursor = b"0"
-        found = 0
-        while True:
-            reply = _parse(await request(backend, [b"SCAN", cursor, b"COUNT", b"%d" % SCAN_COUNT]))
-            if not isinstance(reply, list):
-                raise OSError(f"SCAN failed: {reply}")
-            cursor, batch = reply
-            keys = [k for k in batch if mask[key_slot(k)]]
-            found += len(keys)
-            for i in range(0, len(keys), MOVE_BATCH):
-                started = time.monotonic()
-                await _move_batch(gate, keys[i : i + MOVE_BATCH], backend, target, progress)
-                await anyio.sleep(max(0.0, interval - (time.monotonic() - started)))
-            if cursor == b"0":
-                break
-        progress.passes += 1
-        if found == 0:
-            progress.done = True
-            log_.info("migration_keys_moved", keys=progress.moved_keys, passes=progress.passes)
-    await anyio.sleep_forever()
-
-
-async def _move_batch(gate: SlotGate, keys: list[bytes], backend: BackendConnection,
-                      target: BackendConnection, progress: MigrationProgress) -> None:
-    """Move `keys` (held meanwhile): journal them here (replicated), copy them to the target
-    (replicated), then unlink them here and clear them from the journal in one transaction
-    (replicated) before any client is sent to the target for them.
-
-    A key's copy at the target is never seen while the source still serves the key: until
-    the batch is settled the keys stay held. A failure before anything was copied releases
-    them; a failure after the copy tries to undo it at the target, and if that cannot be
-    confirmed either, the keys stay held (and journaled) until a later attempt settles them.
-    """
-    mid = gate.marker.migration_id
-    journal = journal_key(mid)
-    if gate.refusal() is not None:  # a fenced node moves nothing: a replica may be promoted
-        raise OSError("this node is fenced")
-    await gate.hold(keys)
-    settled = True  # whatever the target has of these keys, nobody can read it there
-    try:
-        dumps = await request_many(backend, [c for k in keys
-                                             for c in ([b"DUMP", k], [b"PTTL", k])])
-        plan = plan_batch(keys, dumps)
-        present = list(plan.present)
-        if present:
-            written = await request_many(backend, [[b"SELECT", JOURNAL_DB],
-                                                   [b"SADD", journal, *present],
-                                                   [b"SELECT", b"0"]])
-            if written[1][:1] != b":":
-                raise OSError(f"journal write failed: {written[1]!r}")
-            if not await _acked(backend, gate.marker.replicas):
-                raise OSError("the journal did not reach this shard's replicas in time")
-            settled = False
-            replies = await request_many(target, [list(c) for c in plan.restore])
-            failed = [r for r in replies[1::2] if r != b"+OK\r\n"]
-            if failed or not await _acked(target, gate.marker.peer_replicas):
-                settled = await _undo(gate, present, backend, target)
-                raise OSError(f"RESTORE at {gate.marker.peer} failed: "
-                              f"{failed[0] if failed else b'not replicated in time'!r}")
-        txn = [[b"MULTI"], *([[b"UNLINK", *present]] if present else []),
-               [b"SELECT", JOURNAL_DB], [b"SREM", journal, *keys],
-               [b"SET", mark_key(mid), b"%d" % progress.moved_keys, b"PX", b"%d" % MARK_TTL_MS],
-               [b"SELECT", b"0"], [b"EXEC"]]
-        settled = False
-        done = await request_many(backend, txn)
-        if done[-1][:1] != b"*":
-            raise OSError(f"UNLINK failed: {done[-1]!r}")
-        # the copies are the live ones now: a promoted replica must not serve the old ones
-        for _ in range(MOVE_ACK_ATTEMPTS):
-            if await _acked(backend, gate.marker.replicas):
-                settled = True
-                break
-            log.warning("migration_unlink_unconfirmed", migration=mid, keys=len(keys))
-        if not settled:
-            raise OSError("the UNLINK did not reach this shard's replicas in time")
-        progress.moved_keys += len(present)
-        progress.moved_bytes += plan.size
-        progress.error = ""
-    finally:
-        if settled:
-            gate.release(keys)
-
-
-async def _undo(gate: SlotGate, keys: list[bytes], backend: BackendConnection,
-                target: BackendConnection) -> bool:
-    """A copy failed part-way: delete what the target may have of `keys` and clear them
-    from the journal. True once the target's deletion is confirmed (its replicas too)."""
-    try:
-        deleted = await request_many(target, [c for k in keys for c in ([b"ASKING"], [b"DEL", k])])
-        if any(r[:1] != b":" for r in deleted[1::2]) \
-                or not await _acked(target, gate.marker.peer_replicas):
-            return False
-        await request_many(backend, [[b"SELECT", JOURNAL_DB],
-                                     [b"SREM", journal_key(gate.marker.migration_id), *keys],
-                                     [b"SELECT", b"0"]])
-    except OSError:
-        return False
-    return True
-
 
 class Migrations:
     """The migrations this node takes part in, kept in step with the routing table: a gate
@@ -527,7 +285,7 @@ class Migrations:
         # set when a migration's last gate has let go of its connections: the next mover of
         # the same migration reads the journal only after the last one's writes
         self._stopped: dict[str, anyio.Event] = {}
-        self._movers: dict[str, tuple[BackendConnection, BackendConnection]] = {}
+        self._movers: dict[str, tuple[BackendConnection, ...]] = {}
         self._tg: TaskGroup | None = None
 
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
@@ -548,9 +306,9 @@ class Migrations:
         for gate in self.gates.values():
             for conn in [*gate.conns.values(), *gate.forwards.values()]:
                 conn.abort()
-        for backend, target in self._movers.values():
-            backend.abort()
-            target.abort()
+        for conns in self._movers.values():
+            for conn in conns:
+                conn.abort()
 
     def progress(self) -> dict[str, dict]:
         return {mid: p.as_dict() for mid, p in self._progress.items()}
@@ -618,23 +376,62 @@ class Migrations:
     async def _move_keys(self, gate: SlotGate, mask: bytearray) -> None:
         mid = gate.marker.migration_id
         progress = self._progress.setdefault(mid, MigrationProgress(mid))
+        side = Side(mid, lambda: gate.marker.replicas, lambda: gate.marker.peer_replicas)
+        pacer = Pacer(lambda: self.keys_per_second if gate.marker.keys_per_second is None
+                      else gate.marker.keys_per_second)
+        log_ = log.bind(migration=mid)
         while True:
             # the default user: the journal is in a database clients cannot select
-            backend = BackendConnection(self.pool.host, self.pool.port, False, self.pool.password)
-            target = self._peer_connection(gate.marker.peer, False)
-            self._movers[mid] = (backend, target)
+            password = self.pool.password
+            backend = BackendConnection(self.pool.host, self.pool.port, False, password)
+            proxy = self._peer_connection(gate.marker.peer, False)
+            direct = direct_target(gate.marker.peer_backend, password)
+            self._movers[mid] = (backend, proxy, direct)
             try:
                 await backend.connect()
-                await target.connect()
-                # a command of a client's own (WAIT) gives this connection its own Redis
-                # connection at the target, so the WAIT after the RESTOREs waits for them
-                await request(target, [b"WAIT", b"0", b"0"])
-                await run_mover(gate, mask, backend, target, progress, self.keys_per_second)
+                unsettled = sorted(set(await read_journal(backend, mid)) | gate.moving)
+                gate.load(unsettled)
+                await gate.ready.wait()
+                # Redis to Redis where the source's Redis reaches the target's, else through
+                # the proxies: tried each time, the target may have failed over meanwhile
+                why_not = await probe_direct(backend, direct, password, mid)
+                if why_not is None:
+                    copier: DirectCopy | ProxyCopy = DirectCopy(backend, direct, password, mid)
+                else:
+                    await proxy.connect()
+                    # a command of a client's own (WAIT) gives this connection its own Redis
+                    # connection at the target, so a WAIT after the RESTOREs waits for them
+                    await request(proxy, [b"WAIT", b"0", b"0"])
+                    copier = ProxyCopy(backend, proxy)
+                if copier.method != progress.method:
+                    log_.info("migration_method", method=copier.method,
+                              **({"why": why_not} if why_not else {}))
+                    progress.method = copier.method
+                if unsettled:
+                    log_.info("migration_settling", keys=len(unsettled))
+                    await settle(gate, unsettled, backend, copier, side, progress)
+                if progress.total_keys < 0:
+                    progress.total_keys = await self._estimate(backend, mask)
+                log_.info("migration_mover_started", keys=progress.total_keys)
+                await move_all(gate, mask, backend, copier, side, progress, pacer)
+                log_.info("migration_keys_moved", keys=progress.moved_keys,
+                          passes=progress.passes, method=copier.method,
+                          chunked=progress.chunked_keys)
+                await anyio.sleep_forever()  # done: the commit removes the migration
             except OSError as exc:
                 progress.error = str(exc)
-                log.warning("migration_batch_failed", migration=mid, error=str(exc))
+                log_.warning("migration_batch_failed", error=str(exc))
             finally:
-                backend.close()
-                target.close()
+                for conn in (backend, proxy, direct):
+                    conn.close()
                 self._movers.pop(mid, None)
             await anyio.sleep(MOVE_RETRY_WAIT)
+
+    async def _estimate(self, backend: BackendConnection, mask: bytearray) -> int:
+        """The keys to move, guessed before the first pass has seen them: the node's keys in
+        proportion to the slots moving among those it serves."""
+        routes = self.current_table().routes
+        served = sum(1 for r in routes if r is None or isinstance(r, MigratingSlots) and r.source)
+        reply = await request(backend, [b"DBSIZE"])
+        keys = int(reply[1:-2]) if reply[:1] == b":" else 0
+        return keys * sum(mask) // max(served, 1)

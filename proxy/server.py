@@ -12,7 +12,8 @@ from core.address import Address
 from .backend import BackendPool
 from .context import ProxyContext
 from .control import ControlPort
-from .migration import DEFAULT_KEYS_PER_SECOND, Migrations
+from .migration import Migrations
+from .mover import DEFAULT_KEYS_PER_SECOND
 from .session import Session
 
 log = structlog.get_logger("proxy.server")

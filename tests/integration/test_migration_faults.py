@@ -13,6 +13,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from core.slots import key_slot
+from proxy.mover import BATCH_KEYS, MOVES_IN_FLIGHT
 from tests.integration.test_migration import load_keys, missing_keys, run_with_load, wait_moving
 from tests.procs import Process, command, wait_for
 
@@ -22,7 +23,8 @@ LAST_MOVING_SLOT = 8191
 STALL = 1.5  # seconds a stopped process stays stopped (below the 3 s of failed checks)
 # ... and a stopped proxy, well inside its write deadline (lease TTL 5 s, keepalive 1.7 s)
 PROXY_STALL = 0.5
-MOVE_BATCH = 128  # proxy/migration.py: at most one batch may be in flight when a fault lands
+# at most this many keys are in batches already in flight when a fault lands
+IN_FLIGHT = BATCH_KEYS * MOVES_IN_FLIGHT
 REPLY_TIMEOUT = 15.0  # a command held by the gate during a fault answers within this
 
 
@@ -142,28 +144,29 @@ def test_a_failed_copy_leaves_nothing_a_read_can_see(mesh_factory):
 
 
 def test_a_source_killed_between_copy_and_unlink(mesh_factory):
-    """The source's proxy dies after its RESTOREs reached the target but before its UNLINK:
-    the keys are at both. After the restart (the target refusing copies now), a key deleted
-    at the source must stay deleted."""
-    mesh = mesh_factory(2, proxy_args=SLOW)
-    mesh.wait_pool(2)
-    shards = create(mesh, "kx")
-    src, dst = mesh.proxies[shards["s1"][0]], mesh.proxies[shards["s2"][0]]
+    """The source's proxy dies after a batch's copies reached the target but before its
+    UNLINK: the keys are at both (the target's replica is stopped, so the mover waits for
+    the copies to reach it). After the restart (the target refusing copies now), a key
+    deleted at the source must stay deleted."""
+    mesh = mesh_factory(4, proxy_args=SLOW)
+    mesh.wait_pool(4)
+    shards = create(mesh, "kx", "--replicas", "1")
+    src = mesh.proxies[shards["s1"][0]]
     src_redis, dst_redis = mesh.redis[shards["s1"][0]], mesh.redis[shards["s2"][0]]
-    load_keys(dst.port, "k", 20_000)
+    entry = mesh.proxies[shards["s2"][0]].port
+    wait_for(lambda: _loaded(entry, "k", 20_000), what="the replicas to confirm writes")
     mesh.umctl("migrate", "kx", "--slots", MOVING, "--to", "s2")
     wait_moving(mesh, "kx")
-    with stopped(dst):  # the next batch's RESTOREs wait in the target's socket
-        wait_for(lambda: _stable(src_redis.port), what="a batch in flight")
+    with stopped(mesh.redis[shards["s2"][1]]):  # the copies' WAIT at the target waits
+        both = wait_for(lambda: keys_in(src_redis.port, "k:*") & keys_in(dst_redis.port, "k:*"),
+                        what="copies at the target of keys still at the source")
         src.kill()
-    both = wait_for(lambda: keys_in(src_redis.port, "k:*") & keys_in(dst_redis.port, "k:*"),
-                    what="copies at the target of keys still at the source")
     target = redis.Redis(port=dst_redis.port)
-    target.config_set("maxmemory", 1)  # from now on every RESTORE there fails
+    target.config_set("maxmemory", 1)  # from now on every copy there fails
     src.restart()
     wait_for(lambda: any(r["error"] for r in mesh.umctl("--json", "migrations", "kx")),
              timeout=30, what="the restarted source to try a batch")
-    rc = RedisCluster(host="127.0.0.1", port=dst.port)
+    rc = RedisCluster(host="127.0.0.1", port=entry)
     keys = sorted(k.decode() for k in both)
     for key in keys:
         rc.delete(key)
@@ -172,13 +175,6 @@ def test_a_source_killed_between_copy_and_unlink(mesh_factory):
     target.config_set("maxmemory", 0)
     target.close()
     rc.close()
-
-
-def _stable(redis_port: int) -> bool:
-    """The source's key count did not change over one batch interval: no batch completes."""
-    first = int(command(redis_port, "DBSIZE")[1:-2])
-    time.sleep(0.2)  # longer than a batch at SLOW's rate (64 ms)
-    return int(command(redis_port, "DBSIZE")[1:-2]) == first
 
 
 def _loaded(port: int, prefix: str, n: int) -> bool:
@@ -234,7 +230,7 @@ def test_nothing_moves_until_the_source_replica_has_it_and_gated_writes_wait(mes
         time.sleep(STALL)  # the fault's length
         gone = set(order) - keys_in(mesh.redis[src].port, "s:*")
     assert reply.startswith(b"-UNCERTAIN"), reply
-    assert len(gone) <= MOVE_BATCH, f"{len(gone)} keys left the source while its replica was stalled"
+    assert len(gone) <= IN_FLIGHT, f"{len(gone)} keys left the source while its replica was stalled"
     wait_for(lambda: mesh.umctl("--json", "migrations", "sx") == [], timeout=60,
              what="the migration to finish")
     assert missing_keys(entry, "s", 20_000) == [int(key.split(b":")[1])]  # it holds "gated"

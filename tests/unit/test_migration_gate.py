@@ -1,5 +1,5 @@
 """The migration gate's and mover's pure decisions, and the routes a migration gives its
-source and target (proxy/migration.py, proxy/routing.py), as tables."""
+source and target (proxy/migration.py, proxy/mover.py, proxy/routing.py), as tables."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -7,7 +7,8 @@ from dataclasses import replace
 import pytest
 
 from core.view import ClusterConfig, Migration
-from proxy.migration import Checked, after_check, confirmed, is_write, plan_batch
+from proxy.migration import Checked, after_check, is_write
+from proxy.mover import Batch, confirmed, plan_batches, restore_commands
 from proxy.routing import MigratingSlots, live_replicas, table_from_view
 from tests.unit.test_view import make_view
 
@@ -70,12 +71,25 @@ def test_a_batch_copies_what_is_still_here_with_its_ttl():
              b"$2\r\nPQ\r\n", b":1500\r\n",  # c: expires in 1.5 s
              b"$1\r\nX\r\n", b":-2\r\n",  # d: expired between DUMP and PTTL
              b"$1\r\nY\r\n", b":0\r\n"]  # e: under 1 ms left (0 would mean no TTL)
-    plan = plan_batch(keys + [b"e"], dumps)
-    assert plan.present == (b"a", b"c", b"e")
-    assert plan.restore == ((b"ASKING",), (b"RESTORE", b"a", b"0", b"PAY", b"REPLACE"),
-                            (b"ASKING",), (b"RESTORE", b"c", b"1500", b"PQ", b"REPLACE"),
-                            (b"ASKING",), (b"RESTORE", b"e", b"1", b"Y", b"REPLACE"))
-    assert plan.size == 6
+    assert restore_commands((*keys, b"e"), dumps) == [
+        (b"ASKING",), (b"RESTORE", b"a", b"0", b"PAY", b"REPLACE"),
+        (b"ASKING",), (b"RESTORE", b"c", b"1500", b"PQ", b"REPLACE"),
+        (b"ASKING",), (b"RESTORE", b"e", b"1", b"Y", b"REPLACE")]
+
+
+@pytest.mark.parametrize("sizes, expected", [
+    ([], []),
+    ([0, 0], []),  # gone between SCAN and sizing: nothing to move
+    ([10, 20, 30], [Batch((b"k0", b"k1", b"k2"), 60)]),
+    ([60, 50], [Batch((b"k0",), 60), Batch((b"k1",), 50)]),  # over the bytes: a new batch
+    ([10, 10, 10, 10, 10], [Batch((b"k0", b"k1", b"k2"), 30), Batch((b"k3", b"k4"), 20)]),  # keys
+    ([10, 1000, 10], [Batch((b"k1",), 1000, True), Batch((b"k0", b"k2"), 20)]),  # big: alone
+    ([100], [Batch((b"k0",), 100)]),  # exactly the batch size: fits
+    ([999, 0, 5], [Batch((b"k0",), 999), Batch((b"k2",), 5)]),
+])
+def test_batches_are_sized_by_bytes_and_keys_and_big_keys_go_alone(sizes, expected):
+    keys = [b"k%d" % i for i in range(len(sizes))]
+    assert plan_batches(keys, sizes, batch_bytes=100, batch_keys=3, big_key=1000) == expected
 
 
 @pytest.mark.parametrize("reply, replicas, expected", [

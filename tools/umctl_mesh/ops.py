@@ -397,6 +397,7 @@ def migration_rows(view: ClusterView, pool: Pool) -> list[dict]:
                      "eta_sec": progress.eta_sec,
                      "moved_bytes": progress.moved_bytes,
                      "keys_per_sec": progress.keys_per_sec,
+                     "method": progress.method, "chunked_keys": progress.chunked_keys,
                      "error": progress.error})
     return rows
 

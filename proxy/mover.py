@@ -1,0 +1,492 @@
+"""The key mover: moves every key of a migration's slots from this node's Redis to the target.
+
+Keys go in batches sized by bytes. A batch, with its keys held in the gate (no client command
+on them runs meanwhile, proxy/migration.py): add them to the journal (a set in the source
+Redis's JOURNAL_DB, which clients cannot select, replicated with the rest); copy them to the
+target; then one MULTI here UNLINKs them and removes them from the journal. WAIT follows each
+step when the shard has live replicas (MOVE_ACK_TIMEOUT_MS):
+- the journal not confirmed: nothing was copied; the keys are released, the batch retried.
+- a copy refused, or the copies not confirmed at the target: the copies are deleted there
+  (confirmed by WAIT too) and removed from the journal; if that cannot be confirmed either,
+  the keys stay held and journaled until a later attempt settles them.
+- the UNLINK not confirmed: the keys stay held (clients on them wait) and WAIT is tried again
+  (MOVE_ACK_ATTEMPTS, then the batch is retried) until the replicas have it, since a promoted
+  replica would otherwise serve the old values.
+A key in the journal may have a copy at the target; a restarted or promoted source holds the
+journal's keys from its first moment and settles them first (copies again what is here,
+forgets what is gone). So a copy at the target is only ever read once the source let go of
+the key for good.
+
+How a batch is copied is the copier's business, chosen by a probe when the mover starts:
+- `DirectCopy`: the source Redis sends the keys straight to the target Redis with `MIGRATE
+  ... COPY REPLACE KEYS`, in C; keys over BIG_KEY_BYTES are copied in chunks
+  (proxy/chunked.py) so no step blocks either Redis for long.
+- `ProxyCopy`, the fallback where the source Redis cannot reach the target Redis (or not
+  with this node's password): DUMP here, RESTORE through the target proxy after ASKING.
+Both keep the time a key has left (not its moment of expiry: the hosts' clocks may differ).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import anyio
+import hiredis
+import structlog
+
+from core.address import Address
+from core.slots import key_slot
+
+from .backend import BackendConnection, request, request_many
+from .chunked import ChunkedCopyUnsupported, copy_in_chunks
+
+log = structlog.get_logger("proxy.mover")
+
+SCAN_COUNT = 1000  # keys per SCAN step
+BATCH_BYTES = 256 * 1024  # a batch's size (MEMORY USAGE): one MIGRATE blocks Redis ~1-2 ms
+BATCH_KEYS = 1024  # and at most this many keys
+BIG_KEY_BYTES = 4 * 1024 * 1024  # a key this big moves alone, in chunks
+MOVES_IN_FLIGHT = 2  # batches between hold and release at once
+MIGRATE_TIMEOUT_MS = 1000  # MIGRATE's I/O timeout (the source Redis waits this long at most)
+DEFAULT_KEYS_PER_SECOND = 0  # the mover's rate limit (mesh-proxy --migration-rate; 0: none)
+# WAIT's timeout for the replicas of either side to confirm a batch's journal, copies or UNLINK
+MOVE_ACK_TIMEOUT_MS = 1000
+MOVE_ACK_ATTEMPTS = 5  # WAITs for the UNLINK before the batch is retried (its keys stay held)
+JOURNAL_DB = b"1"  # the source's journal lives here: no client can SELECT it
+MARK_TTL_MS = 600_000
+
+# MEMORY USAGE of each key (0: gone), in one round trip: O(1) per key (it samples collections)
+_SIZES = (b"local s = {} for i, k in ipairs(KEYS) do "
+          b"s[i] = redis.call('MEMORY', 'USAGE', k) or 0 end return s")
+
+
+class Gate(Protocol):
+    """What the mover needs of the slot gate (proxy/migration.py)."""
+
+    moving: set[bytes]
+
+    async def hold(self, keys: list[bytes]) -> None: ...
+    def release(self, keys: list[bytes]) -> None: ...
+    def refusal(self) -> bytes | None: ...
+
+
+@dataclass
+class MigrationProgress:
+    """What the source reports about one migration (published in its status)."""
+
+    migration_id: str
+    # an estimate (the node's keys in proportion to the slots moving) until the first pass
+    # has seen every key, then the count
+    total_keys: int = -1
+    moved_keys: int = 0
+    moved_bytes: int = 0
+    passes: int = 0
+    method: str = ""  # "migrate" (Redis to Redis) or "proxy" (DUMP/RESTORE through proxies)
+    chunked_keys: int = 0  # big keys copied in chunks
+    started_at: float = field(default_factory=time.time)
+    done: bool = False
+    error: str = ""
+
+    def as_dict(self) -> dict:
+        elapsed = max(time.time() - self.started_at, 1e-6)
+        rate = self.moved_keys / elapsed
+        left = 0 if self.done else max(self.total_keys - self.moved_keys, 0)
+        return {"total_keys": self.total_keys, "moved_keys": self.moved_keys,
+                "left_keys": left if self.total_keys >= 0 else None,
+                "moved_bytes": self.moved_bytes, "passes": self.passes, "done": self.done,
+                "method": self.method, "chunked_keys": self.chunked_keys,
+                "error": self.error, "keys_per_sec": round(rate, 1),
+                "eta_sec": round(left / rate, 1) if rate and self.total_keys >= 0 else None,
+                "started_at": self.started_at}
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    keys: tuple[bytes, ...]
+    size: int  # bytes, by MEMORY USAGE
+    big: bool = False  # one key over BIG_KEY_BYTES: copied in chunks
+
+
+def plan_batches(keys: list[bytes], sizes: list[int], batch_bytes: int = BATCH_BYTES,
+                 batch_keys: int = BATCH_KEYS, big_key: int = BIG_KEY_BYTES) -> list[Batch]:
+    """Group `keys` (with their MEMORY USAGE; 0: gone) into batches of at most `batch_bytes`
+    and `batch_keys`; a key of `big_key` bytes or more is a batch of its own."""
+    batches: list[Batch] = []
+    run: list[bytes] = []
+    run_size = 0
+    for key, size in zip(keys, sizes):
+        if size <= 0:
+            continue
+        if size >= big_key:
+            batches.append(Batch((key,), size, True))
+            continue
+        if run and (run_size + size > batch_bytes or len(run) >= batch_keys):
+            batches.append(Batch(tuple(run), run_size))
+            run, run_size = [], 0
+        run.append(key)
+        run_size += size
+    if run:
+        batches.append(Batch(tuple(run), run_size))
+    return batches
+
+
+def _parse(raw: bytes) -> object:
+    reader = hiredis.Reader()
+    reader.feed(raw)
+    return reader.gets()
+
+
+def journal_key(migration_id: str) -> bytes:
+    """The set, in the source's JOURNAL_DB, of the keys that may have a copy at the target
+    that the source has not settled yet (copied, not yet unlinked here or undone there)."""
+    return b"moonmesh:moving:" + migration_id.encode()
+
+
+def mark_key(migration_id: str) -> bytes:
+    """Written (in JOURNAL_DB) after each step WAIT confirms, so the connection has a write of
+    its own to wait for (the UNLINK or the copies it confirms may be another connection's)."""
+    return b"moonmesh:moved:" + migration_id.encode()
+
+
+def confirmed(reply: bytes, replicas: int) -> bool:
+    """WAIT's raw reply says `replicas` replicas have this connection's writes."""
+    return reply[:1] == b":" and int(reply[1:-2]) >= replicas
+
+
+def _marked_wait(migration_id: str, replicas: int) -> list[list[bytes]]:
+    """A write of this connection's own in JOURNAL_DB, then WAIT for it (and so for every
+    write the Redis applied before it)."""
+    return [[b"SELECT", JOURNAL_DB],
+            [b"SET", mark_key(migration_id), b"1", b"PX", b"%d" % MARK_TTL_MS],
+            [b"SELECT", b"0"], [b"WAIT", b"%d" % replicas, b"%d" % MOVE_ACK_TIMEOUT_MS]]
+
+
+async def _acked(conn: BackendConnection, migration_id: str, replicas: int) -> bool:
+    """Every write the Redis behind `conn` applied so far reached `replicas` replicas."""
+    if replicas <= 0:
+        return True
+    replies = await request_many(conn, _marked_wait(migration_id, replicas))
+    return confirmed(replies[-1], replicas)
+
+
+class Copier(Protocol):
+    """How a batch's keys get to the target, and how a failed copy is undone there."""
+
+    method: str
+
+    async def copy(self, keys: tuple[bytes, ...]) -> None:
+        """Copy `keys` (those that exist) to the target, replacing what is there; OSError
+        when they may not all have arrived."""
+
+    async def copy_big(self, key: bytes) -> None:
+        """Copy one big key, never blocking either Redis for long if the method allows."""
+
+    async def confirmed(self, migration_id: str, replicas: int) -> bool:
+        """The target's replicas have the copies made so far."""
+
+    async def undo(self, migration_id: str, keys: tuple[bytes, ...], replicas: int) -> bool:
+        """Delete what the target may have of `keys`: True once confirmed there."""
+
+
+class DirectCopy:
+    """MIGRATE from the source Redis straight to the target Redis (`target`: a connection
+    of the mover's own to it, for WAIT, undo and chunked copies)."""
+
+    method = "migrate"
+
+    def __init__(self, backend: BackendConnection, target: BackendConnection,
+                 password: str | None, migration_id: str) -> None:
+        self.backend, self.target = backend, target
+        self.migration_id = migration_id
+        self._migrate = [b"MIGRATE", target.host.encode(), b"%d" % target.port, b"", b"0",
+                         b"%d" % MIGRATE_TIMEOUT_MS, b"COPY", b"REPLACE",
+                         *([b"AUTH", password.encode()] if password else []), b"KEYS"]
+
+    async def copy(self, keys: tuple[bytes, ...]) -> None:
+        reply = await request(self.backend, [*self._migrate, *keys])
+        if reply != b"+OK\r\n" and reply != b"+NOKEY\r\n":
+            raise OSError(f"MIGRATE to {self.target.host}:{self.target.port} failed: "
+                          f"{reply[:200]!r}")
+
+    async def copy_big(self, key: bytes) -> None:
+        # a connection of its own: the chunks SELECT at the target while batches run
+        target = BackendConnection(self.target.host, self.target.port, False,
+                                   self.target.password)
+        try:
+            await target.connect()
+            temp = b"moonmesh:chunk:" + self.migration_id.encode()
+            await copy_in_chunks(self.backend, target, key, temp)
+        except ChunkedCopyUnsupported:
+            await self.copy((key,))  # whole, with MIGRATE (a stream with consumer groups)
+        finally:
+            target.close()
+
+    async def confirmed(self, migration_id: str, replicas: int) -> bool:
+        return await _acked(self.target, migration_id, replicas)
+
+    async def undo(self, migration_id: str, keys: tuple[bytes, ...], replicas: int) -> bool:
+        try:
+            deleted = await request(self.target, [b"DEL", *keys])
+            return deleted[:1] == b":" and await _acked(self.target, migration_id, replicas)
+        except OSError:
+            return False
+
+
+async def probe_direct(backend: BackendConnection, target: BackendConnection,
+                       password: str | None, migration_id: str) -> str | None:
+    """Can the source Redis MIGRATE to the target Redis? A throwaway key in JOURNAL_DB goes
+    there and is deleted on both sides. None: it can; else why not."""
+    probe = b"moonmesh:probe:" + migration_id.encode()
+    try:
+        await target.connect()
+        replies = await request_many(backend, [
+            [b"SELECT", JOURNAL_DB], [b"SET", probe, b"1", b"PX", b"%d" % MARK_TTL_MS],
+            [b"MIGRATE", target.host.encode(), b"%d" % target.port, b"", JOURNAL_DB,
+             b"%d" % MIGRATE_TIMEOUT_MS, b"REPLACE",
+             *([b"AUTH", password.encode()] if password else []), b"KEYS", probe],
+            [b"DEL", probe], [b"SELECT", b"0"]])
+        arrived = await request_many(target, [[b"SELECT", JOURNAL_DB], [b"DEL", probe],
+                                              [b"SELECT", b"0"]])
+    except OSError as exc:
+        return str(exc)
+    if replies[2] != b"+OK\r\n":
+        return f"MIGRATE answered {replies[2][:200]!r}"
+    if arrived[1] != b":1\r\n":
+        return "the probe key did not arrive"
+    return None
+
+
+def direct_target(address: str, password: str | None) -> BackendConnection:
+    peer = Address.parse(address)
+    return BackendConnection(peer.host, peer.port, False, password)
+
+
+class ProxyCopy:
+    """DUMP here, RESTORE through the target proxy after ASKING (`target`: a connection to
+    the target proxy, authenticated as a peer, with a Redis connection of its own there so
+    WAIT covers its RESTOREs)."""
+
+    method = "proxy"
+
+    def __init__(self, backend: BackendConnection, target: BackendConnection) -> None:
+        self.backend, self.target = backend, target
+
+    async def copy(self, keys: tuple[bytes, ...]) -> None:
+        dumps = await request_many(self.backend, [c for k in keys
+                                                  for c in ([b"DUMP", k], [b"PTTL", k])])
+        restore = restore_commands(keys, dumps)
+        if not restore:
+            return
+        replies = await request_many(self.target, [list(c) for c in restore])
+        failed = [r for r in replies[1::2] if r != b"+OK\r\n"]
+        if failed:
+            raise OSError(f"RESTORE at {self.target.host}:{self.target.port} failed: "
+                          f"{failed[0][:200]!r}")
+
+    async def copy_big(self, key: bytes) -> None:
+        await self.copy((key,))  # whole: the target's Redis is out of this node's reach
+
+    async def confirmed(self, migration_id: str, replicas: int) -> bool:
+        if replicas <= 0:
+            return True
+        reply = await request(self.target, [b"WAIT", b"%d" % replicas,
+                                            b"%d" % MOVE_ACK_TIMEOUT_MS])
+        return confirmed(reply, replicas)
+
+    async def undo(self, migration_id: str, keys: tuple[bytes, ...], replicas: int) -> bool:
+        try:
+            deleted = await request_many(self.target,
+                                         [c for k in keys for c in ([b"ASKING"], [b"DEL", k])])
+            return all(r[:1] == b":" for r in deleted[1::2]) \
+                and await self.confirmed(migration_id, replicas)
+        except OSError:
+            return False
+
+
+def restore_commands(keys: tuple[bytes, ...], dumps: list[bytes]) -> list[tuple[bytes, ...]]:
+    """ASKING + RESTORE for each key of `keys` that `dumps` (its DUMP and PTTL replies, in
+    turn) shows present. The time left goes over, as with MIGRATE."""
+    commands: list[tuple[bytes, ...]] = []
+    for i, key in enumerate(keys):
+        payload, expires = _parse(dumps[2 * i]), _parse(dumps[2 * i + 1])
+        if not isinstance(payload, bytes) or not isinstance(expires, int) or expires == -2:
+            continue  # gone (deleted or expired): nothing to copy
+        # a TTL of 0 would mean none: a key with under 1 ms left keeps 1 ms
+        ttl = 0 if expires == -1 else max(expires, 1)
+        commands += [(b"ASKING",), (b"RESTORE", key, b"%d" % ttl, payload, b"REPLACE")]
+    return commands
+
+
+@dataclass
+class Side:
+    """What a batch needs to know about the migration now (the marker may change)."""
+
+    migration_id: str
+    replicas: Callable[[], int]  # live replicas of this shard
+    peer_replicas: Callable[[], int]  # of the target's shard
+
+
+async def move_batch(gate: Gate, batch: Batch, backend: BackendConnection, copier: Copier,
+                     side: Side, progress: MigrationProgress) -> None:
+    """Move `batch` (held meanwhile): journal it here (replicated), copy it to the target
+    (replicated), then unlink it here and clear it from the journal in one transaction
+    (replicated) before any client is sent to the target for it."""
+    mid = side.migration_id
+    journal = journal_key(mid)
+    keys = list(batch.keys)
+    if gate.refusal() is not None:  # a fenced node moves nothing: a replica may be promoted
+        raise OSError("this node is fenced")
+    await gate.hold(keys)
+    settled = True  # whatever the target has of these keys, nobody can read it there
+    try:
+        written = await request_many(backend, [[b"SELECT", JOURNAL_DB],
+                                               [b"SADD", journal, *keys], [b"SELECT", b"0"]])
+        if written[1][:1] != b":":
+            raise OSError(f"journal write failed: {written[1]!r}")
+        if not await _acked(backend, mid, side.replicas()):
+            raise OSError("the journal did not reach this shard's replicas in time")
+        settled = False
+        try:
+            if batch.big:
+                await copier.copy_big(keys[0])
+                progress.chunked_keys += 1
+            else:
+                await copier.copy(batch.keys)
+            if not await copier.confirmed(mid, side.peer_replicas()):
+                raise OSError("the copies did not reach the target's replicas in time")
+        except OSError:
+            if await copier.undo(mid, batch.keys, side.peer_replicas()):
+                await request_many(backend, [[b"SELECT", JOURNAL_DB],
+                                             [b"SREM", journal, *keys], [b"SELECT", b"0"]])
+                settled = True
+            raise
+        done = await request_many(backend, [[b"MULTI"], [b"UNLINK", *keys],
+                                            [b"SELECT", JOURNAL_DB], [b"SREM", journal, *keys],
+                                            [b"SELECT", b"0"], [b"EXEC"]])
+        result = _parse(done[-1])
+        if not isinstance(result, list) or not isinstance(result[0], int):
+            raise OSError(f"UNLINK failed: {done[-1][:200]!r}")
+        # the copies are the live ones now: a promoted replica must not serve the old ones
+        for _ in range(MOVE_ACK_ATTEMPTS):
+            if await _acked(backend, mid, side.replicas()):
+                settled = True
+                break
+            log.warning("migration_unlink_unconfirmed", migration=mid, keys=len(keys))
+        if not settled:
+            raise OSError("the UNLINK did not reach this shard's replicas in time")
+        progress.moved_keys += result[0]
+        progress.moved_bytes += batch.size
+        progress.error = ""
+    finally:
+        if settled:
+            gate.release(keys)
+
+
+async def sized(backend: BackendConnection, keys: list[bytes]) -> list[Batch]:
+    """`keys` in batches by their size now (gone ones left out)."""
+    if not keys:
+        return []
+    reply = _parse(await request(backend, [b"EVAL", _SIZES, b"%d" % len(keys), *keys]))
+    if not isinstance(reply, list):
+        raise OSError(f"sizing keys failed: {reply}")
+    return plan_batches(keys, reply)
+
+
+async def read_journal(backend: BackendConnection, migration_id: str) -> list[bytes]:
+    replies = await request_many(backend, [[b"SELECT", JOURNAL_DB],
+                                           [b"SMEMBERS", journal_key(migration_id)],
+                                           [b"SELECT", b"0"]])
+    members = _parse(replies[1])
+    if not isinstance(members, list):
+        raise OSError(f"reading the migration journal failed: {replies[1]!r}")
+    return sorted(members)
+
+
+class Pacer:
+    """Spaces batches so the mover stays under `rate()` keys/s (0: no limit), read live."""
+
+    def __init__(self, rate: Callable[[], int]) -> None:
+        self.rate = rate
+        self.next_at = 0.0
+
+    async def wait(self, keys: int) -> None:
+        rate = self.rate()
+        now = anyio.current_time()
+        if rate <= 0:
+            self.next_at = now
+            return
+        self.next_at = max(self.next_at, now)
+        if self.next_at > now:
+            await anyio.sleep(self.next_at - now)
+        self.next_at += keys / rate
+
+
+async def settle(gate: Gate, unsettled: list[bytes], backend: BackendConnection,
+                 copier: Copier, side: Side, progress: MigrationProgress) -> None:
+    """Copy again the journal's keys that are here (a copy may be at the target, the source
+    never unlinked them), and forget those that are gone (moved, or expired)."""
+    batches = [b for i in range(0, len(unsettled), BATCH_KEYS)
+               for b in await sized(backend, unsettled[i : i + BATCH_KEYS])]
+    for batch in batches:
+        await move_batch(gate, batch, backend, copier, side, progress)
+    gone = list(set(unsettled).difference(k for b in batches for k in b.keys))
+    if gone:
+        await request_many(backend, [[b"SELECT", JOURNAL_DB],
+                                     [b"SREM", journal_key(side.migration_id), *gone],
+                                     [b"SELECT", b"0"]])
+        gate.release(gone)
+
+
+async def move_all(gate: Gate, mask: bytearray, backend: BackendConnection, copier: Copier,
+                   side: Side, progress: MigrationProgress, pacer: Pacer) -> None:
+    """Scan for the migration's keys until a whole pass finds none, moving them in batches,
+    MOVES_IN_FLIGHT at once. Raises OSError on the first failure."""
+    while not progress.done:
+        found = await _one_pass(gate, mask, backend, copier, side, progress, pacer)
+        progress.passes += 1
+        if progress.passes == 1:  # every key there was has been seen: the estimate goes
+            progress.total_keys = progress.moved_keys
+        if found == 0:
+            progress.done = True
+
+
+async def _one_pass(gate: Gate, mask: bytearray, backend: BackendConnection, copier: Copier,
+                    side: Side, progress: MigrationProgress, pacer: Pacer) -> int:
+    failures: list[OSError] = []
+    in_flight = anyio.Semaphore(MOVES_IN_FLIGHT)
+    found = 0
+
+    async def move(batch: Batch) -> None:
+        try:
+            await move_batch(gate, batch, backend, copier, side, progress)
+        except OSError as exc:
+            failures.append(exc)
+            tg.cancel_scope.cancel()
+        finally:
+            in_flight.release()
+
+    async with anyio.create_task_group() as tg:
+        try:
+            cursor = b"0"
+            while True:
+                reply = _parse(await request(backend, [b"SCAN", cursor, b"COUNT",
+                                                       b"%d" % SCAN_COUNT]))
+                if not isinstance(reply, list):
+                    raise OSError(f"SCAN failed: {reply}")
+                cursor, page = reply
+                keys = [k for k in page if mask[key_slot(k)]]
+                found += len(keys)
+                for batch in await sized(backend, keys):
+                    await pacer.wait(len(batch.keys))
+                    await in_flight.acquire()
+                    tg.start_soon(move, batch)
+                if cursor == b"0":
+                    break
+        except OSError as exc:  # not out of the group: it would be an ExceptionGroup
+            failures.append(exc)
+            tg.cancel_scope.cancel()
+    if failures:
+        raise failures[0]
+    return found
