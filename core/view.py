@@ -62,6 +62,9 @@ class Migration:
 
 REASSIGN_AFTER = 60  # seconds (ClusterConfig.reassign_after)
 MAX_REPLICAS = 16  # replicas per shard a cluster may declare (ClusterConfig.replicas)
+# keys/s a cluster may declare (ClusterConfig.migration_rate): far above what one mover does,
+# low enough that a typo (an extra few digits) is refused rather than read as "no limit"
+MAX_MIGRATION_RATE = 10_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,10 @@ class ClusterConfig:
     # free nodes and replaces one dead for `reassign_after`. A view written before this field
     # existed declares what its shards have (`from_json`)
     replicas: int = 0
+    # the migration mover's rate in keys/s for this cluster (0: no limit); None: each node's
+    # `mesh-proxy --migration-rate`. `umctl-mesh migrate throttle` changes it live: a running
+    # migration's markers carry it (proxy/routing.py)
+    migration_rate: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +134,11 @@ def validate(view: ClusterView) -> None:
                         "ack_timeout_ms >= 1")
     if not 0 <= view.config.replicas <= MAX_REPLICAS:
         raise ViewError(f"config replicas must be 0 to {MAX_REPLICAS}")
+    rate = view.config.migration_rate
+    if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool)
+                             or not 0 <= rate <= MAX_MIGRATION_RATE):
+        raise ViewError(f"config migration_rate must be 0 (no limit) to {MAX_MIGRATION_RATE} "
+                        f"keys/s or null (the nodes' --migration-rate), not {rate!r}")
     addresses = dict(view.nodes)
     if len(addresses) != len(view.nodes):
         raise ViewError("a node is listed twice")
@@ -203,7 +215,8 @@ def to_json(view: ClusterView) -> bytes:
                    "min_replicas_ack": view.config.min_replicas_ack,
                    "ack_timeout_ms": view.config.ack_timeout_ms,
                    "reassign_after": view.config.reassign_after,
-                   "replicas": view.config.replicas},
+                   "replicas": view.config.replicas,
+                   "migration_rate": view.config.migration_rate},
         "shards": [{"id": s.id, "master": s.master, "replicas": list(s.replicas),
                     "slots": [list(r) for r in s.slots]} for s in view.shards],
         "migrations": [{"slots": [list(r) for r in m.slots], "from": m.source, "to": m.target,
@@ -233,7 +246,8 @@ def from_json(data: bytes | str) -> ClusterView:
                                  min_replicas_ack=_int(config.get("min_replicas_ack", 0)),
                                  ack_timeout_ms=_int(config.get("ack_timeout_ms", 1000)),
                                  reassign_after=_int(config.get("reassign_after", REASSIGN_AFTER)),
-                                 replicas=_int(config.get("replicas", declared))),
+                                 replicas=_int(config.get("replicas", declared)),
+                                 migration_rate=_optional_int(config.get("migration_rate"))),
             shards=tuple(Shard(id=str(s["id"]), master=str(s["master"]),
                                replicas=tuple(map(str, s.get("replicas", []))),
                                slots=tuple((_int(a), _int(b)) for a, b in s["slots"]))
@@ -261,6 +275,10 @@ def _int(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ViewError(f"expected an integer, got {value!r}")
     return value
+
+
+def _optional_int(value: object) -> int | None:
+    return None if value is None else _int(value)
 
 
 def even_split(shards: int) -> list[tuple[SlotRange, ...]]:

@@ -209,14 +209,16 @@ def table_from_view(view: ClusterView, me: str,
                                     replicas=replicas[m.source],
                                     peer_replicas=replicas[m.target],
                                     min_replicas_ack=config.min_replicas_ack,
-                                    ack_timeout_ms=config.ack_timeout_ms)
+                                    ack_timeout_ms=config.ack_timeout_ms,
+                                    keys_per_second=config.migration_rate)
         elif me == target:
             marker = MigratingSlots(m.id, False, view.address_of(source).proxy,
                                     view.address_of(source).backend,
                                     replicas=replicas[m.target],
                                     peer_replicas=replicas[m.source],
                                     min_replicas_ack=config.min_replicas_ack,
-                                    ack_timeout_ms=config.ack_timeout_ms)
+                                    ack_timeout_ms=config.ack_timeout_ms,
+                                    keys_per_second=config.migration_rate)
         else:
             continue
         for start, end in m.slots:

@@ -246,3 +246,51 @@ def test_migration_survives_a_killed_node(mesh_factory, victim):
     assert slot_counts(mesh, "crash") == [16384]  # s1 gave every slot away and left
     checker.verify()
     assert missing_keys(entry, "k", 30_000) == []
+
+
+def test_throttle_changes_the_clusters_rate_while_a_migration_runs(mesh_factory):
+    """`migrate throttle` writes the cluster's rate in a new epoch that every node applies,
+    mid-migration, without disturbing it (how fast the mover then goes is the mover's test)."""
+    mesh = mesh_factory(2, proxy_args=MIGRATION_RATE)
+    mesh.wait_pool(2)
+    created = mesh.umctl("--json", "cluster", "create", "slow", "--shards", "2",
+                         "--migration-rate", "1000")
+    assert created["migration_rate"] == 1000
+    port = mesh.proxies[created["shards"][1]["nodes"][0]["node"]].port  # s2's: it stays
+    load_keys(port, "t", 20_000)
+    mesh.umctl("migrate", "slow", "--slots", "0-8191", "--to", "s2")
+    wait_moving(mesh, "slow")
+    out = mesh.umctl("migrate", "throttle", "slow", "--rate", "5000", "--wait", "--timeout", "30")
+    assert out.stdout.strip() == "slow: migration rate 1000 -> 5000 keys/s"
+    again = mesh.umctl("--json", "migrate", "throttle", "slow", "--rate", "5000")
+    assert again["changed"] is False and again["migration_rate"] == again["was"] == 5000
+    epoch = again["epoch"]  # the throttle's epoch, or the migration's commit after it
+
+    def applied(shown, epoch):  # noqa: ANN001, ANN202
+        return all((n["applied_epoch"] or 0) >= epoch for s in shown["shards"] for n in s["nodes"])
+
+    shown = mesh.umctl("--json", "cluster", "show", "slow")
+    assert shown["migration_rate"] == 5000 and shown["epoch"] >= epoch
+    assert applied(shown, epoch), shown
+    text = mesh.umctl("cluster", "show", "slow").stdout
+    assert "migration rate: 5000 keys/s" in text.splitlines()
+    wait_for(lambda: mesh.umctl("--json", "migrations", "slow") == [], timeout=120,
+             what="the migration to finish")
+    assert slot_counts(mesh, "slow") == [16384]  # s1 gave every slot away and left
+    assert missing_keys(port, "t", 20_000) == []
+    # back to each node's --migration-rate, applied everywhere before the command returns
+    back = mesh.umctl("--json", "migrate", "throttle", "slow", "--rate", "default", "--wait",
+                      "--timeout", "30")
+    assert (back["changed"], back["was"], back["migration_rate"], back["not_applied"]) == (
+        True, 5000, None, [])
+    shown = mesh.umctl("--json", "cluster", "show", "slow")
+    assert shown["migration_rate"] is None and applied(shown, back["epoch"])
+    assert "migration rate: default (node flag)" in mesh.umctl("cluster", "show", "slow").stdout
+    missing = mesh.umctl("migrate", "throttle", "nosuch", "--rate", "5", check=False)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "umctl-mesh: unknown cluster 'nosuch'"
+    usage = mesh.umctl("migrate", "throttle", "slow", check=False)
+    assert usage.returncode == 2 and "--rate N|default" in usage.stderr
+    bad = mesh.umctl("migrate", "throttle", "slow", "--rate", "-3", check=False)
+    assert bad.returncode == 2 and "'-3' is not a rate" in bad.stderr
+    assert mesh.umctl("--json", "cluster", "show", "slow")["migration_rate"] is None

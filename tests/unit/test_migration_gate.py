@@ -64,6 +64,20 @@ def test_markers_carry_replica_counts_and_synchronous_mode():
     assert live_replicas(replace(VIEW, failed=("node-1",)), "s1") == 0
 
 
+@pytest.mark.parametrize("rate", [None, 0, 5000])
+def test_markers_carry_the_clusters_migration_rate(rate):
+    """The mover reads its rate from the marker: the cluster's (`migrate throttle`), or
+    None for the node's --migration-rate; both sides' markers carry it."""
+    view = replace(VIEW, config=ClusterConfig(migration_rate=rate))
+    source = table_from_view(view, "node-0").routes[0]
+    target = table_from_view(view, "node-2").routes[0]
+    assert isinstance(source, MigratingSlots) and source.source
+    assert isinstance(target, MigratingSlots) and not target.source
+    assert source.keys_per_second == target.keys_per_second == rate
+    throttled = table_from_view(view.next(config=ClusterConfig(migration_rate=7)), "node-0")
+    assert throttled.routes[0].keys_per_second == 7  # type: ignore[union-attr]
+
+
 def test_a_batch_copies_what_is_still_here_with_its_ttl():
     keys = [b"a", b"b", b"c", b"d"]
     dumps = [b"$3\r\nPAY\r\n", b":-1\r\n",  # a: no TTL

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
 
 from core.view import (
+    MAX_MIGRATION_RATE,
     ClusterConfig,
     ClusterView,
     Migration,
@@ -40,6 +42,31 @@ def test_a_well_formed_view_round_trips_through_json():
     assert from_json(to_json(view)) == view
 
 
+@pytest.mark.parametrize("rate", [None, 0, 1, 5000, MAX_MIGRATION_RATE])
+def test_the_migration_rate_round_trips(rate):
+    view = replace(make_view(2), config=ClusterConfig(migration_rate=rate))
+    data = to_json(view)
+    assert json.loads(data)["config"]["migration_rate"] == rate
+    assert from_json(data) == view and from_json(data).config.migration_rate == rate
+
+
+def test_a_view_from_before_the_migration_rate_reads_as_the_node_flag():
+    doc = json.loads(to_json(make_view(2)))
+    del doc["config"]["migration_rate"]
+    assert from_json(json.dumps(doc)).config.migration_rate is None
+
+
+@pytest.mark.parametrize("value, message", [
+    (-1, "migration_rate must be 0"), (MAX_MIGRATION_RATE + 1, "migration_rate must be 0"),
+    ("5000", "expected an integer"), (True, "expected an integer"), (2.5, "expected an integer"),
+])
+def test_a_bad_migration_rate_in_json_is_refused(value, message):
+    doc = json.loads(to_json(make_view(2)))
+    doc["config"]["migration_rate"] = value
+    with pytest.raises(ViewError, match=message):
+        from_json(json.dumps(doc))
+
+
 def test_even_split_covers_every_slot_once():
     for n in (1, 2, 3, 7, 16384):
         ranges = [r for rs in even_split(n) for r in rs]
@@ -53,6 +80,10 @@ def shard(view, i, **changes):
     shards = list(view.shards)
     shards[i] = replace(shards[i], **changes)
     return replace(view, shards=tuple(shards))
+
+
+def rate(view, value):
+    return replace(view, config=replace(view.config, migration_rate=value))
 
 
 BAD = [
@@ -72,6 +103,13 @@ BAD = [
         v, migrations=(Migration(((9000, 9001),), "s1", "s2", 1),)), "does not own"),
     ("migration to unknown shard", lambda v: replace(
         v, migrations=(Migration(((0, 1),), "s1", "s9", 1),)), "unknown shards"),
+    ("negative migration rate", lambda v: rate(v, -1),
+     r"config migration_rate must be 0 \(no limit\) to 10000000 keys/s or null .* not -1"),
+    ("migration rate over the limit", lambda v: rate(v, MAX_MIGRATION_RATE + 1),
+     "migration_rate must be 0 .* not 10000001"),
+    ("migration rate not an integer", lambda v: rate(v, 2.5), "migration_rate .* not 2.5"),
+    ("migration rate a string", lambda v: rate(v, "5000"), "migration_rate .* not '5000'"),
+    ("migration rate a bool", lambda v: rate(v, True), "migration_rate .* not True"),
 ]
 
 

@@ -15,13 +15,42 @@ import anyio
 
 from core import secret
 from core.address import Address
-from core.view import REASSIGN_AFTER, ClusterView, slots_of
+from core.view import MAX_MIGRATION_RATE, REASSIGN_AFTER, ClusterView, slots_of
 from mesh.store.etcd import EtcdStore, StoreError
 
 from . import local, ops
 
 EXIT_FAILED, EXIT_USAGE, EXIT_ETCD = 1, 2, 3
 DEFAULT_ETCD = os.environ.get("MOONMESH_ETCD", "127.0.0.1:2379")
+NODE_FLAG = "default"  # `migrate throttle --rate default`: back to each node's --migration-rate
+
+
+def rate_arg(text: str) -> int | str:
+    """A migration rate on the command line: keys/s (0: no limit) or `default`."""
+    if text == NODE_FLAG:
+        return NODE_FLAG
+    try:
+        rate = int(text)
+    except ValueError:
+        rate = -1
+    if not 0 <= rate <= MAX_MIGRATION_RATE:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a rate: keys/s from 0 (no limit) to {MAX_MIGRATION_RATE}, "
+            f"or '{NODE_FLAG}' (the nodes' --migration-rate)")
+    return rate
+
+
+def rate_text(rate: int | None) -> str:
+    if rate is None:
+        return "default (node flag)"
+    return f"{rate} keys/s" if rate else "unlimited"
+
+
+def rate_change(old: int | None, new: int | None) -> str:
+    """`20000 -> 5000 keys/s`, or with words where either side is not a number."""
+    if old and new:
+        return f"{old} -> {new} keys/s"
+    return f"{rate_text(old)} -> {rate_text(new)}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "slots to a free node or the other shards, EMPTY: its data is "
                              f"lost (default {REASSIGN_AFTER}; never in "
                              "synchronous mode)")
+    create.add_argument("--migration-rate", type=rate_arg, default=None, metavar="N",
+                        help="keys/s the cluster's migrations move (0: no limit; default: each "
+                             "node's mesh-proxy --migration-rate); `migrate throttle` changes it")
     create.add_argument("--no-wait", action="store_true",
                         help="return once the view is written, without waiting for the nodes")
     create.add_argument("--timeout", type=float, default=30.0,
@@ -143,14 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
     rebalance.set_defaults(func=cmd_rebalance)
 
     migrate = sub.add_parser(
-        "migrate", parents=[common], help="move slots to a shard, or cancel migrations",
+        "migrate", parents=[common],
+        help="move slots to a shard, cancel migrations, or set their rate",
         description="`migrate NAME --slots A-B --to SHARD` moves slots online; "
                     "`migrate cancel NAME` drops planned migrations and sends running ones "
-                    "back to their source.")
-    migrate.add_argument("words", nargs="+", metavar="NAME | cancel NAME")
+                    "back to their source; `migrate throttle NAME --rate N` sets the keys/s "
+                    "the cluster's migrations move (0: no limit; `--rate default`: each "
+                    "node's mesh-proxy --migration-rate), live: a running migration takes it "
+                    "as soon as its source applies the new epoch (with --wait, wait until "
+                    "every node of the cluster has).")
+    migrate.add_argument("words", nargs="+", metavar="NAME | cancel NAME | throttle NAME")
     migrate.add_argument("--slots", action="append", default=[], metavar="A-B",
                          help="slot range to move (repeatable)")
     migrate.add_argument("--to", metavar="SHARD", help="the shard that receives the slots")
+    migrate.add_argument("--rate", type=rate_arg, metavar="N|default",
+                         help="throttle: keys/s (0: no limit), or 'default' for the nodes' "
+                              "--migration-rate")
     plan_options(migrate)
     migrate.set_defaults(func=cmd_migrate)
     failover = sub.add_parser(
@@ -215,6 +255,7 @@ def view_doc(view: ClusterView, pool: ops.Pool) -> dict:
                        "replicas_live": len(synced[shard.id])})
     return {"cluster": view.cluster, "epoch": view.epoch,
             "replicas_declared": view.config.replicas,
+            "migration_rate": view.config.migration_rate,  # keys/s, 0: no limit, None: node flag
             "password": view.config.password_hash is not None, "shards": shards,
             "failed": list(view.failed), "lost": list(view.lost),
             "migrations": [{"slots": [list(r) for r in m.slots], "from": m.source,
@@ -275,8 +316,9 @@ async def cmd_release(store: EtcdStore, args: argparse.Namespace) -> int:
 
 
 async def cmd_create(store: EtcdStore, args: argparse.Namespace) -> int:
+    rate = None if args.migration_rate == NODE_FLAG else args.migration_rate
     view = await ops.create_cluster(store, args.name, args.shards, args.replicas, args.password,
-                                    args.min_replicas_ack, args.reassign_after)
+                                    args.min_replicas_ack, args.reassign_after, rate)
     behind: list[str] = []
     if not args.no_wait:
         def progress(done: int, total: int) -> None:
@@ -318,6 +360,7 @@ def print_view(view: ClusterView, pool: ops.Pool) -> None:
     print(table(["SHARD", "ROLE", "NODE", "PROXY", "BACKEND", "SLOTS", "APPLIED"], rows))
     live = ", ".join(f"{s['id']} {s['replicas_live']}" for s in doc["shards"])
     print(f"replicas per shard: {view.config.replicas} declared; live and synced: {live}")
+    print(f"migration rate: {rate_text(view.config.migration_rate)}")
     for line in doc["lost"]:
         print(f"DATA LOST: {line}")
 
@@ -488,7 +531,43 @@ async def cmd_rebalance(store: EtcdStore, args: argparse.Namespace) -> int:
     return await follow(store, args, args.name) if args.wait and not args.dry_run else 0
 
 
+async def cmd_throttle(store: EtcdStore, args: argparse.Namespace) -> int:
+    if len(args.words) != 2 or args.rate is None or args.slots or args.to:
+        print("umctl-mesh: usage: umctl-mesh migrate throttle NAME --rate N|default",
+              file=sys.stderr)
+        return EXIT_USAGE
+    name = args.words[1]
+    rate = None if args.rate == NODE_FLAG else args.rate
+    old, new = await ops.set_migration_rate(store, name, rate, args.dry_run)
+    was = old.config.migration_rate
+    changed = new is not old
+    behind: list[str] = []
+    if changed and args.wait and not args.dry_run:
+        behind = await ops.wait_applied(store, new, args.timeout)
+    if args.json:
+        doc: dict[str, Any] = {"cluster": name, "epoch": new.epoch, "migration_rate": rate,
+                               "was": was, "changed": changed, "dry_run": args.dry_run}
+        if args.wait and not args.dry_run:
+            doc["not_applied"] = behind
+        print(json.dumps(doc))
+    elif not changed:
+        print(f"{name}: migration rate already {rate_text(rate)}")
+    else:
+        print(f"{name}: migration rate {rate_change(was, rate)}"
+              + (" (dry run: nothing written)" if args.dry_run else ""))
+    if behind:
+        print(f"umctl-mesh: nodes {', '.join(behind)} have not applied epoch {new.epoch} "
+              f"after {args.timeout:g}s", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
 async def cmd_migrate(store: EtcdStore, args: argparse.Namespace) -> int:
+    if args.words[0] == "throttle":
+        return await cmd_throttle(store, args)
+    if args.rate is not None:
+        print("umctl-mesh: --rate goes with `migrate throttle NAME`", file=sys.stderr)
+        return EXIT_USAGE
     if args.words[0] == "cancel":
         if len(args.words) != 2:
             raise ops.OpError("usage: umctl-mesh migrate cancel NAME")

@@ -14,6 +14,7 @@ from core.nodes import Assignment, MigrationProgress, NodeRecord, NodeStatus
 from core.slots import SlotRange, slot_count
 from core.view import (
     CLUSTER_NAME,
+    MAX_MIGRATION_RATE,
     MAX_REPLICAS,
     REASSIGN_AFTER,
     ClusterConfig,
@@ -87,10 +88,12 @@ async def read_pool(store: EtcdStore) -> Pool:
 
 def build_view(name: str, pool: Pool, shards: int, replicas: int,
                password: str | None, min_replicas_ack: int = 0,
-               reassign_after: int = REASSIGN_AFTER) -> ClusterView:
+               reassign_after: int = REASSIGN_AFTER,
+               migration_rate: int | None = None) -> ClusterView:
     if not CLUSTER_NAME.fullmatch(name):
         raise OpError(f"invalid cluster name '{name}' (letters, digits, '_', '.', '-'; "
                       "at most 64)")
+    _check_rate(migration_rate, "--migration-rate")
     try:
         layout = place(pool.free(), shards, replicas)
     except PlacementError as exc:
@@ -107,7 +110,7 @@ def build_view(name: str, pool: Pool, shards: int, replicas: int,
         raise OpError(f"--replicas must be 0 to {MAX_REPLICAS}")
     config = ClusterConfig(password_hash=hash_password(password) if password else None,
                            min_replicas_ack=min_replicas_ack, reassign_after=reassign_after,
-                           replicas=replicas)
+                           replicas=replicas, migration_rate=migration_rate)
     view = ClusterView(name, 1, shard_list, nodes, config, uid=uuid.uuid4().hex)
     try:
         validate(view)
@@ -118,7 +121,8 @@ def build_view(name: str, pool: Pool, shards: int, replicas: int,
 
 async def create_cluster(store: EtcdStore, name: str, shards: int, replicas: int,
                          password: str | None, min_replicas_ack: int = 0,
-                         reassign_after: int = REASSIGN_AFTER) -> ClusterView:
+                         reassign_after: int = REASSIGN_AFTER,
+                         migration_rate: int | None = None) -> ClusterView:
     """Write the view and claim its nodes in one transaction that requires both absent."""
     repo = MeshRepo(store)
     for _ in range(RACE_RETRIES):
@@ -126,7 +130,7 @@ async def create_cluster(store: EtcdStore, name: str, shards: int, replicas: int
         if name in pool.views:
             raise OpError(f"cluster '{name}' already exists")
         view = build_view(name, pool, shards, replicas, password, min_replicas_ack,
-                          reassign_after)
+                          reassign_after, migration_rate)
         if await repo.commit_view(name, 0, view, ViewCommit(claim=view.node_ids)):
             return view
     raise OpError("lost the race for free nodes 5 times in a row; try again")
@@ -182,28 +186,32 @@ async def wait_applied(store: EtcdStore, view: ClusterView, timeout: float,
 
 # -- scaling and migrations ------------------------------------------------------------------
 
-Change = Callable[[Pool, ClusterView], tuple[ClusterView, Sequence[str]]]
+# (new view, the free nodes it claims) or, for a change that also returns nodes to the pool
+# as it reads them, (new view, ViewCommit(claim=..., unassign=...))
+Change = Callable[[Pool, ClusterView], tuple[ClusterView, Sequence[str] | ViewCommit]]
 
 
 async def _edit_view(store: EtcdStore, name: str, change: Change, dry_run: bool = False,
                      unassign: tuple[str, ...] = (), hold: tuple[str, ...] = ()
                      ) -> tuple[ClusterView, ClusterView]:
-    """Read the view, let `change(pool, view)` return (new view, free nodes it claims), write
-    it with one compare-and-swap (retried on a lost race), the nodes in `unassign` returning
-    to the pool in the same transaction (those in `hold` held out of it). Returns (old,
-    new)."""
+    """Read the view, let `change(pool, view)` return (new view, free nodes it claims, or a
+    whole ViewCommit: see `Change`), write it with one compare-and-swap (retried on a lost
+    race), the nodes in `unassign` returning to the pool in the same transaction (those in
+    `hold` held out of it). A change that returns the view itself ("already so") writes
+    nothing. Returns (old, new)."""
     repo = MeshRepo(store)
     for _ in range(RACE_RETRIES):
         pool = await read_pool(store)
         if name not in pool.views:
             raise OpError(f"unknown cluster '{name}'")
         view, revision = pool.views[name]
-        new, claimed = change(pool, view)
-        if dry_run:
+        new, nodes = change(pool, view)
+        if dry_run or new is view:
             return view, new
+        commit = nodes if isinstance(nodes, ViewCommit) else ViewCommit(claim=tuple(nodes))
         if await repo.commit_view(name, revision, new,
-                                  ViewCommit(claim=tuple(claimed), unassign=unassign,
-                                             hold=hold)):
+                                  replace(commit, unassign=commit.unassign + unassign,
+                                          hold=commit.hold + hold)):
             return view, new
     raise OpError(f"cluster '{name}' kept changing; try again")
 
@@ -279,6 +287,33 @@ async def cancel_migrations(store: EtcdStore, name: str) -> tuple[ClusterView, C
     return await _edit_view(store, name, change)
 
 
+def _check_rate(rate: int | None, option: str) -> None:
+    if rate is not None and not 0 <= rate <= MAX_MIGRATION_RATE:
+        raise OpError(f"{option} must be 0 (no limit) to {MAX_MIGRATION_RATE} keys/s")
+
+
+async def set_migration_rate(store: EtcdStore, name: str, rate: int | None,
+                             dry_run: bool = False) -> tuple[ClusterView, ClusterView]:
+    """Declare the cluster's migration rate (keys/s, 0: no limit; None: each node's
+    `mesh-proxy --migration-rate`) in a new epoch. A running migration's source takes it
+    when it applies that epoch (its marker carries it: proxy/routing.py); later migrations
+    start with it. Returns (old, new); `new` is `old` itself when the cluster already has
+    that rate (nothing written)."""
+    _check_rate(rate, "--rate")
+
+    def change(pool: Pool, view: ClusterView) -> tuple[ClusterView, list[str]]:
+        if view.config.migration_rate == rate:
+            return view, []
+        new = view.next(config=replace(view.config, migration_rate=rate))
+        try:
+            validate(new)
+        except ViewError as exc:
+            raise OpError(f"cannot change '{name}': {exc}") from None
+        return new, []
+
+    return await _edit_view(store, name, change, dry_run)
+
+
 @dataclass(frozen=True)
 class ReplicaPlan:
     old: ClusterView
@@ -335,21 +370,16 @@ async def scale_replicas(store: EtcdStore, name: str, replicas: int,
     """Declare `replicas` per shard, and in the same commit claim the free nodes that need
     (or return to the pool the replicas that exceed) it; the leader keeps the count from
     then on (mesh/model/replicas.py)."""
-    repo = MeshRepo(store)
-    for _ in range(RACE_RETRIES):
-        pool = await read_pool(store)
-        if name not in pool.views:
-            raise OpError(f"unknown cluster '{name}'")
-        view, revision = pool.views[name]
+    made: list[ReplicaPlan] = []  # the plan of each try: the last one is what was written
+
+    def change(pool: Pool, view: ClusterView) -> tuple[ClusterView, ViewCommit]:
         plan = _replica_change(pool, view, replicas)
-        if dry_run or plan.new is view:
-            return plan
-        claimed = tuple(n for ns in plan.added.values() for n in ns)
-        released = tuple(n for ns in plan.removed.values() for n in ns)
-        if await repo.commit_view(name, revision, plan.new,
-                                  ViewCommit(claim=claimed, unassign=released)):
-            return plan
-    raise OpError(f"cluster '{name}' kept changing; try again")
+        made.append(plan)
+        return plan.new, ViewCommit(claim=tuple(n for ns in plan.added.values() for n in ns),
+                                    unassign=tuple(n for ns in plan.removed.values() for n in ns))
+
+    await _edit_view(store, name, change, dry_run)
+    return made[-1]
 
 
 def replicas_in_sync(view: ClusterView, pool: Pool) -> dict[str, list[str]]:

@@ -1,0 +1,268 @@
+"""umctl-mesh's parsing, output and view edits over the in-memory store of test_mesh_repo
+(no etcd): `migrate throttle`, `cluster create --migration-rate`, `cluster show`, and
+`cluster scale --replicas` through the one compare-and-swap edit path."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+
+import pytest
+
+from core.nodes import NodeRecord, NodeStatus
+from core.view import MAX_MIGRATION_RATE, ClusterConfig
+from mesh.store.repo import MeshRepo, ViewCommit
+from tests.unit.test_mesh_repo import MemoryStore
+from tests.unit.test_view import make_view
+from tools.umctl_mesh import cli, ops
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+async def mesh_with(view=None) -> MemoryStore:  # noqa: ANN001
+    """A store holding `view` (default: mydb, 2 shards of master + replica) as umctl-mesh
+    created it, with every member registered, its Redis up and on the view's epoch."""
+    view = view or make_view(2, 1)
+    store = MemoryStore()
+    repo = MeshRepo(store)  # type: ignore[arg-type]  # duck-typed: the part of EtcdStore it uses
+    assert await repo.commit_view(view.cluster, 0, view, ViewCommit(claim=view.node_ids))
+    for lease, (nid, address) in enumerate(view.nodes, 1):
+        await add_node(store, nid, address.proxy, address.backend, lease)
+        shard = view.shard_of(nid)
+        await repo.put_status(NodeStatus(nid, view.cluster, view.uid, view.epoch,
+                                         "master" if shard and shard.master == nid else "replica"),
+                              lease=lease)
+    return store
+
+
+async def add_node(store: MemoryStore, nid: str, proxy: str, backend: str, lease: int) -> None:
+    repo = MeshRepo(store)  # type: ignore[arg-type]
+    await repo.register(NodeRecord(nid, proxy, backend, host=nid), lease=lease)
+    await repo.put_status(NodeStatus(nid), lease=lease)
+
+
+async def stored(store: MemoryStore, name: str = "mydb"):  # noqa: ANN201
+    return (await MeshRepo(store).view(name)).view  # type: ignore[arg-type, union-attr]
+
+
+async def umctl(store: MemoryStore, *argv: str) -> int:
+    """Run one command as main() does, minus etcd: parse, then the command on `store`."""
+    args = cli.build_parser().parse_args(argv)
+    try:
+        return await args.func(store, args)
+    except ops.OpError as exc:
+        print(f"umctl-mesh: {exc}", file=sys.stderr)
+        return cli.EXIT_FAILED
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, rate", [
+    ("5000", 5000), ("0", 0), ("default", "default"), (str(MAX_MIGRATION_RATE), MAX_MIGRATION_RATE),
+])
+def test_rate_arguments(text, rate):
+    args = cli.build_parser().parse_args(["migrate", "throttle", "orders", "--rate", text])
+    assert args.words == ["throttle", "orders"] and args.rate == rate
+    args = cli.build_parser().parse_args(["cluster", "create", "orders", "--shards", "1",
+                                          "--migration-rate", text])
+    assert args.migration_rate == rate
+
+
+def test_create_without_a_rate_leaves_it_to_the_nodes():
+    args = cli.build_parser().parse_args(["cluster", "create", "orders", "--shards", "1"])
+    assert args.migration_rate is None
+
+
+@pytest.mark.parametrize("text", ["-1", "fast", "1.5", "", str(MAX_MIGRATION_RATE + 1),
+                                  "Default"])
+def test_a_bad_rate_is_a_usage_error(text, capsys):
+    for argv in (["migrate", "throttle", "orders", "--rate", text],
+                 ["cluster", "create", "orders", "--shards", "1", "--migration-rate", text]):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(argv)
+        assert exited.value.code == cli.EXIT_USAGE
+        assert f"{text!r} is not a rate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ("migrate", "throttle", "mydb"),  # no --rate
+    ("migrate", "throttle", "--rate", "5"),  # no cluster
+    ("migrate", "throttle", "mydb", "other", "--rate", "5"),
+    ("migrate", "throttle", "mydb", "--rate", "5", "--slots", "0-1", "--to", "s2"),
+    ("migrate", "mydb", "--slots", "0-1", "--to", "s2", "--rate", "5"),  # --rate is throttle's
+    ("migrate", "cancel", "mydb", "--rate", "5"),
+])
+async def test_throttle_usage_errors_exit_2_and_write_nothing(argv, capsys):
+    store = await mesh_with()
+    before = store.transactions
+    assert await umctl(store, *argv) == cli.EXIT_USAGE
+    assert "umctl-mesh: " in capsys.readouterr().err
+    assert store.transactions == before
+
+
+def test_help_names_the_throttle(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["migrate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "migrate throttle NAME --rate N" in out and "--rate N|default" in out
+    with pytest.raises(SystemExit):
+        cli.main(["cluster", "create", "--help"])
+    assert "--migration-rate N" in capsys.readouterr().out
+
+
+# -- migrate throttle ------------------------------------------------------------------------
+
+async def test_throttle_edits_the_view_and_says_what_changed(capsys):
+    store = await mesh_with()
+    assert (await stored(store)).config.migration_rate is None
+    steps = [("5000", 5000, "mydb: migration rate default (node flag) -> 5000 keys/s"),
+             ("20000", 20000, "mydb: migration rate 5000 -> 20000 keys/s"),
+             ("0", 0, "mydb: migration rate 20000 keys/s -> unlimited"),
+             ("default", None, "mydb: migration rate unlimited -> default (node flag)")]
+    for epoch, (text, rate, said) in enumerate(steps, 2):
+        assert await umctl(store, "migrate", "throttle", "mydb", "--rate", text) == 0
+        assert capsys.readouterr().out.strip() == said
+        view = await stored(store)
+        assert (view.epoch, view.config.migration_rate) == (epoch, rate)
+        # nothing else of the view changed
+        assert replace(view, epoch=1, config=replace(view.config, migration_rate=None)) \
+            == make_view(2, 1)
+
+
+async def test_the_same_rate_again_is_already_so_and_writes_nothing(capsys):
+    view = make_view(2, 1)
+    store = await mesh_with(replace(view, config=ClusterConfig(migration_rate=5000)))
+    before = store.transactions
+    assert await umctl(store, "migrate", "throttle", "mydb", "--rate", "5000") == 0
+    assert capsys.readouterr().out.strip() == "mydb: migration rate already 5000 keys/s"
+    assert await umctl(store, "--json", "migrate", "throttle", "mydb", "--rate", "5000") == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "cluster": "mydb", "epoch": 1, "migration_rate": 5000, "was": 5000, "changed": False,
+        "dry_run": False}
+    assert store.transactions == before and (await stored(store)).epoch == 1
+    fresh = await mesh_with()
+    before = fresh.transactions
+    assert await umctl(fresh, "migrate", "throttle", "mydb", "--rate", "default") == 0
+    assert capsys.readouterr().out.strip() == "mydb: migration rate already default (node flag)"
+    assert fresh.transactions == before
+
+
+async def test_throttle_json_dry_run_and_wait(capsys):
+    store = await mesh_with()
+    before = store.transactions
+    assert await umctl(store, "migrate", "throttle", "mydb", "--rate", "700", "--dry-run") == 0
+    assert capsys.readouterr().out.strip() == (
+        "mydb: migration rate default (node flag) -> 700 keys/s (dry run: nothing written)")
+    assert store.transactions == before and (await stored(store)).config.migration_rate is None
+    assert await umctl(store, "migrate", "throttle", "mydb", "--rate", "700", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "cluster": "mydb", "epoch": 2, "migration_rate": 700, "was": None, "changed": True,
+        "dry_run": False}
+    # --wait: the nodes (statuses still at epoch 1 here) never apply epoch 3
+    code = await umctl(store, "--json", "migrate", "throttle", "mydb", "--rate", "0", "--wait",
+                       "--timeout", "0.3")
+    out = capsys.readouterr()
+    assert code == cli.EXIT_FAILED and "have not applied epoch 3 after 0.3s" in out.err
+    assert json.loads(out.out)["not_applied"] == sorted(make_view(2, 1).node_ids)
+    view = await stored(store)
+    repo = MeshRepo(store)  # type: ignore[arg-type]
+    for lease, nid in enumerate(view.node_ids, 1):
+        await repo.put_status(NodeStatus(nid, "mydb", view.uid, view.epoch + 1), lease=lease)
+    assert await umctl(store, "--json", "migrate", "throttle", "mydb", "--rate", "9",
+                       "--wait", "--timeout", "5") == 0
+    assert json.loads(capsys.readouterr().out)["not_applied"] == []
+
+
+async def test_throttle_of_an_unknown_cluster_fails(capsys):
+    store = await mesh_with()
+    assert await umctl(store, "migrate", "throttle", "nosuch", "--rate", "5") == cli.EXIT_FAILED
+    assert capsys.readouterr().err.strip() == "umctl-mesh: unknown cluster 'nosuch'"
+
+
+async def test_set_migration_rate_refuses_what_the_view_would_refuse():
+    store = await mesh_with()
+    for rate in (-1, MAX_MIGRATION_RATE + 1):
+        with pytest.raises(ops.OpError, match="--rate must be 0 \\(no limit\\) to 10000000"):
+            await ops.set_migration_rate(store, "mydb", rate)  # type: ignore[arg-type]
+
+
+# -- cluster create and show -----------------------------------------------------------------
+
+async def free_pool(nodes: int) -> MemoryStore:
+    store = MemoryStore()
+    for i in range(nodes):
+        await add_node(store, f"free-{i}", f"127.0.0.1:{7100 + i}", f"127.0.0.1:{17100 + i}",
+                       i + 1)
+    return store
+
+
+async def test_create_declares_the_rate_and_show_prints_it(capsys):
+    store = await free_pool(2)
+    assert await umctl(store, "--json", "cluster", "create", "orders", "--shards", "2",
+                       "--migration-rate", "3000", "--no-wait") == 0
+    assert json.loads(capsys.readouterr().out)["migration_rate"] == 3000
+    assert (await stored(store, "orders")).config.migration_rate == 3000
+    assert await umctl(store, "cluster", "show", "orders") == 0
+    assert "migration rate: 3000 keys/s" in capsys.readouterr().out.splitlines()
+    assert await umctl(store, "migrate", "throttle", "orders", "--rate", "0") == 0
+    capsys.readouterr()
+    assert await umctl(store, "cluster", "show", "orders") == 0
+    assert "migration rate: unlimited" in capsys.readouterr().out.splitlines()
+
+
+async def test_show_without_a_rate_says_the_node_flag_decides(capsys):
+    store = await free_pool(1)
+    assert await umctl(store, "cluster", "create", "orders", "--shards", "1", "--no-wait") == 0
+    capsys.readouterr()
+    assert (await stored(store, "orders")).config.migration_rate is None
+    assert await umctl(store, "cluster", "show", "orders") == 0
+    assert "migration rate: default (node flag)" in capsys.readouterr().out.splitlines()
+    assert await umctl(store, "--json", "cluster", "show", "orders") == 0
+    assert json.loads(capsys.readouterr().out)["migration_rate"] is None
+
+
+# -- cluster scale --replicas, through _edit_view --------------------------------------------
+
+async def test_scale_replicas_claims_and_releases_in_one_commit(capsys):
+    store = await mesh_with(replace(make_view(2, 0), config=ClusterConfig(migration_rate=42)))
+    await add_node(store, "free-a", "127.0.0.1:7200", "127.0.0.1:17200", 10)
+    await add_node(store, "free-b", "127.0.0.1:7201", "127.0.0.1:17201", 11)
+    repo = MeshRepo(store)  # type: ignore[arg-type]
+    before = store.transactions
+    plan = await ops.scale_replicas(store, "mydb", 1, dry_run=True)
+    assert plan.new.config.replicas == 1 and sorted(n for ns in plan.added.values()
+                                                    for n in ns) == ["free-a", "free-b"]
+    assert store.transactions == before  # a dry run writes nothing
+    plan = await ops.scale_replicas(store, "mydb", 1, dry_run=False)
+    view = await stored(store)
+    assert view == plan.new and view.epoch == 2 and view.config.migration_rate == 42
+    assert all(len(s.replicas) == 1 for s in view.shards)
+    assert set(await repo.assigned()) == set(view.node_ids)
+    again = await ops.scale_replicas(store, "mydb", 1, dry_run=False)
+    assert again.new is again.old and (await stored(store)).epoch == 2  # already so
+    down = await ops.scale_replicas(store, "mydb", 0, dry_run=False)
+    assert sorted(n for ns in down.removed.values() for n in ns) == ["free-a", "free-b"]
+    assert set(await repo.assigned()) == {"node-0", "node-1"}  # the replicas went back
+    with pytest.raises(ops.OpError, match="unknown cluster 'nosuch'"):
+        await ops.scale_replicas(store, "nosuch", 1, dry_run=False)
+
+
+async def test_an_edit_that_keeps_losing_the_race_gives_up():
+    store = await mesh_with()
+    commit = store.commit
+
+    async def always_lose(checks, puts, deletes=(), *, fence=None):  # noqa: ANN001, ANN202
+        await commit({}, {}, ())  # someone else wrote meanwhile
+        return False
+
+    store.commit = always_lose  # type: ignore[method-assign]
+    for edit in (ops.set_migration_rate(store, "mydb", 5),
+                 ops.scale_replicas(store, "mydb", 1, dry_run=False)):  # declares 0 so far
+        with pytest.raises(ops.OpError, match="cluster 'mydb' kept changing; try again"):
+            await edit
+    assert (await stored(store)).epoch == 1
