@@ -195,6 +195,18 @@ class Network:
             rules.append(f"add rule inet {NFT_TABLE} output ip daddr {s} drop")
         run("nft", "-f", "-", ns=h.ns, input="\n".join(rules) + "\n")
 
+    def block_port(self, host: str, others: Iterable[str], port: int) -> None:
+        """Drop the TCP connections `others` open to `port` on `host` (one service cut off,
+        the host's others reachable)."""
+        addrs = sorted({self.hosts[o].ip for o in others if o != host})
+        if not addrs:
+            return
+        s = "{ " + ", ".join(addrs) + " }"
+        rules = [f"add table inet {NFT_TABLE}",
+                 f"add chain inet {NFT_TABLE} input {{ type filter hook input priority -10; }}",
+                 f"add rule inet {NFT_TABLE} input ip saddr {s} tcp dport {port} drop"]
+        run("nft", "-f", "-", ns=self.hosts[host].ns, input="\n".join(rules) + "\n")
+
     def partition(self, *groups: Iterable[str]) -> None:
         """Cut every group off from every other (both ways); hosts in no group are untouched."""
         sets = [set(g) for g in groups]

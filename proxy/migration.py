@@ -404,8 +404,10 @@ class Migrations:
                     await request(proxy, [b"WAIT", b"0", b"0"])
                     copier = ProxyCopy(backend, proxy)
                 if copier.method != progress.method:
-                    log_.info("migration_method", method=copier.method,
-                              **({"why": why_not} if why_not else {}))
+                    if why_not is None:
+                        log_.info("migration_method", method=copier.method)
+                    else:  # slower, and big keys block Redis while they copy
+                        log_.warning("migration_method", method=copier.method, why=why_not)
                     progress.method = copier.method
                 if unsettled:
                     log_.info("migration_settling", keys=len(unsettled))

@@ -50,6 +50,7 @@ BATCH_KEYS = 1024  # and at most this many keys
 BIG_KEY_BYTES = 4 * 1024 * 1024  # a key this big moves alone, in chunks
 MOVES_IN_FLIGHT = 2  # batches between hold and release at once
 MIGRATE_TIMEOUT_MS = 1000  # MIGRATE's I/O timeout (the source Redis waits this long at most)
+PROBE_TIMEOUT_MS = 100  # the probe's: the source Redis is blocked while MIGRATE connects
 DEFAULT_KEYS_PER_SECOND = 0  # the mover's rate limit (mesh-proxy --migration-rate; 0: none)
 # WAIT's timeout for the replicas of either side to confirm a batch's journal, copies or UNLINK
 MOVE_ACK_TIMEOUT_MS = 1000
@@ -236,15 +237,16 @@ class DirectCopy:
 
 async def probe_direct(backend: BackendConnection, target: BackendConnection,
                        password: str | None, migration_id: str) -> str | None:
-    """Can the source Redis MIGRATE to the target Redis? A throwaway key in JOURNAL_DB goes
-    there and is deleted on both sides. None: it can; else why not."""
+    """Can the source Redis MIGRATE to the target Redis? This node must reach it first (so
+    an unreachable target costs the source Redis no blocked MIGRATE); then a throwaway key
+    in JOURNAL_DB goes there and is deleted on both sides. None: it can; else why not."""
     probe = b"moonmesh:probe:" + migration_id.encode()
     try:
         await target.connect()
         replies = await request_many(backend, [
             [b"SELECT", JOURNAL_DB], [b"SET", probe, b"1", b"PX", b"%d" % MARK_TTL_MS],
             [b"MIGRATE", target.host.encode(), b"%d" % target.port, b"", JOURNAL_DB,
-             b"%d" % MIGRATE_TIMEOUT_MS, b"REPLACE",
+             b"%d" % PROBE_TIMEOUT_MS, b"REPLACE",
              *([b"AUTH", password.encode()] if password else []), b"KEYS", probe],
             [b"DEL", probe], [b"SELECT", b"0"]])
         arrived = await request_many(target, [[b"SELECT", JOURNAL_DB], [b"DEL", probe],

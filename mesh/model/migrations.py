@@ -67,19 +67,23 @@ def with_plan(view: ClusterView, migrations: list[Migration],
 
 
 def start_next(view: ClusterView, max_parallel: int = MAX_PARALLEL_MIGRATIONS) -> ClusterView | None:
-    """Start pending migrations: at most `max_parallel` at once, one out of each source and
-    one into each target. None when nothing can start."""
+    """Start pending migrations: at most `max_parallel` at once, one out of each source, and
+    no shard sending and receiving at once. A new shard receives from several sources at
+    once (each source's Redis does its share of the work). None when nothing can start."""
     active = [m for m in view.migrations if m.state is MigrationState.MIGRATING]
-    busy = {m.source for m in active} | {m.target for m in active}
+    sources = {m.source for m in active}
+    targets = {m.target for m in active}
     epoch = view.epoch + 1
     started: list[Migration] = []
     migrations = list(view.migrations)
     for i, m in enumerate(migrations):
         if len(active) + len(started) >= max_parallel:
             break
-        if m.state is MigrationState.PENDING and m.source not in busy and m.target not in busy:
+        if m.state is MigrationState.PENDING and m.source not in sources | targets \
+                and m.target not in sources:
             migrations[i] = replace(m, state=MigrationState.MIGRATING, epoch=epoch)
-            busy |= {m.source, m.target}
+            sources.add(m.source)
+            targets.add(m.target)
             started.append(m)
     if not started:
         return None

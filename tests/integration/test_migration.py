@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from core.slots import key_slot
+from proxy.mover import BATCH_KEYS, MOVES_IN_FLIGHT
 from tests.procs import command, wait_for
 
 COUNTER_KEYS = 300
@@ -190,6 +191,10 @@ def test_manual_migration_and_the_migrations_report(mesh_factory):
                      "--timeout", "120", timeout=150)
     assert out.returncode == 0, out.stderr
     shown = mesh.umctl("--json", "cluster", "show", "man")
+    # Redis to Redis: the source's Redis ran MIGRATE (a probe, then the batches), no DUMP
+    stats = command(mesh.redis[created["shards"][0]["nodes"][0]["node"]].port, "INFO",
+                    "commandstats").decode()
+    assert "cmdstat_migrate:calls=" in stats and "cmdstat_dump:" not in stats
     s2 = next(s for s in shown["shards"] if s["id"] == "s2")
     assert [0, 999] in s2["slots"]
     assert all(rc.get(f"m:{i}") == str(i).encode() for i in range(2000))
@@ -260,6 +265,12 @@ def test_throttle_changes_the_clusters_rate_while_a_migration_runs(mesh_factory)
     load_keys(port, "t", 20_000)
     mesh.umctl("migrate", "slow", "--slots", "0-8191", "--to", "s2")
     wait_moving(mesh, "slow")
+    # the mover keeps to the cluster's 1000 keys/s, not the node's 2000 (progress is published
+    # about once a second: a second of slack, and the batches in flight)
+    first, started = mesh.umctl("--json", "migrations", "slow")[0]["moved_keys"], time.monotonic()
+    time.sleep(3)
+    moved = mesh.umctl("--json", "migrations", "slow")[0]["moved_keys"] - first
+    assert moved <= 1000 * (time.monotonic() - started + 1) + BATCH_KEYS * MOVES_IN_FLIGHT
     out = mesh.umctl("migrate", "throttle", "slow", "--rate", "5000", "--wait", "--timeout", "30")
     assert out.stdout.strip() == "slow: migration rate 1000 -> 5000 keys/s"
     again = mesh.umctl("--json", "migrate", "throttle", "slow", "--rate", "5000")

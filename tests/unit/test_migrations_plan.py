@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 
 from core.slots import slot_count
-from core.view import MigrationState, NodeAddress, Shard, validate
+from core.view import Migration, MigrationState, NodeAddress, Shard, validate
 from mesh.model.migrations import PlanError, cancel, commit, manual, moved_slots, plan, start_next, with_plan
 from tests.unit.test_view import make_view
 
@@ -79,6 +79,20 @@ def test_scale_in_removes_the_emptied_shard_and_its_nodes():
         left += gone
     assert [s.id for s in view.shards] == ["s1", "s2"]
     assert sorted(left) == ["node-4", "node-5"] and "node-4" not in view.node_ids
+
+
+def test_a_new_shard_receives_from_every_source_at_once_and_no_shard_sends_and_receives():
+    view, new = add_shards(make_view(2, 0), 1)
+    started = start_next(with_plan(view, plan(view, ["s1", "s2", "s3"]), new))
+    assert started is not None
+    running = {(m.source, m.target) for m in started.migrations
+               if m.state is MigrationState.MIGRATING}
+    assert running == {("s1", "s3"), ("s2", "s3")}
+    # s2 receives from s1: it may not send to s3 meanwhile, nor s1 receive from s3
+    view = make_view(3, 0)
+    s1_to_s2 = replace(Migration(((0, 10),), "s1", "s2", 0), state=MigrationState.MIGRATING)
+    waiting = (Migration(((11000, 11010),), "s2", "s3", 0), Migration(((11020, 11030),), "s3", "s1", 0))
+    assert start_next(replace(view, migrations=(s1_to_s2, *waiting)), 3) is None
 
 
 def test_cancel_sends_a_running_migration_back_and_drops_pending_ones():
