@@ -47,7 +47,7 @@ log = structlog.get_logger("proxy.mover")
 SCAN_COUNT = 1000  # keys per SCAN step
 BATCH_BYTES = 256 * 1024  # a batch's size (MEMORY USAGE): one MIGRATE blocks Redis ~1-2 ms
 BATCH_KEYS = 1024  # and at most this many keys
-BIG_KEY_BYTES = 4 * 1024 * 1024  # a key this big moves alone, in chunks
+BIG_KEY_BYTES = 1024 * 1024  # a key this big moves alone, in chunks (MIGRATE: ~10 ms per MB)
 MOVES_IN_FLIGHT = 2  # batches between hold and release at once
 MIGRATE_TIMEOUT_MS = 1000  # MIGRATE's I/O timeout (the source Redis waits this long at most)
 PROBE_TIMEOUT_MS = 100  # the probe's: the source Redis is blocked while MIGRATE connects
@@ -201,6 +201,7 @@ class DirectCopy:
                  password: str | None, migration_id: str) -> None:
         self.backend, self.target = backend, target
         self.migration_id = migration_id
+        self._copies = 0  # each chunked copy builds under a name of its own (two may run)
         self._migrate = [b"MIGRATE", target.host.encode(), b"%d" % target.port, b"", b"0",
                          b"%d" % MIGRATE_TIMEOUT_MS, b"COPY", b"REPLACE",
                          *([b"AUTH", password.encode()] if password else []), b"KEYS"]
@@ -217,7 +218,8 @@ class DirectCopy:
                                    self.target.password)
         try:
             await target.connect()
-            temp = b"moonmesh:chunk:" + self.migration_id.encode()
+            self._copies += 1
+            temp = b"moonmesh:chunk:%s:%d" % (self.migration_id.encode(), self._copies)
             await copy_in_chunks(self.backend, target, key, temp)
         except ChunkedCopyUnsupported:
             await self.copy((key,))  # whole, with MIGRATE (a stream with consumer groups)
