@@ -36,6 +36,7 @@ from core.address import Address
 
 from .admission import DISPATCH, TRYAGAIN
 from .backend import BackendConnection, BackendPool, Pending, keep_connected, request
+from .link import Link
 from .mover import (
     DirectCopy,
     MigrationProgress,
@@ -285,7 +286,7 @@ class Migrations:
         # set when a migration's last gate has let go of its connections: the next mover of
         # the same migration reads the journal only after the last one's writes
         self._stopped: dict[str, anyio.Event] = {}
-        self._movers: dict[str, tuple[BackendConnection, ...]] = {}
+        self._movers: dict[str, tuple[Link, BackendConnection, Link]] = {}
         self._tg: TaskGroup | None = None
 
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
@@ -306,9 +307,10 @@ class Migrations:
         for gate in self.gates.values():
             for conn in [*gate.conns.values(), *gate.forwards.values()]:
                 conn.abort()
-        for conns in self._movers.values():
-            for conn in conns:
-                conn.abort()
+        for backend, proxy, direct in self._movers.values():
+            backend.abort()
+            proxy.abort()
+            direct.abort()
 
     def progress(self) -> dict[str, dict]:
         return {mid: p.as_dict() for mid, p in self._progress.items()}
@@ -383,7 +385,7 @@ class Migrations:
         while True:
             # the default user: the journal is in a database clients cannot select
             password = self.pool.password
-            backend = BackendConnection(self.pool.host, self.pool.port, False, password)
+            backend = Link(self.pool.host, self.pool.port, password)
             proxy = self._peer_connection(gate.marker.peer, False)
             direct = direct_target(gate.marker.peer_backend, password)
             self._movers[mid] = (backend, proxy, direct)
@@ -429,11 +431,11 @@ class Migrations:
                 self._movers.pop(mid, None)
             await anyio.sleep(MOVE_RETRY_WAIT)
 
-    async def _estimate(self, backend: BackendConnection, mask: bytearray) -> int:
+    async def _estimate(self, backend: Link, mask: bytearray) -> int:
         """The keys to move, guessed before the first pass has seen them: the node's keys in
         proportion to the slots moving among those it serves."""
         routes = self.current_table().routes
         served = sum(1 for r in routes if r is None or isinstance(r, MigratingSlots) and r.source)
-        reply = await request(backend, [b"DBSIZE"])
-        keys = int(reply[1:-2]) if reply[:1] == b":" else 0
+        reply = await backend.call(b"DBSIZE")
+        keys = reply if isinstance(reply, int) else 0
         return keys * sum(mask) // max(served, 1)

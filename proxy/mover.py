@@ -28,19 +28,20 @@ Both keep the time a key has left (not its moment of expiry: the hosts' clocks m
 from __future__ import annotations
 
 import time
+from binascii import crc_hqx
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
-import hiredis
 import structlog
 
 from core.address import Address
-from core.slots import key_slot
+from core.slots import SLOT_MASK, key_slot
 
 from .backend import BackendConnection, request, request_many
 from .chunked import ChunkedCopyUnsupported, copy_in_chunks
+from .link import Link
 
 log = structlog.get_logger("proxy.mover")
 
@@ -133,12 +134,6 @@ def plan_batches(keys: list[bytes], sizes: list[int], batch_bytes: int = BATCH_B
     return batches
 
 
-def _parse(raw: bytes) -> object:
-    reader = hiredis.Reader()
-    reader.feed(raw)
-    return reader.gets()
-
-
 def journal_key(migration_id: str) -> bytes:
     """The set, in the source's JOURNAL_DB, of the keys that may have a copy at the target
     that the source has not settled yet (copied, not yet unlinked here or undone there)."""
@@ -164,12 +159,12 @@ def _marked_wait(migration_id: str, replicas: int) -> list[list[bytes]]:
             [b"SELECT", b"0"], [b"WAIT", b"%d" % replicas, b"%d" % MOVE_ACK_TIMEOUT_MS]]
 
 
-async def _acked(conn: BackendConnection, migration_id: str, replicas: int) -> bool:
-    """Every write the Redis behind `conn` applied so far reached `replicas` replicas."""
+async def _acked(link: Link, migration_id: str, replicas: int) -> bool:
+    """Every write the Redis behind `link` applied so far reached `replicas` replicas."""
     if replicas <= 0:
         return True
-    replies = await request_many(conn, _marked_wait(migration_id, replicas))
-    return confirmed(replies[-1], replicas)
+    replies = await link.call_many(_marked_wait(migration_id, replicas))
+    return isinstance(replies[-1], int) and replies[-1] >= replicas
 
 
 class Copier(Protocol):
@@ -197,8 +192,8 @@ class DirectCopy:
 
     method = "migrate"
 
-    def __init__(self, backend: BackendConnection, target: BackendConnection,
-                 password: str | None, migration_id: str) -> None:
+    def __init__(self, backend: Link, target: Link, password: str | None,
+                 migration_id: str) -> None:
         self.backend, self.target = backend, target
         self.migration_id = migration_id
         self._copies = 0  # each chunked copy builds under a name of its own (two may run)
@@ -207,23 +202,27 @@ class DirectCopy:
                          *([b"AUTH", password.encode()] if password else []), b"KEYS"]
 
     async def copy(self, keys: tuple[bytes, ...]) -> None:
-        reply = await request(self.backend, [*self._migrate, *keys])
-        if reply != b"+OK\r\n" and reply != b"+NOKEY\r\n":
+        reply = await self.backend.call(*self._migrate, *keys)
+        if reply != b"OK" and reply != b"NOKEY":
             raise OSError(f"MIGRATE to {self.target.host}:{self.target.port} failed: "
-                          f"{reply[:200]!r}")
+                          f"{str(reply)[:200]}")
 
     async def copy_big(self, key: bytes) -> None:
-        # a connection of its own: the chunks SELECT at the target while batches run
+        # connections of its own: the chunks SELECT at the target while batches run
+        source = BackendConnection(self.backend.host, self.backend.port, False,
+                                   self.backend.password)
         target = BackendConnection(self.target.host, self.target.port, False,
                                    self.target.password)
         try:
+            await source.connect()
             await target.connect()
             self._copies += 1
             temp = b"moonmesh:chunk:%s:%d" % (self.migration_id.encode(), self._copies)
-            await copy_in_chunks(self.backend, target, key, temp)
+            await copy_in_chunks(source, target, key, temp)
         except ChunkedCopyUnsupported:
             await self.copy((key,))  # whole, with MIGRATE (a stream with consumer groups)
         finally:
+            source.close()
             target.close()
 
     async def confirmed(self, migration_id: str, replicas: int) -> bool:
@@ -231,40 +230,40 @@ class DirectCopy:
 
     async def undo(self, migration_id: str, keys: tuple[bytes, ...], replicas: int) -> bool:
         try:
-            deleted = await request(self.target, [b"DEL", *keys])
-            return deleted[:1] == b":" and await _acked(self.target, migration_id, replicas)
+            deleted = await self.target.call(b"DEL", *keys)
+            return isinstance(deleted, int) and await _acked(self.target, migration_id, replicas)
         except OSError:
             return False
 
 
-async def probe_direct(backend: BackendConnection, target: BackendConnection,
-                       password: str | None, migration_id: str) -> str | None:
+async def probe_direct(backend: Link, target: Link, password: str | None,
+                       migration_id: str) -> str | None:
     """Can the source Redis MIGRATE to the target Redis? This node must reach it first (so
     an unreachable target costs the source Redis no blocked MIGRATE); then a throwaway key
     in JOURNAL_DB goes there and is deleted on both sides. None: it can; else why not."""
     probe = b"moonmesh:probe:" + migration_id.encode()
     try:
         await target.connect()
-        replies = await request_many(backend, [
+        replies = await backend.call_many([
             [b"SELECT", JOURNAL_DB], [b"SET", probe, b"1", b"PX", b"%d" % MARK_TTL_MS],
             [b"MIGRATE", target.host.encode(), b"%d" % target.port, b"", JOURNAL_DB,
              b"%d" % PROBE_TIMEOUT_MS, b"REPLACE",
              *([b"AUTH", password.encode()] if password else []), b"KEYS", probe],
             [b"DEL", probe], [b"SELECT", b"0"]])
-        arrived = await request_many(target, [[b"SELECT", JOURNAL_DB], [b"DEL", probe],
-                                              [b"SELECT", b"0"]])
+        arrived = await target.call_many([[b"SELECT", JOURNAL_DB], [b"DEL", probe],
+                                          [b"SELECT", b"0"]])
     except OSError as exc:
         return str(exc)
-    if replies[2] != b"+OK\r\n":
-        return f"MIGRATE answered {replies[2][:200]!r}"
-    if arrived[1] != b":1\r\n":
+    if replies[2] != b"OK":
+        return f"MIGRATE answered {replies[2]!r}"
+    if arrived[1] != 1:
         return "the probe key did not arrive"
     return None
 
 
-def direct_target(address: str, password: str | None) -> BackendConnection:
+def direct_target(address: str, password: str | None) -> Link:
     peer = Address.parse(address)
-    return BackendConnection(peer.host, peer.port, False, password)
+    return Link(peer.host, peer.port, password)
 
 
 class ProxyCopy:
@@ -274,12 +273,12 @@ class ProxyCopy:
 
     method = "proxy"
 
-    def __init__(self, backend: BackendConnection, target: BackendConnection) -> None:
+    def __init__(self, backend: Link, target: BackendConnection) -> None:
         self.backend, self.target = backend, target
 
     async def copy(self, keys: tuple[bytes, ...]) -> None:
-        dumps = await request_many(self.backend, [c for k in keys
-                                                  for c in ([b"DUMP", k], [b"PTTL", k])])
+        dumps = await self.backend.call_many([c for k in keys
+                                              for c in ([b"DUMP", k], [b"PTTL", k])])
         restore = restore_commands(keys, dumps)
         if not restore:
             return
@@ -309,12 +308,12 @@ class ProxyCopy:
             return False
 
 
-def restore_commands(keys: tuple[bytes, ...], dumps: list[bytes]) -> list[tuple[bytes, ...]]:
+def restore_commands(keys: tuple[bytes, ...], dumps: list[object]) -> list[tuple[bytes, ...]]:
     """ASKING + RESTORE for each key of `keys` that `dumps` (its DUMP and PTTL replies, in
     turn) shows present. The time left goes over, as with MIGRATE."""
     commands: list[tuple[bytes, ...]] = []
     for i, key in enumerate(keys):
-        payload, expires = _parse(dumps[2 * i]), _parse(dumps[2 * i + 1])
+        payload, expires = dumps[2 * i], dumps[2 * i + 1]
         if not isinstance(payload, bytes) or not isinstance(expires, int) or expires == -2:
             continue  # gone (deleted or expired): nothing to copy
         # a TTL of 0 would mean none: a key with under 1 ms left keeps 1 ms
@@ -332,7 +331,7 @@ class Side:
     peer_replicas: Callable[[], int]  # of the target's shard
 
 
-async def move_batch(gate: Gate, batch: Batch, backend: BackendConnection, copier: Copier,
+async def move_batch(gate: Gate, batch: Batch, backend: Link, copier: Copier,
                      side: Side, progress: MigrationProgress) -> None:
     """Move `batch` (held meanwhile): journal it here (replicated), copy it to the target
     (replicated), then unlink it here and clear it from the journal in one transaction
@@ -345,9 +344,9 @@ async def move_batch(gate: Gate, batch: Batch, backend: BackendConnection, copie
     await gate.hold(keys)
     settled = True  # whatever the target has of these keys, nobody can read it there
     try:
-        written = await request_many(backend, [[b"SELECT", JOURNAL_DB],
-                                               [b"SADD", journal, *keys], [b"SELECT", b"0"]])
-        if written[1][:1] != b":":
+        written = await backend.call_many([[b"SELECT", JOURNAL_DB], [b"SADD", journal, *keys],
+                                           [b"SELECT", b"0"]])
+        if not isinstance(written[1], int):
             raise OSError(f"journal write failed: {written[1]!r}")
         if not await _acked(backend, mid, side.replicas()):
             raise OSError("the journal did not reach this shard's replicas in time")
@@ -362,16 +361,16 @@ async def move_batch(gate: Gate, batch: Batch, backend: BackendConnection, copie
                 raise OSError("the copies did not reach the target's replicas in time")
         except OSError:
             if await copier.undo(mid, batch.keys, side.peer_replicas()):
-                await request_many(backend, [[b"SELECT", JOURNAL_DB],
-                                             [b"SREM", journal, *keys], [b"SELECT", b"0"]])
+                await backend.call_many([[b"SELECT", JOURNAL_DB], [b"SREM", journal, *keys],
+                                         [b"SELECT", b"0"]])
                 settled = True
             raise
-        done = await request_many(backend, [[b"MULTI"], [b"UNLINK", *keys],
-                                            [b"SELECT", JOURNAL_DB], [b"SREM", journal, *keys],
-                                            [b"SELECT", b"0"], [b"EXEC"]])
-        result = _parse(done[-1])
+        done = await backend.call_many([[b"MULTI"], [b"UNLINK", *keys],
+                                        [b"SELECT", JOURNAL_DB], [b"SREM", journal, *keys],
+                                        [b"SELECT", b"0"], [b"EXEC"]])
+        result = done[-1]
         if not isinstance(result, list) or not isinstance(result[0], int):
-            raise OSError(f"UNLINK failed: {done[-1][:200]!r}")
+            raise OSError(f"UNLINK failed: {str(result)[:200]}")
         # the copies are the live ones now: a promoted replica must not serve the old ones
         for _ in range(MOVE_ACK_ATTEMPTS):
             if await _acked(backend, mid, side.replicas()):
@@ -388,23 +387,23 @@ async def move_batch(gate: Gate, batch: Batch, backend: BackendConnection, copie
             gate.release(keys)
 
 
-async def sized(backend: BackendConnection, keys: list[bytes]) -> list[Batch]:
+async def sized(backend: Link, keys: list[bytes]) -> list[Batch]:
     """`keys` in batches by their size now (gone ones left out)."""
     if not keys:
         return []
-    reply = _parse(await request(backend, [b"EVAL", _SIZES, b"%d" % len(keys), *keys]))
+    reply = await backend.call(b"EVAL", _SIZES, b"%d" % len(keys), *keys)
     if not isinstance(reply, list):
         raise OSError(f"sizing keys failed: {reply}")
     return plan_batches(keys, reply)
 
 
-async def read_journal(backend: BackendConnection, migration_id: str) -> list[bytes]:
-    replies = await request_many(backend, [[b"SELECT", JOURNAL_DB],
-                                           [b"SMEMBERS", journal_key(migration_id)],
-                                           [b"SELECT", b"0"]])
-    members = _parse(replies[1])
+async def read_journal(backend: Link, migration_id: str) -> list[bytes]:
+    replies = await backend.call_many([[b"SELECT", JOURNAL_DB],
+                                       [b"SMEMBERS", journal_key(migration_id)],
+                                       [b"SELECT", b"0"]])
+    members = replies[1]
     if not isinstance(members, list):
-        raise OSError(f"reading the migration journal failed: {replies[1]!r}")
+        raise OSError(f"reading the migration journal failed: {members!r}")
     return sorted(members)
 
 
@@ -427,7 +426,15 @@ class Pacer:
         self.next_at += keys / rate
 
 
-async def settle(gate: Gate, unsettled: list[bytes], backend: BackendConnection,
+def in_slots(keys: list[bytes], mask: bytearray) -> list[bytes]:
+    """The keys whose slot `mask` marks (without a hash tag in the page, the slot is just
+    the CRC: no call per key)."""
+    if b"{" in b"".join(keys):
+        return [k for k in keys if mask[key_slot(k)]]
+    return [k for k in keys if mask[crc_hqx(k, 0) & SLOT_MASK]]
+
+
+async def settle(gate: Gate, unsettled: list[bytes], backend: Link,
                  copier: Copier, side: Side, progress: MigrationProgress) -> None:
     """Copy again the journal's keys that are here (a copy may be at the target, the source
     never unlinked them), and forget those that are gone (moved, or expired)."""
@@ -437,13 +444,13 @@ async def settle(gate: Gate, unsettled: list[bytes], backend: BackendConnection,
         await move_batch(gate, batch, backend, copier, side, progress)
     gone = list(set(unsettled).difference(k for b in batches for k in b.keys))
     if gone:
-        await request_many(backend, [[b"SELECT", JOURNAL_DB],
-                                     [b"SREM", journal_key(side.migration_id), *gone],
-                                     [b"SELECT", b"0"]])
+        await backend.call_many([[b"SELECT", JOURNAL_DB],
+                                 [b"SREM", journal_key(side.migration_id), *gone],
+                                 [b"SELECT", b"0"]])
         gate.release(gone)
 
 
-async def move_all(gate: Gate, mask: bytearray, backend: BackendConnection, copier: Copier,
+async def move_all(gate: Gate, mask: bytearray, backend: Link, copier: Copier,
                    side: Side, progress: MigrationProgress, pacer: Pacer) -> None:
     """Scan for the migration's keys until a whole pass finds none, moving them in batches,
     MOVES_IN_FLIGHT at once. Raises OSError on the first failure."""
@@ -456,7 +463,7 @@ async def move_all(gate: Gate, mask: bytearray, backend: BackendConnection, copi
             progress.done = True
 
 
-async def _one_pass(gate: Gate, mask: bytearray, backend: BackendConnection, copier: Copier,
+async def _one_pass(gate: Gate, mask: bytearray, backend: Link, copier: Copier,
                     side: Side, progress: MigrationProgress, pacer: Pacer) -> int:
     failures: list[OSError] = []
     in_flight = anyio.Semaphore(MOVES_IN_FLIGHT)
@@ -475,12 +482,11 @@ async def _one_pass(gate: Gate, mask: bytearray, backend: BackendConnection, cop
         try:
             cursor = b"0"
             while True:
-                reply = _parse(await request(backend, [b"SCAN", cursor, b"COUNT",
-                                                       b"%d" % SCAN_COUNT]))
+                reply = await backend.call(b"SCAN", cursor, b"COUNT", b"%d" % SCAN_COUNT)
                 if not isinstance(reply, list):
                     raise OSError(f"SCAN failed: {reply}")
                 cursor, page = reply
-                keys = [k for k in page if mask[key_slot(k)]]
+                keys = in_slots(page, mask)
                 found += len(keys)
                 for batch in await sized(backend, keys):
                     await pacer.wait(len(batch.keys))

@@ -80,11 +80,11 @@ def test_markers_carry_the_clusters_migration_rate(rate):
 
 def test_a_batch_copies_what_is_still_here_with_its_ttl():
     keys = [b"a", b"b", b"c", b"d"]
-    dumps = [b"$3\r\nPAY\r\n", b":-1\r\n",  # a: no TTL
-             b"$-1\r\n", b":-2\r\n",  # b: gone
-             b"$2\r\nPQ\r\n", b":1500\r\n",  # c: expires in 1.5 s
-             b"$1\r\nX\r\n", b":-2\r\n",  # d: expired between DUMP and PTTL
-             b"$1\r\nY\r\n", b":0\r\n"]  # e: under 1 ms left (0 would mean no TTL)
+    dumps = [b"PAY", -1,  # a: no TTL
+             None, -2,  # b: gone
+             b"PQ", 1500,  # c: expires in 1.5 s
+             b"X", -2,  # d: expired between DUMP and PTTL
+             b"Y", 0]  # e: under 1 ms left (0 would mean no TTL)
     assert restore_commands((*keys, b"e"), dumps) == [
         (b"ASKING",), (b"RESTORE", b"a", b"0", b"PAY", b"REPLACE"),
         (b"ASKING",), (b"RESTORE", b"c", b"1500", b"PQ", b"REPLACE"),
