@@ -46,8 +46,12 @@ bench: system-deps venv
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nutcracker; }
 	$(PY) tools/bench_proxy.py
 
+# online resharding, Moonmesh against native redis-cli (2->3, 3->4, 4->3) on the same data, the
+# defaults being the issue's data set (2,000,000 keys of 512 B): keys/s, MB/s, the ratio, client
+# ops/s and p99 before / during / after, the checker's verdict, the longest source Redis stall;
+# BENCH_ARGS="--keys 50000 --cases 2to3 --json" narrows a run, "--cases bigkeys" adds big keys
 bench-migration: system-deps venv
-	$(PY) tools/bench_migration.py
+	$(PY) tools/bench_migration.py $(BENCH_ARGS)
 
 # kill -9 / SIGSTOP of a master, Moonmesh and native Redis Cluster side by side (BENCH_ARGS="--runs 1")
 bench-failover: system-deps venv

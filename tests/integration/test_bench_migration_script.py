@@ -1,19 +1,44 @@
-"""The migration benchmark runs end to end in a short, bounded form (no timing asserted)."""
+"""The migration benchmark runs end to end in a tiny, bounded form: every default case, Moonmesh
+and native, each with its row, the checker's verdict and the stall probe (no timing asserted)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import pytest
 
-def test_migration_benchmark_moves_a_third_of_the_keys_both_ways():
-    out = subprocess.run([sys.executable, "tools/bench_migration.py", "--keys", "6000",
-                          "--value-size", "64", "--timeout", "120"],
-                         capture_output=True, text=True, timeout=300)
+KEYS = 3000
+# case -> the share of the keys that moves (2 -> 3: a third of the slots; 3 -> 4 and 4 -> 3: a
+# quarter)
+SHARE = {"2to3": 1 / 3, "3to4": 1 / 4, "4to3": 1 / 4}
+
+
+@pytest.mark.timeout(300)  # native resharding moves thousands of slots one by one, keys or not
+def test_migration_benchmark_prints_every_case_with_a_verdict():
+    out = subprocess.run([sys.executable, "tools/bench_migration.py", "--keys", str(KEYS),
+                          "--value-size", "64", "--phase-seconds", "0.5", "--timeout", "120",
+                          "--json"], capture_output=True, text=True, timeout=280)
     assert out.returncode == 0, out.stdout + out.stderr
-    rows = {line.split("  ")[0]: line.split() for line in out.stdout.splitlines()
-            if line.startswith(("moonmesh scale", "redis-cli"))}
-    assert len(rows) == 2
-    for cells in rows.values():
-        total, moved = int(cells[-9]), int(cells[-8])
-        assert total == 6000 and 1500 < moved < 2500  # about a third of the slots' keys
-        assert cells[-1] == "0"  # the client load saw no error
+    lines = out.stdout.splitlines()
+    table = [cells for cells in map(str.split, lines) if cells[:1] in (["2to3"], ["3to4"], ["4to3"])
+             and not any(c.endswith(":") for c in cells[:3])]  # not a note below the table
+    assert sorted((cells[0], cells[1]) for cells in table) == sorted(
+        (case, system) for case in SHARE for system in ("moonmesh", "native")), out.stdout
+    for case in SHARE:
+        for system in ("moonmesh", "native reshard" if case == "2to3" else "native rebalance"):
+            assert f"{case} {system}: verdict: OK ({KEYS} keys checked, 0 lost, 0 wrong, " \
+                   "0 misplaced)" in lines, out.stdout
+            assert any(line.startswith(f"{case} {system}: longest source Redis stall: ")
+                       and "LATENCY LATEST max" in line for line in lines), out.stdout
+
+    rows = json.loads(lines[-1])
+    assert len(rows) == 6
+    for row in rows:
+        share = SHARE[row["case"]]
+        assert row["keys"] == KEYS and abs(row["moved"] - share * KEYS) < 0.1 * KEYS, row
+        assert row["ok"] and row["verdict"] == "OK" and row["errors"] == {}, row
+        assert row["seconds"] > 0 and row["moved_bytes"] == row["moved"] * 64
+        assert row["stall_ms"] > 0  # the probe ran
+        assert all(row["phases"][p]["ops_per_sec"] > 0 for p in ("before", "during", "after"))
+        assert (row["speedup"] is not None) == (row["system"] == "moonmesh")
