@@ -37,7 +37,9 @@ class StatusReporter:
         if new == self.status:
             return
         urgent = any(getattr(new, f) != getattr(self.status, f)
-                     for f in changes if f not in NOISY_FIELDS)
+                     for f in changes if f not in NOISY_FIELDS) \
+            or any(p.done and not self.status.progress(mid).done  # the leader commits on it
+                   for mid, p in new.migrations.items())
         self.status = new
         if urgent:
             self.changed.notify()

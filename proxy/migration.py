@@ -391,7 +391,8 @@ class Migrations:
             self._movers[mid] = (backend, proxy, direct)
             try:
                 await backend.connect()
-                unsettled = sorted(set(await read_journal(backend, mid)) | gate.moving)
+                entries, journaled = await read_journal(backend, mid)
+                unsettled = sorted(set(journaled) | gate.moving)
                 gate.load(unsettled)
                 await gate.ready.wait()
                 # Redis to Redis where the source's Redis reaches the target's, else through
@@ -413,7 +414,7 @@ class Migrations:
                     progress.method = copier.method
                 if unsettled:
                     log_.info("migration_settling", keys=len(unsettled))
-                    await settle(gate, unsettled, backend, copier, side, progress)
+                    await settle(gate, entries, unsettled, backend, copier, side, progress)
                 if progress.total_keys < 0:
                     progress.total_keys = await self._estimate(backend, mask)
                 log_.info("migration_mover_started", keys=progress.total_keys)

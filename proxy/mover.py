@@ -1,10 +1,12 @@
 """The key mover: moves every key of a migration's slots from this node's Redis to the target.
 
 Keys go in batches sized by bytes. A batch, with its keys held in the gate (no client command
-on them runs meanwhile, proxy/migration.py): add them to the journal (a set in the source
-Redis's JOURNAL_DB, which clients cannot select, replicated with the rest); copy them to the
-target; then one MULTI here UNLINKs them and removes them from the journal. WAIT follows each
-step when the shard has live replicas (MOVE_ACK_TIMEOUT_MS):
+on them runs meanwhile, proxy/migration.py): add them to the journal (a hash in the source
+Redis's JOURNAL_DB, which clients cannot select, replicated with the rest: one field per
+batch, its keys packed in the value); copy them to the target; then one MULTI here UNLINKs
+them and removes the batch from the journal. Without replicas at the target, MIGRATE deletes
+what it copied itself (no COPY). WAIT follows each step when the shard has live replicas
+(MOVE_ACK_TIMEOUT_MS):
 - the journal not confirmed: nothing was copied; the keys are released, the batch retried.
 - a copy refused, or the copies not confirmed at the target: the copies are deleted there
   (confirmed by WAIT too) and removed from the journal; if that cannot be confirmed either,
@@ -46,7 +48,7 @@ from .link import Link
 log = structlog.get_logger("proxy.mover")
 
 SCAN_COUNT = 1000  # keys per SCAN step
-BATCH_BYTES = 256 * 1024  # a batch's size (MEMORY USAGE): one MIGRATE blocks Redis ~1-2 ms
+BATCH_BYTES = 512 * 1024  # a batch's size (MEMORY USAGE): one MIGRATE blocks Redis ~10 ms
 BATCH_KEYS = 1024  # and at most this many keys
 BIG_KEY_BYTES = 1024 * 1024  # a key this big moves alone, in chunks (MIGRATE: ~10 ms per MB)
 MOVES_IN_FLIGHT = 2  # batches between hold and release at once
@@ -135,9 +137,24 @@ def plan_batches(keys: list[bytes], sizes: list[int], batch_bytes: int = BATCH_B
 
 
 def journal_key(migration_id: str) -> bytes:
-    """The set, in the source's JOURNAL_DB, of the keys that may have a copy at the target
-    that the source has not settled yet (copied, not yet unlinked here or undone there)."""
+    """The hash, in the source's JOURNAL_DB, of the batches whose keys may have a copy at the
+    target that the source has not settled yet (copied, not yet unlinked here or undone
+    there): batch id -> its keys, packed."""
     return b"moonmesh:moving:" + migration_id.encode()
+
+
+def pack_keys(keys: tuple[bytes, ...] | list[bytes]) -> bytes:
+    """Keys as one value: each one's length (4 bytes, big-endian), then the key."""
+    return b"".join(len(k).to_bytes(4, "big") + k for k in keys)
+
+
+def unpack_keys(packed: bytes) -> list[bytes]:
+    keys, i = [], 0
+    while i + 4 <= len(packed):
+        size = int.from_bytes(packed[i : i + 4], "big")
+        keys.append(packed[i + 4 : i + 4 + size])
+        i += 4 + size
+    return keys
 
 
 def mark_key(migration_id: str) -> bytes:
@@ -172,9 +189,10 @@ class Copier(Protocol):
 
     method: str
 
-    async def copy(self, keys: tuple[bytes, ...]) -> None:
+    async def copy(self, keys: tuple[bytes, ...], move: bool = False) -> None:
         """Copy `keys` (those that exist) to the target, replacing what is there; OSError
-        when they may not all have arrived."""
+        when they may not all have arrived. `move`: the copier may delete here what arrived
+        (only asked when nothing needs confirming at the target first)."""
 
     async def copy_big(self, key: bytes) -> None:
         """Copy one big key, never blocking either Redis for long if the method allows."""
@@ -201,8 +219,11 @@ class DirectCopy:
                          b"%d" % MIGRATE_TIMEOUT_MS, b"COPY", b"REPLACE",
                          *([b"AUTH", password.encode()] if password else []), b"KEYS"]
 
-    async def copy(self, keys: tuple[bytes, ...]) -> None:
-        reply = await self.backend.call(*self._migrate, *keys)
+    async def copy(self, keys: tuple[bytes, ...], move: bool = False) -> None:
+        # without COPY, MIGRATE deletes each key here once the target has it: the batch's
+        # UNLINK has nothing left to do
+        migrate = self._migrate if not move else [a for a in self._migrate if a != b"COPY"]
+        reply = await self.backend.call(*migrate, *keys)
         if reply != b"OK" and reply != b"NOKEY":
             raise OSError(f"MIGRATE to {self.target.host}:{self.target.port} failed: "
                           f"{str(reply)[:200]}")
@@ -276,7 +297,7 @@ class ProxyCopy:
     def __init__(self, backend: Link, target: BackendConnection) -> None:
         self.backend, self.target = backend, target
 
-    async def copy(self, keys: tuple[bytes, ...]) -> None:
+    async def copy(self, keys: tuple[bytes, ...], move: bool = False) -> None:
         dumps = await self.backend.call_many([c for k in keys
                                               for c in ([b"DUMP", k], [b"PTTL", k])])
         restore = restore_commands(keys, dumps)
@@ -338,35 +359,43 @@ async def move_batch(gate: Gate, batch: Batch, backend: Link, copier: Copier,
     (replicated) before any client is sent to the target for it."""
     mid = side.migration_id
     journal = journal_key(mid)
+    entry = b"%d:%d" % (id(batch), time.monotonic_ns())  # this batch's field in the journal
     keys = list(batch.keys)
     if gate.refusal() is not None:  # a fenced node moves nothing: a replica may be promoted
         raise OSError("this node is fenced")
     await gate.hold(keys)
     settled = True  # whatever the target has of these keys, nobody can read it there
     try:
-        written = await backend.call_many([[b"SELECT", JOURNAL_DB], [b"SADD", journal, *keys],
+        written = await backend.call_many([[b"SELECT", JOURNAL_DB],
+                                           [b"HSET", journal, entry, pack_keys(keys)],
                                            [b"SELECT", b"0"]])
         if not isinstance(written[1], int):
             raise OSError(f"journal write failed: {written[1]!r}")
         if not await _acked(backend, mid, side.replicas()):
             raise OSError("the journal did not reach this shard's replicas in time")
         settled = False
+        peer_replicas = side.peer_replicas()
+        moving = not batch.big and peer_replicas == 0  # MIGRATE may delete as it copies
         try:
             if batch.big:
                 await copier.copy_big(keys[0])
                 progress.chunked_keys += 1
             else:
-                await copier.copy(batch.keys)
-            if not await copier.confirmed(mid, side.peer_replicas()):
+                await copier.copy(batch.keys, moving)
+            if not await copier.confirmed(mid, peer_replicas):
                 raise OSError("the copies did not reach the target's replicas in time")
         except OSError:
-            if await copier.undo(mid, batch.keys, side.peer_replicas()):
-                await backend.call_many([[b"SELECT", JOURNAL_DB], [b"SREM", journal, *keys],
+            # undo what the target may have of the keys still here (what MIGRATE deleted
+            # here arrived there for good); if that fails the keys stay held and journaled
+            # until a later attempt settles them
+            undo = batch.keys if not moving else await _still_here(backend, batch.keys)
+            if not undo or await copier.undo(mid, undo, peer_replicas):
+                await backend.call_many([[b"SELECT", JOURNAL_DB], [b"HDEL", journal, entry],
                                          [b"SELECT", b"0"]])
                 settled = True
             raise
         done = await backend.call_many([[b"MULTI"], [b"UNLINK", *keys],
-                                        [b"SELECT", JOURNAL_DB], [b"SREM", journal, *keys],
+                                        [b"SELECT", JOURNAL_DB], [b"HDEL", journal, entry],
                                         [b"SELECT", b"0"], [b"EXEC"]])
         result = done[-1]
         if not isinstance(result, list) or not isinstance(result[0], int):
@@ -379,12 +408,19 @@ async def move_batch(gate: Gate, batch: Batch, backend: Link, copier: Copier,
             log.warning("migration_unlink_unconfirmed", migration=mid, keys=len(keys))
         if not settled:
             raise OSError("the UNLINK did not reach this shard's replicas in time")
-        progress.moved_keys += result[0]
+        progress.moved_keys += len(keys) if moving else result[0]
         progress.moved_bytes += batch.size
         progress.error = ""
     finally:
         if settled:
             gate.release(keys)
+
+
+async def _still_here(backend: Link, keys: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    """Those of `keys` this Redis still has (an OSError leaves them all held: the others'
+    only copy may be at the target)."""
+    there = await backend.call_many([[b"EXISTS", k] for k in keys])
+    return tuple(k for k, n in zip(keys, there) if n == 1)
 
 
 async def sized(backend: Link, keys: list[bytes]) -> list[Batch]:
@@ -397,14 +433,16 @@ async def sized(backend: Link, keys: list[bytes]) -> list[Batch]:
     return plan_batches(keys, reply)
 
 
-async def read_journal(backend: Link, migration_id: str) -> list[bytes]:
+async def read_journal(backend: Link, migration_id: str) -> tuple[list[bytes], list[bytes]]:
+    """The journal's batches (their fields) and their keys."""
     replies = await backend.call_many([[b"SELECT", JOURNAL_DB],
-                                       [b"SMEMBERS", journal_key(migration_id)],
+                                       [b"HGETALL", journal_key(migration_id)],
                                        [b"SELECT", b"0"]])
-    members = replies[1]
-    if not isinstance(members, list):
-        raise OSError(f"reading the migration journal failed: {members!r}")
-    return sorted(members)
+    fields = replies[1]
+    if not isinstance(fields, list):
+        raise OSError(f"reading the migration journal failed: {fields!r}")
+    keys = {k for packed in fields[1::2] for k in unpack_keys(packed)}
+    return fields[0::2], sorted(keys)
 
 
 class Pacer:
@@ -434,20 +472,20 @@ def in_slots(keys: list[bytes], mask: bytearray) -> list[bytes]:
     return [k for k in keys if mask[crc_hqx(k, 0) & SLOT_MASK]]
 
 
-async def settle(gate: Gate, unsettled: list[bytes], backend: Link,
+async def settle(gate: Gate, entries: list[bytes], unsettled: list[bytes], backend: Link,
                  copier: Copier, side: Side, progress: MigrationProgress) -> None:
     """Copy again the journal's keys that are here (a copy may be at the target, the source
-    never unlinked them), and forget those that are gone (moved, or expired)."""
+    never unlinked them), forget those that are gone (moved, or expired), then drop the
+    journal's old `entries` (each batch here journals itself anew)."""
     batches = [b for i in range(0, len(unsettled), BATCH_KEYS)
                for b in await sized(backend, unsettled[i : i + BATCH_KEYS])]
     for batch in batches:
         await move_batch(gate, batch, backend, copier, side, progress)
-    gone = list(set(unsettled).difference(k for b in batches for k in b.keys))
-    if gone:
+    if entries:
         await backend.call_many([[b"SELECT", JOURNAL_DB],
-                                 [b"SREM", journal_key(side.migration_id), *gone],
+                                 [b"HDEL", journal_key(side.migration_id), *entries],
                                  [b"SELECT", b"0"]])
-        gate.release(gone)
+    gate.release(list(set(unsettled).difference(k for b in batches for k in b.keys)))
 
 
 async def move_all(gate: Gate, mask: bytearray, backend: Link, copier: Copier,
@@ -468,6 +506,7 @@ async def _one_pass(gate: Gate, mask: bytearray, backend: Link, copier: Copier,
     failures: list[OSError] = []
     in_flight = anyio.Semaphore(MOVES_IN_FLIGHT)
     found = 0
+    found_since: list[bytes] = []  # since the last batches were made
 
     async def move(batch: Batch) -> None:
         try:
@@ -488,10 +527,14 @@ async def _one_pass(gate: Gate, mask: bytearray, backend: Link, copier: Copier,
                 cursor, page = reply
                 keys = in_slots(page, mask)
                 found += len(keys)
-                for batch in await sized(backend, keys):
+                found_since += keys
+                if len(found_since) < BATCH_KEYS and cursor != b"0":
+                    continue  # a page holds few of the migration's keys: fill batches first
+                for batch in await sized(backend, found_since):
                     await pacer.wait(len(batch.keys))
                     await in_flight.acquire()
                     tg.start_soon(move, batch)
+                found_since = []
                 if cursor == b"0":
                     break
         except OSError as exc:  # not out of the group: it would be an ExceptionGroup

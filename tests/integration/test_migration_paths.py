@@ -59,7 +59,7 @@ def test_keys_go_redis_to_redis_and_through_the_proxies_where_the_redis_port_is_
         pipe.execute()
     # 2 -> 3 with every Redis reachable: MIGRATE (a probe and a batch or more per source)
     migrates, dumps = scale(dep, "paths", 3)
-    assert migrates > 2 * 2 and dumps == 0
+    assert migrates >= 2 * 2 and dumps == 0
     # every node's Redis port closed to the other nodes (proxies still reach each other and
     # their own Redis): the probe finds MIGRATE cannot reach and the proxies carry the keys
     names = list(dep.nodes)

@@ -4,13 +4,13 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from core.nodes import NodeStatus
+from core.nodes import MigrationProgress, NodeStatus
 from core.view import ClusterView, Migration
 from mesh import barriers
 from mesh.barriers import COMMIT_BARRIER_TIMEOUT, MigrationStarts, outgoing, wait_commit
 from mesh.model import migrations as plans
 from mesh.notify import Changed
-from mesh.status import PeerStatuses
+from mesh.status import PeerStatuses, StatusReporter
 from tests.unit.test_view import make_view
 
 pytestmark = pytest.mark.anyio
@@ -119,3 +119,19 @@ async def test_no_barrier_when_no_migration_of_this_node_ends():
     with anyio.fail_after(0.5):
         await wait_commit(peers_with(), "node-1", current, current.next())  # not the source
         await wait_commit(peers_with(), "node-0", current, current.next())  # still running
+
+
+@pytest.mark.parametrize("before, after, urgent", [
+    ({}, {"m": MigrationProgress(moved_keys=5)}, False),  # progress: written within a second
+    ({"m": MigrationProgress(moved_keys=5)}, {"m": MigrationProgress(moved_keys=9)}, False),
+    ({"m": MigrationProgress(moved_keys=5)}, {"m": MigrationProgress(moved_keys=9, done=True)},
+     True),  # the leader commits on it: at once
+    ({"m": MigrationProgress(done=True)}, {"m": MigrationProgress(done=True, moved_keys=1)}, False),
+])
+def test_a_migration_that_is_done_is_published_at_once_and_progress_is_not(before, after, urgent):
+    reporter = StatusReporter(None, "n")  # type: ignore[arg-type]  # set() never writes
+    reporter.set(migrations=before)
+    reporter.dirty = False
+    waiter = reporter.changed.waiter()
+    reporter.set(migrations=after)
+    assert waiter.is_set() is urgent and reporter.dirty is not urgent

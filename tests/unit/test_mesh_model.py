@@ -271,3 +271,4 @@ def test_a_scale_in_commit_reports_the_nodes_that_left():
 def test_progress_defaults_for_an_unreported_migration():
     assert NodeStatus("n").progress("s1>s2@3") == MigrationProgress()
     assert MigrationProgress().left_keys is None and not MigrationProgress().done
+

@@ -8,7 +8,7 @@ import pytest
 
 from core.view import ClusterConfig, Migration
 from proxy.migration import Checked, after_check, is_write
-from proxy.mover import Batch, confirmed, plan_batches, restore_commands
+from proxy.mover import Batch, confirmed, pack_keys, plan_batches, restore_commands, unpack_keys
 from proxy.routing import MigratingSlots, live_replicas, table_from_view
 from tests.unit.test_view import make_view
 
@@ -120,3 +120,10 @@ def test_wait_confirms(reply, replicas, expected):
 ])
 def test_which_gated_commands_are_writes(argv, expected):
     assert is_write(argv) is expected
+
+
+@pytest.mark.parametrize("keys", [
+    [], [b""], [b"a"], [b"k:1", b"{tag}x", b"\x00\r\n\xff" * 100], [b"x" * 70_000, b"y"],
+])
+def test_a_journal_entry_packs_any_keys_and_unpacks_them_in_order(keys):
+    assert unpack_keys(pack_keys(keys)) == keys
