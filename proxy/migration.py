@@ -287,6 +287,7 @@ class Migrations:
         # the same migration reads the journal only after the last one's writes
         self._stopped: dict[str, anyio.Event] = {}
         self._movers: dict[str, tuple[Link, BackendConnection, Link]] = {}
+        self._copiers: dict[str, DirectCopy | ProxyCopy] = {}
         self._tg: TaskGroup | None = None
 
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
@@ -311,6 +312,8 @@ class Migrations:
             backend.abort()
             proxy.abort()
             direct.abort()
+        for copier in self._copiers.values():
+            copier.abort()
 
     def progress(self) -> dict[str, dict]:
         return {mid: p.as_dict() for mid, p in self._progress.items()}
@@ -406,6 +409,7 @@ class Migrations:
                     # connection at the target, so a WAIT after the RESTOREs waits for them
                     await request(proxy, [b"WAIT", b"0", b"0"])
                     copier = ProxyCopy(backend, proxy)
+                self._copiers[mid] = copier
                 if copier.method != progress.method:
                     if why_not is None:
                         log_.info("migration_method", method=copier.method)
@@ -430,6 +434,7 @@ class Migrations:
                 for conn in (backend, proxy, direct):
                     conn.close()
                 self._movers.pop(mid, None)
+                self._copiers.pop(mid, None)
             await anyio.sleep(MOVE_RETRY_WAIT)
 
     async def _estimate(self, backend: Link, mask: bytearray) -> int:

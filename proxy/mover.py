@@ -29,6 +29,7 @@ Both keep the time a key has left (not its moment of expiry: the hosts' clocks m
 """
 from __future__ import annotations
 
+import os
 import time
 from binascii import crc_hqx
 from collections.abc import Callable
@@ -50,6 +51,11 @@ log = structlog.get_logger("proxy.mover")
 SCAN_COUNT = 1000  # keys per SCAN step
 BATCH_BYTES = 512 * 1024  # a batch's size (MEMORY USAGE): one MIGRATE blocks Redis ~10 ms
 BATCH_KEYS = 1024  # and at most this many keys
+# under a rate limit: about this many batches a second, each at most RATED_BATCH_BYTES (one
+# MIGRATE then blocks the source Redis well under a millisecond: client p99 stays near)
+RATED_BATCHES_PER_SEC = 200
+RATED_BATCH_BYTES = 64 * 1024
+MIN_BATCH_KEYS = 16
 BIG_KEY_BYTES = 1024 * 1024  # a key this big moves alone, in chunks (MIGRATE: ~10 ms per MB)
 MOVES_IN_FLIGHT = 2  # batches between hold and release at once
 MIGRATE_TIMEOUT_MS = 1000  # MIGRATE's I/O timeout (the source Redis waits this long at most)
@@ -203,6 +209,9 @@ class Copier(Protocol):
     async def undo(self, migration_id: str, keys: tuple[bytes, ...], replicas: int) -> bool:
         """Delete what the target may have of `keys`: True once confirmed there."""
 
+    def abort(self) -> None:
+        """The node was fenced: stop copies on links of the copier's own."""
+
 
 class DirectCopy:
     """MIGRATE from the source Redis straight to the target Redis (`target`: a connection
@@ -214,7 +223,7 @@ class DirectCopy:
                  migration_id: str) -> None:
         self.backend, self.target = backend, target
         self.migration_id = migration_id
-        self._copies = 0  # each chunked copy builds under a name of its own (two may run)
+        self._chunking: set[BackendConnection] = set()  # the links of chunked copies running
         self._migrate = [b"MIGRATE", target.host.encode(), b"%d" % target.port, b"", b"0",
                          b"%d" % MIGRATE_TIMEOUT_MS, b"COPY", b"REPLACE",
                          *([b"AUTH", password.encode()] if password else []), b"KEYS"]
@@ -234,17 +243,25 @@ class DirectCopy:
                                    self.backend.password)
         target = BackendConnection(self.target.host, self.target.port, False,
                                    self.target.password)
+        links = {source, target}
+        self._chunking |= links
         try:
             await source.connect()
             await target.connect()
-            self._copies += 1
-            temp = b"moonmesh:chunk:%s:%d" % (self.migration_id.encode(), self._copies)
+            # a name of its own: two copies may run, and one of an earlier attempt linger
+            temp = b"moonmesh:chunk:%s:%s" % (self.migration_id.encode(), os.urandom(8).hex().encode())
             await copy_in_chunks(source, target, key, temp)
         except ChunkedCopyUnsupported:
             await self.copy((key,))  # whole, with MIGRATE (a stream with consumer groups)
         finally:
+            self._chunking -= links
             source.close()
             target.close()
+
+    def abort(self) -> None:
+        """The node was fenced: chunked copies stop at their next step."""
+        for link in self._chunking:
+            link.close()
 
     async def confirmed(self, migration_id: str, replicas: int) -> bool:
         return await _acked(self.target, migration_id, replicas)
@@ -312,6 +329,9 @@ class ProxyCopy:
     async def copy_big(self, key: bytes) -> None:
         await self.copy((key,))  # whole: the target's Redis is out of this node's reach
 
+    def abort(self) -> None:
+        pass  # its links are the mover's
+
     async def confirmed(self, migration_id: str, replicas: int) -> bool:
         if replicas <= 0:
             return True
@@ -352,17 +372,25 @@ class Side:
     peer_replicas: Callable[[], int]  # of the target's shard
 
 
+def _unless_fenced(gate: Gate) -> None:
+    """A fenced node copies and undoes nothing: a replica may be promoted meanwhile, settle
+    the keys and serve them (a late copy would overwrite what clients wrote since)."""
+    if gate.refusal() is not None:
+        raise OSError("this node is fenced")
+
+
 async def move_batch(gate: Gate, batch: Batch, backend: Link, copier: Copier,
                      side: Side, progress: MigrationProgress) -> None:
     """Move `batch` (held meanwhile): journal it here (replicated), copy it to the target
-    (replicated), then unlink it here and clear it from the journal in one transaction
-    (replicated) before any client is sent to the target for it."""
+    (replicated), then unlink it here (replicated) before any client is sent to the target
+    for it. The journal entry goes only once the replicas have the unlink: until then a
+    restarted or promoted source holds the keys."""
     mid = side.migration_id
     journal = journal_key(mid)
     entry = b"%d:%d" % (id(batch), time.monotonic_ns())  # this batch's field in the journal
+    forget = [[b"SELECT", JOURNAL_DB], [b"HDEL", journal, entry], [b"SELECT", b"0"]]
     keys = list(batch.keys)
-    if gate.refusal() is not None:  # a fenced node moves nothing: a replica may be promoted
-        raise OSError("this node is fenced")
+    _unless_fenced(gate)
     await gate.hold(keys)
     settled = True  # whatever the target has of these keys, nobody can read it there
     try:
@@ -377,6 +405,7 @@ async def move_batch(gate: Gate, batch: Batch, backend: Link, copier: Copier,
         peer_replicas = side.peer_replicas()
         moving = not batch.big and peer_replicas == 0  # MIGRATE may delete as it copies
         try:
+            _unless_fenced(gate)
             if batch.big:
                 await copier.copy_big(keys[0])
                 progress.chunked_keys += 1
@@ -386,17 +415,19 @@ async def move_batch(gate: Gate, batch: Batch, backend: Link, copier: Copier,
                 raise OSError("the copies did not reach the target's replicas in time")
         except OSError:
             # undo what the target may have of the keys still here (what MIGRATE deleted
-            # here arrived there for good); if that fails the keys stay held and journaled
-            # until a later attempt settles them
+            # here arrived there for good, and is released once the replicas have the
+            # delete); if that fails the keys stay held and journaled until a later attempt
+            # settles them
+            _unless_fenced(gate)
             undo = batch.keys if not moving else await _still_here(backend, batch.keys)
-            if not undo or await copier.undo(mid, undo, peer_replicas):
-                await backend.call_many([[b"SELECT", JOURNAL_DB], [b"HDEL", journal, entry],
-                                         [b"SELECT", b"0"]])
+            if (not undo or await copier.undo(mid, undo, peer_replicas)) \
+                    and (not moving or await _acked(backend, mid, side.replicas())):
+                await backend.call_many(forget)
                 settled = True
             raise
+        replicated = side.replicas() > 0
         done = await backend.call_many([[b"MULTI"], [b"UNLINK", *keys],
-                                        [b"SELECT", JOURNAL_DB], [b"HDEL", journal, entry],
-                                        [b"SELECT", b"0"], [b"EXEC"]])
+                                        *([] if replicated else forget), [b"EXEC"]])
         result = done[-1]
         if not isinstance(result, list) or not isinstance(result[0], int):
             raise OSError(f"UNLINK failed: {str(result)[:200]}")
@@ -408,6 +439,8 @@ async def move_batch(gate: Gate, batch: Batch, backend: Link, copier: Copier,
             log.warning("migration_unlink_unconfirmed", migration=mid, keys=len(keys))
         if not settled:
             raise OSError("the UNLINK did not reach this shard's replicas in time")
+        if replicated:
+            await backend.call_many(forget)
         progress.moved_keys += len(keys) if moving else result[0]
         progress.moved_bytes += batch.size
         progress.error = ""
@@ -423,14 +456,16 @@ async def _still_here(backend: Link, keys: tuple[bytes, ...]) -> tuple[bytes, ..
     return tuple(k for k, n in zip(keys, there) if n == 1)
 
 
-async def sized(backend: Link, keys: list[bytes]) -> list[Batch]:
-    """`keys` in batches by their size now (gone ones left out)."""
+async def sized(backend: Link, keys: list[bytes],
+                limits: tuple[int, int] = (BATCH_BYTES, BATCH_KEYS)) -> list[Batch]:
+    """`keys` in batches of at most `limits` (bytes, keys) by their size now (gone ones left
+    out)."""
     if not keys:
         return []
     reply = await backend.call(b"EVAL", _SIZES, b"%d" % len(keys), *keys)
     if not isinstance(reply, list):
         raise OSError(f"sizing keys failed: {reply}")
-    return plan_batches(keys, reply)
+    return plan_batches(keys, reply, *limits)
 
 
 async def read_journal(backend: Link, migration_id: str) -> tuple[list[bytes], list[bytes]]:
@@ -445,12 +480,24 @@ async def read_journal(backend: Link, migration_id: str) -> tuple[list[bytes], l
     return fields[0::2], sorted(keys)
 
 
+def batch_limits(rate: int) -> tuple[int, int]:
+    """(bytes, keys) of a batch at `rate` keys/s (0: no limit)."""
+    if rate <= 0:
+        return BATCH_BYTES, BATCH_KEYS
+    return RATED_BATCH_BYTES, max(MIN_BATCH_KEYS, min(BATCH_KEYS, rate // RATED_BATCHES_PER_SEC))
+
+
 class Pacer:
     """Spaces batches so the mover stays under `rate()` keys/s (0: no limit), read live."""
 
     def __init__(self, rate: Callable[[], int]) -> None:
         self.rate = rate
         self.next_at = 0.0
+
+    def limits(self) -> tuple[int, int]:
+        """A batch's bytes and keys: under a rate, small batches often (each blocks the
+        source Redis for well under a client's usual latency), else the biggest."""
+        return batch_limits(self.rate())
 
     async def wait(self, keys: int) -> None:
         rate = self.rate()
@@ -481,6 +528,9 @@ async def settle(gate: Gate, entries: list[bytes], unsettled: list[bytes], backe
                for b in await sized(backend, unsettled[i : i + BATCH_KEYS])]
     for batch in batches:
         await move_batch(gate, batch, backend, copier, side, progress)
+    # the gone ones were deleted here by a batch that may not have seen its WAIT through
+    if not await _acked(backend, side.migration_id, side.replicas()):
+        raise OSError("the replicas have not confirmed the settled keys in time")
     if entries:
         await backend.call_many([[b"SELECT", JOURNAL_DB],
                                  [b"HDEL", journal_key(side.migration_id), *entries],
@@ -530,7 +580,7 @@ async def _one_pass(gate: Gate, mask: bytearray, backend: Link, copier: Copier,
                 found_since += keys
                 if len(found_since) < BATCH_KEYS and cursor != b"0":
                     continue  # a page holds few of the migration's keys: fill batches first
-                for batch in await sized(backend, found_since):
+                for batch in await sized(backend, found_since, pacer.limits()):
                     await pacer.wait(len(batch.keys))
                     await in_flight.acquire()
                     tg.start_soon(move, batch)

@@ -8,7 +8,18 @@ import pytest
 
 from core.view import ClusterConfig, Migration
 from proxy.migration import Checked, after_check, is_write
-from proxy.mover import Batch, confirmed, pack_keys, plan_batches, restore_commands, unpack_keys
+from proxy.mover import (
+    BATCH_BYTES,
+    BATCH_KEYS,
+    RATED_BATCH_BYTES,
+    Batch,
+    batch_limits,
+    confirmed,
+    pack_keys,
+    plan_batches,
+    restore_commands,
+    unpack_keys,
+)
 from proxy.routing import MigratingSlots, live_replicas, table_from_view
 from tests.unit.test_view import make_view
 
@@ -127,3 +138,13 @@ def test_which_gated_commands_are_writes(argv, expected):
 ])
 def test_a_journal_entry_packs_any_keys_and_unpacks_them_in_order(keys):
     assert unpack_keys(pack_keys(keys)) == keys
+
+
+@pytest.mark.parametrize("rate, expected", [
+    (0, (BATCH_BYTES, BATCH_KEYS)),  # no limit: the biggest batches
+    (1000, (RATED_BATCH_BYTES, 16)),  # slow: small batches, never under 16 keys
+    (10_000, (RATED_BATCH_BYTES, 50)),
+    (10_000_000, (RATED_BATCH_BYTES, BATCH_KEYS)),
+])
+def test_under_a_rate_batches_are_small_and_frequent(rate, expected):
+    assert batch_limits(rate) == expected
