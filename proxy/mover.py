@@ -60,7 +60,7 @@ BIG_KEY_BYTES = 1024 * 1024  # a key this big moves alone, in chunks (MIGRATE: ~
 MOVES_IN_FLIGHT = 2  # batches between hold and release at once
 MIGRATE_TIMEOUT_MS = 1000  # MIGRATE's I/O timeout (the source Redis waits this long at most)
 PROBE_TIMEOUT_MS = 100  # the probe's: the source Redis is blocked while MIGRATE connects
-DEFAULT_KEYS_PER_SECOND = 0  # the mover's rate limit (mesh-proxy --migration-rate; 0: none)
+DEFAULT_KEYS_PER_SECOND = 20_000  # the mover's rate limit (mesh-proxy --migration-rate; 0: none)
 # WAIT's timeout for the replicas of either side to confirm a batch's journal, copies or UNLINK
 MOVE_ACK_TIMEOUT_MS = 1000
 MOVE_ACK_ATTEMPTS = 5  # WAITs for the UNLINK before the batch is retried (its keys stay held)

@@ -4,28 +4,15 @@ not. Nodes are hosts in network namespaces (chaos/hosts.py), so "cannot reach" i
 dropped connection."""
 from __future__ import annotations
 
-import uuid
-from pathlib import Path
-
 import pytest
 from redis.cluster import RedisCluster
 
 from chaos import netns
 from chaos.hosts import PROXY_PORT, REDIS_PORT, Deployment
+from tests.integration.test_fence_rule import deployment
 
 pytestmark = pytest.mark.integration
 KEYS = 5000
-
-
-def deployment(nodes: int) -> Deployment:
-    try:
-        netns.check_available()
-    except netns.NetnsUnavailable as exc:
-        pytest.fail(f"network namespaces unavailable: {exc}", pytrace=False)
-    run_id = uuid.uuid4().hex[:6]
-    dep = Deployment(run_id, nodes, workdir=Path(f"/tmp/moonmesh-paths-{run_id}")).start()
-    dep.wait("the pool", lambda: sum(1 for n in dep.pool() if n["alive"]) >= nodes, 30)
-    return dep
 
 
 def calls(dep: Deployment, command: str) -> int:
