@@ -578,9 +578,10 @@ async def _one_pass(gate: Gate, mask: bytearray, backend: Link, copier: Copier,
                 keys = in_slots(page, mask)
                 found += len(keys)
                 found_since += keys
-                if len(found_since) < BATCH_KEYS and cursor != b"0":
-                    continue  # a page holds few of the migration's keys: fill batches first
-                for batch in await sized(backend, found_since, pacer.limits()):
+                limits = pacer.limits()
+                if len(found_since) < limits[1] and cursor != b"0":
+                    continue  # a page holds few of the migration's keys: fill a batch first
+                for batch in await sized(backend, found_since, limits):
                     await pacer.wait(len(batch.keys))
                     await in_flight.acquire()
                     tg.start_soon(move, batch)
