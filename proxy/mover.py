@@ -3,17 +3,19 @@
 Keys go in batches sized by bytes. A batch, with its keys held in the gate (no client command
 on them runs meanwhile, proxy/migration.py): add them to the journal (a hash in the source
 Redis's JOURNAL_DB, which clients cannot select, replicated with the rest: one field per
-batch, its keys packed in the value); copy them to the target; then one MULTI here UNLINKs
-them and removes the batch from the journal. Without replicas at the target, MIGRATE deletes
-what it copied itself (no COPY). WAIT follows each step when the shard has live replicas
-(MOVE_ACK_TIMEOUT_MS):
+batch, its keys packed in the value); copy them to the target; then UNLINK them here, and
+remove the batch from the journal once the replicas have the UNLINK (in the same MULTI when
+there are none). Without replicas at the target, MIGRATE deletes what it copied itself (no
+COPY). WAIT follows each step when the shard has live replicas (MOVE_ACK_TIMEOUT_MS):
 - the journal not confirmed: nothing was copied; the keys are released, the batch retried.
 - a copy refused, or the copies not confirmed at the target: the copies are deleted there
   (confirmed by WAIT too) and removed from the journal; if that cannot be confirmed either,
   the keys stay held and journaled until a later attempt settles them.
-- the UNLINK not confirmed: the keys stay held (clients on them wait) and WAIT is tried again
-  (MOVE_ACK_ATTEMPTS, then the batch is retried) until the replicas have it, since a promoted
-  replica would otherwise serve the old values.
+- the UNLINK not confirmed: the keys stay held and journaled (clients on them wait) and WAIT
+  is tried again (MOVE_ACK_ATTEMPTS, then the batch is settled again) until the replicas have
+  it, since a promoted replica would otherwise serve the old values, or settle them back over
+  newer writes at the target.
+A fenced node copies and undoes nothing: a replica may be promoted and own the keys.
 A key in the journal may have a copy at the target; a restarted or promoted source holds the
 journal's keys from its first moment and settles them first (copies again what is here,
 forgets what is gone). So a copy at the target is only ever read once the source let go of
