@@ -18,11 +18,9 @@ host runs (its load average is printed).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import proxy.chunked as chunked_module  # noqa: E402
 from proxy.backend import BackendConnection  # noqa: E402
 from proxy.chunked import CopyStats, copy_in_chunks  # noqa: E402
+from tools.bench_migration import StallProbe  # noqa: E402
 from tools.launch import HOST, Launcher  # noqa: E402
 
 # every command goes to the slowlog (threshold 0): the report takes percentiles from it
@@ -42,6 +41,7 @@ REDIS_ARGS = ("--latency-monitor-threshold", "1", "--slowlog-log-slower-than", "
               "--slowlog-max-len", "1000000", "--enable-debug-command", "local")
 SKIP = {b"PING", b"LATENCY", b"SLOWLOG", b"CONFIG", b"INFO", b"DEBUG"}
 PROBE_INTERVAL = 0.001
+PROBE_LIMIT = 600.0  # seconds a probe runs at most
 
 
 class Client:
@@ -79,42 +79,9 @@ class Client:
         self.sock.close()
 
 
-PROBE_SCRIPT = """
-import json, socket, sys, threading, time
-host, interval, ports = sys.argv[1], float(sys.argv[2]), [int(p) for p in sys.argv[3:]]
-stop, results = threading.Event(), {}
-def one(port):
-    longest, pings = 0.0, 0
-    with socket.create_connection((host, port), timeout=60) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        while not stop.is_set():
-            began = time.perf_counter()
-            s.sendall(b"*1\\r\\n$4\\r\\nPING\\r\\n")
-            reply = b""
-            while not reply.endswith(b"\\r\\n"):
-                data = s.recv(64)
-                if not data:
-                    raise OSError("closed")
-                reply += data
-            longest = max(longest, time.perf_counter() - began)
-            pings += 1
-            time.sleep(interval)
-    results[port] = [longest, pings]
-threads = [threading.Thread(target=one, args=(p,), daemon=True) for p in ports]
-for t in threads:
-    t.start()
-print("ready", flush=True)
-sys.stdin.read()
-stop.set()
-for t in threads:
-    t.join(60)
-print(json.dumps(results), flush=True)
-"""
-
-
 class Prober:
-    """A process of its own (not this one's GIL) PINGs each port every PROBE_INTERVAL and
-    keeps the longest round trip: what any other client of that Redis could have waited."""
+    """The migration benchmark's stall probe (a process of its own, not this one's GIL) over
+    named ports: the longest PING round trip, what any other client of that Redis waited."""
 
     def __init__(self, ports: dict[str, int]) -> None:
         self.ports = ports
@@ -122,18 +89,14 @@ class Prober:
         self.pings = dict.fromkeys(ports, 0)
 
     def __enter__(self) -> Prober:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", PROBE_SCRIPT, HOST, str(PROBE_INTERVAL),
-             *[str(p) for p in self.ports.values()]],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
+        self.probe = StallProbe(list(self.ports.values()), PROBE_INTERVAL, PROBE_LIMIT)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        out, _ = self.proc.communicate("", timeout=120)
-        results = json.loads(out.strip().splitlines()[-1])
+        results = self.probe.result()
         for name, port in self.ports.items():
-            self.longest[name], self.pings[name] = results[str(port)]
+            got = results.get(port, {})
+            self.longest[name], self.pings[name] = got.get("max_ms", 0.0) / 1e3, got.get("pings", 0)
 
 
 def reset(clients: dict[str, Client]) -> None:

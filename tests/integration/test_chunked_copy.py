@@ -133,6 +133,19 @@ async def connect(*conns: BackendConnection) -> None:
         await conn.connect()
 
 
+async def copy(servers: tuple[int, int], key: bytes, stats: CopyStats | None = None) -> int:
+    """copy_in_chunks of `key` from the first server to the second, under TEMP, on links of
+    its own (closed after)."""
+    source = BackendConnection(HOST, servers[0], False)
+    target = BackendConnection(HOST, servers[1], False)
+    await connect(source, target)
+    try:
+        return await copy_in_chunks(source, target, key, TEMP, stats=stats)
+    finally:
+        source.close()
+        target.close()
+
+
 # -- data --------------------------------------------------------------------------------------
 
 def blob(rng: random.Random, n: int) -> bytes:
@@ -224,15 +237,9 @@ async def test_a_big_key_is_copied_exactly_with_its_ttl_replacing_the_target_key
     dst1(b"SADD", KEY, b"journal-member")
     dst1(b"SET", b"moonmesh:moving:m1", b"x")
     db1_before = keyspace(dst1)
-    source, target = BackendConnection(HOST, servers[0], False), BackendConnection(HOST, servers[1], False)
-    await connect(source, target)
     stats = CopyStats()
     began = time.monotonic()
-    try:
-        copied = await copy_in_chunks(source, target, KEY, TEMP, stats=stats)
-    finally:
-        source.close()
-        target.close()
+    copied = await copy(servers, KEY, stats=stats)
     elapsed_ms = (time.monotonic() - began) * 1000
     assert copied > 0 and stats.steps > 10  # several chunks
     assert contents(dst, kind, KEY) == contents(src, kind, KEY)
@@ -259,13 +266,7 @@ async def test_a_small_key_without_ttl_loses_the_old_keys_ttl(kind, servers, red
     src, dst, dst1 = redis["src"], redis["dst"], redis["dst1"]
     src.many(SMALL[kind])
     dst(b"SET", KEY, b"old", b"PX", b"100000")
-    source, target = BackendConnection(HOST, servers[0], False), BackendConnection(HOST, servers[1], False)
-    await connect(source, target)
-    try:
-        assert await copy_in_chunks(source, target, KEY, TEMP) > 0
-    finally:
-        source.close()
-        target.close()
+    assert await copy(servers, KEY) > 0
     assert contents(dst, kind, KEY) == contents(src, kind, KEY)
     assert dst(b"PTTL", KEY) == -1
     assert dst1(b"DBSIZE") == 0
@@ -285,13 +286,7 @@ async def test_empty_values_and_chunk_boundaries(setup, servers, redis):
     src, dst = redis["src"], redis["dst"]
     src.many(setup)
     kind = src(b"TYPE", b"empty").decode()  # type: ignore[union-attr]
-    source, target = BackendConnection(HOST, servers[0], False), BackendConnection(HOST, servers[1], False)
-    await connect(source, target)
-    try:
-        await copy_in_chunks(source, target, b"empty", TEMP)
-    finally:
-        source.close()
-        target.close()
+    await copy(servers, b"empty")
     assert dst(b"EXISTS", b"empty") == 1
     assert contents(dst, kind, b"empty") == contents(src, kind, b"empty")
 
@@ -302,15 +297,9 @@ async def test_big_elements_are_copied_in_chunks_of_fewer_elements(servers, redi
     src.many([(b"HSET", KEY, b"big:%d" % i, blob(rng, 300_000)) for i in range(12)]
              + [(b"HSET", KEY, b"small:%d" % i, b"v") for i in range(3000)]
              + [(b"RPUSH", b"list", blob(rng, 200_000)) for i in range(30)])
-    source, target = BackendConnection(HOST, servers[0], False), BackendConnection(HOST, servers[1], False)
-    await connect(source, target)
-    try:
-        await copy_in_chunks(source, target, KEY, TEMP)
-        stats = CopyStats()
-        await copy_in_chunks(source, target, b"list", TEMP, stats=stats)
-    finally:
-        source.close()
-        target.close()
+    await copy(servers, KEY)
+    stats = CopyStats()
+    await copy(servers, b"list", stats=stats)
     assert contents(dst, "hash", KEY) == contents(src, "hash", KEY)
     assert contents(dst, "list", b"list") == contents(src, "list", b"list")
     assert stats.steps >= 2 * 6  # 6 MB of list: at least 6 reads (and 6 writes)
@@ -322,13 +311,7 @@ async def test_a_leftover_copy_of_an_earlier_attempt_is_replaced(kind, servers, 
     src, dst, dst1 = redis["src"], redis["dst"], redis["dst1"]
     fill(src, kind, KEY, 2000 if kind == "hash" else 3 * CHUNK_BYTES)
     dst1(b"RPUSH", TEMP, b"stale", b"list")  # another type, even
-    source, target = BackendConnection(HOST, servers[0], False), BackendConnection(HOST, servers[1], False)
-    await connect(source, target)
-    try:
-        await copy_in_chunks(source, target, KEY, TEMP)
-    finally:
-        source.close()
-        target.close()
+    await copy(servers, KEY)
     assert contents(dst, kind, KEY) == contents(src, kind, KEY)
     assert dst1(b"DBSIZE") == 0
 
@@ -350,13 +333,7 @@ async def test_database_1_keys_are_never_touched_whatever_name_the_copy_crosses_
     for name in db1:
         dst1(b"SADD", name, b"journal " + name)
     before0, before1 = keyspace(dst), keyspace(dst1)
-    source, target = BackendConnection(HOST, servers[0], False), BackendConnection(HOST, servers[1], False)
-    await connect(source, target)
-    try:
-        await copy_in_chunks(source, target, KEY, TEMP)
-    finally:
-        source.close()
-        target.close()
+    await copy(servers, KEY)
     assert contents(dst, "set", KEY) == contents(src, "set", KEY)
     after0 = keyspace(dst)
     assert after0.pop(KEY)[0] == b"set"
@@ -370,13 +347,7 @@ async def test_a_missing_key_copies_nothing(servers, redis):
     dst, dst1 = redis["dst"], redis["dst1"]
     dst(b"SET", KEY, b"old")
     dst1(b"SET", TEMP, b"leftover")  # not even a leftover copy is touched: nothing is written
-    source, target = BackendConnection(HOST, servers[0], False), BackendConnection(HOST, servers[1], False)
-    await connect(source, target)
-    try:
-        assert await copy_in_chunks(source, target, KEY, TEMP) == 0
-    finally:
-        source.close()
-        target.close()
+    assert await copy(servers, KEY) == 0
     assert dst(b"GET", KEY) == b"old" and dst1(b"GET", TEMP) == b"leftover"
 
 
@@ -427,14 +398,8 @@ async def test_a_stream_with_consumer_groups_is_left_to_a_whole_key_copy(servers
     fill(src, "stream", KEY, 3000)
     src(b"XGROUP", b"CREATE", KEY, b"workers", b"0")
     dst(b"SET", KEY, b"old")
-    source, target = BackendConnection(HOST, servers[0], False), BackendConnection(HOST, servers[1], False)
-    await connect(source, target)
-    try:
-        with pytest.raises(ChunkedCopyUnsupported, match="consumer group"):
-            await copy_in_chunks(source, target, KEY, TEMP)
-    finally:
-        source.close()
-        target.close()
+    with pytest.raises(ChunkedCopyUnsupported, match="consumer group"):
+        await copy(servers, KEY)
     assert dst(b"GET", KEY) == b"old" and dst1(b"DBSIZE") == 0
 
 
@@ -560,13 +525,7 @@ async def test_a_string_is_one_set_or_setranges_as_the_target_propagates_writes(
     src, dst = redis["src"], redis["dst"]
     fill(src, "string", KEY, 4 * CHUNK_BYTES - 5)
     assert dst(b"CONFIG", b"RESETSTAT") == b"OK"
-    source, target = BackendConnection(HOST, servers[0], False), BackendConnection(HOST, servers[1], False)
-    await connect(source, target)
-    try:
-        await copy_in_chunks(source, target, KEY, TEMP)
-    finally:
-        source.close()
-        target.close()
+    await copy(servers, KEY)
     stats = dst(b"INFO", b"commandstats")
     assert isinstance(stats, bytes)
     calls = {line.split(b":")[0].removeprefix(b"cmdstat_"): int(line.split(b"calls=")[1].split(b",")[0])

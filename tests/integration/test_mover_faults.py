@@ -136,6 +136,19 @@ async def _links(servers: Servers) -> tuple[Link, Link]:
     return backend, target
 
 
+async def _a_write_once_released_survives_the_failover(servers: Servers, gate: StandInGate) -> None:
+    """k0 held still: no client could have written it (the fix). Released: a client's write
+    forwarded to the target must survive the source's failover and the promoted source's
+    settling."""
+    if b"k0" in gate.moving:
+        return
+    servers.T.set(b"k0", b"acknowledged")  # a client's write, forwarded by the gate
+    servers.fail_over()
+    await _promoted_source_settles(servers)
+    assert servers.T.get(b"k0") == b"acknowledged", \
+        "the promoted source copied k0's old value over an acknowledged write"
+
+
 async def test_a_partly_failed_migrate_releases_keys_only_once_the_replica_has_their_delete(
         servers):
     """No replicas at the target: MIGRATE moves (no COPY). It moves k0 and k1, then the target
@@ -161,13 +174,7 @@ async def test_a_partly_failed_migrate_releases_keys_only_once_the_replica_has_t
         target.close()
     servers.T.config_set("maxmemory", 0)
     assert servers.P.exists(b"k0") == 0, "MIGRATE did not move k0: the fault did not land"
-    if b"k0" in gate.moving:
-        return  # still held: no client could have written it (the fix)
-    servers.T.set(b"k0", b"acknowledged")  # a client's write, forwarded by the gate
-    servers.fail_over()
-    await _promoted_source_settles(servers)
-    assert servers.T.get(b"k0") == b"acknowledged", \
-        "the promoted source copied k0's old value over an acknowledged write"
+    await _a_write_once_released_survives_the_failover(servers, gate)
 
 
 async def test_keys_whose_unlink_is_unconfirmed_stay_held_across_the_retry(servers,
@@ -200,13 +207,7 @@ async def test_keys_whose_unlink_is_unconfirmed_stay_held_across_the_retry(serve
     finally:
         backend.close()
         target.close()
-    if b"k0" in gate.moving:
-        return  # still held: no client could have written it (the fix)
-    servers.T.set(b"k0", b"acknowledged")  # a client's write, forwarded by the gate
-    servers.fail_over()
-    await _promoted_source_settles(servers)
-    assert servers.T.get(b"k0") == b"acknowledged", \
-        "the promoted source copied k0's old value over an acknowledged write"
+    await _a_write_once_released_survives_the_failover(servers, gate)
 
 
 class FencedDuringWait(Link):
