@@ -385,7 +385,7 @@ async def keep_connected(conn: BackendConnection, close_on_exit: bool = True) ->
     """Connect `conn` and reconnect it with backoff whenever it drops, until cancelled."""
     address = str(Address(conn.host, conn.port))
     try:
-        while True:
+        while not conn.closed:  # closed by its owner: it never connects again
             async for attempt in AsyncRetrying(
                 wait=wait_exponential(multiplier=0.05, max=RECONNECT_MAX_WAIT)
                 + wait_random(0, 0.05),

@@ -10,6 +10,7 @@ from anyio.abc import TaskGroup
 from .backend import BackendPool
 from .control import ControlPort
 from .migration import Migrations
+from .peers import PeerPool
 from .routing import RoutingTable
 
 
@@ -30,10 +31,14 @@ class ProxyContext:
         # the mesh secret, or a standalone proxy's admin password; None: none was given
         self.admin_secret: bytes | None = None
         self.task_group: TaskGroup | None = None  # set while the server runs
+        # connections to the other proxies of the cluster (set up by the server)
+        self.peers = PeerPool(None, self.spawn)
 
     def table_changed(self, table: RoutingTable) -> None:
         """A new table is served: clients of another tenant lose their own connections,
-        clients blocked on a slot that left are unblocked (proxy/session.py)."""
+        clients blocked on a slot that left are unblocked (proxy/session.py), and the
+        connections to proxies that left the view are closed."""
+        self.peers.retain({n.address for n in table.nodes})
         for session in list(self.sessions):
             session.table_changed(table)
 

@@ -31,9 +31,6 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
-from core import secret
-from core.address import Address
-
 from .admission import DISPATCH, TRYAGAIN
 from .backend import BackendConnection, BackendPool, Pending, keep_connected, request
 from .link import Link
@@ -49,6 +46,7 @@ from .mover import (
     read_journal,
     settle,
 )
+from .peers import peer_connection
 from .replies import SyncedWrite
 from .resp import encode_command
 from .routing import MigratingSlots, RoutingTable
@@ -329,22 +327,14 @@ class Migrations:
             if gate is not None:  # the other side failed over, or this node changed sides
                 self._end(mid)
             conns = {resp3: self.pool.dedicated(resp3) for resp3 in (False, True)}
-            forwards = {resp3: self._peer_connection(marker.peer, resp3) for resp3 in (False, True)}
+            forwards = {resp3: peer_connection(marker.peer, resp3, self.admin_secret)
+                        for resp3 in (False, True)}
             gate = self.gates[mid] = SlotGate(marker, conns, forwards if marker.source else {},
                                               self.refusal)
             assert self._tg is not None, "Migrations.run() has not started"
             self._tg.start_soon(self._run, gate, mask)
         for mid in [m for m in self.gates if m not in running]:
             self._end(mid)
-
-    def _peer_connection(self, address: str, resp3: bool) -> BackendConnection:
-        """A connection to another proxy of this cluster, authenticated as a peer by the
-        mesh secret (challenge-response: the secret never crosses the wire)."""
-        peer = Address.parse(address)
-        key = self.admin_secret
-        prove = None if key is None else (
-            lambda nonce: [b"UMCTL", b"PROVE", secret.proof(key, nonce)])
-        return BackendConnection(peer.host, peer.port, resp3, prove=prove)
 
     def _end(self, mid: str) -> None:
         self.gates.pop(mid).close()
@@ -389,7 +379,7 @@ class Migrations:
             # the default user: the journal is in a database clients cannot select
             password = self.pool.password
             backend = Link(self.pool.host, self.pool.port, password)
-            proxy = self._peer_connection(gate.marker.peer, False)
+            proxy = peer_connection(gate.marker.peer, False, self.admin_secret)
             direct = direct_target(gate.marker.peer_backend, password)
             self._movers[mid] = (backend, proxy, direct)
             try:

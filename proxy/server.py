@@ -14,6 +14,7 @@ from .context import ProxyContext
 from .control import ControlPort
 from .migration import Migrations
 from .mover import DEFAULT_KEYS_PER_SECOND
+from .peers import PeerPool
 from .session import Session
 
 log = structlog.get_logger("proxy.server")
@@ -37,6 +38,7 @@ class ProxyServer:
         self.context = ProxyContext(listen, self.announce, backend, pool, self.control,
                                     self.migrations)
         self.context.admin_secret = admin_secret
+        self.context.peers = PeerPool(admin_secret, self.context.spawn)
         self.control.followers.append(self.context.table_changed)
         self.control.on_fence.append(self.context.cut_in_flight)
 
