@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "standalone and is configured in-band with UMCTL SETCLUSTER.")
     parser.add_argument("--listen", type=parse_address, required=True, metavar="HOST:PORT",
                         help="address clients connect to")
+    parser.add_argument("--plain-listen", type=parse_address, metavar="HOST:PORT",
+                        help="also serve clients that are not cluster clients here: they see "
+                             "the whole cluster as one Redis (commands for other nodes' slots "
+                             "are forwarded, multi-key commands split, SCAN/DBSIZE/KEYS cover "
+                             "every shard); default: off")
     parser.add_argument("--backend", type=parse_address, required=True, metavar="HOST:PORT",
                         help="the Redis this proxy fronts")
     parser.add_argument("--announce", type=parse_address, metavar="HOST:PORT",
@@ -78,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def serve(args: argparse.Namespace, key: bytes | None) -> None:
     server = ProxyServer(args.listen, args.backend, args.announce, args.backend_password,
-                         args.migration_rate, key)
+                         args.migration_rate, key, plain_listen=args.plain_listen)
     async with anyio.create_task_group() as tg:
         await tg.start(server.run)
         agent = await start_agent(tg, server, args, key) if args.etcd else None

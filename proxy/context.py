@@ -32,13 +32,13 @@ class ProxyContext:
         self.admin_secret: bytes | None = None
         self.task_group: TaskGroup | None = None  # set while the server runs
         # connections to the other proxies of the cluster (set up by the server)
-        self.peers = PeerPool(None, self.spawn)
+        self.peers = PeerPool(None, self.spawn, lambda: self.control.table.tenant)
 
     def table_changed(self, table: RoutingTable) -> None:
         """A new table is served: clients of another tenant lose their own connections,
         clients blocked on a slot that left are unblocked (proxy/session.py), and the
         connections to proxies that left the view are closed."""
-        self.peers.retain({n.address for n in table.nodes})
+        self.peers.retain({n.address for n in table.nodes}, table.tenant)
         for session in list(self.sessions):
             session.table_changed(table)
 

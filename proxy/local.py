@@ -32,7 +32,7 @@ REDIS_COMPAT_VERSION = "7.0.0"
 # CLUSTER COUNTKEYSINSLOT/GETKEYSINSLOT scan the whole backend: at most this many at once
 MAX_SLOT_SCANS = 2
 # UMCTL's read-only probes (readiness, epoch) work without AUTH; the rest needs it.
-UMCTL_WITHOUT_AUTH = frozenset({b"READY", b"GETEPOCH", b"CHALLENGE", b"PROVE"})
+UMCTL_WITHOUT_AUTH = frozenset({b"READY", b"GETEPOCH", b"CHALLENGE", b"PROVE", b"TENANT"})
 # ... and these change the node: they need the admin secret proven (UMCTL CHALLENGE/PROVE)
 UMCTL_ADMIN = frozenset({b"SETCLUSTER", b"HANDOVER"})
 NOT_ADMIN = error("NOPERM this command needs the admin secret: UMCTL CHALLENGE, then UMCTL "
@@ -49,6 +49,8 @@ class Client(Protocol):
     transport: asyncio.Transport | None
     resp3: bool
     name: bytes
+    tenant: str  # whose client it is
+    plain: bool  # a plain client (proxy/plain.py)
     auth_hash: str | None
     asking: bool
     readonly: bool
@@ -295,12 +297,15 @@ def info(c: Client, argv: list[bytes]) -> None:
         extra = ""
     port = b"tcp_port:%d\r\n" % Address.parse(c.ctx.announce).port
 
+    plain = c.plain  # a plain listener's client: this is one standalone Redis to it
+
     def as_cluster_node(data: bytes) -> bytes:
         if data[:1] not in (b"$", b"="):
             return data
         body = data[data.index(b"\r\n") + 2 : -2]
-        body = body.replace(b"cluster_enabled:0\r\n", b"cluster_enabled:1\r\n").replace(
-            b"redis_mode:standalone\r\n", b"redis_mode:cluster\r\n")
+        if not plain:
+            body = body.replace(b"cluster_enabled:0\r\n", b"cluster_enabled:1\r\n").replace(
+                b"redis_mode:standalone\r\n", b"redis_mode:cluster\r\n")
         body = re.sub(rb"tcp_port:\d+\r\n", port, body)
         body = re.sub(rb"(executable|config_file):[^\r]*\r\n", rb"\1:\r\n", body)  # host paths
         if extra:
@@ -371,6 +376,14 @@ def umctl(c: Client, argv: list[bytes]) -> None:
             c.reply(error(str(exc)))
             return
         c.reply(apply_setcluster(ctx, meta))
+    elif sub == b"TENANT":  # UMCTL TENANT <tenant>: a peer's link is for that tenant only
+        # (its view may be older than ours: a node that has since joined another cluster
+        # must not run its forwards, so the link ends here)
+        if len(argv) != 3 or argv[2].decode(errors="replace") != c.tenant:
+            c.reply(error("ERR this node serves another cluster now"))
+            c.closing = True
+        else:
+            c.reply(OK)
     elif sub == b"CHALLENGE":  # a peer or an operator's tool is about to prove the secret
         c.challenge = secret.new_nonce()
         c.reply(bulk(c.challenge))

@@ -18,37 +18,44 @@ from core.address import Address
 from .backend import BackendConnection, keep_connected
 
 
-def peer_connection(address: str, resp3: bool, admin_secret: bytes | None) -> BackendConnection:
+def peer_connection(address: str, resp3: bool, admin_secret: bytes | None,
+                    tenant: str = "") -> BackendConnection:
     """A connection to the proxy at `address` that proves `admin_secret` before anything else
-    (none: a standalone proxy with no admin password, nothing to prove)."""
+    (none: a standalone proxy with no admin password, nothing to prove). With `tenant`, the
+    peer ends the connection at once unless it serves that tenant (`UMCTL TENANT`)."""
     peer = Address.parse(address)
     prove = None if admin_secret is None else (
         lambda nonce: [b"UMCTL", b"PROVE", secret.proof(admin_secret, nonce)])
-    return BackendConnection(peer.host, peer.port, resp3, prove=prove)
+    handshake = ([b"UMCTL", b"TENANT", tenant.encode()],) if tenant else ()
+    return BackendConnection(peer.host, peer.port, resp3, handshake=handshake, prove=prove)
 
 
 class PeerPool:
-    """The connections to peers this proxy uses, by (address, resp3)."""
+    """The connections to peers this proxy uses, by (address, resp3, tenant): each is for
+    the tenant this node served when it was made (a peer of another tenant refuses it)."""
 
     def __init__(self, admin_secret: bytes | None,
                  spawn: Callable[[Callable[..., Coroutine[Any, Any, None]], BackendConnection],
-                                 None]) -> None:
+                                 None],
+                 tenant: Callable[[], str]) -> None:
         self.admin_secret = admin_secret
         self._spawn = spawn  # runs keep_connected(conn) in the server's task group
-        self._conns: dict[tuple[str, bool], BackendConnection] = {}
+        self._tenant = tenant  # the tenant this node serves now
+        self._conns: dict[tuple[str, bool, str], BackendConnection] = {}
 
     def get(self, address: str, resp3: bool) -> BackendConnection:
-        conn = self._conns.get((address, resp3))
+        key = (address, resp3, self._tenant())
+        conn = self._conns.get(key)
         if conn is None or conn.closed:
-            conn = self._conns[(address, resp3)] = peer_connection(address, resp3,
-                                                                   self.admin_secret)
+            conn = self._conns[key] = peer_connection(address, resp3, self.admin_secret, key[2])
             self._spawn(keep_connected, conn)
         return conn
 
-    def retain(self, addresses: set[str]) -> None:
-        """Close the connections to addresses that are no longer in the view."""
-        for key in [k for k in self._conns if k[0] not in addresses]:
+    def retain(self, addresses: set[str], tenant: str) -> None:
+        """Close the connections to addresses that are no longer in the view, or made for
+        another tenant."""
+        for key in [k for k in self._conns if k[0] not in addresses or k[2] != tenant]:
             self._conns.pop(key).close()
 
     def close(self) -> None:
-        self.retain(set())
+        self.retain(set(), "")

@@ -100,6 +100,8 @@ class RoutingTable:
     # synchronous mode: acknowledge a write once WAIT says this many replicas have it
     min_replicas_ack: int = 0
     ack_timeout_ms: int = 1000
+    # the proxies of masters that receive slots in a running migration (any node's table)
+    receiving: frozenset[str] = frozenset()
     # every slot is served here (a one-shard cluster): the fast path skips hashing keys
     serves_all: bool = field(init=False, repr=False)
 
@@ -197,10 +199,12 @@ def table_from_view(view: ClusterView, me: str,
             else:
                 for slot in range(start, end + 1):
                     routes[slot] = moved(slot, master_proxy)
+    receiving = set()
     for m in view.migrations:
         if m.state is not MigrationState.MIGRATING:
             continue
         source, target = masters[m.source], masters[m.target]
+        receiving.add(view.address_of(target).proxy)
         config = view.config
         if me == source:
             marker = MigratingSlots(m.id, True, view.address_of(target).proxy,
@@ -228,4 +232,5 @@ def table_from_view(view: ClusterView, me: str,
                         routes=tuple(routes), password_hash=view.config.password_hash,
                         readable=bytes(readable) if any(readable) else b"",
                         min_replicas_ack=view.config.min_replicas_ack,
-                        ack_timeout_ms=view.config.ack_timeout_ms)
+                        ack_timeout_ms=view.config.ack_timeout_ms,
+                        receiving=frozenset(receiving))

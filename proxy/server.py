@@ -26,8 +26,9 @@ class ProxyServer:
     def __init__(self, listen: str, backend: str, announce: str | None = None,
                  backend_password: str | None = None,
                  migration_rate: int = DEFAULT_KEYS_PER_SECOND,
-                 admin_secret: bytes | None = None) -> None:
+                 admin_secret: bytes | None = None, plain_listen: str | None = None) -> None:
         self.listen = listen
+        self.plain_listen = plain_listen  # clients that are not cluster clients (proxy/plain.py)
         self.announce = announce or listen
         self.backend_address = backend
         pool = BackendPool(backend, password=backend_password)
@@ -38,7 +39,8 @@ class ProxyServer:
         self.context = ProxyContext(listen, self.announce, backend, pool, self.control,
                                     self.migrations)
         self.context.admin_secret = admin_secret
-        self.context.peers = PeerPool(admin_secret, self.context.spawn)
+        self.context.peers = PeerPool(admin_secret, self.context.spawn,
+                                      lambda: self.control.table.tenant)
         self.control.followers.append(self.context.table_changed)
         self.control.on_fence.append(self.context.cut_in_flight)
 
@@ -50,16 +52,23 @@ class ProxyServer:
             context.task_group = tg
             await context.pool.run(tg)
             await tg.start(self.migrations.run)
-            server = await loop.create_server(lambda: Session(context), listen.host,
-                                              listen.port, reuse_address=True,
-                                              backlog=LISTEN_BACKLOG)
+            servers = [await loop.create_server(lambda: Session(context), listen.host,
+                                                listen.port, reuse_address=True,
+                                                backlog=LISTEN_BACKLOG)]
+            if self.plain_listen is not None:
+                plain = Address.parse(self.plain_listen)
+                servers.append(await loop.create_server(lambda: Session(context, plain=True),
+                                                        plain.host, plain.port,
+                                                        reuse_address=True,
+                                                        backlog=LISTEN_BACKLOG))
             log.info("proxy_listening", listen=self.listen, backend=self.backend_address,
-                     announce=self.announce)
+                     announce=self.announce, plain_listen=self.plain_listen)
             task_status.started()
             try:
                 await anyio.sleep_forever()
             finally:
-                server.close()
+                for server in servers:
+                    server.close()
                 for session in list(context.sessions):
                     if session.transport is not None:
                         session.transport.abort()

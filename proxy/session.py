@@ -16,7 +16,7 @@ import structlog
 
 from core import clock
 
-from . import dedicated
+from . import dedicated, plain
 from .admission import (
     TRYAGAIN,
     Dedicated,
@@ -30,9 +30,11 @@ from .admission import (
     decide,
     plain_batch,
 )
-from .backend import BackendConnection, Batch, Pending
+from .backend import BackendConnection, Batch, Pending, keep_connected
 from .context import ProxyContext
+from .forward import redirect_target
 from .local import HANDLERS
+from .peers import peer_connection
 from .replies import MAX_CLIENT_OUTPUT_BYTES, SyncedWrite, newest_unanswered, take_ready
 from .resp import RequestError, RequestParser, encode, encode_command, error
 from .routing import RoutingTable
@@ -62,8 +64,14 @@ _session_ids = itertools.count(1)
 
 
 class Session(asyncio.Protocol):
-    def __init__(self, ctx: ProxyContext) -> None:
+    def __init__(self, ctx: ProxyContext, plain: bool = False) -> None:
         self.ctx = ctx
+        # a client of the plain listener: never redirected, its commands for other nodes'
+        # slots are forwarded there (proxy/forward.py)
+        self.plain = plain
+        # a plain client's commands on their way to other nodes: slot -> {destination: count}
+        self.hops: dict[int, dict[str, int]] = {}
+        self.own_peers: dict[str, BackendConnection] = {}  # its own links for EVAL, BLPOP...
         self.control = ctx.control  # the routing table and write permission, read per command
         self.id = next(_session_ids)
         self.parser = RequestParser()
@@ -259,7 +267,8 @@ class Session(asyncio.Protocol):
         unchanged and take all their replies as one. False: nothing was done."""
         conn = self.conn
         if (self.barrier is not None or self.subscribed or self.in_multi or self.asking
-                or conn.raw_sink is not None or len(self.replies) >= MAX_QUEUED_BATCHES):
+                or conn.raw_sink is not None or len(self.replies) >= MAX_QUEUED_BATCHES
+                or self.hops):
             return False
         control = self.control
         if not plain_batch(batch, control.table, self.tenant, self.auth_hash,
@@ -288,6 +297,8 @@ class Session(asyncio.Protocol):
             return
         outcome = decide(argv, control.table, self, control.permission, clock.now())
         kind = outcome.__class__
+        if self.plain and plain.handle(self, argv, outcome):
+            return
         if kind is Forward:
             if outcome.synced:  # type: ignore[union-attr]  # the class test above
                 self._forward_synced(argv)
@@ -377,6 +388,43 @@ class Session(asyncio.Protocol):
             if self.closing:
                 break
             self.handle(argv)  # with a barrier back up, this holds it again, in order
+
+    # -- plain clients' forwards (proxy/forward.py) ------------------------------------------
+    def peer_conn(self, address: str, argv: list[bytes]) -> BackendConnection:
+        """The connection to the proxy at `address` for `argv`: a shared one, or for a
+        command that takes a connection of its own there (a script, a blocking command)
+        this client's own, so it never holds back other clients' commands."""
+        if argv[0].upper() not in plain.OWN_CONNECTION:
+            return self.ctx.peers.get(address, self.resp3)
+        conn = self.own_peers.get(address)
+        if conn is None or conn.closed:
+            conn = self.own_peers[address] = peer_connection(address, self.resp3,
+                                                             self.ctx.admin_secret, self.tenant)
+            self.owned.append(conn)
+            self.ctx.spawn(keep_connected, conn)
+        return conn
+
+    def owner_of(self, slot: int) -> str | None:
+        """The proxy that serves `slot` now (this one: its own cluster port), or None."""
+        route = self.control.table.routes[slot]
+        if route is None or route.__class__ is not bytes:
+            return self.ctx.announce
+        target = redirect_target(route)
+        return target[1] if target is not None else None
+
+    def hop_moved(self, slot: int, old: str | None, new: str | None) -> None:
+        """Count a forwarded command of `slot` off `old` and on `new` (None: neither)."""
+        hops = self.hops
+        if old is not None:
+            dests = hops[slot]
+            dests[old] -= 1
+            if not dests[old]:
+                del dests[old]
+                if not dests:
+                    del hops[slot]
+        if new is not None:
+            dests = hops.setdefault(slot, {})
+            dests[new] = dests.get(new, 0) + 1
 
     # -- dedicated connections ---------------------------------------------------------------
     def table_changed(self, table: RoutingTable) -> None:

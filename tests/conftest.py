@@ -80,9 +80,11 @@ class Mesh:
     `proxy_args` go to every mesh-proxy."""
 
     def __init__(self, spawn: Spawner, nodes: int, etcd_members: int = 1,
-                 proxy_args: tuple[str, ...] = ()) -> None:
+                 proxy_args: tuple[str, ...] = (), plain: bool = False) -> None:
         self.spawn = spawn
         self.proxy_args = proxy_args
+        self.plain = plain  # every node also has a plain listener (--plain-listen)
+        self.plain_ports: dict[str, int] = {}
         self.etcd_members = spawn.etcd(etcd_members)
         self.etcd = self.etcd_members[0]
         self.redis: dict[str, Process] = {}
@@ -98,9 +100,13 @@ class Mesh:
         backend = self.spawn.redis()
         port = free_port()
         node_id = f"node-{port}"
+        plain: tuple[str, ...] = ()
+        if self.plain:
+            self.plain_ports[node_id] = free_port()
+            plain = ("--plain-listen", f"127.0.0.1:{self.plain_ports[node_id]}")
         self.proxies[node_id] = self.spawn.proxy(backend, "--etcd", self.endpoint,
                                                  "--node-id", node_id, *self.proxy_args,
-                                                 port=port)
+                                                 *plain, port=port)
         self.redis[node_id] = backend
         return node_id
 
@@ -135,5 +141,5 @@ def standalone_node():
 
 @pytest.fixture
 def mesh_factory(spawn):
-    return lambda nodes, etcd_members=1, proxy_args=(): Mesh(spawn, nodes, etcd_members,
-                                                             tuple(proxy_args))
+    return lambda nodes, etcd_members=1, proxy_args=(), plain=False: Mesh(
+        spawn, nodes, etcd_members, tuple(proxy_args), plain)

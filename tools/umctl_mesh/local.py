@@ -25,6 +25,8 @@ from tools.launch import HOST, START_TIMEOUT, Launcher, LaunchError, port_free
 
 STATUS_INTERVAL = 2.0
 REDIS_PORT_OFFSET = 10000
+# each node's plain listener (clients that are not cluster clients: redis-cli without -c)
+PLAIN_PORT_OFFSET = 20000
 APPLY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0  # a stopping master hands its shard over first (mesh/agent.py)
 
@@ -68,7 +70,11 @@ def up(args: argparse.Namespace) -> int:
     nodes = args.shards if args.standalone else args.shards * (1 + args.replicas)
     proxy_ports = [args.port + i for i in range(nodes)]
     redis_ports = [p + REDIS_PORT_OFFSET for p in proxy_ports]
-    busy = [p for p in proxy_ports + redis_ports if not port_free(p)]
+    plain_ports = [p + PLAIN_PORT_OFFSET for p in proxy_ports]
+    if plain_ports[-1] > 65535:
+        raise LaunchError(f"--port {args.port} is too high: each node also listens on its "
+                          f"port + {PLAIN_PORT_OFFSET} for plain clients")
+    busy = [p for p in proxy_ports + redis_ports + plain_ports if not port_free(p)]
     if busy:
         raise LaunchError(f"ports already in use: {', '.join(map(str, busy))} (try --port)")
 
@@ -92,8 +98,10 @@ def up(args: argparse.Namespace) -> int:
         else:
             status, before_stop = _start_mesh(launcher, args, proxy_ports, redis_ports)
         print(f"\nlogs and data in {launcher.workdir}")
-        print(f"connect with:  redis-cli -c -p {proxy_ports[0]}"
-              + (f" -a {args.password}" if getattr(args, "password", None) else ""))
+        password = f" -a {args.password}" if getattr(args, "password", None) else ""
+        print(f"connect with:  redis-cli -c -p {proxy_ports[0]}{password}")
+        print(f"  or, as one Redis (any client, no cluster support needed):  "
+              f"redis-cli -p {plain_ports[0]}{password}")
         print("stop with Ctrl-C\n")
         while not stopping:
             dead = launcher.dead()
@@ -114,7 +122,8 @@ def up(args: argparse.Namespace) -> int:
 def _start_standalone(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[int],
                       redis_ports: list[int]):  # noqa: ANN202
     for proxy_port, redis_port in zip(proxy_ports, redis_ports):
-        launcher.proxy(f"{HOST}:{redis_port}", proxy_port)
+        launcher.proxy(f"{HOST}:{redis_port}", proxy_port,
+                       "--plain-listen", f"{HOST}:{proxy_port + PLAIN_PORT_OFFSET}")
     proxies = [f"{HOST}:{p}" for p in proxy_ports]
     backends = [f"{HOST}:{p}" for p in redis_ports]
     for port, cmd in zip(proxy_ports, setcluster_commands(args.cluster, proxies, backends)):
@@ -147,7 +156,8 @@ def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[
     secret_file.chmod(0o600)
     for proxy_port, redis_port in zip(proxy_ports, redis_ports):
         launcher.proxy(f"{HOST}:{redis_port}", proxy_port, "--etcd", etcd,
-                       "--node-id", f"node-{proxy_port}")
+                       "--node-id", f"node-{proxy_port}",
+                       "--plain-listen", f"{HOST}:{proxy_port + PLAIN_PORT_OFFSET}")
     print(f"{len(proxy_ports)} nodes on {HOST}:{proxy_ports[0]}..{proxy_ports[-1]} "
           f"(redis on {redis_ports[0]}..{redis_ports[-1]})")
 

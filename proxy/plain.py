@@ -1,0 +1,260 @@
+"""What a plain client's session does differently (proxy/session.py, `Session.plain`).
+
+A plain client knows nothing of slots: where `admission.decide()` would redirect it, its
+command is forwarded to the owner (proxy/forward.py); multi-key commands across slots are
+split by slot and their replies merged; keyspace commands (SCAN, DBSIZE, KEYS, RANDOMKEY,
+FLUSHALL/FLUSHDB, INFO keyspace) are answered for the whole cluster from every shard's master.
+Everything else takes the cluster client's path. The pure parts (splitting, merging, the SCAN
+cursor) are in proxy/fanout.py.
+"""
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING
+
+from core.slots import key_slot
+
+from . import fanout, policy
+from .admission import CROSSSLOT, PLAIN, Forward, Local, Outcome, Redirect, Refuse
+from .forward import Fanout, Hop, redirect_target
+from .replies import newest_unanswered
+from .resp import encode_command, error
+from .routing import SLOT_NOT_SERVED
+
+if TYPE_CHECKING:
+    from .session import Session
+
+# a transaction's commands run on one connection to one Redis: a plain client's transaction
+# runs where its connection is
+TRANSACTION = frozenset({b"MULTI", b"EXEC", b"DISCARD", b"WATCH", b"UNWATCH"})
+# commands a forward sends on the client's own link to the owner: the owner runs them on a
+# connection of their own (they may block), which must not hold up other clients' commands
+OWN_CONNECTION = frozenset(name.encode() for name in policy.DEDICATED) - TRANSACTION
+SPLIT = frozenset({b"MGET", b"MSET", b"DEL", b"UNLINK", b"EXISTS", b"TOUCH"})
+KEYSPACE = frozenset({b"SCAN", b"DBSIZE", b"KEYS", b"RANDOMKEY", b"FLUSHALL", b"FLUSHDB"})
+FLUSH_DURING_MIGRATION = error(
+    "ERR FLUSHALL/FLUSHDB refused while slots migrate: keys in flight would come back; "
+    "wait for the migration to finish (umctl-mesh migrations)")
+
+
+def transaction_elsewhere(slot: int, address: str) -> bytes:
+    return error(f"ERR moonmesh plain connection: a transaction (MULTI/EXEC, WATCH) runs on "
+                 f"the keys of the node it is connected to; slot {slot} is served by "
+                 f"{address}: connect there or use a cluster client")
+
+
+def handle(c: Session, argv: list[bytes], outcome: Outcome) -> bool:
+    """Carry out `outcome` for a plain client where that differs from a cluster client's;
+    False: nothing was done, the session goes on as for any client."""
+    if c.tenant != c.control.table.tenant:
+        return False  # a client of a cluster this node left: its redirects, not forwards
+    kind = outcome.__class__
+    if kind is Redirect:
+        target = redirect_target(outcome.reply)  # type: ignore[union-attr]  # the class test above
+        if target is None:  # nobody serves the slot: CLUSTERDOWN, as for anyone
+            return False
+        slot, address, _ = target
+        if c.in_multi or argv[0].upper() in TRANSACTION:
+            c.refuse(transaction_elsewhere(slot, address))
+            return True
+        if _wait_for_hops(c, argv, slot, address):
+            return True
+        pending = c.reply_later()
+        Hop(c, argv, slot, pending, _hop_done).send(address)
+        return True
+    if kind is Refuse and outcome.reply is CROSSSLOT and not c.in_multi:  # type: ignore[union-attr]  # the class test above
+        return _split(c, argv)
+    if kind is Forward:
+        name = argv[0].upper()
+        if name in KEYSPACE and not c.control.table.serves_all and not c.in_multi:
+            return _keyspace(c, name, argv)
+    elif kind is Local and argv[0].upper() == b"INFO" and not c.in_multi:
+        return _info(c, argv)
+    if c.hops and kind is not Refuse:
+        # a command run here waits for this client's earlier commands that went elsewhere
+        # for the same slot (or for any slot, when its slot is not known cheaply): the slot
+        # may have moved here meanwhile, and they must run first
+        here = key_slot(argv[1]) if argv[0] in PLAIN and len(argv) > 1 else None
+        return _wait_for_hops(c, argv, here, c.ctx.announce)
+    return False
+
+
+def _hop_done(hop: Hop) -> None:
+    hop.session.replies_arrived()
+
+
+def _wait_for_hops(c: Session, argv: list[bytes], slot: int | None, address: str) -> bool:
+    """Hold `argv` until this client's earlier replies are in, when an earlier command for
+    its slot is on its way to another destination than `address`."""
+    if slot is None:
+        busy = bool(c.hops)
+    else:
+        dests = c.hops.get(slot)
+        busy = dests is not None and any(d != address for d in dests)
+    if not busy:
+        return False
+    earlier = newest_unanswered(c.replies)
+    if earlier is None:
+        return False
+    c.barrier = earlier
+    c.hold_again(argv)
+    return True
+
+
+def _wait_for_earlier(c: Session, argv: list[bytes]) -> bool:
+    """A fan-out's parts run on other connections: it starts once every earlier command of
+    this client has its reply, so it sees their writes."""
+    earlier = newest_unanswered(c.replies)
+    if earlier is None:
+        return False
+    c.barrier = earlier
+    c.hold_again(argv)
+    return True
+
+
+def _split(c: Session, argv: list[bytes]) -> bool:
+    split = fanout.split(argv)
+    if split is None:
+        return False
+    if _wait_for_earlier(c, argv):
+        return True
+    merged = Fanout(c, lambda replies: fanout.merge(split, replies))
+    c.replies.append(merged)
+    for part in split.parts:
+        _send_part(c, merged, part.slot, list(part.argv))
+    return True
+
+
+def _send_part(c: Session, merged: Fanout, slot: int, argv: list[bytes]) -> None:
+    pending = merged.part()
+    address = c.owner_of(slot)
+    if address is None:
+        pending.data = SLOT_NOT_SERVED
+        merged.part_done()
+        return
+    Hop(c, argv, slot, pending, merged.part_done).send(address)
+
+
+class _NodePart:
+    """A fan-out's sub-command sent to one node (not routed by slot)."""
+
+    __slots__ = ("merged", "pending")
+
+    def __init__(self, merged: Fanout) -> None:
+        self.merged = merged
+        self.pending = merged.part()
+
+    def replies_arrived(self) -> None:
+        if self.pending.data is not None:
+            self.merged.part_done()
+
+
+def _send_to_node(c: Session, merged: Fanout, address: str, argv: list[bytes]) -> None:
+    part = _NodePart(merged)
+    c.ctx.peers.get(address, c.resp3).queue(encode_command(argv), part.pending, part)
+    if part.pending.data is not None:
+        part.replies_arrived()
+
+
+def masters(c: Session) -> list[fanout.ScanTarget]:
+    """Every shard's master in the table, whether it serves slots yet or not."""
+    table = c.control.table
+    return [fanout.ScanTarget(node_id=n.node_id, address=n.address,
+                              receiving=n.address in table.receiving)
+            for n in table.nodes if n.master_id is None]
+
+
+def _random_key(replies: list[bytes]) -> bytes:
+    """RANDOMKEY of the cluster: a random shard's answer, among those that have keys."""
+    error = fanout.first_error(replies)
+    if error is not None:
+        return error
+    found = [r for r in replies if r[:1] == b"$" and r[:3] != b"$-1"]
+    return random.choice(found) if found else replies[0]
+
+
+def _all_ok(replies: list[bytes]) -> bytes:
+    return fanout.first_error(replies) or b"+OK\r\n"
+
+
+def _keyspace(c: Session, name: bytes, argv: list[bytes]) -> bool:
+    nodes = masters(c)
+    if not nodes:
+        return False  # not in a cluster yet: this node's Redis answers
+    if _wait_for_earlier(c, argv):
+        return True
+    if name == b"SCAN":
+        order = fanout.scan_order(nodes)
+        step = fanout.scan_step(argv[1], order)
+        if isinstance(step, bytes):
+            c.refuse(step)
+            return True
+        merged = Fanout(c, lambda replies: fanout.scan_reply(step, order, replies[0]))
+        c.replies.append(merged)
+        _send_to_node(c, merged, step.target.address, fanout.scan_argv(argv, step))
+        return True
+    if name in (b"FLUSHALL", b"FLUSHDB") and c.control.table.receiving:
+        c.refuse(FLUSH_DURING_MIGRATION)
+        return True
+    if name == b"RANDOMKEY":
+        merged = Fanout(c, _random_key)
+    elif name == b"KEYS":
+        merged = Fanout(c, fanout.concat_arrays)
+    elif name == b"DBSIZE":
+        merged = Fanout(c, fanout.sum_integers)
+    else:  # FLUSHALL, FLUSHDB
+        merged = Fanout(c, _all_ok)
+    c.replies.append(merged)
+    for node in nodes:
+        _send_to_node(c, merged, node.address, argv)
+    return True
+
+
+
+# INFO sections that include the keyspace
+_WITH_KEYSPACE = frozenset({b"keyspace", b"all", b"everything", b"default"})
+
+
+def _info(c: Session, argv: list[bytes]) -> bool:
+    """INFO as one Redis would answer it: standalone, and the keyspace of every shard."""
+    sections = {a.lower() for a in argv[1:]}
+    nodes = masters(c)
+    if not nodes or (sections and not sections & _WITH_KEYSPACE):
+        return False  # this node's INFO (as a standalone Redis: local.info asks c.plain)
+    if _wait_for_earlier(c, argv):
+        return True
+    merged = Fanout(c, _info_reply)
+    c.replies.append(merged)
+    _send_to_node(c, merged, c.ctx.announce, argv)
+    for node in nodes:
+        _send_to_node(c, merged, node.address, [b"INFO", b"keyspace"])
+    return True
+
+
+def _info_reply(replies: list[bytes]) -> bytes:
+    error = fanout.first_error(replies)
+    if error is not None:
+        return error
+    head, _, body = replies[0].partition(b"\r\n")  # $len or =len (RESP3 verbatim: "txt:")
+    text = body[:-2]
+    prefix = b""
+    if head[:1] == b"=":
+        prefix, text = text[:4], text[4:]
+    text = _as_standalone(text)
+    start = text.find(b"# Keyspace\r\n")
+    if start >= 0:
+        end = text.find(b"\r\n# ", start + 1)
+        rest = text[end + 2:] if end >= 0 else b""
+        # db0 only: the others hold the mesh's own keys (the mover's journal), not the client's
+        summed = b"".join(line for line in fanout.sum_keyspace(replies[1:]).splitlines(True)
+                          if not line.startswith(b"db") or line.startswith(b"db0:"))
+        text = text[:start] + summed.rstrip(b"\r\n") + b"\r\n" + (b"\r\n" + rest if rest else b"")
+    body = prefix + text
+    return b"%s%d\r\n%s\r\n" % (head[:1], len(body), body)
+
+
+def _as_standalone(text: bytes) -> bytes:
+    """A node's INFO as a standalone Redis says it: clients that see cluster_enabled:1 may
+    switch to cluster mode, which a plain listener does not speak."""
+    return text.replace(b"cluster_enabled:1\r\n", b"cluster_enabled:0\r\n").replace(
+        b"redis_mode:cluster\r\n", b"redis_mode:standalone\r\n")
