@@ -20,16 +20,19 @@ DBSIZE of every shard): its reply is made from theirs once all have arrived.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Protocol
 
 from core import clock
 from core.address import Address
+from core.slots import SLOT_COUNT
 
 from .backend import BACKEND_DOWN, BackendConnection, Pending
 from .resp import encode_command
 from .routing import SLOT_NOT_SERVED
 
+REDIRECTS_REMEMBERED = 2 * SLOT_COUNT  # parsed redirect replies (a table has one per slot)
 MAX_HOPS = 5  # redirects followed for one command
 RETRY_FOR = 4.0  # seconds a command that did not run is tried again (a failover takes ~2)
 RETRY_WAIT = 0.05  # between such tries
@@ -39,6 +42,7 @@ _NOT_RUN = (b"-TRYAGAIN", b"-CLUSTERDOWN")
 PENDING_RETRY = ""  # the destination of a hop waiting to be sent again
 
 
+@functools.lru_cache(maxsize=REDIRECTS_REMEMBERED)
 def redirect_target(reply: bytes) -> tuple[int, str, bool] | None:
     """The slot and address of a `-MOVED slot host:port` or `-ASK ...` reply, and whether it
     is an ASK; None for any other reply. IPv6 hosts come without brackets, as Redis prints

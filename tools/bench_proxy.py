@@ -10,6 +10,10 @@ median):
   twemproxy  nutcracker (Debian's twemproxy) in front of it, when installed
   mesh-3     3 standalone mesh-proxies as one cluster (redis-benchmark --cluster)
   native-3   a native 3-master Redis Cluster (redis-benchmark --cluster)
+  plain-3    mesh-3's first proxy's plain listener (--plain-listen) with redis-benchmark
+             without --cluster, every key in another proxy's slots: each command forwarded
+and MGET of 10 keys: across all 3 shards through plain-3, of one slot through mesh-3 (the
+owner-proxy path), and through twemproxy and direct Redis (one server: no split).
 It prints ops/s, p50/p99 latency, the ratios the targets are judged by, and the proxy's CPU
 seconds per million requests (from /proc, steadier than ops/s on a shared machine).
 Everything it starts is stopped at the end; every run is bounded by --requests.
@@ -29,6 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.slots import SLOT_COUNT, key_slot  # noqa: E402
+from core.view import even_split  # noqa: E402
 from tools.launch import HOST, Launcher, Process, die_with_parent, free_port  # noqa: E402
 from tools.umctl_mesh.local import setcluster_commands  # noqa: E402
 
@@ -64,6 +70,40 @@ def benchmark(port: int, requests: int, pipeline: int, cluster: bool = False,
     return rows
 
 
+def benchmark_command(port: int, requests: int, pipeline: int, argv: list[str],
+                      cluster: bool = False) -> dict:
+    """redis-benchmark of one command line (`__rand_int__` in it is replaced per request)."""
+    cmd = ["redis-benchmark", "-h", HOST, "-p", str(port), "-n", str(requests), "-c", "50",
+           "-P", str(pipeline), "-r", "100000", "--csv", *(["--cluster"] if cluster else []),
+           *argv]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 or '"test"' not in done.stdout:
+        raise SystemExit(f"{' '.join(cmd[:12])}...: {done.stderr.strip() or done.stdout[-300:]}")
+    out = done.stdout
+    row = next(csv.DictReader(io.StringIO(out[out.index('"test"'):])))
+    return {"rps": float(row["rps"]), "p50": float(row["p50_latency_ms"]),
+            "p99": float(row["p99_latency_ms"])}
+
+
+def tag_in(slots: range) -> str:
+    """A hash tag whose keys hash into `slots`."""
+    return next(f"t{i}" for i in range(100_000) if key_slot(f"t{i}".encode()) in slots)
+
+
+def spread_keys(count: int, thirds: int = 3) -> list[str]:
+    """`count` keys, as evenly as can be over the thirds of the slot space (3 shards)."""
+    size = (SLOT_COUNT + thirds - 1) // thirds
+    keys: list[str] = []
+    for i in range(10_000):
+        key = f"mget:{i}"
+        if sum(key_slot(k.encode()) // size == key_slot(key.encode()) // size
+               for k in keys) < (count + thirds - 1) // thirds:
+            keys.append(key)
+        if len(keys) == count:
+            return keys
+    raise AssertionError("no spread found")
+
+
 def fairness(port: int, requests: int, connections: int) -> dict[str, dict]:
     """One client's GET latency alone and beside clients pushing deep pipelines of 1 KB SETs,
     and GETs from many connections at once."""
@@ -88,6 +128,10 @@ def median_runs(port: int, requests: int, pipeline: int, runs: int,
     results = [benchmark(port, requests, pipeline, cluster) for _ in range(runs)]
     return {test: {k: statistics.median(r[test][k] for r in results) for k in ("rps", "p50", "p99")}
             for test in results[0]}
+
+
+def statistics_median(rows: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in rows) for k in ("rps", "p50", "p99")}
 
 
 def setcluster(ports: list[int], backends: list[int]) -> None:
@@ -142,6 +186,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=1000,
                         help="clients of the many-connections part of the fairness run")
     parser.add_argument("--markdown", metavar="FILE", help="also write the tables here")
+    parser.add_argument("--mget-keys", type=int, default=10, help="keys of the MGET rows")
     args = parser.parse_args()
     pipelines = [int(p) for p in args.pipelines.split(",")]
     # started processes get SIGTERM if this script dies, even by SIGKILL
@@ -150,13 +195,14 @@ def main() -> int:
     def redis() -> int:
         return launcher.redis().port
 
-    def proxy(backend: int) -> tuple[int, Process]:
-        p = launcher.proxy(f"{HOST}:{backend}", None, "--log-level", "warning")
+    def proxy(backend: int, *extra: str) -> tuple[int, Process]:
+        p = launcher.proxy(f"{HOST}:{backend}", None, "--log-level", "warning", *extra)
         return p.port, p
 
     results: dict[tuple[str, int], dict] = {}
     cpu: dict[str, float] = {}
     fair: dict[str, dict[str, dict]] = {}
+    mget: dict[tuple[str, int], dict] = {}
     try:
         direct = redis()
         moonmesh, moonmesh_proc = proxy(direct)
@@ -166,25 +212,57 @@ def main() -> int:
         if nut is not None:
             targets.append(("twemproxy", nut, False))
         mesh_procs = []
+        plain = 0
         if not args.no_cluster:
             backends = [redis() for _ in range(3)]
-            started = [proxy(b) for b in backends]
+            plain = free_port()
+            started = [proxy(b, *(["--plain-listen", f"{HOST}:{plain}"] if i == 0 else []))
+                       for i, b in enumerate(backends)]
             mesh_procs = [p for _, p in started]
             setcluster([p for p, _ in started], backends)
-            targets += [("mesh-3", started[0][0], True), ("native-3", native_cluster(launcher), True)]
+            targets += [("mesh-3", started[0][0], True), ("native-3", native_cluster(launcher), True),
+                        ("plain-3", plain, False)]
+        # plain-3's keys are all in the second proxy's slots (setcluster splits evenly)
+        elsewhere = tag_in(range(SLOT_COUNT // 3 + 1, 2 * SLOT_COUNT // 3))
         for name, port, cluster in targets:
-            watched = {"moonmesh": [moonmesh_proc], "mesh-3": mesh_procs}.get(name, [])
+            watched = {"moonmesh": [moonmesh_proc], "mesh-3": mesh_procs,
+                       "plain-3": mesh_procs}.get(name, [])
             before = sum(cpu_seconds(p.pid) for p in watched)
             for pipeline in pipelines:
-                results[(name, pipeline)] = median_runs(port, args.requests, pipeline,
-                                                        args.runs, cluster)
+                if name == "plain-3":
+                    results[(name, pipeline)] = {
+                        test: statistics_median([benchmark_command(
+                            port, args.requests, pipeline, argv) for _ in range(args.runs)])
+                        for test, argv in (("SET", ["SET", f"{{{elsewhere}}}:__rand_int__", "x"]),
+                                           ("GET", ["GET", f"{{{elsewhere}}}:__rand_int__"]))}
+                else:
+                    results[(name, pipeline)] = median_runs(port, args.requests, pipeline,
+                                                            args.runs, cluster)
             if watched:
                 spent = sum(cpu_seconds(p.pid) for p in watched) - before
                 total = args.requests * 2 * len(pipelines) * args.runs
                 cpu[name] = spent / total * 1e6
+        if args.mget_keys:
+            spread = spread_keys(args.mget_keys)
+            tagged = [f"{{m}}:{i}" for i in range(args.mget_keys)]
+            for name, port, cluster in targets:
+                if name in ("native-3", "moonmesh"):  # cluster mode: CROSSSLOT, as Redis
+                    continue
+                keys = tagged if name == "mesh-3" else spread
+                if name == "mesh-3":  # straight to the owner of the tag's slot
+                    owner = next(i for i, (a, b) in enumerate(r[0] for r in even_split(3))
+                                 if a <= key_slot(b"m") <= b)
+                    port, cluster = started[owner][0], False
+                subprocess.run(["redis-cli", *(["-c"] if cluster else []), "-p", str(port),
+                                "MSET", *[x for k in keys for x in (k, "v" * 16)]],
+                               check=True, capture_output=True)
+                for pipeline in pipelines:
+                    mget[(name, pipeline)] = statistics_median([benchmark_command(
+                        port, args.requests, pipeline, ["MGET", *keys], cluster)
+                        for _ in range(args.runs)])
         if args.probe_requests:
             for name, port, cluster in targets:
-                if not cluster:
+                if not cluster and name != "plain-3":
                     fair[name] = fairness(port, args.probe_requests, args.connections)
     finally:
         launcher.cleanup()
@@ -200,7 +278,9 @@ def main() -> int:
     lines += ["", "| ratio | -P | SET | GET |", "| --- | --- | --- | --- |"]
     pairs = [("moonmesh / direct", "moonmesh", "direct"),
              ("moonmesh / twemproxy", "moonmesh", "twemproxy"),
-             ("mesh-3 / native-3", "mesh-3", "native-3")]
+             ("mesh-3 / native-3", "mesh-3", "native-3"),
+             ("plain-3 forwarded / mesh-3 owner", "plain-3", "mesh-3"),
+             ("plain-3 forwarded / twemproxy", "plain-3", "twemproxy")]
     for label, a, b in pairs:
         for pipeline in pipelines:
             if (a, pipeline) in results and (b, pipeline) in results:
@@ -213,6 +293,20 @@ def main() -> int:
             lines.append(f"| moonmesh / direct p99 | {pipeline} | "
                          f"{m['SET']['p99'] / max(d['SET']['p99'], 1e-9):.2f} | "
                          f"{m['GET']['p99'] / max(d['GET']['p99'], 1e-9):.2f} |")
+    if mget:
+        lines += ["", f"MGET of {args.mget_keys} keys (plain-3: across the 3 shards; mesh-3: "
+                  "one slot, --cluster; twemproxy and direct: one server)", "",
+                  "| target | -P | ops/s | p50/p99 ms |", "| --- | --- | --- | --- |"]
+        for (name, pipeline), row in mget.items():
+            lines.append(f"| {name} | {pipeline} | {row['rps']:,.0f} | "
+                         f"{row['p50']:.3f}/{row['p99']:.3f} |")
+        lines += ["", "| MGET ratio | -P | ops/s |", "| --- | --- | --- |"]
+        for label, a, b in [("plain-3 across shards / mesh-3 one slot", "plain-3", "mesh-3"),
+                            ("plain-3 across shards / twemproxy", "plain-3", "twemproxy")]:
+            for pipeline in pipelines:
+                if (a, pipeline) in mget and (b, pipeline) in mget:
+                    lines.append(f"| {label} | {pipeline} | "
+                                 f"{mget[(a, pipeline)]['rps'] / mget[(b, pipeline)]['rps']:.2f} |")
     lines += ["", "| proxy | CPU seconds per million requests |", "| --- | --- |"]
     lines += [f"| {name} | {value:.2f} |" for name, value in cpu.items()]
     if fair:
