@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import structlog
+
 from .backend import BackendConnection, Pending
 from .peers import PeerPool
 from .resp import encode_command
@@ -33,6 +35,8 @@ from .routing import RoutingTable
 
 __all__ = ["MAX_PEER_BACKLOG", "MAX_PEER_BUFFER", "PUBLISH_DEADLINE", "Targets",
            "publish", "publish_reply", "publish_targets"]
+
+log = structlog.get_logger("proxy.broadcast")
 
 # How long a PUBLISH waits for the other masters' counts. Peers answer in well under a
 # millisecond; a peer that takes this long is stopped or overloaded, and the client gets
@@ -153,7 +157,7 @@ class _Broadcast:
 
     def replies_arrived(self) -> None:
         for address, pending, _ in self.parts:
-            if pending.data is not None:
+            if pending.data is not None and pending.data is not PEER_BACKLOG_FULL:
                 self.stalled.discard(address)  # it answers again: wait for it from now on
         if self.done:
             return
@@ -174,6 +178,7 @@ class _Broadcast:
         for address, pending, waited in self.parts:
             if waited and pending.data is None:
                 self.stalled.add(address)
+                log.warning("publish_peer_stalled", peer=address, deadline=PUBLISH_DEADLINE)
         self._finish()
 
     def _finish(self) -> None:

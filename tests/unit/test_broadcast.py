@@ -183,13 +183,14 @@ async def test_a_peer_that_does_not_answer_costs_one_deadline_then_is_not_waited
 @pytest.mark.anyio
 async def test_a_peer_with_too_much_unanswered_is_not_sent_more(monkeypatch):
     monkeypatch.setattr(broadcast, "MAX_PEER_BACKLOG", 2)
-    peers = FakePeers()
+    peers, stalled = FakePeers(), {M3}
     for _ in range(2):
-        _, _, local = start(R1, peers, {M3})
+        start(R1, peers, stalled)
         for address in (ME, M2):
             peers.conns[address].answer(b":0\r\n")
     assert len(peers.conns[M3].queued) == 2
-    _, reply, _ = start(R1, peers, {M3})
+    _, reply, _ = start(R1, peers, stalled)
     for address in (ME, M2):
         peers.conns[address].answer(b":1\r\n")
     assert len(peers.conns[M3].queued) == 2 and reply.data == b":2\r\n"
+    assert stalled == {M3}  # skipping it is no answer from it
