@@ -31,8 +31,15 @@ FENCED = (b"-CLUSTERDOWN this node lost contact with the mesh and serves no keys
 NO_AUTH_NEEDED = frozenset({b"AUTH", b"HELLO", b"QUIT", b"RESET", b"UMCTL"})
 # The proxy's own commands that take effect at once even inside MULTI.
 RUN_INSIDE_MULTI = frozenset({b"QUIT", b"RESET", b"UMCTL"})
-# ... and those Redis can queue and answer in EXEC's reply.
-QUEUE_INSIDE_MULTI = frozenset({b"PING", b"ECHO"})
+# ... and those Redis can queue and answer in EXEC's reply (a PUBLISH queued in a
+# transaction reaches this node's Redis and its replicas only: docs/architecture.md)
+QUEUE_INSIDE_MULTI = frozenset({b"PING", b"ECHO", b"PUBLISH"})
+# Commands of shard channels, routed by the channel's slot. A channel is no key: during a
+# migration the source serves it until the commit (nothing moves), and a replica of the
+# slot's master serves subscriptions (its Redis gets SPUBLISH by replication), as Redis 7.0
+# Cluster does; SPUBLISH itself goes to the master, which publishes for the whole shard.
+SHARD_CHANNEL_COMMANDS = frozenset({b"SPUBLISH", b"SSUBSCRIBE", b"SUNSUBSCRIBE"})
+SHARD_SUBSCRIPTIONS = frozenset({b"SSUBSCRIBE", b"SUNSUBSCRIBE"})
 # Commands Redis does not flag as writes that may write all the same: they meet the write
 # fence. A script declared `#!lua flags=no-writes` and the _RO forms are reads.
 SCRIPTS = frozenset({b"EVAL", b"EVALSHA", b"FCALL"})
@@ -327,11 +334,15 @@ def _route(spec: commands.CommandSpec, argv: list[bytes], table: RoutingTable,
     if route is None:
         return slot
     if route.__class__ is bytes:
-        if client.readonly and table.readable and table.readable[slot] \
-                and "readonly" in spec.flags:
-            return slot  # READONLY: a replica serves reads of its master's slots
+        if table.readable and table.readable[slot] and (
+                (client.readonly and "readonly" in spec.flags)
+                or spec.name in SHARD_SUBSCRIPTIONS):
+            # READONLY: a replica serves reads of its master's slots, and subscriptions
+            return slot
         return Redirect(route)
     assert isinstance(route, MigratingSlots)
+    if spec.name in SHARD_CHANNEL_COMMANDS:  # no keys to look for: the source serves them
+        return slot if route.source or client.asked else Redirect(route.moved(slot))
     if not route.source:  # the target serves a migrating slot only after ASKING
         if not client.asked:
             return Redirect(route.moved(slot))
@@ -342,6 +353,16 @@ def _route(spec: commands.CommandSpec, argv: list[bytes], table: RoutingTable,
     elif not gated:
         return Refuse(TRYAGAIN)
     return Gate(route.migration_id, tuple(argv[i] for i in positions), slot)
+
+
+def keeps_shard_channel(table: RoutingTable, slot: int) -> bool:
+    """Does a subscription to a shard channel of `slot` stay on this node under `table`?
+    Until the slot has left it (a migration's source keeps its channels until the commit),
+    and on a replica of its master. When it has left, the subscriber is told `sunsubscribe`
+    (proxy/dedicated.py), as Redis Cluster does, and subscribes again at the new owner."""
+    route = table.routes[slot]
+    return route is None or isinstance(route, MigratingSlots) or bool(
+        table.readable and table.readable[slot])
 
 
 def _build_plain() -> dict[bytes, tuple[int, int]]:

@@ -83,6 +83,8 @@ class BackendConnection(asyncio.Protocol):
         self.down = False  # True once a connect failed or the link dropped: fail fast
         self.closed = False  # closed by its owner: never (re)connects
         self.raw_sink: RawSink | None = None  # pub/sub: every byte goes to one client
+        # pub/sub: the shard channels subscribed on it (left when their slot leaves the node)
+        self.shard_channels: set[bytes] = set()
         self.bulk = False  # one of the pool's connections for big batches
         self.synced = False  # one of the pool's connections for writes followed by WAIT
         self._out: list[bytes] = []

@@ -33,6 +33,9 @@ class ProxyContext:
         self.task_group: TaskGroup | None = None  # set while the server runs
         # connections to the other proxies of the cluster (set up by the server)
         self.peers = PeerPool(None, self.spawn, lambda: self.control.table.tenant)
+        # peers a PUBLISH stopped waiting for (proxy/broadcast.py): not waited for again
+        # until they answer
+        self.stalled_peers: set[str] = set()
 
     def table_changed(self, table: RoutingTable) -> None:
         """A new table is served: clients of another tenant lose their own connections,

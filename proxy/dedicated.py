@@ -14,8 +14,10 @@ from typing import Protocol
 
 import structlog
 
+from core.slots import key_slot
+
 from . import local
-from .admission import TRYAGAIN, Dedicated
+from .admission import TRYAGAIN, Dedicated, keeps_shard_channel
 from .backend import BackendConnection, Pending
 from .context import ProxyContext
 from .jobs import run_dedicated
@@ -136,6 +138,7 @@ def table_changed(s: Client, table: RoutingTable) -> None:
         for own in s.owned:
             own.close()
         return
+    leave_lost_shard_channels(s, table)
     blocked = s.blocked
     if blocked is None or blocked[0] < 0 or blocked[1].data is not None:
         return
@@ -178,6 +181,7 @@ def subscribe(s: Client, argv: list[bytes]) -> None:
     conn.raw_sink = s
     s.output_limit = MAX_SUBSCRIBER_OUTPUT_BYTES
     conn.send_unmatched(encode_command(argv))
+    track_shard_channels(conn, argv)
     if not s.resp3:
         s.subscribed = True
         return
@@ -196,11 +200,50 @@ def send_subscribed(s: Client, argv: list[bytes]) -> None:
     answers a PING of ours, in a subscriber's form or an ordinary client's."""
     conn = s.conn
     conn.send_unmatched(encode_command(argv))
+    track_shard_channels(conn, argv)
     if argv[0].upper() in UNSUBSCRIBE_KINDS:
-        token = os.urandom(UNSUBSCRIBE_TOKEN_BYTES).hex().encode()
-        conn.send_unmatched(encode_command([b"PING", token]))
-        s.unsubscribe_marker = (b"*2\r\n$4\r\npong\r\n" + bulk(token), bulk(token))
-        s.barrier = Pending()  # filled when the answer is seen (raw_arrived)
+        ask_subscribe_mode(s, conn)
+
+
+def ask_subscribe_mode(s: Client, conn: BackendConnection) -> None:
+    """RESP2: after an UNSUBSCRIBE-family command, a PING tells whether the connection is
+    still subscribed; what the client sends meanwhile waits."""
+    token = os.urandom(UNSUBSCRIBE_TOKEN_BYTES).hex().encode()
+    conn.send_unmatched(encode_command([b"PING", token]))
+    s.unsubscribe_marker = (b"*2\r\n$4\r\npong\r\n" + bulk(token), bulk(token))
+    s.barrier = Pending()  # filled when the answer is seen (raw_arrived)
+
+
+def track_shard_channels(conn: BackendConnection, argv: list[bytes]) -> None:
+    """Keep `conn.shard_channels` as Redis does, from a subscribe-family command sent on it."""
+    name = argv[0].upper()
+    if name == b"SSUBSCRIBE":
+        conn.shard_channels.update(argv[1:])
+    elif name == b"SUNSUBSCRIBE":
+        if len(argv) > 1:
+            conn.shard_channels.difference_update(argv[1:])
+        else:
+            conn.shard_channels.clear()
+
+
+def leave_lost_shard_channels(s: Client, table: RoutingTable) -> None:
+    """The client's shard channels whose slot has left this node under `table` are left, as
+    Redis Cluster does when it loses a slot: the client gets a `sunsubscribe` for each (its
+    cue to subscribe again where the slot went), and no message of the new owner's would
+    reach it here anyway."""
+    conn = s.dedicated
+    if conn is None or conn.raw_sink is None or not conn.shard_channels:
+        return
+    lost = sorted(ch for ch in conn.shard_channels if not keeps_shard_channel(table, key_slot(ch)))
+    if not lost:
+        return
+    if s.subscribed and (s.unsubscribe_marker is not None or s.barrier is not None):
+        return  # an UNSUBSCRIBE of the client's is being answered: checked again after it
+    conn.shard_channels.difference_update(lost)
+    # a RESP3 client gets the confirmations as pushes, out of band
+    conn.send_unmatched(encode_command([b"SUNSUBSCRIBE", *lost]))
+    if s.subscribed:  # RESP2: it may have left subscribe mode by that
+        ask_subscribe_mode(s, conn)
 
 
 def raw_arrived(s: Client, messages: list[bytes]) -> None:
@@ -238,6 +281,9 @@ def subscribe_mode_known(s: Client, messages: list[bytes], marker_at: int, left:
         s.subscribed = False
         s.output_limit = MAX_CLIENT_OUTPUT_BYTES
         s.conn.raw_sink = None  # replies pair with commands again
+        s.conn.shard_channels.clear()
     assert s.barrier is not None
     s.barrier.data = b""
     s.replies_arrived()
+    if s.subscribed:  # a slot may have left while the PING was out
+        leave_lost_shard_channels(s, s.ctx.control.table)

@@ -18,7 +18,7 @@ from core import __version__, secret
 from core.address import Address
 from core.slots import SLOT_COUNT, key_slot
 
-from . import clusterinfo, commands, jobs, policy
+from . import broadcast, clusterinfo, commands, jobs, policy
 from .admission import NOAUTH
 from .backend import BackendConnection, Pending
 from .context import ProxyContext
@@ -33,8 +33,9 @@ REDIS_COMPAT_VERSION = "7.0.0"
 MAX_SLOT_SCANS = 2
 # UMCTL's read-only probes (readiness, epoch) work without AUTH; the rest needs it.
 UMCTL_WITHOUT_AUTH = frozenset({b"READY", b"GETEPOCH", b"CHALLENGE", b"PROVE", b"TENANT"})
-# ... and these change the node: they need the admin secret proven (UMCTL CHALLENGE/PROVE)
-UMCTL_ADMIN = frozenset({b"SETCLUSTER", b"HANDOVER"})
+# ... and these change the node or are peers' calls: they need the admin secret proven
+# (UMCTL CHALLENGE/PROVE)
+UMCTL_ADMIN = frozenset({b"SETCLUSTER", b"HANDOVER", b"PUBLISH"})
 NOT_ADMIN = error("NOPERM this command needs the admin secret: UMCTL CHALLENGE, then UMCTL "
                   "PROVE <hex HMAC-SHA256 of the challenge>")
 NO_SECRET = error("NOPERM this node has no mesh secret (--mesh-secret-file or MOONMESH_SECRET): "
@@ -62,6 +63,7 @@ class Client(Protocol):
     multi_slots: set[int]
     subscribed: bool
     output_limit: int
+    conn: BackendConnection  # where its commands go now
     dedicated: BackendConnection | None  # the client's own connection, if it has one
     owned: list[BackendConnection]  # every connection of its own, closed with it
 
@@ -407,6 +409,13 @@ def umctl(c: Client, argv: list[bytes]) -> None:
         # (umctl-mesh writes it after the swap)
         ctx.control.start_handover()
         ctx.spawn(_handover, c, c.reply_later(), argv[2], argv[3], argv[4])
+    elif sub == b"PUBLISH":  # UMCTL PUBLISH <tenant> <channel> <message>: a peer's broadcast
+        if len(argv) != 5:
+            c.reply(error("ERR usage: UMCTL PUBLISH <tenant> <channel> <message>"))
+        elif argv[2] != table.tenant.encode():  # the secret is the pool's, not the cluster's
+            c.reply(error("ERR UMCTL PUBLISH for another cluster than this node's"))
+        else:  # on this node's Redis only: never sent on (no loops)
+            c.forward([b"PUBLISH", argv[3], argv[4]])
     elif sub == b"GETEPOCH":
         c.reply(integer(table.epoch))
     elif sub == b"READY":
@@ -419,6 +428,14 @@ def umctl(c: Client, argv: list[bytes]) -> None:
     else:
         c.reply(error("ERR unknown UMCTL subcommand; try SETCLUSTER, GETEPOCH, INFO, "
                       "READY or LISTCLUSTER"))
+
+
+def publish(c: Client, argv: list[bytes]) -> None:
+    """PUBLISH to every subscriber of the cluster (proxy/broadcast.py): this node's Redis if
+    it is a master, and the other masters' through their proxies."""
+    ctx = c.ctx
+    broadcast.publish(c, c.reply_later(), c.conn, ctx.peers, ctx.stalled_peers,
+                      ctx.control.table, argv[1], argv[2])
 
 
 async def _keys_in_slot(c: Client, pending: Pending, slot: int, count: int | None) -> None:
@@ -509,7 +526,7 @@ def unsubscribed(argv: list[bytes], resp3: bool) -> bytes:
 HANDLERS: dict[bytes, Handler] = {
     b"PING": ping, b"ECHO": echo, b"SELECT": select, b"QUIT": quit_, b"RESET": reset,
     b"AUTH": auth, b"HELLO": hello, b"INFO": info, b"CLUSTER": cluster, b"UMCTL": umctl,
-    b"ASKING": asking, b"READONLY": readonly, b"READWRITE": readwrite,
+    b"ASKING": asking, b"READONLY": readonly, b"READWRITE": readwrite, b"PUBLISH": publish,
     b"CLIENT|SETNAME": client_setname, b"CLIENT|GETNAME": client_getname,
     b"CLIENT|ID": client_id, b"CLIENT|SETINFO": client_setinfo, b"CLIENT|INFO": client_info,
     b"CONFIG|SET": config_set, b"CONFIG|GET": config_get,

@@ -22,6 +22,7 @@ LOCAL = {
     "CLIENT|SETNAME", "CLIENT|GETNAME", "CLIENT|ID", "CLIENT|SETINFO", "CLIENT|INFO",
     "CONFIG|SET",  # only TENANT_SETTABLE parameters, then forwarded
     "CONFIG|GET",  # forwarded; the values of HIDDEN_CONFIG are masked in the reply
+    "PUBLISH",  # to every master of the cluster (proxy/broadcast.py)
 }
 
 DEDICATED = {

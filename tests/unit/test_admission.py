@@ -29,6 +29,7 @@ from proxy.admission import (
     Refuse,
     WritePermission,
     decide,
+    keeps_shard_channel,
     plain_batch,
 )
 from proxy.control import FENCED_LEASE, Applied, ControlPort
@@ -268,6 +269,27 @@ CASES = [
     ("SSUBSCRIBE a", A_MOVED, CLIENT, OPEN, ("redirect", MOVED_A)),
     ("SSUBSCRIBE a", ALL, CLIENT, OPEN, ("subscribe",)),
     ("SUBSCRIBE ch", PASSWORD, CLIENT, OPEN, ("refuse", NOAUTH)),
+    ("PUBLISH ch m", ALL, CLIENT, OPEN, ("local", b"PUBLISH")),  # to every master
+    ("PUBLISH ch m", A_MOVED, CLIENT, FENCED_NOW, ("local", b"PUBLISH")),  # no data: no fence
+    ("PUBLISH ch m", ALL, IN_MULTI, OPEN, ("forward",)),  # Redis queues it, as before
+    ("PUBLISH ch m", PASSWORD, CLIENT, OPEN, ("refuse", NOAUTH)),
+    ("PUBLISH ch", ALL, CLIENT, OPEN, ("refuse", b"-ERR wrong number of arguments")),
+    # shard channels: by slot; subscriptions on a replica of the slot too (Redis 7.0)
+    ("SPUBLISH a m", ALL, CLIENT, OPEN, ("forward",)),
+    ("SPUBLISH a m", A_MOVED, CLIENT, OPEN, ("redirect", MOVED_A)),
+    ("SSUBSCRIBE a", A_REPLICA, CLIENT, OPEN, ("subscribe",)),
+    ("SUNSUBSCRIBE a", A_REPLICA, CLIENT, OPEN, ("subscribe",)),
+    ("SPUBLISH a m", A_REPLICA, CLIENT, OPEN, ("redirect", MOVED_A)),  # the master publishes
+    ("SPUBLISH a m", A_REPLICA, READONLY, OPEN, ("redirect", MOVED_A)),
+    ("SSUBSCRIBE a {a}x", A_REPLICA, CLIENT, OPEN, ("subscribe",)),
+    ("SSUBSCRIBE a b", ALL, CLIENT, OPEN, ("refuse", CROSSSLOT)),
+    # ... a channel is no key: the source of a migration serves it until the commit
+    ("SPUBLISH a m", A_LEAVING, CLIENT, OPEN, ("forward",)),
+    ("SSUBSCRIBE a", A_LEAVING, CLIENT, OPEN, ("subscribe",)),
+    ("SPUBLISH a m", A_LEAVING, IN_MULTI, OPEN, ("queue", A)),
+    ("SPUBLISH a m", A_ARRIVING, CLIENT, OPEN, ("redirect", b"-MOVED %d %s" % (A, PEER.encode()))),
+    ("SSUBSCRIBE a", A_ARRIVING, CLIENT, OPEN, ("redirect", b"-MOVED")),
+    ("SSUBSCRIBE a", A_ARRIVING, ASKED, OPEN, ("subscribe",)),
     # a client of the tenant the node served before
     ("GET a", ALL, Client(tenant="old"), OPEN, ("disconnect",)),
     # ... which this node left, while the cluster goes on: redirected to the new owners
@@ -305,6 +327,16 @@ def test_every_outcome_is_covered_by_the_table():
     assert kinds == {"forward", "forward-synced", "queue", "local", "dedicated",
                      "dedicated-blocking", "subscribe", "refuse", "redirect", "gate",
                      "disconnect"}
+
+
+@pytest.mark.parametrize("table,kept", [
+    (ALL, True), (A_MOVED, False), (A_UNSERVED, False), (A_REPLICA, True),
+    (A_LEAVING, True),  # until the commit
+    (A_ARRIVING, True),  # subscribed after ASKING: the slot is coming
+])
+def test_a_shard_channel_stays_subscribed_while_its_slot_is_served_here(table, kept):
+    assert keeps_shard_channel(table, A) is kept
+    assert keeps_shard_channel(table, B) is True
 
 
 def test_the_write_fence_is_read_at_the_moment_of_decision():
