@@ -10,19 +10,37 @@ cursor) are in proxy/fanout.py.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
+from collections import deque
+from typing import Protocol
 
 from core.slots import key_slot
 
-from . import fanout, policy
+from . import fanout, forward, policy
 from .admission import CROSSSLOT, PLAIN, Forward, Local, Outcome, Redirect, Refuse
+from .backend import Pending
+from .context import ProxyContext
+from .control import ControlPort
 from .forward import Fanout, Hop, redirect_target
 from .replies import newest_unanswered
 from .resp import encode_command, error
 from .routing import SLOT_NOT_SERVED
 
-if TYPE_CHECKING:
-    from .session import Session
+
+class Session(forward.Client, Protocol):
+    """What this module uses of a plain client's session (proxy/session.py)."""
+
+    ctx: ProxyContext
+    control: ControlPort
+    replies: deque[Pending]
+    barrier: Pending | None
+    hops: dict[int, dict[str, int]]
+    tenant: str
+    resp3: bool
+    in_multi: bool
+
+    def refuse(self, reply: bytes) -> None: ...
+    def reply_later(self) -> Pending: ...
+    def hold_again(self, argv: list[bytes]) -> None: ...
 
 # a transaction's commands run on one connection to one Redis: a plain client's transaction
 # runs where its connection is
