@@ -28,6 +28,9 @@ def mesh():
         mesh = Mesh(spawner, 6, plain=True)
         mesh.wait_pool(6)
         mesh.umctl("cluster", "create", "mydb", "--shards", "3", "--replicas", "1")
+        for shard in shards(mesh):  # replicas get what their master publishes once linked
+            wait_for(lambda port=mesh.redis[shard["replica"]].port: b"master_link_status:up"
+                     in command(port, "INFO", "replication"), what="replicas in sync")
         yield mesh
     finally:
         spawner.cleanup()
@@ -275,3 +278,24 @@ def test_scan_while_slots_migrate_returns_every_key_and_flushall_waits(mesh_fact
     assert len(seen_after) == len(keys) and set(seen_after) == keys
     assert r.dbsize() == len(keys)
     assert r.flushall() is True and r.dbsize() == 0
+
+
+def test_publish_through_one_plain_listener_reaches_subscribers_on_every_node(mesh):
+    layout = shards(mesh)
+    subscribers = []
+    for node in (layout[0]["master"], layout[1]["replica"], layout[2]["master"]):
+        sub = redis.Redis(port=mesh.plain_ports[node], socket_timeout=10).pubsub()
+        sub.subscribe("plain-news")
+        assert sub.get_message(timeout=5)["type"] == "subscribe"
+        subscribers.append(sub)
+    publisher = redis.Redis(port=mesh.plain_ports[layout[1]["master"]], socket_timeout=10)
+    for i in range(20):
+        publisher.publish("plain-news", f"m{i}")
+    for sub in subscribers:
+        got = []
+        while len(got) < 20:
+            message = sub.get_message(timeout=5)
+            assert message is not None, f"only {got} arrived"
+            got.append(message["data"])
+        assert got == [f"m{i}".encode() for i in range(20)]
+        sub.close()
