@@ -71,6 +71,7 @@ class ClientState(Protocol):
     asked: bool  # ASKING came right before this command
     readonly: bool  # READONLY: reads of a replica's slots are served here
     in_multi: bool
+    admin: bool  # proved the mesh secret: a peer proxy (or the operator's tool)
 
     @property
     def multi_slots(self) -> AbstractSet[int]: ...  # of the commands queued in MULTI
@@ -309,6 +310,11 @@ def _gone(slots: AbstractSet[int], table: RoutingTable) -> Outcome | None:
     return None
 
 
+# what a peer may send across slots when this node serves them all: the part of a plain
+# client's multi-key command for this node (one command runs them as Redis would)
+PEER_MULTI_SLOT = frozenset({b"MGET", b"MSET", b"DEL", b"UNLINK", b"EXISTS", b"TOUCH"})
+
+
 def _route(spec: commands.CommandSpec, argv: list[bytes], table: RoutingTable,
            client: ClientState, gated: bool) -> Outcome | int:
     """The slot when this node serves the command's keys now (-1: it has none), else the
@@ -326,6 +332,9 @@ def _route(spec: commands.CommandSpec, argv: list[bytes], table: RoutingTable,
         slot = key_slot(argv[positions[0]])
         for i in positions[1:]:
             if key_slot(argv[i]) != slot:
+                if client.admin and spec.name in PEER_MULTI_SLOT and all(
+                        table.routes[key_slot(argv[j])] is None for j in positions):
+                    return slot  # a plain client's keys that all live here (proxy/plain.py)
                 return Refuse(CROSSSLOT)
     else:
         positions = [spec.first_key]

@@ -135,13 +135,14 @@ class Hop:
 
 class Fanout(Pending):
     """The reply slot of a client command answered from several sub-commands: `merge` makes
-    the client's reply from their replies (in the order of `parts`) once all have arrived."""
+    the client's reply from their replies (in the order of `parts`) once all have arrived,
+    then `done` is called (the session's `replies_arrived`, or an outer fan-out's part)."""
 
-    __slots__ = ("session", "parts", "merge", "left")
+    __slots__ = ("done", "parts", "merge", "left")
 
-    def __init__(self, session: Client, merge: Callable[[list[bytes]], bytes]) -> None:
+    def __init__(self, done: Callable[[], None], merge: Callable[[list[bytes]], bytes]) -> None:
         super().__init__()
-        self.session, self.merge = session, merge
+        self.done, self.merge = done, merge
         self.parts: list[Pending] = []
         self.left = 0
 
@@ -155,4 +156,4 @@ class Fanout(Pending):
         self.left -= 1
         if self.left == 0:
             self.data = self.merge([p.data or b"" for p in self.parts])
-            self.session.replies_arrived()
+            self.done()

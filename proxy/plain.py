@@ -9,6 +9,7 @@ cursor) are in proxy/fanout.py.
 """
 from __future__ import annotations
 
+import functools
 import random
 from collections import deque
 from typing import Protocol
@@ -131,16 +132,67 @@ def _wait_for_earlier(c: Session, argv: list[bytes]) -> bool:
 
 
 def _split(c: Session, argv: list[bytes]) -> bool:
-    split = fanout.split(argv)
-    if split is None:
+    """A multi-key command across slots: one sub-command per node that serves some of its
+    keys (the node runs it as one command when it serves all its slots; else it answers
+    CROSSSLOT, and that part goes again as one sub-command per slot)."""
+    plan = fanout.split(argv)
+    if plan is None:
         return False
     if _wait_for_earlier(c, argv):
         return True
-    merged = Fanout(c, lambda replies: fanout.merge(split, replies))
+    by_node: dict[str | None, list[fanout.Part]] = {}
+    for part in plan.parts:
+        by_node.setdefault(c.owner_of(part.slot), []).append(part)
+    groups = list(by_node.items())
+    grouped = fanout.Split(command=plan.command, merge=plan.merge, key_count=plan.key_count,
+                           parts=tuple(_joined(argv[0], parts) for _, parts in groups))
+    merged = Fanout(c.replies_arrived, lambda replies: fanout.merge(grouped, replies))
     c.replies.append(merged)
-    for part in split.parts:
-        _send_part(c, merged, part.slot, list(part.argv))
+    for (address, parts), joined in zip(groups, grouped.parts):
+        pending = merged.part()
+        if address is None:
+            pending.data = SLOT_NOT_SERVED
+            merged.part_done()
+        elif len(parts) == 1:
+            Hop(c, list(joined.argv), joined.slot, pending, merged.part_done).send(address)
+        else:
+            done = functools.partial(_node_part_done, c, parts=parts, outer=merged)
+            Hop(c, list(joined.argv), joined.slot, pending, done).send(address)
     return True
+
+
+def _joined(name: bytes, parts: list[fanout.Part]) -> fanout.Part:
+    """One sub-command for the keys of several slots (in the client's order of first slot)."""
+    return fanout.Part(slot=parts[0].slot,
+                       argv=(name, *(a for p in parts for a in p.argv[1:])),
+                       positions=tuple(i for p in parts for i in p.positions))
+
+
+def _node_part_done(c: Session, hop: Hop, parts: list[fanout.Part], outer: Fanout) -> None:
+    """A node's part came back; CROSSSLOT: the node does not serve all of its slots now (one
+    migrates, or our view is behind), so it goes again slot by slot, and their replies make
+    the reply the node would have given."""
+    if not hop.pending.data.startswith(b"-CROSSSLOT"):  # type: ignore[union-attr]  # done: filled
+        outer.part_done()
+        return
+    offset = 0
+    local = []
+    for p in parts:
+        local.append(fanout.Part(slot=p.slot, argv=p.argv,
+                                 positions=tuple(range(offset, offset + len(p.positions)))))
+        offset += len(p.positions)
+    plan = fanout.Split(command=parts[0].argv[0].decode(errors="replace").upper(),
+                        merge=fanout.SPLITTABLE[parts[0].argv[0].upper()][0],
+                        parts=tuple(local), key_count=offset)
+    slot_pending = hop.pending
+
+    def finished() -> None:
+        slot_pending.data = inner.data
+        outer.part_done()
+
+    inner = Fanout(finished, lambda replies: fanout.merge(plan, replies))
+    for p in local:
+        _send_part(c, inner, p.slot, list(p.argv))
 
 
 def _send_part(c: Session, merged: Fanout, slot: int, argv: list[bytes]) -> None:
@@ -207,7 +259,7 @@ def _keyspace(c: Session, name: bytes, argv: list[bytes]) -> bool:
         if isinstance(step, bytes):
             c.refuse(step)
             return True
-        merged = Fanout(c, lambda replies: fanout.scan_reply(step, order, replies[0]))
+        merged = Fanout(c.replies_arrived, lambda replies: fanout.scan_reply(step, order, replies[0]))
         c.replies.append(merged)
         _send_to_node(c, merged, step.target.address, fanout.scan_argv(argv, step))
         return True
@@ -215,13 +267,13 @@ def _keyspace(c: Session, name: bytes, argv: list[bytes]) -> bool:
         c.refuse(FLUSH_DURING_MIGRATION)
         return True
     if name == b"RANDOMKEY":
-        merged = Fanout(c, _random_key)
+        merged = Fanout(c.replies_arrived, _random_key)
     elif name == b"KEYS":
-        merged = Fanout(c, fanout.concat_arrays)
+        merged = Fanout(c.replies_arrived, fanout.concat_arrays)
     elif name == b"DBSIZE":
-        merged = Fanout(c, fanout.sum_integers)
+        merged = Fanout(c.replies_arrived, fanout.sum_integers)
     else:  # FLUSHALL, FLUSHDB
-        merged = Fanout(c, _all_ok)
+        merged = Fanout(c.replies_arrived, _all_ok)
     c.replies.append(merged)
     for node in nodes:
         _send_to_node(c, merged, node.address, argv)
@@ -241,7 +293,7 @@ def _info(c: Session, argv: list[bytes]) -> bool:
         return False  # this node's INFO (as a standalone Redis: local.info asks c.plain)
     if _wait_for_earlier(c, argv):
         return True
-    merged = Fanout(c, _info_reply)
+    merged = Fanout(c.replies_arrived, _info_reply)
     c.replies.append(merged)
     _send_to_node(c, merged, c.ctx.announce, argv)
     for node in nodes:

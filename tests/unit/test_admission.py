@@ -49,6 +49,7 @@ class Client:
     readonly: bool = False
     in_multi: bool = False
     multi_slots: frozenset[int] = frozenset()
+    admin: bool = False
 
 
 def make_table(routes: dict[int, object] | None = None, epoch: int = 1, cluster: str = "c",
@@ -450,3 +451,17 @@ def test_a_script_is_a_read_only_when_its_shebang_says_so(script, writes):
     # only a script that may write must declare its keys on a node serving part of the slots
     outcome = decide([b"EVAL", script, b"0"], A_MOVED, CLIENT, OPEN, NOW)
     assert isinstance(outcome, Refuse) is writes, outcome
+
+
+@pytest.mark.parametrize(("client", "routes", "expected"), [
+    # a peer's part of a plain client's MGET: every slot served here -> one command here
+    (Client(admin=True), {}, "forward"),
+    # ... but one of its slots is another node's (or migrating): CROSSSLOT, as for anyone
+    (Client(admin=True), {key_slot(b"b"): b"-MOVED 3300 10.0.0.2:7000\r\n"}, "crossslot"),
+    # a client that is not a peer never gets multi-slot commands run
+    (Client(), {}, "crossslot"),
+])
+def test_a_peer_may_send_keys_of_several_slots_this_node_all_serves(client, routes, expected):
+    outcome = decide([b"MGET", b"a", b"b", b"c"], make_table(routes), client, OPEN, NOW)
+    assert (outcome == Refuse(CROSSSLOT)) == (expected == "crossslot")
+    assert (outcome is FORWARD) == (expected == "forward")
