@@ -25,6 +25,7 @@ import csv
 import io
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -33,14 +34,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core import secret  # noqa: E402
 from core.slots import SLOT_COUNT, key_slot  # noqa: E402
 from core.view import even_split  # noqa: E402
+from proxy.resp import encode_command  # noqa: E402
 from tools.launch import HOST, Launcher, Process, die_with_parent, free_port  # noqa: E402
 from tools.umctl_mesh.local import setcluster_commands  # noqa: E402
 
 # the fairness run's background load: this many clients, each pipelining this many SETs
 HEAVY_CLIENTS = 20
 HEAVY_PIPELINE = 256
+BENCH_ADMIN = b"bench-admin"  # mesh-3's proxies' admin password
 NATIVE_PORT_BELOW = 55000  # a native cluster node's bus listens on port + 10000
 
 
@@ -134,11 +138,19 @@ def statistics_median(rows: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in rows) for k in ("rps", "p50", "p99")}
 
 
-def setcluster(ports: list[int], backends: list[int]) -> None:
+def setcluster(ports: list[int], backends: list[int], admin: bytes | None = None) -> None:
+    """Configure the proxies as one cluster (proving `admin`, their admin password)."""
     cmds = setcluster_commands("bench", [f"{HOST}:{p}" for p in ports],
                                [f"{HOST}:{b}" for b in backends])
     for port, cmd in zip(ports, cmds):
-        assert cli(port, *cmd) == "OK"
+        with socket.create_connection((HOST, port), timeout=10) as s:
+            if admin is not None:
+                s.sendall(encode_command([b"UMCTL", b"CHALLENGE"]))
+                nonce = s.recv(4096).split(b"\r\n")[1]
+                s.sendall(encode_command([b"UMCTL", b"PROVE", secret.proof(admin, nonce)]))
+                assert s.recv(4096) == b"+OK\r\n"
+            s.sendall(encode_command([c.encode() for c in cmd]))
+            assert s.recv(4096) == b"+OK\r\n"
 
 
 def native_cluster(launcher: Launcher) -> int:
@@ -216,10 +228,13 @@ def main() -> int:
         if not args.no_cluster:
             backends = [redis() for _ in range(3)]
             plain = free_port()
-            started = [proxy(b, *(["--plain-listen", f"{HOST}:{plain}"] if i == 0 else []))
+            # peers prove the admin password to each other (a plain client's MGET part for
+            # one node then runs there as one command)
+            started = [proxy(b, "--admin-password", BENCH_ADMIN.decode(),
+                             *(["--plain-listen", f"{HOST}:{plain}"] if i == 0 else []))
                        for i, b in enumerate(backends)]
             mesh_procs = [p for _, p in started]
-            setcluster([p for p, _ in started], backends)
+            setcluster([p for p, _ in started], backends, BENCH_ADMIN)
             targets += [("mesh-3", started[0][0], True), ("native-3", native_cluster(launcher), True),
                         ("plain-3", plain, False)]
         # plain-3's keys are all in the second proxy's slots (setcluster splits evenly)
