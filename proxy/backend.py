@@ -28,6 +28,7 @@ log = structlog.get_logger("proxy.backend")
 
 CONNECT_TIMEOUT = 2.0
 RECONNECT_MAX_WAIT = 2.0
+SHORT_LINK = 1.0  # a link lost sooner than this after connecting is redialled after a pause
 SHARED_CONNECTIONS_PER_PROTOCOL = 4
 # ... and this many more for clients sending big batches, so that one client's deep pipeline
 # never sits in the stream ahead of another client's single command
@@ -87,6 +88,7 @@ class BackendConnection(asyncio.Protocol):
         self.shard_channels: set[bytes] = set()
         self.bulk = False  # one of the pool's connections for big batches
         self.synced = False  # one of the pool's connections for writes followed by WAIT
+        self.own = False  # a plain client's own link to a peer (proxy/forward.py)
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._waiting: deque[tuple[Pending, ReplySink | None, int]] = deque()
@@ -400,8 +402,12 @@ async def keep_connected(conn: BackendConnection, close_on_exit: bool = True) ->
                 with attempt:
                     await conn.connect()
             log.debug("backend_connected", backend=address, resp3=conn.resp3)
+            connected = anyio.current_time()
             await conn.lost.wait()
             log.warning("backend_connection_lost", backend=address)
+            if anyio.current_time() - connected < SHORT_LINK:
+                # closed at once (a peer refusing our handshake, say): no redial storm
+                await anyio.sleep(RECONNECT_MAX_WAIT)
     finally:
         if close_on_exit:
             conn.close()

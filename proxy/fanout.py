@@ -356,11 +356,13 @@ def _keyspace_order(totals: dict[str, int]) -> list[tuple[str, int]]:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ScanTarget:
-    """A master to scan. `receiving`: its shard is the target of a running slot migration."""
+    """A master to scan. `receiving`: its shard is the target of a running slot migration;
+    `layout`: the slots it serves, as text (a change of any shard's slots restarts a scan)."""
 
     node_id: str
     address: str
     receiving: bool
+    layout: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -386,11 +388,12 @@ def scan_order(masters: Iterable[ScanTarget]) -> ScanOrder:
     Keys only move from a migration's source to its target, so a key that moves during the
     scan is still found at least once when every target comes after every source. (Not so
     between two receiving shards when keys also move from the later one to the earlier.)
-    The tag is a 12-bit CRC of the ordered ids and addresses (stable across processes): a
-    cursor made under another order restarts the scan.
+    The tag is a 12-bit CRC of the ordered ids, addresses and slot layouts (stable across
+    processes): a cursor made under another order or layout restarts the scan, so a migration
+    that starts and ends between two calls cannot hide keys in a shard already scanned.
     """
     ordered = tuple(sorted(masters, key=lambda m: (m.receiving, m.node_id)))
-    names = "\n".join(f"{m.node_id}@{m.address}" for m in ordered)
+    names = "\n".join(f"{m.node_id}@{m.address}/{m.layout}" for m in ordered)
     return ScanOrder(masters=ordered, tag=zlib.crc32(names.encode()) & _TAG_MASK)
 
 

@@ -28,6 +28,7 @@ from core import clock
 from core.address import Address
 from core.slots import SLOT_COUNT
 
+from .admission import TENANT_CHANGED
 from .backend import BACKEND_DOWN, BackendConnection, Pending
 from .resp import encode_command
 from .routing import SLOT_NOT_SERVED
@@ -39,7 +40,11 @@ RETRY_WAIT = 0.05  # between such tries
 _ASKING = encode_command([b"ASKING"])
 # replies that mean the command did not run and may be sent again
 _NOT_RUN = (b"-TRYAGAIN", b"-CLUSTERDOWN")
-PENDING_RETRY = ""  # the destination of a hop waiting to be sent again
+PENDING_RETRY = "retry"  # the link of a hop waiting to be sent again
+# a forwarded command on a shared peer link gets its reply within this, or the link is cut
+# (its commands in flight answer -UNCERTAIN) and made again
+REPLY_TIMEOUT = 5.0
+SCRIPTS = frozenset({b"EVAL", b"EVALSHA", b"EVAL_RO", b"EVALSHA_RO", b"FCALL", b"FCALL_RO"})
 
 
 @functools.lru_cache(maxsize=REDIRECTS_REMEMBERED)
@@ -66,71 +71,114 @@ class Client(Protocol):
     @property
     def transport(self) -> object | None: ...  # None once the client has gone
 
+    hops: dict[int, dict[object, int]]  # slot -> {link (or PENDING_RETRY): hops on it}
+    hop_seq: dict[int, int]  # slot -> hops sent for it so far (while any is in flight)
+
     def peer_conn(self, address: str, argv: list[bytes]) -> BackendConnection: ...
     def owner_of(self, slot: int) -> str | None: ...
-    def hop_moved(self, slot: int, old: str | None, new: str | None) -> None: ...
+    def same_tenant(self) -> bool: ...  # the node still serves the client's cluster
     def replies_arrived(self) -> None: ...
+
+
+def hop_moved(c: Client, slot: int, old: object, new: object) -> None:
+    """Count a forwarded command of `slot` off link `old` and on `new` (None: neither)."""
+    hops = c.hops
+    if old is not None:
+        links = hops[slot]
+        links[old] -= 1
+        if not links[old]:
+            del links[old]
+            if not links:
+                del hops[slot]
+                c.hop_seq.pop(slot, None)
+    if new is not None:
+        links = hops.setdefault(slot, {})
+        links[new] = links.get(new, 0) + 1
+        if new is not PENDING_RETRY:
+            c.hop_seq[slot] = c.hop_seq.get(slot, 0) + 1
 
 
 class Hop:
     """One command of a plain client on its way to the node that serves its slot. `done`
     is told when `pending` holds the final reply."""
 
-    __slots__ = ("session", "argv", "slot", "pending", "inner", "address", "hops", "deadline",
-                 "done")
+    __slots__ = ("session", "argv", "slot", "pending", "inner", "address", "link", "hops",
+                 "deadline", "done", "seq", "timer", "final")
 
     def __init__(self, session: Client, argv: list[bytes], slot: int, pending: Pending,
                  done: Callable[[Hop], None]) -> None:
         self.session, self.argv, self.slot, self.pending = session, argv, slot, pending
         self.done = done
         self.inner = Pending()
-        self.address: str | None = None  # where it was sent last (None: not yet)
+        self.address: str | None = None  # where it was sent last
+        self.link: object = None  # the link it is counted on (session.hops)
         self.hops = 0
         self.deadline = clock.now() + RETRY_FOR
+        self.seq = 0
+        self.timer: asyncio.TimerHandle | None = None
+        # a script's own error reply may read like a redirect or TRYAGAIN, and it may have
+        # written before: its reply is the client's, whatever it says
+        self.final = argv[0].upper() in SCRIPTS
 
     def send(self, address: str, asking: bool = False) -> None:
         session = self.session
-        session.hop_moved(self.slot, self.address, address)
-        self.address = address
+        if not session.same_tenant():  # the node left the client's cluster meanwhile
+            self._finish(TENANT_CHANGED)
+            return
         conn = session.peer_conn(address, self.argv)
+        hop_moved(session, self.slot, self.link, conn)
+        self.address, self.link = address, conn
+        self.seq = session.hop_seq[self.slot]
         self.inner = Pending()
         if asking:
             conn.queue(_ASKING, Pending(), None)
         conn.queue(encode_command(self.argv), self.inner, self)
         if self.inner.data is not None:  # the peer is down: answered at once
             self.replies_arrived()
+        elif not conn.own:  # on a shared link a peer that stops answering must not hang us
+            self.timer = asyncio.get_running_loop().call_later(REPLY_TIMEOUT, conn.abort)
 
     def replies_arrived(self) -> None:
         data = self.inner.data
         if data is None or self.pending.data is not None:
             return
-        if data[:1] == b"-" and self.hops < MAX_HOPS and self.session.transport is not None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        session = self.session
+        if data[:1] == b"-" and not self.final and self.hops < MAX_HOPS \
+                and session.transport is not None:
             target = redirect_target(data)
             if target is not None:
                 self.hops += 1
                 self.send(target[1], target[2])
                 return
-            if data.startswith(_NOT_RUN) and clock.now() < self.deadline:
-                self.session.hop_moved(self.slot, self.address, PENDING_RETRY)
-                self.address = PENDING_RETRY
+            # not run: again, unless a later command for the slot went meanwhile (it may
+            # have run, and this one must not run after it)
+            if data.startswith(_NOT_RUN) and clock.now() < self.deadline \
+                    and session.hop_seq.get(self.slot) == self.seq:
+                hop_moved(session, self.slot, self.link, PENDING_RETRY)
+                self.link = PENDING_RETRY
                 asyncio.get_running_loop().call_later(RETRY_WAIT, self._again)
                 return
-        self.session.hop_moved(self.slot, self.address, None)
         if data == BACKEND_DOWN:  # the peer's link, not this node's Redis
             data = b"-CLUSTERDOWN the node serving slot %d (%s) is unreachable\r\n" % (
                 self.slot, (self.address or "?").encode())
-        self.pending.data = data
-        self.done(self)
+        self._finish(data)
 
     def _again(self) -> None:
         session = self.session
         address = session.owner_of(self.slot) if session.transport is not None else None
         if address is None:  # the client left, or nobody serves the slot now
-            session.hop_moved(self.slot, self.address, None)
-            self.pending.data = SLOT_NOT_SERVED
-            self.done(self)
+            self._finish(SLOT_NOT_SERVED)
             return
         self.send(address)
+
+    def _finish(self, data: bytes) -> None:
+        hop_moved(self.session, self.slot, self.link, None)
+        self.link = None
+        self.pending.data = data
+        self.done(self)
 
 
 class Fanout(Pending):

@@ -18,7 +18,7 @@ from core.slots import key_slot
 
 from . import fanout, forward, policy
 from .admission import CROSSSLOT, PLAIN, Forward, Local, Outcome, Redirect, Refuse
-from .backend import Pending
+from .backend import BackendConnection, Pending
 from .context import ProxyContext
 from .control import ControlPort
 from .forward import Fanout, Hop, redirect_target
@@ -34,7 +34,6 @@ class Session(forward.Client, Protocol):
     control: ControlPort
     replies: deque[Pending]
     barrier: Pending | None
-    hops: dict[int, dict[str, int]]
     tenant: str
     resp3: bool
     in_multi: bool
@@ -49,11 +48,17 @@ TRANSACTION = frozenset({b"MULTI", b"EXEC", b"DISCARD", b"WATCH", b"UNWATCH"})
 # commands a forward sends on the client's own link to the owner: the owner runs them on a
 # connection of their own (they may block), which must not hold up other clients' commands
 OWN_CONNECTION = frozenset(name.encode() for name in policy.DEDICATED) - TRANSACTION
+SUBSCRIBE = frozenset(name.encode() for name in policy.SUBSCRIBE)
 SPLIT = frozenset({b"MGET", b"MSET", b"DEL", b"UNLINK", b"EXISTS", b"TOUCH"})
 KEYSPACE = frozenset({b"SCAN", b"DBSIZE", b"KEYS", b"RANDOMKEY", b"FLUSHALL", b"FLUSHDB"})
 FLUSH_DURING_MIGRATION = error(
     "ERR FLUSHALL/FLUSHDB refused while slots migrate: keys in flight would come back; "
     "wait for the migration to finish (umctl-mesh migrations)")
+
+
+def shard_channel_elsewhere(slot: int, address: str) -> bytes:
+    return error(f"ERR moonmesh plain connection: shard channels of slot {slot} are served by "
+                 f"{address}: SSUBSCRIBE there, or use SUBSCRIBE (PUBLISH reaches every node)")
 
 
 def transaction_elsewhere(slot: int, address: str) -> bytes:
@@ -73,19 +78,31 @@ def handle(c: Session, argv: list[bytes], outcome: Outcome) -> bool:
         if target is None:  # nobody serves the slot: CLUSTERDOWN, as for anyone
             return False
         slot, address, _ = target
-        if c.in_multi or argv[0].upper() in TRANSACTION:
+        name = argv[0].upper()
+        if c.in_multi or name in TRANSACTION:
             c.refuse(transaction_elsewhere(slot, address))
             return True
-        if _wait_for_hops(c, argv, slot, address):
+        if name in SUBSCRIBE:  # a subscription holds its link: it is this node's
+            c.refuse(shard_channel_elsewhere(slot, address))
+            return True
+        link = c.peer_conn(address, argv)
+        if _wait_for_hops(c, argv, slot, link):
             return True
         pending = c.reply_later()
         Hop(c, argv, slot, pending, _hop_done).send(address)
+        if link.own and pending.data is None:
+            # a script or blocking command: the client's later commands wait for it, as a
+            # cluster client's do (they would overtake it on the shared link)
+            c.barrier = pending
         return True
     if kind is Refuse and outcome.reply is CROSSSLOT and not c.in_multi:  # type: ignore[union-attr]  # the class test above
         return _split(c, argv)
     if kind is Forward:
         name = argv[0].upper()
-        if name in KEYSPACE and not c.control.table.serves_all and not c.in_multi:
+        # a node that serves every slot answers for the cluster itself, but SCAN keeps the
+        # cluster's cursor: one may have been made before this node got every slot
+        if name in KEYSPACE and not c.in_multi and (
+                name == b"SCAN" or not c.control.table.serves_all):
             return _keyspace(c, name, argv)
     elif kind is Local and argv[0].upper() == b"INFO" and not c.in_multi:
         return _info(c, argv)
@@ -94,7 +111,7 @@ def handle(c: Session, argv: list[bytes], outcome: Outcome) -> bool:
         # for the same slot (or for any slot, when its slot is not known cheaply): the slot
         # may have moved here meanwhile, and they must run first
         here = key_slot(argv[1]) if argv[0] in PLAIN and len(argv) > 1 else None
-        return _wait_for_hops(c, argv, here, c.ctx.announce)
+        return _wait_for_hops(c, argv, here, None)
     return False
 
 
@@ -102,14 +119,16 @@ def _hop_done(hop: Hop) -> None:
     hop.session.replies_arrived()
 
 
-def _wait_for_hops(c: Session, argv: list[bytes], slot: int | None, address: str) -> bool:
+def _wait_for_hops(c: Session, argv: list[bytes], slot: int | None,
+                   link: BackendConnection | None) -> bool:
     """Hold `argv` until this client's earlier replies are in, when an earlier command for
-    its slot is on its way to another destination than `address`."""
+    its slot (any slot: None) is on its way over another link than `link` (None: this
+    node's own path): only one link keeps their order."""
     if slot is None:
         busy = bool(c.hops)
     else:
-        dests = c.hops.get(slot)
-        busy = dests is not None and any(d != address for d in dests)
+        links = c.hops.get(slot)
+        busy = links is not None and any(d is not link for d in links)
     if not busy:
         return False
     earlier = newest_unanswered(c.replies)
@@ -131,6 +150,13 @@ def _wait_for_earlier(c: Session, argv: list[bytes]) -> bool:
     return True
 
 
+def _behind(c: Session, merged: Fanout) -> None:
+    """Queue the fan-out's reply slot, and hold the client's later commands until it is
+    filled: its parts go over other links than theirs, which would overtake them."""
+    c.replies.append(merged)
+    c.barrier = merged
+
+
 def _split(c: Session, argv: list[bytes]) -> bool:
     """A multi-key command across slots: one sub-command per node that serves some of its
     keys (the node runs it as one command when it serves all its slots; else it answers
@@ -147,7 +173,7 @@ def _split(c: Session, argv: list[bytes]) -> bool:
     grouped = fanout.Split(command=plan.command, merge=plan.merge, key_count=plan.key_count,
                            parts=tuple(_joined(argv[0], parts) for _, parts in groups))
     merged = Fanout(c.replies_arrived, lambda replies: fanout.merge(grouped, replies))
-    c.replies.append(merged)
+    _behind(c, merged)
     for (address, parts), joined in zip(groups, grouped.parts):
         pending = merged.part()
         if address is None:
@@ -230,7 +256,7 @@ def masters(c: Session) -> list[fanout.ScanTarget]:
     """Every shard's master in the table, whether it serves slots yet or not."""
     table = c.control.table
     return [fanout.ScanTarget(node_id=n.node_id, address=n.address,
-                              receiving=n.address in table.receiving)
+                              receiving=n.address in table.receiving, layout=repr(n.ranges))
             for n in table.nodes if n.master_id is None]
 
 
@@ -260,7 +286,7 @@ def _keyspace(c: Session, name: bytes, argv: list[bytes]) -> bool:
             c.refuse(step)
             return True
         merged = Fanout(c.replies_arrived, lambda replies: fanout.scan_reply(step, order, replies[0]))
-        c.replies.append(merged)
+        _behind(c, merged)
         _send_to_node(c, merged, step.target.address, fanout.scan_argv(argv, step))
         return True
     if name in (b"FLUSHALL", b"FLUSHDB") and c.control.table.receiving:
@@ -274,7 +300,7 @@ def _keyspace(c: Session, name: bytes, argv: list[bytes]) -> bool:
         merged = Fanout(c.replies_arrived, fanout.sum_integers)
     else:  # FLUSHALL, FLUSHDB
         merged = Fanout(c.replies_arrived, _all_ok)
-    c.replies.append(merged)
+    _behind(c, merged)
     for node in nodes:
         _send_to_node(c, merged, node.address, argv)
     return True
@@ -294,7 +320,7 @@ def _info(c: Session, argv: list[bytes]) -> bool:
     if _wait_for_earlier(c, argv):
         return True
     merged = Fanout(c.replies_arrived, _info_reply)
-    c.replies.append(merged)
+    _behind(c, merged)
     _send_to_node(c, merged, c.ctx.announce, argv)
     for node in nodes:
         _send_to_node(c, merged, node.address, [b"INFO", b"keyspace"])

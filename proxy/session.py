@@ -69,9 +69,12 @@ class Session(asyncio.Protocol):
         # a client of the plain listener: never redirected, its commands for other nodes'
         # slots are forwarded there (proxy/forward.py)
         self.plain = plain
-        # a plain client's commands on their way to other nodes: slot -> {destination: count}
-        self.hops: dict[int, dict[str, int]] = {}
-        self.own_peers: dict[str, BackendConnection] = {}  # its own links for EVAL, BLPOP...
+        # a plain client's commands on their way to other nodes: slot -> {link: count}, and
+        # how many were sent per slot while any is in flight (proxy/forward.py)
+        self.hops: dict[int, dict[object, int]] = {}
+        self.hop_seq: dict[int, int] = {}
+        # its own links to peers for EVAL, BLPOP..., by (address, resp3)
+        self.own_peers: dict[tuple[str, bool], BackendConnection] = {}
         self.control = ctx.control  # the routing table and write permission, read per command
         self.id = next(_session_ids)
         self.parser = RequestParser()
@@ -323,6 +326,8 @@ class Session(asyncio.Protocol):
         elif kind is Disconnect:
             self.reply(outcome.reply)  # type: ignore[union-attr]  # the class test above
             self.closing = True
+        elif self.admin and self.tenant:  # a peer's link is shared: it never subscribes
+            self.refuse(error("ERR a peer link does not subscribe"))
         else:
             dedicated.subscribe(self, argv)
 
@@ -396,13 +401,17 @@ class Session(asyncio.Protocol):
         this client's own, so it never holds back other clients' commands."""
         if argv[0].upper() not in plain.OWN_CONNECTION:
             return self.ctx.peers.get(address, self.resp3)
-        conn = self.own_peers.get(address)
+        conn = self.own_peers.get((address, self.resp3))
         if conn is None or conn.closed:
-            conn = self.own_peers[address] = peer_connection(address, self.resp3,
-                                                             self.ctx.admin_secret, self.tenant)
+            conn = self.own_peers[(address, self.resp3)] = peer_connection(
+                address, self.resp3, self.ctx.admin_secret, self.tenant)
+            conn.own = True
             self.owned.append(conn)
             self.ctx.spawn(keep_connected, conn)
         return conn
+
+    def same_tenant(self) -> bool:
+        return self.tenant == self.control.table.tenant
 
     def owner_of(self, slot: int) -> str | None:
         """The proxy that serves `slot` now (this one: its own cluster port), or None."""
@@ -412,23 +421,13 @@ class Session(asyncio.Protocol):
         target = redirect_target(route)
         return target[1] if target is not None else None
 
-    def hop_moved(self, slot: int, old: str | None, new: str | None) -> None:
-        """Count a forwarded command of `slot` off `old` and on `new` (None: neither)."""
-        hops = self.hops
-        if old is not None:
-            dests = hops[slot]
-            dests[old] -= 1
-            if not dests[old]:
-                del dests[old]
-                if not dests:
-                    del hops[slot]
-        if new is not None:
-            dests = hops.setdefault(slot, {})
-            dests[new] = dests.get(new, 0) + 1
-
     # -- dedicated connections ---------------------------------------------------------------
     def table_changed(self, table: RoutingTable) -> None:
         dedicated.table_changed(self, table)
+        if self.own_peers and table.tenant != self.tenant:  # links for a cluster left
+            for conn in self.own_peers.values():
+                conn.close()
+            self.own_peers.clear()
 
     def switch_to(self, conn: BackendConnection) -> None:
         """Send later commands on `conn`, only after everything already sent has replied."""
