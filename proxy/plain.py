@@ -9,6 +9,7 @@ cursor) are in proxy/fanout.py.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import random
 from collections import deque
@@ -51,6 +52,9 @@ OWN_CONNECTION = frozenset(name.encode() for name in policy.DEDICATED) - TRANSAC
 SUBSCRIBE = frozenset(name.encode() for name in policy.SUBSCRIBE)
 SPLIT = frozenset({b"MGET", b"MSET", b"DEL", b"UNLINK", b"EXISTS", b"TOUCH"})
 KEYSPACE = frozenset({b"SCAN", b"DBSIZE", b"KEYS", b"RANDOMKEY", b"FLUSHALL", b"FLUSHDB"})
+# a fan-out's part (KEYS, FLUSHALL, SCAN... of one shard) gets its reply within this, or the
+# link to that node is cut and the client gets an error
+FANOUT_REPLY_TIMEOUT = 30.0
 FLUSH_DURING_MIGRATION = error(
     "ERR FLUSHALL/FLUSHDB refused while slots migrate: keys in flight would come back; "
     "wait for the migration to finish (umctl-mesh migrations)")
@@ -234,22 +238,28 @@ def _send_part(c: Session, merged: Fanout, slot: int, argv: list[bytes]) -> None
 class _NodePart:
     """A fan-out's sub-command sent to one node (not routed by slot)."""
 
-    __slots__ = ("merged", "pending")
+    __slots__ = ("merged", "pending", "timer")
 
     def __init__(self, merged: Fanout) -> None:
         self.merged = merged
         self.pending = merged.part()
+        self.timer: asyncio.TimerHandle | None = None
 
     def replies_arrived(self) -> None:
         if self.pending.data is not None:
+            if self.timer is not None:
+                self.timer.cancel()
             self.merged.part_done()
 
 
 def _send_to_node(c: Session, merged: Fanout, address: str, argv: list[bytes]) -> None:
     part = _NodePart(merged)
-    c.ctx.peers.get(address, c.resp3).queue(encode_command(argv), part.pending, part)
+    conn = c.ctx.peers.get(address, c.resp3)
+    conn.queue(encode_command(argv), part.pending, part)
     if part.pending.data is not None:
         part.replies_arrived()
+    else:  # a node that stops answering cuts its link: the fan-out answers, never hangs
+        part.timer = asyncio.get_running_loop().call_later(FANOUT_REPLY_TIMEOUT, conn.abort)
 
 
 def masters(c: Session) -> list[fanout.ScanTarget]:
