@@ -136,6 +136,10 @@ class BackendConnection(asyncio.Protocol):
     def inflight(self) -> int:
         return len(self._waiting)
 
+    def oldest(self) -> Pending | None:
+        """The reply slot of the oldest command still waiting, if any."""
+        return self._waiting[0][0] if self._waiting else None
+
     # -- lifetime --------------------------------------------------------------------------
     async def connect(self) -> None:
         """Open the link and send the handshake; raises OSError on failure."""

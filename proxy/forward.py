@@ -41,9 +41,6 @@ _ASKING = encode_command([b"ASKING"])
 # replies that mean the command did not run and may be sent again
 _NOT_RUN = (b"-TRYAGAIN", b"-CLUSTERDOWN")
 PENDING_RETRY = "retry"  # the link of a hop waiting to be sent again
-# a forwarded command on a shared peer link gets its reply within this, or the link is cut
-# (its commands in flight answer -UNCERTAIN) and made again
-REPLY_TIMEOUT = 5.0
 SCRIPTS = frozenset({b"EVAL", b"EVALSHA", b"EVAL_RO", b"EVALSHA_RO", b"FCALL", b"FCALL_RO"})
 
 
@@ -78,6 +75,7 @@ class Client(Protocol):
     def owner_of(self, slot: int) -> str | None: ...
     def same_tenant(self) -> bool: ...  # the node still serves the client's cluster
     def replies_arrived(self) -> None: ...
+    def replies_arrived_soon(self) -> None: ...  # ... once this event-loop turn is over
 
 
 def hop_moved(c: Client, slot: int, old: object, new: object) -> None:
@@ -103,7 +101,7 @@ class Hop:
     is told when `pending` holds the final reply."""
 
     __slots__ = ("session", "argv", "slot", "pending", "inner", "address", "link", "hops",
-                 "deadline", "done", "seq", "timer", "final")
+                 "deadline", "done", "seq", "final")
 
     def __init__(self, session: Client, argv: list[bytes], slot: int, pending: Pending,
                  done: Callable[[Hop], None]) -> None:
@@ -115,7 +113,6 @@ class Hop:
         self.hops = 0
         self.deadline = clock.now() + RETRY_FOR
         self.seq = 0
-        self.timer: asyncio.TimerHandle | None = None
         # a script's own error reply may read like a redirect or TRYAGAIN, and it may have
         # written before: its reply is the client's, whatever it says
         self.final = argv[0].upper() in SCRIPTS
@@ -135,16 +132,11 @@ class Hop:
         conn.queue(encode_command(self.argv), self.inner, self)
         if self.inner.data is not None:  # the peer is down: answered at once
             self.replies_arrived()
-        elif not conn.own:  # on a shared link a peer that stops answering must not hang us
-            self.timer = asyncio.get_running_loop().call_later(REPLY_TIMEOUT, conn.abort)
 
     def replies_arrived(self) -> None:
         data = self.inner.data
         if data is None or self.pending.data is not None:
             return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         session = self.session
         if data[:1] == b"-" and not self.final and self.hops < MAX_HOPS \
                 and session.transport is not None:

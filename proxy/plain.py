@@ -120,7 +120,7 @@ def handle(c: Session, argv: list[bytes], outcome: Outcome) -> bool:
 
 
 def _hop_done(hop: Hop) -> None:
-    hop.session.replies_arrived()
+    hop.session.replies_arrived_soon()
 
 
 def _wait_for_hops(c: Session, argv: list[bytes], slot: int | None,
@@ -176,7 +176,7 @@ def _split(c: Session, argv: list[bytes]) -> bool:
     groups = list(by_node.items())
     grouped = fanout.Split(command=plan.command, merge=plan.merge, key_count=plan.key_count,
                            parts=tuple(_joined(argv[0], parts) for _, parts in groups))
-    merged = Fanout(c.replies_arrived, lambda replies: fanout.merge(grouped, replies))
+    merged = Fanout(c.replies_arrived_soon, lambda replies: fanout.merge(grouped, replies))
     _behind(c, merged)
     for (address, parts), joined in zip(groups, grouped.parts):
         pending = merged.part()
@@ -295,7 +295,7 @@ def _keyspace(c: Session, name: bytes, argv: list[bytes]) -> bool:
         if isinstance(step, bytes):
             c.refuse(step)
             return True
-        merged = Fanout(c.replies_arrived, lambda replies: fanout.scan_reply(step, order, replies[0]))
+        merged = Fanout(c.replies_arrived_soon, lambda replies: fanout.scan_reply(step, order, replies[0]))
         _behind(c, merged)
         _send_to_node(c, merged, step.target.address, fanout.scan_argv(argv, step))
         return True
@@ -303,13 +303,13 @@ def _keyspace(c: Session, name: bytes, argv: list[bytes]) -> bool:
         c.refuse(FLUSH_DURING_MIGRATION)
         return True
     if name == b"RANDOMKEY":
-        merged = Fanout(c.replies_arrived, _random_key)
+        merged = Fanout(c.replies_arrived_soon, _random_key)
     elif name == b"KEYS":
-        merged = Fanout(c.replies_arrived, fanout.concat_arrays)
+        merged = Fanout(c.replies_arrived_soon, fanout.concat_arrays)
     elif name == b"DBSIZE":
-        merged = Fanout(c.replies_arrived, fanout.sum_integers)
+        merged = Fanout(c.replies_arrived_soon, fanout.sum_integers)
     else:  # FLUSHALL, FLUSHDB
-        merged = Fanout(c.replies_arrived, _all_ok)
+        merged = Fanout(c.replies_arrived_soon, _all_ok)
     _behind(c, merged)
     for node in nodes:
         _send_to_node(c, merged, node.address, argv)
@@ -329,7 +329,7 @@ def _info(c: Session, argv: list[bytes]) -> bool:
         return False  # this node's INFO (as a standalone Redis: local.info asks c.plain)
     if _wait_for_earlier(c, argv):
         return True
-    merged = Fanout(c.replies_arrived, _info_reply)
+    merged = Fanout(c.replies_arrived_soon, _info_reply)
     _behind(c, merged)
     _send_to_node(c, merged, c.ctx.announce, argv)
     for node in nodes:

@@ -75,6 +75,7 @@ class Session(asyncio.Protocol):
         self.hop_seq: dict[int, int] = {}
         # its own links to peers for EVAL, BLPOP..., by (address, resp3)
         self.own_peers: dict[tuple[str, bool], BackendConnection] = {}
+        self.notify_soon = False  # replies_arrived_soon() is due
         self.control = ctx.control  # the routing table and write permission, read per command
         self.id = next(_session_ids)
         self.parser = RequestParser()
@@ -209,6 +210,17 @@ class Session(asyncio.Protocol):
         if self.barrier is not None and self.barrier.data is not None:
             self._release_held()
         self.write_ready()
+
+    def replies_arrived_soon(self) -> None:
+        """`replies_arrived` once this event-loop turn is over: forwards answer one by one,
+        and their replies leave in one write."""
+        if not self.notify_soon:
+            self.notify_soon = True
+            asyncio.get_running_loop().call_soon(self._notify_now)
+
+    def _notify_now(self) -> None:
+        self.notify_soon = False
+        self.replies_arrived()
 
     def raw_arrived(self, messages: list[bytes]) -> None:
         dedicated.raw_arrived(self, messages)
