@@ -133,19 +133,12 @@ def _wait_for_hops(c: Session, argv: list[bytes], slot: int | None,
     else:
         links = c.hops.get(slot)
         busy = links is not None and any(d is not link for d in links)
-    if not busy:
-        return False
-    earlier = newest_unanswered(c.replies)
-    if earlier is None:
-        return False
-    c.barrier = earlier
-    c.hold_again(argv)
-    return True
+    return busy and _wait_for_earlier(c, argv)
 
 
 def _wait_for_earlier(c: Session, argv: list[bytes]) -> bool:
-    """A fan-out's parts run on other connections: it starts once every earlier command of
-    this client has its reply, so it sees their writes."""
+    """Hold `argv` until every earlier command of this client has its reply (a fan-out's
+    parts run on other links: it then sees their writes). False: none is owed."""
     earlier = newest_unanswered(c.replies)
     if earlier is None:
         return False
