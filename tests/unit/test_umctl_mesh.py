@@ -266,3 +266,14 @@ async def test_an_edit_that_keeps_losing_the_race_gives_up():
         with pytest.raises(ops.OpError, match="cluster 'mydb' kept changing; try again"):
             await edit
     assert (await stored(store)).epoch == 1
+
+
+# -- the rough edges a new user meets --------------------------------------------------------
+
+def test_version_prints_the_project_version(capsys):
+    from core import __version__
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"umctl-mesh {__version__}"

@@ -13,7 +13,7 @@ from typing import Any
 
 import anyio
 
-from core import secret
+from core import __version__, secret
 from core.address import Address
 from core.view import MAX_MIGRATION_RATE, REASSIGN_AFTER, ClusterView, slots_of
 from mesh.store.etcd import EtcdStore, StoreError
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Operate a Moonmesh: a pool of Redis Cluster proxies that serves named "
                     "clusters. Reads and edits the mesh's state in etcd.",
         epilog="exit codes: 0 done, 1 operation failed, 2 bad usage, 3 etcd unreachable")
+    parser.add_argument("--version", action="version", version=f"umctl-mesh {__version__}")
     parser.add_argument("--etcd", default=DEFAULT_ETCD, metavar="URL[,URL...]",
                         help="etcd endpoints (default $MOONMESH_ETCD or 127.0.0.1:2379)")
     parser.add_argument("--etcd-root", default="/moonmesh", metavar="PREFIX")
