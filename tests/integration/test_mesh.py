@@ -132,7 +132,7 @@ def test_operator_errors_are_one_line_with_exit_codes(mesh_factory):
     assert out.returncode == 1 and "not enough free nodes" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     out = mesh.umctl("cluster", "create", "bad name", "--shards", "1", check=False)
-    assert out.returncode == 1 and "invalid cluster name" in out.stderr
+    assert out.returncode == 2 and "invalid cluster name" in out.stderr  # usage
     down = subprocess.run([sys.executable, "-m", "tools.umctl_mesh.cli", "--etcd",
                            f"127.0.0.1:{free_port()}", "cluster", "list"],
                           capture_output=True, text=True, timeout=60)

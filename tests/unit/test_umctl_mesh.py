@@ -53,8 +53,12 @@ async def stored(store: MemoryStore, name: str = "mydb"):  # noqa: ANN201
 async def umctl(store: MemoryStore, *argv: str) -> int:
     """Run one command as main() does, minus etcd: parse, then the command on `store`."""
     args = cli.build_parser().parse_args(argv)
+    args.mesh_secret = None
     try:
         return await args.func(store, args)
+    except ops.UsageError as exc:
+        print(f"umctl-mesh: {exc}", file=sys.stderr)
+        return cli.EXIT_USAGE
     except ops.OpError as exc:
         print(f"umctl-mesh: {exc}", file=sys.stderr)
         return cli.EXIT_FAILED
@@ -277,3 +281,86 @@ def test_version_prints_the_project_version(capsys):
         cli.main(["--version"])
     assert exited.value.code == 0
     assert capsys.readouterr().out.strip() == f"umctl-mesh {__version__}"
+
+
+async def test_what_is_already_so_exits_0_with_a_message_and_writes_nothing(capsys):
+    store = await mesh_with()  # 2 shards, even split, no migration
+    before = store.transactions
+    cases = [(("cluster", "rebalance", "mydb"),
+              "cluster mydb is already balanced: its 2 shards' slot counts differ by at most one"),
+             (("cluster", "scale", "mydb", "--shards", "2"), "cluster mydb already has 2 shards"),
+             (("migrate", "cancel", "mydb"), "cluster mydb has no migrations to cancel"),
+             (("migrate", "mydb", "--slots", "0-100", "--to", "s1"),
+              "shard s1 of mydb already owns those slots")]
+    for argv, said in cases:
+        assert await umctl(store, *argv) == 0, argv
+        assert capsys.readouterr().out.strip() == said
+        assert await umctl(store, *argv, "--wait", "--timeout", "1") == 0, argv
+        capsys.readouterr()
+        assert await umctl(store, "--json", *argv) == 0, argv
+        assert json.loads(capsys.readouterr().out)["changed"] is False
+    assert store.transactions == before and (await stored(store)).epoch == 1
+
+
+@pytest.mark.parametrize("argv", [
+    ("migrate", "mydb"),  # no --slots/--to
+    ("migrate", "mydb", "--slots", "0-10"),  # no --to
+    ("migrate", "cancel"),
+    ("migrate", "mydb", "--slots", "99999", "--to", "s2"),
+    ("cluster", "scale", "mydb", "--shards", "0"),
+    ("cluster", "scale", "mydb", "--replicas", "17"),
+    ("cluster", "scale", "mydb"),
+    ("cluster", "create", "bad name", "--shards", "1"),
+    ("cluster", "create", "other", "--shards", "0"),
+    ("cluster", "create", "other", "--shards", "1", "--min-replicas-ack", "1"),
+])
+async def test_wrong_arguments_exit_2_whatever_the_mesh_holds(argv, capsys):
+    store = await mesh_with()
+    before = store.transactions
+    assert await umctl(store, *argv) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.startswith("umctl-mesh: ")
+    assert store.transactions == before
+
+
+@pytest.mark.parametrize("argv", [
+    ["up", "--port", "65533"], ["up", "--port", "0"], ["up", "--port", "-1"],
+    ["up", "--port", "45534"],  # 6 nodes: the last plain listener would be 65539
+    ["up", "--shards", "0"], ["up", "--standalone", "--port", "65000"],
+])
+def test_up_with_ports_that_cannot_be_exits_2_before_starting_anything(argv, capsys):
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("umctl-mesh: ") and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+def test_up_port_range_is_exact():
+    from tools.umctl_mesh import local
+
+    args = cli.build_parser().parse_args(["up", "--port", "45530"])  # 6 nodes: 65530..65535
+    proxies, redis, plain = local.check_shape(args)
+    assert proxies == list(range(45530, 45536)) and plain[-1] == 65535
+    assert redis == [p + local.REDIS_PORT_OFFSET for p in proxies]
+
+
+class ClosedPipe:
+    """stdout whose reader went away: every flush fails as a pipe's would."""
+
+    def __init__(self, file) -> None:  # noqa: ANN001
+        self.file = file
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+
+def test_a_reader_that_goes_away_ends_it_quietly(monkeypatch, tmp_path, capsys):
+    with open(tmp_path / "out", "w") as file:
+        monkeypatch.setattr(sys, "stdout", ClosedPipe(file))
+        assert cli.main(["--version"]) == cli.EXIT_PIPE
+    assert capsys.readouterr().err == ""

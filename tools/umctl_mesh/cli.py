@@ -1,7 +1,8 @@
 """`umctl-mesh`: the operator's tool.
 
-Exit codes: 0 done, 1 the operation failed (unknown cluster, not enough free nodes, ...),
-2 bad usage, 3 etcd unreachable.
+Exit codes: 0 done (also when it was already so: a balanced cluster rebalanced, a cluster
+scaled to its size, a cancel with nothing running), 1 the operation failed (unknown cluster,
+not enough free nodes, ...), 2 bad usage, 3 etcd unreachable, 141 stdout closed early.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from mesh.store.etcd import EtcdStore, StoreError
 from . import local, ops
 
 EXIT_FAILED, EXIT_USAGE, EXIT_ETCD = 1, 2, 3
+EXIT_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (`| head`)
 DEFAULT_ETCD = os.environ.get("MOONMESH_ETCD", "127.0.0.1:2379")
 NODE_FLAG = "default"  # `migrate throttle --rate default`: back to each node's --migration-rate
 
@@ -411,7 +413,7 @@ def plan_doc(old: ClusterView, new: ClusterView, dry_run: bool) -> dict[str, Any
          "from": m.source, "to": m.target} for m in new.migrations]
     added = [s.id for s in new.shards if s.id not in {x.id for x in old.shards}]
     return {"cluster": new.cluster, "epoch": new.epoch, "dry_run": dry_run,
-            "new_shards": added, "migrations": rows}
+            "changed": new is not old, "new_shards": added, "migrations": rows}
 
 
 def print_plan(old: ClusterView, new: ClusterView, dry_run: bool, as_json: bool) -> None:
@@ -505,14 +507,12 @@ async def cmd_scale(store: EtcdStore, args: argparse.Namespace) -> int:
         if not args.json:
             print_replica_plan(plan, args.dry_run)
     if args.shards is not None:
-        pool = await ops.read_pool(store)
-        current = pool.views[args.name][0] if args.name in pool.views else None
-        if current is not None and len(current.shards) == args.shards:
+        old, new = await ops.scale_cluster(store, args.name, args.shards, args.dry_run)
+        if new is old:
             docs["shards"] = {"cluster": args.name, "shards": args.shards, "changed": False}
             if not args.json:
                 print(f"cluster {args.name} already has {args.shards} shards")
         else:
-            old, new = await ops.scale_cluster(store, args.name, args.shards, args.dry_run)
             docs["shards"] = plan_doc(old, new, args.dry_run)
             if not args.json:
                 print_plan(old, new, args.dry_run, False)
@@ -528,7 +528,13 @@ async def cmd_scale(store: EtcdStore, args: argparse.Namespace) -> int:
 
 async def cmd_rebalance(store: EtcdStore, args: argparse.Namespace) -> int:
     old, new = await ops.rebalance_cluster(store, args.name, args.dry_run)
+    if new is old and not args.json:
+        print(f"cluster {args.name} is already balanced: its {len(old.shards)} shards' slot "
+              "counts differ by at most one")
+        return 0
     print_plan(old, new, args.dry_run, args.json)
+    if new is old:
+        return 0
     return await follow(store, args, args.name) if args.wait and not args.dry_run else 0
 
 
@@ -571,26 +577,34 @@ async def cmd_migrate(store: EtcdStore, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.words[0] == "cancel":
         if len(args.words) != 2:
-            raise ops.OpError("usage: umctl-mesh migrate cancel NAME")
+            raise ops.UsageError("usage: umctl-mesh migrate cancel NAME")
         old, new = await ops.cancel_migrations(store, args.words[1])
-        back = [m for m in new.migrations]
+        back = [m for m in new.migrations] if new is not old else []
         if args.json:
             print(json.dumps({"cluster": new.cluster, "epoch": new.epoch,
-                              "returning": [m.id for m in back]}))
+                              "changed": new is not old, "returning": [m.id for m in back]}))
+        elif new is old:
+            print(f"cluster {new.cluster} has no migrations to cancel")
         else:
             print(f"cluster {new.cluster}: {len(old.migrations) - len(back)} planned "
                   f"migrations dropped, {len(back)} running ones sent back")
-        return await follow(store, args, new.cluster) if args.wait else 0
+        return await follow(store, args, new.cluster) if args.wait and new is not old else 0
     if len(args.words) != 1 or not args.slots or not args.to:
-        raise ops.OpError("usage: umctl-mesh migrate NAME --slots A-B [--slots C-D] --to SHARD")
+        raise ops.UsageError("usage: umctl-mesh migrate NAME --slots A-B [--slots C-D] --to "
+                             "SHARD")
     from core.slots import SlotRangeError, normalize, parse_range
 
     try:
         ranges = normalize(parse_range(r) for r in args.slots)
     except SlotRangeError as exc:
-        raise ops.OpError(str(exc)) from None
+        raise ops.UsageError(str(exc)) from None
     old, new = await ops.migrate_slots(store, args.words[0], ranges, args.to, args.dry_run)
+    if new is old and not args.json:
+        print(f"shard {args.to} of {old.cluster} already owns those slots")
+        return 0
     print_plan(old, new, args.dry_run, args.json)
+    if new is old:
+        return 0
     return await follow(store, args, args.words[0]) if args.wait and not args.dry_run else 0
 
 
@@ -650,11 +664,28 @@ async def run_with_store(store: EtcdStore, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console script. A reader that goes away (`umctl-mesh ... | head`) ends it quietly
+    with EXIT_PIPE, as SIGPIPE ends a shell tool."""
+    try:
+        try:
+            return run(argv)
+        finally:  # also after argparse's SystemExit (--help, --version, usage errors)
+            sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+    except BrokenPipeError:
+        # nothing more can reach the reader; stdout's last flush at exit must not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
+
+
+def run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.func is local.up:
         try:
             return local.up(args)
-        except local.LaunchError as exc:
+        except ops.UsageError as exc:
+            print(f"umctl-mesh: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except (local.LaunchError, OSError) as exc:
             print(f"umctl-mesh: {exc}", file=sys.stderr)
             return EXIT_FAILED
     try:
@@ -665,6 +696,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return anyio.run(run_with_store, store, args)
+    except ops.UsageError as exc:
+        print(f"umctl-mesh: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except ops.OpError as exc:
         print(f"umctl-mesh: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -23,10 +23,13 @@ from mesh.store.etcd import EtcdStore
 from proxy.resp import scan_reply
 from tools.launch import HOST, START_TIMEOUT, Launcher, LaunchError, port_free
 
+from .ops import UsageError
+
 STATUS_INTERVAL = 2.0
 REDIS_PORT_OFFSET = 10000
 # each node's plain listener (clients that are not cluster clients: redis-cli without -c)
 PLAIN_PORT_OFFSET = 20000
+MAX_PORT = 65535
 APPLY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0  # a stopping master hands its shard over first (mesh/agent.py)
 
@@ -62,18 +65,28 @@ def send(port: int, args: list[str], timeout: float = 5.0) -> bytes:
         return buf[:end]
 
 
-def up(args: argparse.Namespace) -> int:
+def check_shape(args: argparse.Namespace) -> tuple[list[int], list[int], list[int]]:
+    """The proxy, redis and plain ports of `up`'s nodes; UsageError for arguments no mesh
+    could have."""
     if args.shards < 1 or args.replicas < 0:
-        raise LaunchError("--shards must be at least 1 and --replicas at least 0")
-    if not shutil.which("redis-server"):
-        raise LaunchError("redis-server is not installed (apt-get install redis-server)")
+        raise UsageError("--shards must be at least 1 and --replicas at least 0")
     nodes = args.shards if args.standalone else args.shards * (1 + args.replicas)
     proxy_ports = [args.port + i for i in range(nodes)]
     redis_ports = [p + REDIS_PORT_OFFSET for p in proxy_ports]
     plain_ports = [p + PLAIN_PORT_OFFSET for p in proxy_ports]
-    if plain_ports[-1] > 65535:
-        raise LaunchError(f"--port {args.port} is too high: each node also listens on its "
-                          f"port + {PLAIN_PORT_OFFSET} for plain clients")
+    if args.port < 1 or plain_ports[-1] > MAX_PORT:
+        raise UsageError(
+            f"--port {args.port} does not fit: {nodes} nodes take proxy ports PORT.."
+            f"PORT+{nodes - 1}, their Redis PORT+{REDIS_PORT_OFFSET}.. and their plain "
+            f"listeners PORT+{PLAIN_PORT_OFFSET}.., so PORT must be 1 to "
+            f"{MAX_PORT - PLAIN_PORT_OFFSET - nodes + 1}")
+    return proxy_ports, redis_ports, plain_ports
+
+
+def up(args: argparse.Namespace) -> int:
+    proxy_ports, redis_ports, plain_ports = check_shape(args)
+    if not shutil.which("redis-server"):
+        raise LaunchError("redis-server is not installed (apt-get install redis-server)")
     busy = [p for p in proxy_ports + redis_ports + plain_ports if not port_free(p)]
     if busy:
         raise LaunchError(f"ports already in use: {', '.join(map(str, busy))} (try --port)")
