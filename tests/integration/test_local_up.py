@@ -1,6 +1,8 @@
-"""`umctl-mesh up` (what `make run` runs): a working mesh, then nothing left behind."""
+"""`umctl-mesh up` (what `make run` runs): a working mesh that a bare `umctl-mesh` finds, then
+nothing left behind."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -12,9 +14,14 @@ import time
 from redis.cluster import RedisCluster
 
 
-def test_up_starts_a_mesh_that_clients_use_and_stops_cleanly():
-    from tools.launch import port_free
+def test_up_starts_a_mesh_that_clients_use_and_stops_cleanly(tmp_path):
+    from tools.launch import listening, port_free
     from tools.umctl_mesh.local import REDIS_PORT_OFFSET
+
+    # where `up` leaves its etcd endpoint: this test's own, and no $MOONMESH_ETCD to win over it
+    env = {k: v for k, v in os.environ.items() if k != "MOONMESH_ETCD"}
+    env["XDG_RUNTIME_DIR"] = str(tmp_path)
+    endpoint_file = tmp_path / "moonmesh" / "etcd"
 
     rng = random.Random()
     while True:  # 4 proxy ports and their redis ports (+10000), all free
@@ -23,7 +30,7 @@ def test_up_starts_a_mesh_that_clients_use_and_stops_cleanly():
             break
     proc = subprocess.Popen([sys.executable, "-m", "tools.umctl_mesh.cli", "up", "--shards", "2",
                              "--replicas", "1", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
     try:
         deadline = time.monotonic() + 60
@@ -42,11 +49,29 @@ def test_up_starts_a_mesh_that_clients_use_and_stops_cleanly():
         assert [rc.get(f"up:{i}") for i in range(500)] == [str(i).encode() for i in range(500)]
         assert len(rc.get_primaries()) == 2 and len(rc.get_replicas()) == 2
         rc.close()
+        # a bare umctl-mesh (no --etcd, no $MOONMESH_ETCD) finds the mesh `up` started
+        etcd = re.search(r"etcd on (\S+)", output).group(1)
+        assert endpoint_file.read_text().strip() == etcd
+        assert "see it with:   umctl-mesh cluster show mydb" in output
+        bare = subprocess.run([sys.executable, "-m", "tools.umctl_mesh.cli", "--json", "nodes"],
+                              capture_output=True, text=True, env=env, timeout=30)
+        assert bare.returncode == 0, bare.stderr
+        assert len(json.loads(bare.stdout)) == 4
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     assert proc.returncode == 0
     assert not os.path.exists(workdir)
+    assert not endpoint_file.exists()
+    # then a bare command says at once where it looked and what to do
+    if listening(2379):
+        return  # an etcd of someone else's on the default port
+    started = time.monotonic()
+    bare = subprocess.run([sys.executable, "-m", "tools.umctl_mesh.cli", "nodes"],
+                          capture_output=True, text=True, env=env, timeout=30)
+    assert bare.returncode == 3 and time.monotonic() - started < 5  # imports included
+    assert "etcd unreachable at 127.0.0.1:2379" in bare.stderr
+    assert "--etcd HOST:PORT or set $MOONMESH_ETCD" in bare.stderr
     leftovers = subprocess.run(["pgrep", "-f", f"--listen 127.0.0.1:{port}"],
                                capture_output=True, text=True).stdout
     assert leftovers == ""

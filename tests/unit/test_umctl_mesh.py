@@ -364,3 +364,64 @@ def test_a_reader_that_goes_away_ends_it_quietly(monkeypatch, tmp_path, capsys):
         monkeypatch.setattr(sys, "stdout", ClosedPipe(file))
         assert cli.main(["--version"]) == cli.EXIT_PIPE
     assert capsys.readouterr().err == ""
+
+
+# -- where etcd is -----------------------------------------------------------------------------
+
+def test_the_etcd_endpoint_comes_from_the_flag_the_variable_the_file_up_wrote_or_the_default(
+        monkeypatch, tmp_path):
+    from tools.umctl_mesh import local
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.delenv("MOONMESH_ETCD", raising=False)
+    assert local.endpoint_file() == tmp_path / "moonmesh" / "etcd"
+    assert cli.etcd_endpoint(None) == ("127.0.0.1:2379", "the default: no --etcd, no "
+                                       "$MOONMESH_ETCD, no running `umctl-mesh up`")
+    local.write_endpoint("127.0.0.1:40001")
+    endpoint, source = cli.etcd_endpoint(None)
+    assert endpoint == "127.0.0.1:40001" and str(local.endpoint_file()) in source
+    monkeypatch.setenv("MOONMESH_ETCD", "10.0.0.1:2379")
+    assert cli.etcd_endpoint(None) == ("10.0.0.1:2379", "from $MOONMESH_ETCD")
+    assert cli.etcd_endpoint("10.0.0.2:2379") == ("10.0.0.2:2379", "from --etcd")
+    # another `up` took the file over: the first one's stop leaves it alone
+    local.write_endpoint("127.0.0.1:40002")
+    local.remove_endpoint("127.0.0.1:40001")
+    assert local.read_endpoint() == "127.0.0.1:40002"
+    local.remove_endpoint("127.0.0.1:40002")
+    assert not local.endpoint_file().exists() and local.read_endpoint() is None
+
+
+def test_without_xdg_runtime_dir_the_file_is_in_the_home(monkeypatch, tmp_path):
+    from tools.umctl_mesh import local
+
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert local.endpoint_file() == tmp_path / ".moonmesh" / "etcd"
+
+
+@pytest.fixture
+def silent_port():
+    """A port that accepts connections and never answers (no etcd behind it)."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        yield server.getsockname()[1]
+
+
+@pytest.mark.parametrize("kind", ["refused", "silent"])
+def test_an_unreachable_etcd_fails_fast_naming_the_endpoint_and_the_fix(kind, silent_port,
+                                                                        monkeypatch, capsys):
+    import time
+
+    from tools.launch import free_port
+
+    port = free_port() if kind == "refused" else silent_port
+    monkeypatch.setenv("MOONMESH_ETCD", f"127.0.0.1:{port}")
+    started = time.monotonic()
+    assert cli.main(["nodes"]) == cli.EXIT_ETCD
+    assert time.monotonic() - started < 3
+    assert capsys.readouterr().err.strip() == (
+        f"umctl-mesh: etcd unreachable at 127.0.0.1:{port} (from $MOONMESH_ETCD); give "
+        "--etcd HOST:PORT or set $MOONMESH_ETCD")

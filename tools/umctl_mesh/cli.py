@@ -7,6 +7,7 @@ not enough free nodes, ...), 2 bad usage, 3 etcd unreachable, 141 stdout closed 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -18,12 +19,16 @@ from core import __version__, secret
 from core.address import Address
 from core.view import MAX_MIGRATION_RATE, REASSIGN_AFTER, ClusterView, slots_of
 from mesh.store.etcd import EtcdStore, StoreError
+from mesh.store.repo import MeshRepo
 
 from . import local, ops
 
 EXIT_FAILED, EXIT_USAGE, EXIT_ETCD = 1, 2, 3
 EXIT_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (`| head`)
-DEFAULT_ETCD = os.environ.get("MOONMESH_ETCD", "127.0.0.1:2379")
+DEFAULT_ETCD = "127.0.0.1:2379"
+# a first read of etcd must answer within this, or the command ends (exit 3) with a hint;
+# later calls retry for longer (mesh/store/etcd.py, RETRY_WINDOW)
+ETCD_FIRST_READ_TIMEOUT = 2.0
 NODE_FLAG = "default"  # `migrate throttle --rate default`: back to each node's --migration-rate
 
 
@@ -62,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "clusters. Reads and edits the mesh's state in etcd.",
         epilog="exit codes: 0 done, 1 operation failed, 2 bad usage, 3 etcd unreachable")
     parser.add_argument("--version", action="version", version=f"umctl-mesh {__version__}")
-    parser.add_argument("--etcd", default=DEFAULT_ETCD, metavar="URL[,URL...]",
-                        help="etcd endpoints (default $MOONMESH_ETCD or 127.0.0.1:2379)")
+    parser.add_argument("--etcd", metavar="URL[,URL...]",
+                        help=f"etcd endpoints (default ${local.ETCD_ENV}, else the endpoint a "
+                             f"running `umctl-mesh up` wrote to {local.endpoint_file()}, "
+                             f"else {DEFAULT_ETCD})")
     parser.add_argument("--etcd-root", default="/moonmesh", metavar="PREFIX")
     parser.add_argument("--mesh-secret-file", metavar="FILE",
                         help="the nodes' shared secret, for commands that act on a node "
@@ -658,8 +665,43 @@ async def cmd_migrations(store: EtcdStore, args: argparse.Namespace) -> int:
     return 0
 
 
+def etcd_endpoint(flag: str | None) -> tuple[str, str]:
+    """(the etcd endpoints to use, where they came from, in words for an error)."""
+    if flag:
+        return flag, "from --etcd"
+    env = os.environ.get(local.ETCD_ENV, "").strip()
+    if env:
+        return env, f"from ${local.ETCD_ENV}"
+    written = local.read_endpoint()
+    if written:
+        return written, (f"from {local.endpoint_file()}, which `umctl-mesh up` writes while "
+                         "it runs: has it stopped?")
+    return DEFAULT_ETCD, (f"the default: no --etcd, no ${local.ETCD_ENV}, no running "
+                          "`umctl-mesh up`")
+
+
+async def listening(endpoints: list[tuple[str, int]]) -> bool:
+    """Whether any endpoint accepts a TCP connection (a refusal is known at once, where the
+    etcd client would retry it)."""
+    for host, port in endpoints:
+        with contextlib.suppress(OSError):
+            stream = await anyio.connect_tcp(host, port)
+            await stream.aclose()
+            return True
+    return False
+
+
 async def run_with_store(store: EtcdStore, args: argparse.Namespace) -> int:
     async with store:
+        try:
+            with anyio.fail_after(ETCD_FIRST_READ_TIMEOUT):
+                if not await listening(store.endpoints):
+                    raise TimeoutError
+                await MeshRepo(store).nodes()
+        except (TimeoutError, StoreError):
+            raise StoreError(
+                f"etcd unreachable at {store.describe()} ({args.etcd_source}); give "
+                f"--etcd HOST:PORT or set ${local.ETCD_ENV}") from None
         return await args.func(store, args)
 
 
@@ -689,6 +731,7 @@ def run(argv: list[str] | None) -> int:
             print(f"umctl-mesh: {exc}", file=sys.stderr)
             return EXIT_FAILED
     try:
+        args.etcd, args.etcd_source = etcd_endpoint(args.etcd)
         store = EtcdStore(args.etcd, root=args.etcd_root)
         args.mesh_secret = secret.load(args.mesh_secret_file)
     except (ValueError, OSError) as exc:  # a malformed --etcd, an unreadable secret file

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import secrets
 import shutil
 import signal
 import socket
 import time
+from pathlib import Path
 
 import anyio
 
@@ -25,6 +27,7 @@ from tools.launch import HOST, START_TIMEOUT, Launcher, LaunchError, port_free
 
 from .ops import UsageError
 
+ETCD_ENV = "MOONMESH_ETCD"
 STATUS_INTERVAL = 2.0
 REDIS_PORT_OFFSET = 10000
 # each node's plain listener (clients that are not cluster clients: redis-cli without -c)
@@ -32,6 +35,44 @@ PLAIN_PORT_OFFSET = 20000
 MAX_PORT = 65535
 APPLY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0  # a stopping master hands its shard over first (mesh/agent.py)
+
+
+# where `up` leaves its etcd endpoint for the umctl-mesh commands run while it runs
+ENDPOINT_DIR = "moonmesh"
+ENDPOINT_NAME = "etcd"
+
+
+def endpoint_file() -> Path:
+    """`$XDG_RUNTIME_DIR/moonmesh/etcd`, or `~/.moonmesh/etcd` without XDG_RUNTIME_DIR."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / ENDPOINT_DIR if runtime else Path.home() / f".{ENDPOINT_DIR}"
+    return base / ENDPOINT_NAME
+
+
+def read_endpoint() -> str | None:
+    """The endpoint a running `up` wrote, if any."""
+    try:
+        text = endpoint_file().read_text().strip()
+    except OSError:
+        return None
+    return text or None
+
+
+def write_endpoint(endpoint: str) -> Path:
+    """Write `endpoint` for later commands (the last `up` started wins), atomically."""
+    path = endpoint_file()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(endpoint + "\n")
+    tmp.replace(path)
+    return path
+
+
+def remove_endpoint(endpoint: str) -> None:
+    """Remove the endpoint file if it still names `endpoint` (another `up` may own it now)."""
+    if read_endpoint() == endpoint:
+        with contextlib.suppress(OSError):
+            endpoint_file().unlink()
 
 
 def setcluster_commands(cluster: str, proxies: list[str], backends: list[str],
@@ -130,6 +171,9 @@ def up(args: argparse.Namespace) -> int:
             with contextlib.suppress(Exception):
                 before_stop()
         launcher.cleanup(STOP_TIMEOUT)
+        for process in launcher.processes:
+            if process.name == "etcd":
+                remove_endpoint(process.addr)
 
 
 def _start_standalone(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[int],
@@ -163,7 +207,8 @@ def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[
     from . import ops
 
     etcd = launcher.etcd().addr
-    print(f"etcd on {etcd}")
+    path = write_endpoint(etcd)  # removed by up() when it stops
+    print(f"etcd on {etcd} (in {path}: umctl-mesh finds it there while this runs)")
     secret_file = launcher.workdir / "mesh-secret"  # the nodes have it in their environment
     secret_file.write_text(args.mesh_secret + "\n")
     secret_file.chmod(0o600)
@@ -186,8 +231,10 @@ def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[
                 raise LaunchError(f"nodes {behind} did not apply the cluster's view")
             print(f"cluster '{args.cluster}' created: {args.shards} shards x "
                   f"{1 + args.replicas} nodes, epoch {view.epoch}")
-            print(f"see it with:   umctl-mesh --etcd {etcd} cluster show {args.cluster}")
-            print(f"the mesh secret (failover, drain): umctl-mesh --etcd {etcd} "
+            # $MOONMESH_ETCD would win over the endpoint file
+            flag = f" --etcd {etcd}" if os.environ.get(ETCD_ENV) else ""
+            print(f"see it with:   umctl-mesh{flag} cluster show {args.cluster}")
+            print(f"the mesh secret (failover, drain): umctl-mesh{flag} "
                   f"--mesh-secret-file {secret_file} ...")
 
     try:
