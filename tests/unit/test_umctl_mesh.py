@@ -425,3 +425,54 @@ def test_an_unreachable_etcd_fails_fast_naming_the_endpoint_and_the_fix(kind, si
     assert capsys.readouterr().err.strip() == (
         f"umctl-mesh: etcd unreachable at 127.0.0.1:{port} (from $MOONMESH_ETCD); give "
         "--etcd HOST:PORT or set $MOONMESH_ETCD")
+
+
+# -- cluster delete asks first ---------------------------------------------------------------
+
+class Terminal:
+    """stdin on a terminal where the operator types `typed`."""
+
+    def __init__(self, typed: str) -> None:
+        self.typed = typed
+
+    def isatty(self) -> bool:
+        return True
+
+    def readline(self) -> str:
+        return self.typed + "\n"
+
+
+async def test_delete_without_a_terminal_needs_yes(monkeypatch, capsys):
+    import io
+
+    store = await mesh_with()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("mydb\n"))  # a pipe: typing is no answer
+    before = store.transactions
+    assert await umctl(store, "cluster", "delete", "mydb") == cli.EXIT_USAGE
+    assert capsys.readouterr().err.strip() == (
+        "umctl-mesh: cluster delete asks for confirmation on a terminal; without one, add "
+        "--yes: umctl-mesh cluster delete mydb --yes")
+    assert store.transactions == before and await stored(store) is not None
+    assert await umctl(store, "--json", "cluster", "delete", "mydb", "--yes") == 0
+    assert json.loads(capsys.readouterr().out)["deleted"] == "mydb"
+    assert await MeshRepo(store).view("mydb") is None  # type: ignore[arg-type]
+
+
+async def test_delete_on_a_terminal_asks_for_the_cluster_name(monkeypatch, capsys):
+    store = await mesh_with()
+    monkeypatch.setattr(sys, "stdin", Terminal("mydb2"))
+    assert await umctl(store, "cluster", "delete", "mydb") == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "cluster mydb (epoch 1, 2 shards, 4 nodes) will be deleted" in err
+    assert "Type the cluster's name to delete it: " in err
+    assert err.strip().endswith("umctl-mesh: not confirmed: cluster mydb is not deleted")
+    assert await stored(store) is not None
+    monkeypatch.setattr(sys, "stdin", Terminal("nosuch"))
+    assert await umctl(store, "cluster", "delete", "nosuch") == cli.EXIT_FAILED
+    assert capsys.readouterr().err.strip() == "umctl-mesh: unknown cluster 'nosuch'"
+    monkeypatch.setattr(sys, "stdin", Terminal("mydb"))
+    assert await umctl(store, "cluster", "delete", "mydb", "--keep-data") == 0
+    out = capsys.readouterr()
+    assert "held out of the pool with their data" in out.err
+    assert out.out.strip() == "cluster mydb deleted; 4 nodes held with their data"
+    assert await MeshRepo(store).view("mydb") is None  # type: ignore[arg-type]

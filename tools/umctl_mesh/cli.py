@@ -149,11 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
                              help="delete a cluster; its nodes return to the pool",
                              description="Delete the cluster's view. Its nodes become free "
                                          "(their data is erased when they join another "
-                                         "cluster) unless --keep-data holds them for recovery.")
+                                         "cluster) unless --keep-data holds them for recovery. "
+                                         "On a terminal it asks you to type the cluster's name; "
+                                         "without one it needs --yes.")
     delete.add_argument("name")
     delete.add_argument("--keep-data", action="store_true",
                         help="keep the nodes (and their data) out of the pool until "
                              "`umctl-mesh nodes release NODE`")
+    delete.add_argument("--yes", "-y", action="store_true",
+                        help="delete without asking (needed when stdin is no terminal)")
     delete.set_defaults(func=cmd_delete)
 
     def plan_options(p: argparse.ArgumentParser) -> None:
@@ -238,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- rendering -------------------------------------------------------------------------------
+
+def plural(n: int, word: str, words: str = "") -> str:
+    """`1 slot`, `2 slots` (`words`: an irregular plural)."""
+    return f"{n} {word if n == 1 else words or word + 's'}"
+
 
 def table(headers: list[str], rows: list[list[object]]) -> str:
     cells = [headers] + [[str(c) for c in row] for row in rows]
@@ -403,7 +412,28 @@ async def cmd_list(store: EtcdStore, args: argparse.Namespace) -> int:
     return 0
 
 
+def confirm_delete(view: ClusterView, keep_data: bool) -> bool:
+    """Ask on the terminal (stderr, so --json output stays clean) for the cluster's name."""
+    fate = ("held out of the pool with their data" if keep_data
+            else "returned to the pool; their data is erased when they join another cluster")
+    print(f"cluster {view.cluster} (epoch {view.epoch}, {plural(len(view.shards), 'shard')}, "
+          f"{plural(len(view.nodes), 'node')}) will be deleted; its clients lose it at once "
+          f"and its nodes are {fate}.\nType the cluster's name to delete it: ",
+          end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip() == view.cluster
+
+
 async def cmd_delete(store: EtcdStore, args: argparse.Namespace) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ops.UsageError(f"cluster delete asks for confirmation on a terminal; "
+                                 f"without one, add --yes: umctl-mesh cluster delete "
+                                 f"{args.name} --yes")
+        pool = await ops.read_pool(store)
+        if args.name not in pool.views:
+            raise ops.OpError(f"unknown cluster '{args.name}'")
+        if not confirm_delete(pool.views[args.name][0], args.keep_data):
+            raise ops.OpError(f"not confirmed: cluster {args.name} is not deleted")
     view = await ops.delete_cluster(store, args.name, args.keep_data)
     nodes = list(view.node_ids)
     if args.json:
