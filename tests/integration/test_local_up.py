@@ -22,6 +22,8 @@ def test_up_starts_a_mesh_that_clients_use_and_stops_cleanly(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MOONMESH_ETCD"}
     env["XDG_RUNTIME_DIR"] = str(tmp_path)
     endpoint_file = tmp_path / "moonmesh" / "etcd"
+    password_file = tmp_path / "password"
+    password_file.write_text("up s3cret\n")
 
     rng = random.Random()
     while True:  # 4 proxy ports and their redis ports (+10000), all free
@@ -29,7 +31,8 @@ def test_up_starts_a_mesh_that_clients_use_and_stops_cleanly(tmp_path):
         if all(port_free(p) and port_free(p + REDIS_PORT_OFFSET) for p in range(port, port + 4)):
             break
     proc = subprocess.Popen([sys.executable, "-m", "tools.umctl_mesh.cli", "up", "--shards", "2",
-                             "--replicas", "1", "--port", str(port)],
+                             "--replicas", "1", "--port", str(port),
+                             "--password-file", str(password_file)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
     try:
@@ -41,9 +44,14 @@ def test_up_starts_a_mesh_that_clients_use_and_stops_cleanly(tmp_path):
             if line.startswith("connect with:"):
                 break
         output = "".join(lines)
-        assert f"redis-cli -c -p {port}" in output
+        # the password is not printed; the connect line reads it from the file
+        connect = f'REDISCLI_AUTH="$(head -n1 {password_file})" redis-cli -c -p {port}'
+        assert f"connect with:  {connect}\n" in output and "s3cret" not in output
+        said = subprocess.run(["bash", "-c", f"{connect} set via-cli 1"], capture_output=True,
+                              text=True, timeout=30)
+        assert said.stdout.strip() == "OK", said
         workdir = re.search(r"logs and data in (\S+)", output).group(1)
-        rc = RedisCluster(host="127.0.0.1", port=port)
+        rc = RedisCluster(host="127.0.0.1", port=port, password="up s3cret")
         for i in range(500):
             rc.set(f"up:{i}", i)
         assert [rc.get(f"up:{i}") for i in range(500)] == [str(i).encode() for i in range(500)]

@@ -476,3 +476,100 @@ async def test_delete_on_a_terminal_asks_for_the_cluster_name(monkeypatch, capsy
     assert "held out of the pool with their data" in out.err
     assert out.out.strip() == "cluster mydb deleted; 4 nodes held with their data"
     assert await MeshRepo(store).view("mydb") is None  # type: ignore[arg-type]
+
+
+# -- passwords off the command line ----------------------------------------------------------
+
+def parse_create(*extra: str):  # noqa: ANN201
+    return cli.build_parser().parse_args(["cluster", "create", "orders", "--shards", "1",
+                                          *extra])
+
+
+def test_a_password_comes_from_the_flag_a_file_a_prompt_or_the_variable(monkeypatch, tmp_path):
+    from tools.umctl_mesh import passwords
+
+    monkeypatch.delenv("MOONMESH_CLUSTER_PASSWORD", raising=False)
+    assert passwords.read(parse_create()) is None
+    assert passwords.read(parse_create("--password", "p w")) == passwords.Password(
+        "p w", passwords.Source.FLAG)
+    path = tmp_path / "pw"
+    path.write_text("from file \nsecond line\n")
+    assert passwords.read(parse_create("--password-file", str(path))) == passwords.Password(
+        "from file ", passwords.Source.FILE, str(path))
+    monkeypatch.setenv("MOONMESH_CLUSTER_PASSWORD", "from env")
+    assert passwords.read(parse_create()) == passwords.Password("from env",
+                                                                passwords.Source.ENV)
+    assert passwords.read(parse_create("--password", "flag")).value == "flag"  # the flag wins
+    typed = iter(["typed", "typed", "typed", "other"])
+    monkeypatch.setattr("getpass.getpass", lambda prompt: next(typed))
+    monkeypatch.setattr(sys, "stdin", Terminal(""))
+    assert passwords.read(parse_create("--ask-password"), confirm=True) == passwords.Password(
+        "typed", passwords.Source.PROMPT)
+    with pytest.raises(ops.OpError, match="the two passwords typed differ"):
+        passwords.read(parse_create("--ask-password"), confirm=True)
+
+
+def test_password_options_that_cannot_give_a_password_are_usage_errors(monkeypatch, tmp_path,
+                                                                       capsys):
+    import io
+
+    from tools.umctl_mesh import passwords
+
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    for argv, message in [(("--password-file", str(tmp_path / "missing")),
+                           "cannot read --password-file"),
+                          (("--password-file", str(empty)), "is empty"),
+                          (("--password", ""), "--password is empty")]:
+        with pytest.raises(ops.UsageError, match=message):
+            passwords.read(parse_create(*argv))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("typed\n"))
+    with pytest.raises(ops.UsageError, match="--ask-password needs a terminal"):
+        passwords.read(parse_create("--ask-password"))
+    with pytest.raises(SystemExit) as exited:  # one source at most
+        parse_create("--password", "a", "--password-file", str(empty))
+    assert exited.value.code == cli.EXIT_USAGE
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_the_connect_line_authenticates_as_the_password_came(tmp_path):
+    from tools.umctl_mesh.passwords import Password, Source, redis_cli
+
+    assert redis_cli(None, "-c -p 7000") == "redis-cli -c -p 7000"
+    assert redis_cli(Password("s3 cret", Source.FLAG), "-c -p 7000") == \
+        "redis-cli -c -p 7000 -a 's3 cret'"
+    assert redis_cli(Password("x", Source.FILE, "/etc/my pw"), "-p 7000") == \
+        "REDISCLI_AUTH=\"$(head -n1 '/etc/my pw')\" redis-cli -p 7000"
+    assert redis_cli(Password("x", Source.ENV), "-p 7000") == \
+        'REDISCLI_AUTH="$MOONMESH_CLUSTER_PASSWORD" redis-cli -p 7000'
+    assert redis_cli(Password("x", Source.PROMPT), "-p 7000") == "redis-cli -p 7000 --askpass"
+
+
+async def test_create_takes_the_password_from_a_file_and_prints_how_to_connect(tmp_path,
+                                                                               monkeypatch,
+                                                                               capsys):
+    from core.view import hash_password
+
+    monkeypatch.delenv("MOONMESH_CLUSTER_PASSWORD", raising=False)
+    store = await free_pool(2)
+    path = tmp_path / "pw"
+    path.write_text("s3cret\n")
+    assert await umctl(store, "cluster", "create", "orders", "--shards", "1", "--no-wait",
+                       "--password-file", str(path)) == 0
+    out = capsys.readouterr().out
+    assert (await stored(store, "orders")).config.password_hash == hash_password("s3cret")
+    assert f'connect: REDISCLI_AUTH="$(head -n1 {path})" redis-cli -c -h 127.0.0.1 -p 710' in out
+    assert "s3cret" not in out
+    monkeypatch.setenv("MOONMESH_CLUSTER_PASSWORD", "from env")
+    assert await umctl(store, "cluster", "create", "other", "--shards", "1", "--no-wait") == 0
+    assert (await stored(store, "other")).config.password_hash == hash_password("from env")
+    assert 'REDISCLI_AUTH="$MOONMESH_CLUSTER_PASSWORD" redis-cli -c' in capsys.readouterr().out
+
+
+def test_standalone_setcluster_carries_the_password():
+    from tools.umctl_mesh.local import setcluster_commands
+
+    [cmd] = setcluster_commands("mydb", ["127.0.0.1:7000"], ["127.0.0.1:17000"], password="p")
+    assert cmd[-3:] == ["CONFIG", "password", "p"]
+    [cmd] = setcluster_commands("mydb", ["127.0.0.1:7000"], ["127.0.0.1:17000"])
+    assert "CONFIG" not in cmd

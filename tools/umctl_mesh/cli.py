@@ -21,7 +21,8 @@ from core.view import MAX_MIGRATION_RATE, REASSIGN_AFTER, ClusterView, slots_of
 from mesh.store.etcd import EtcdStore, StoreError
 from mesh.store.repo import MeshRepo
 
-from . import local, ops
+from . import local, ops, passwords
+from .text import plural
 
 EXIT_FAILED, EXIT_USAGE, EXIT_ETCD = 1, 2, 3
 EXIT_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (`| head`)
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--shards", type=int, required=True, help="number of masters")
     create.add_argument("--replicas", type=int, default=0, help="replicas per master (default 0)")
-    create.add_argument("--password", help="clients must AUTH with it (kept hashed)")
+    passwords.add_options(create, "the password clients must AUTH with (kept hashed)")
     create.add_argument("--min-replicas-ack", type=int, default=0, metavar="N",
                         help="synchronous mode: acknowledge a write only once N replicas have "
                              "it (WAIT); a failover then loses no acknowledged write")
@@ -232,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=7000,
                     help="first proxy port; redis servers use PORT+10000.. (default 7000)")
     up.add_argument("--cluster", default="mydb", help="cluster name (default mydb)")
-    up.add_argument("--password", help="cluster password")
+    passwords.add_options(up, "the cluster's password")
     up.add_argument("--min-replicas-ack", type=int, default=0, metavar="N",
                     help="synchronous mode: writes acknowledged once N replicas have them")
     up.add_argument("--standalone", action="store_true",
@@ -242,10 +243,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- rendering -------------------------------------------------------------------------------
-
-def plural(n: int, word: str, words: str = "") -> str:
-    """`1 slot`, `2 slots` (`words`: an irregular plural)."""
-    return f"{n} {word if n == 1 else words or word + 's'}"
 
 
 def table(headers: list[str], rows: list[list[object]]) -> str:
@@ -336,7 +333,9 @@ async def cmd_release(store: EtcdStore, args: argparse.Namespace) -> int:
 
 async def cmd_create(store: EtcdStore, args: argparse.Namespace) -> int:
     rate = None if args.migration_rate == NODE_FLAG else args.migration_rate
-    view = await ops.create_cluster(store, args.name, args.shards, args.replicas, args.password,
+    password = passwords.read(args, confirm=True)
+    view = await ops.create_cluster(store, args.name, args.shards, args.replicas,
+                                    password.value if password else None,
                                     args.min_replicas_ack, args.reassign_after, rate)
     behind: list[str] = []
     if not args.no_wait:
@@ -354,7 +353,7 @@ async def cmd_create(store: EtcdStore, args: argparse.Namespace) -> int:
     else:
         print_view(view, pool)
         first = Address.parse(view.address_of(view.shards[0].master).proxy)
-        print(f"\nconnect: redis-cli -c -h {first.host} -p {first.port}")
+        print("\nconnect: " + passwords.redis_cli(password, f"-c -h {first.host} -p {first.port}"))
     if behind:
         print(f"umctl-mesh: nodes {', '.join(behind)} have not applied epoch {view.epoch} "
               f"after {args.timeout:g}s", file=sys.stderr)

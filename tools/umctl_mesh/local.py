@@ -25,7 +25,9 @@ from mesh.store.etcd import EtcdStore
 from proxy.resp import scan_reply
 from tools.launch import HOST, START_TIMEOUT, Launcher, LaunchError, port_free
 
+from . import passwords
 from .ops import UsageError
+from .text import plural
 
 ETCD_ENV = "MOONMESH_ETCD"
 STATUS_INTERVAL = 2.0
@@ -76,8 +78,9 @@ def remove_endpoint(endpoint: str) -> None:
 
 
 def setcluster_commands(cluster: str, proxies: list[str], backends: list[str],
-                        epoch: int = 1) -> list[list[str]]:
-    """One `UMCTL SETCLUSTER v2` command per proxy, each naming its peers."""
+                        epoch: int = 1, password: str | None = None) -> list[list[str]]:
+    """One `UMCTL SETCLUSTER v2` command per proxy, each naming its peers (and the password
+    clients must AUTH with, if any)."""
     ranges = [r[0] for r in even_split(len(proxies))]
     commands = []
     for i, backend in enumerate(backends):
@@ -88,6 +91,8 @@ def setcluster_commands(cluster: str, proxies: list[str], backends: list[str],
             cmd.append("PEER")
             for peer in peers:
                 cmd += peer
+        if password:
+            cmd += ["CONFIG", "password", password]
         commands.append(cmd)
     return commands
 
@@ -126,6 +131,8 @@ def check_shape(args: argparse.Namespace) -> tuple[list[int], list[int], list[in
 
 def up(args: argparse.Namespace) -> int:
     proxy_ports, redis_ports, plain_ports = check_shape(args)
+    password = passwords.read(args, confirm=True)
+    args.password = password.value if password else None
     if not shutil.which("redis-server"):
         raise LaunchError("redis-server is not installed (apt-get install redis-server)")
     busy = [p for p in proxy_ports + redis_ports + plain_ports if not port_free(p)]
@@ -152,10 +159,9 @@ def up(args: argparse.Namespace) -> int:
         else:
             status, before_stop = _start_mesh(launcher, args, proxy_ports, redis_ports)
         print(f"\nlogs and data in {launcher.workdir}")
-        password = f" -a {args.password}" if getattr(args, "password", None) else ""
-        print(f"connect with:  redis-cli -c -p {proxy_ports[0]}{password}")
-        print(f"  or, as one Redis (any client, no cluster support needed):  "
-              f"redis-cli -p {plain_ports[0]}{password}")
+        print("connect with:  " + passwords.redis_cli(password, f"-c -p {proxy_ports[0]}"))
+        print("  or, as one Redis (any client, no cluster support needed):  "
+              + passwords.redis_cli(password, f"-p {plain_ports[0]}"))
         print("stop with Ctrl-C\n")
         while not stopping:
             dead = launcher.dead()
@@ -183,12 +189,15 @@ def _start_standalone(launcher: Launcher, args: argparse.Namespace, proxy_ports:
                        "--plain-listen", f"{HOST}:{proxy_port + PLAIN_PORT_OFFSET}")
     proxies = [f"{HOST}:{p}" for p in proxy_ports]
     backends = [f"{HOST}:{p}" for p in redis_ports]
-    for port, cmd in zip(proxy_ports, setcluster_commands(args.cluster, proxies, backends)):
+    for port, cmd in zip(proxy_ports, setcluster_commands(args.cluster, proxies, backends,
+                                                          password=args.password)):
         reply = send(port, cmd)
+        shown = " ".join(cmd[:-1] + ["***"] if args.password else cmd)
         if reply != b"+OK\r\n":
-            raise LaunchError(f"proxy {port} refused {' '.join(cmd)}: {reply!r}")
-        print(" ".join(cmd))
-    print(f"\ncluster '{args.cluster}' is up: {len(proxy_ports)} standalone proxies")
+            raise LaunchError(f"proxy {port} refused {shown}: {reply!r}")
+        print(shown)
+    print(f"\ncluster '{args.cluster}' is up: "
+          f"{plural(len(proxy_ports), 'standalone proxy', 'standalone proxies')}")
 
     def status() -> str:
         ready = 0
@@ -216,7 +225,7 @@ def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[
         launcher.proxy(f"{HOST}:{redis_port}", proxy_port, "--etcd", etcd,
                        "--node-id", f"node-{proxy_port}",
                        "--plain-listen", f"{HOST}:{proxy_port + PLAIN_PORT_OFFSET}")
-    print(f"{len(proxy_ports)} nodes on {HOST}:{proxy_ports[0]}..{proxy_ports[-1]} "
+    print(f"{plural(len(proxy_ports), 'node')} on {HOST}:{proxy_ports[0]}..{proxy_ports[-1]} "
           f"(redis on {redis_ports[0]}..{redis_ports[-1]})")
 
     async def create() -> None:
@@ -229,8 +238,8 @@ def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[
             behind = await ops.wait_applied(store, view, APPLY_TIMEOUT)
             if behind:
                 raise LaunchError(f"nodes {behind} did not apply the cluster's view")
-            print(f"cluster '{args.cluster}' created: {args.shards} shards x "
-                  f"{1 + args.replicas} nodes, epoch {view.epoch}")
+            print(f"cluster '{args.cluster}' created: {plural(args.shards, 'shard')} x "
+                  f"{plural(1 + args.replicas, 'node')}, epoch {view.epoch}")
             # $MOONMESH_ETCD would win over the endpoint file
             flag = f" --etcd {etcd}" if os.environ.get(ETCD_ENV) else ""
             print(f"see it with:   umctl-mesh{flag} cluster show {args.cluster}")
