@@ -573,3 +573,52 @@ def test_standalone_setcluster_carries_the_password():
     assert cmd[-3:] == ["CONFIG", "password", "p"]
     [cmd] = setcluster_commands("mydb", ["127.0.0.1:7000"], ["127.0.0.1:17000"])
     assert "CONFIG" not in cmd
+
+
+# -- scale plans say which shards and nodes come and go --------------------------------------
+
+async def test_a_scale_out_plan_names_the_new_shard_and_the_nodes_it_takes(capsys):
+    view = make_view(2, 1)
+    store = await mesh_with(replace(view, config=ClusterConfig(replicas=1)))
+    await add_node(store, "free-a", "127.0.0.1:7200", "127.0.0.1:17200", 10)
+    await add_node(store, "free-b", "127.0.0.1:7201", "127.0.0.1:17201", 11)
+    assert await umctl(store, "cluster", "scale", "mydb", "--shards", "3", "--dry-run") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "cluster mydb: would move 5461 slots in 2 migrations (dry run: nothing " \
+                       "written)"
+    assert lines[1] in ("  would add shard s3: master free-a, replica free-b (would be taken "
+                        "from the pool)",
+                        "  would add shard s3: master free-b, replica free-a (would be taken "
+                        "from the pool)")
+    assert await umctl(store, "--json", "cluster", "scale", "mydb", "--shards", "3") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["new_shards"] == ["s3"] and doc["removed_shards"] == []
+    assert sorted(doc["nodes_taken"]) == ["free-a", "free-b"] and doc["nodes_freed"] == []
+    assert doc["shards"]["s3"]["master"] in ("free-a", "free-b")
+    assert await umctl(store, "cluster", "scale", "mydb", "--replicas", "1") == 0
+    assert capsys.readouterr().out.strip() == "cluster mydb already declares 1 replica per shard"
+
+
+async def test_a_scale_in_plan_names_the_shard_that_goes_and_the_nodes_it_frees(capsys):
+    store = await mesh_with(make_view(3, 1))
+    assert await umctl(store, "cluster", "scale", "mydb", "--shards", "2") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [
+        "cluster mydb: moves 5461 slots in 2 migrations",
+        "  removes shard s3: master node-4, replica node-5 (back to the pool when its last "
+        "migration commits)"]
+    assert lines[2].split() == ["FROM", "TO", "SLOTS", "RANGES"]
+    assert await umctl(store, "migrate", "cancel", "mydb") == 0
+    capsys.readouterr()
+    assert await umctl(store, "--json", "cluster", "scale", "mydb", "--shards", "2",
+                       "--dry-run") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["removed_shards"], doc["nodes_freed"]) == (["s3"], ["node-4", "node-5"])
+
+
+async def test_one_slot_in_one_migration_is_said_so(capsys):
+    store = await mesh_with()
+    assert await umctl(store, "migrate", "mydb", "--slots", "0", "--to", "s2") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "cluster mydb: moves 1 slot in 1 migration"
+    assert lines[2].split() == ["s1", "s2", "1", "0"]

@@ -17,7 +17,8 @@ import anyio
 
 from core import __version__, secret
 from core.address import Address
-from core.view import MAX_MIGRATION_RATE, REASSIGN_AFTER, ClusterView, slots_of
+from core.slots import format_range, slot_count
+from core.view import MAX_MIGRATION_RATE, REASSIGN_AFTER, ClusterView, Shard, slots_of
 from mesh.store.etcd import EtcdStore, StoreError
 from mesh.store.repo import MeshRepo
 
@@ -443,13 +444,38 @@ async def cmd_delete(store: EtcdStore, args: argparse.Namespace) -> int:
     return 0
 
 
+def shard_members(shard: Shard) -> dict[str, Any]:
+    return {"id": shard.id, "master": shard.master, "replicas": list(shard.replicas)}
+
+
 def plan_doc(old: ClusterView, new: ClusterView, dry_run: bool) -> dict[str, Any]:
+    """The plan of a scale, rebalance or migrate: its migrations, the shards it adds (their
+    nodes taken from the pool now) and those it empties (they leave the cluster, their
+    nodes back to the pool, when their last migration commits)."""
     rows: list[dict[str, Any]] = [
-        {"slots": [list(r) for r in m.slots], "slot_count": sum(b - a + 1 for a, b in m.slots),
+        {"slots": [list(r) for r in m.slots], "slot_count": slot_count(m.slots),
          "from": m.source, "to": m.target} for m in new.migrations]
-    added = [s.id for s in new.shards if s.id not in {x.id for x in old.shards}]
+    before = {s.id for s in old.shards}
+    added = [s for s in new.shards if s.id not in before]
+    leaving = {}
+    for m in new.migrations:
+        leaving[m.source] = leaving.get(m.source, 0) + slot_count(m.slots)
+    removed = [s for s in new.shards if s.id in before and s.slots
+               and leaving.get(s.id, 0) == slots_of(s)]
     return {"cluster": new.cluster, "epoch": new.epoch, "dry_run": dry_run,
-            "changed": new is not old, "new_shards": added, "migrations": rows}
+            "changed": new is not old, "new_shards": [s.id for s in added],
+            "removed_shards": [s.id for s in removed],
+            "nodes_taken": [n for s in added for n in s.members],
+            "nodes_freed": [n for s in removed for n in s.members],
+            "shards": {s.id: shard_members(s) for s in added + removed},
+            "migrations": rows}
+
+
+def members_text(shard: dict[str, Any]) -> str:
+    replicas = shard["replicas"]
+    return f"master {shard['master']}" + (
+        f", {'replica' if len(replicas) == 1 else 'replicas'} {', '.join(replicas)}"
+        if replicas else "")
 
 
 def print_plan(old: ClusterView, new: ClusterView, dry_run: bool, as_json: bool) -> None:
@@ -457,14 +483,22 @@ def print_plan(old: ClusterView, new: ClusterView, dry_run: bool, as_json: bool)
     if as_json:
         print(json.dumps(doc, indent=2))
         return
-    rows, added = doc["migrations"], doc["new_shards"]
+    rows = doc["migrations"]
     verb = "would move" if dry_run else "moves"
     total = sum(r["slot_count"] for r in rows)
-    print(f"cluster {new.cluster}: {verb} {total} slots in {len(rows)} migrations"
-          + (f", adding shards {', '.join(added)}" if added else ""))
+    print(f"cluster {new.cluster}: {verb} {plural(total, 'slot')} in "
+          f"{plural(len(rows), 'migration')}" + (" (dry run: nothing written)" if dry_run else ""))
+    for sid in doc["new_shards"]:
+        print(f"  {'would add' if dry_run else 'adds'} shard {sid}: "
+              f"{members_text(doc['shards'][sid])} "
+              f"({'would be ' if dry_run else ''}taken from the pool)")
+    for sid in doc["removed_shards"]:
+        print(f"  {'would remove' if dry_run else 'removes'} shard {sid}: "
+              f"{members_text(doc['shards'][sid])} (back to the pool when its last "
+              "migration commits)")
     print(table(["FROM", "TO", "SLOTS", "RANGES"],
                 [[r["from"], r["to"], r["slot_count"],
-                  " ".join(f"{a}-{b}" for a, b in r["slots"])] for r in rows]))
+                  " ".join(format_range((a, b)) for a, b in r["slots"])] for r in rows]))
 
 
 async def follow(store: EtcdStore, args: argparse.Namespace, name: str) -> int:
@@ -505,13 +539,14 @@ def replica_plan_doc(plan: ops.ReplicaPlan, dry_run: bool) -> dict:
 def print_replica_plan(plan: ops.ReplicaPlan, dry_run: bool) -> None:
     name, want = plan.new.cluster, plan.new.config.replicas
     if plan.new is plan.old:
-        print(f"cluster {name} already declares {want} replicas per shard")
+        print(f"cluster {name} already declares {plural(want, 'replica')} per shard")
         return
     verb = "would declare" if dry_run else "declares"
-    print(f"cluster {name}: {verb} {want} replicas per shard (was {plan.old.config.replicas})")
+    print(f"cluster {name}: {verb} {plural(want, 'replica')} per shard (was "
+          f"{plan.old.config.replicas})" + (" (dry run: nothing written)" if dry_run else ""))
     rows = [[s.id, ", ".join(plan.added.get(s.id, ())) or "-",
              ", ".join(plan.removed.get(s.id, ())) or "-"] for s in plan.new.shards]
-    print(table(["SHARD", "JOIN", "LEAVE (to the pool)"], rows))
+    print(table(["SHARD", "JOIN (from the pool)", "LEAVE (to the pool)"], rows))
 
 
 async def follow_replicas(store: EtcdStore, args: argparse.Namespace, name: str) -> int:
