@@ -313,6 +313,8 @@ async def test_what_is_already_so_exits_0_with_a_message_and_writes_nothing(caps
     ("cluster", "create", "bad name", "--shards", "1"),
     ("cluster", "create", "other", "--shards", "0"),
     ("cluster", "create", "other", "--shards", "1", "--min-replicas-ack", "1"),
+    ("check", "mydb", "--sample", "-1"),
+    ("check", "mydb", "--timeout", "0"),
 ])
 async def test_wrong_arguments_exit_2_whatever_the_mesh_holds(argv, capsys):
     store = await mesh_with()

@@ -2,7 +2,8 @@
 
 Exit codes: 0 done (also when it was already so: a balanced cluster rebalanced, a cluster
 scaled to its size, a cancel with nothing running), 1 the operation failed (unknown cluster,
-not enough free nodes, ...), 2 bad usage, 3 etcd unreachable, 141 stdout closed early.
+not enough free nodes, ...; `check`: problems found), 2 bad usage, 3 etcd unreachable,
+141 stdout closed early.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import contextlib
 import json
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -22,6 +24,7 @@ from core.view import MAX_MIGRATION_RATE, REASSIGN_AFTER, ClusterView, Shard, sl
 from mesh.store.etcd import EtcdStore, StoreError
 from mesh.store.repo import MeshRepo
 
+from . import check as check_mod
 from . import local, ops, passwords
 from .text import plural
 
@@ -224,6 +227,39 @@ def build_parser() -> argparse.ArgumentParser:
     migrations.add_argument("name")
     migrations.set_defaults(func=cmd_migrations)
 
+    check = sub.add_parser(
+        "check", parents=[common], help="is the cluster whole? (as redis-cli --cluster check)",
+        description="Check one cluster: every member registered, its Redis up and not fenced, "
+                    "on the view's epoch (its status in etcd and its proxy's UMCTL GETEPOCH); "
+                    "every slot covered by exactly one shard whose master serves; each shard "
+                    "with its declared replicas, each following its master's Redis with its "
+                    "link up and at most --max-lag bytes behind (INFO replication through the "
+                    "masters' proxies, else the offsets the nodes report in etcd); no key on a "
+                    "master outside its shard's slots (the first --sample keys of a SCAN of "
+                    "each master's Redis, through its proxy: hash table order, not a uniform "
+                    "sample); no migration failing, stuck, or whose source or target is down. "
+                    "Reading the nodes' INFO and keys needs the mesh secret or, with a "
+                    "password, the cluster's password. Nodes behind the view get "
+                    f"{check_mod.APPLY_GRACE:g} s to catch up.",
+        epilog="exit codes: 0 healthy, 1 problems found (or unknown cluster), 2 bad usage, "
+               "3 etcd unreachable (nothing checked)")
+    check.add_argument("name")
+    check.add_argument("--sample", type=int, default=check_mod.DEFAULT_SAMPLE, metavar="N",
+                       help="keys read per master (default "
+                            f"{check_mod.DEFAULT_SAMPLE}); 0: every key")
+    check.add_argument("--max-lag", type=int, default=check_mod.DEFAULT_MAX_LAG,
+                       metavar="BYTES", help="bytes a replica may be behind its master "
+                                             f"(default {check_mod.DEFAULT_MAX_LAG})")
+    check.add_argument("--timeout", type=float, default=check_mod.DEFAULT_TIMEOUT,
+                       help="seconds for what one proxy is asked (default "
+                            f"{check_mod.DEFAULT_TIMEOUT:g})")
+    check.add_argument("--no-proxies", action="store_true",
+                       help="read etcd only (from a host that cannot reach the proxies): no "
+                            "GETEPOCH, INFO or key sample")
+    passwords.add_options(check, "the cluster's password, to read its nodes' INFO and keys "
+                                 "without the mesh secret")
+    check.set_defaults(func=cmd_check)
+
     up = sub.add_parser(
         "up", help="start a local mesh on loopback and keep it running until Ctrl-C",
         description="Start etcd, redis-servers and mesh-proxies on 127.0.0.1, create a "
@@ -246,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 # -- rendering -------------------------------------------------------------------------------
 
 
-def table(headers: list[str], rows: list[list[object]]) -> str:
+def table(headers: list[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [headers] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
@@ -457,7 +493,7 @@ def plan_doc(old: ClusterView, new: ClusterView, dry_run: bool) -> dict[str, Any
          "from": m.source, "to": m.target} for m in new.migrations]
     before = {s.id for s in old.shards}
     added = [s for s in new.shards if s.id not in before]
-    leaving = {}
+    leaving: dict[str, int] = {}
     for m in new.migrations:
         leaving[m.source] = leaving.get(m.source, 0) + slot_count(m.slots)
     removed = [s for s in new.shards if s.id in before and s.slots
@@ -708,6 +744,22 @@ async def cmd_failover(store: EtcdStore, args: argparse.Namespace) -> int:
         print(f"shard {shard.id} of {view.cluster}: {shard.master} is the master "
               f"(epoch {view.epoch})")
     return EXIT_FAILED if behind else 0
+
+
+async def cmd_check(store: EtcdStore, args: argparse.Namespace) -> int:
+    if args.sample < 0 or args.max_lag < 0 or args.timeout <= 0:
+        raise ops.UsageError("--sample and --max-lag must be 0 or more, --timeout above 0")
+    password = passwords.read(args)
+    credentials = check_mod.Credentials(args.mesh_secret, password.value if password else None)
+    options = check_mod.Options(sample=args.sample, max_lag=args.max_lag,
+                                proxies=not args.no_proxies)
+    report = await check_mod.check_cluster(store, args.name, credentials, options, args.timeout)
+    if args.json:
+        print(json.dumps(report.doc(), indent=2))
+    else:
+        print(f"cluster {report.cluster}  epoch {report.epoch}")
+        print("\n".join(report.lines()))
+    return 0 if report.healthy else EXIT_FAILED
 
 
 async def cmd_migrations(store: EtcdStore, args: argparse.Namespace) -> int:
