@@ -16,7 +16,7 @@ from redis.cluster import RedisCluster
 
 def test_up_starts_a_mesh_that_clients_use_and_stops_cleanly(tmp_path):
     from tools.launch import listening, port_free
-    from tools.umctl_mesh.local import REDIS_PORT_OFFSET
+    from tools.umctl_mesh.local import PLAIN_PORT_OFFSET, REDIS_PORT_OFFSET
 
     # where `up` leaves its etcd endpoint: this test's own, and no $MOONMESH_ETCD to win over it
     env = {k: v for k, v in os.environ.items() if k != "MOONMESH_ETCD"}
@@ -26,9 +26,10 @@ def test_up_starts_a_mesh_that_clients_use_and_stops_cleanly(tmp_path):
     password_file.write_text("up s3cret\n")
 
     rng = random.Random()
-    while True:  # 4 proxy ports and their redis ports (+10000), all free
+    while True:  # 4 proxy ports, their redis ports (+10000) and plain listeners (+20000), free
         port = rng.randrange(20000, 30000)
-        if all(port_free(p) and port_free(p + REDIS_PORT_OFFSET) for p in range(port, port + 4)):
+        if all(port_free(p) and port_free(p + REDIS_PORT_OFFSET)
+               and port_free(p + PLAIN_PORT_OFFSET) for p in range(port, port + 4)):
             break
     proc = subprocess.Popen([sys.executable, "-m", "tools.umctl_mesh.cli", "up", "--shards", "2",
                              "--replicas", "1", "--port", str(port),
