@@ -624,3 +624,13 @@ async def test_one_slot_in_one_migration_is_said_so(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "cluster mydb: moves 1 slot in 1 migration"
     assert lines[2].split() == ["s1", "s2", "1", "0"]
+
+
+def test_ctrl_c_ends_it_quietly(monkeypatch, capsys):
+    def interrupted(prompt: str) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("getpass.getpass", interrupted)
+    monkeypatch.setattr(sys, "stdin", Terminal(""))
+    assert cli.main(["up", "--ask-password"]) == cli.EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "\numctl-mesh: interrupted\n"

@@ -3,7 +3,7 @@
 Exit codes: 0 done (also when it was already so: a balanced cluster rebalanced, a cluster
 scaled to its size, a cancel with nothing running), 1 the operation failed (unknown cluster,
 not enough free nodes, ...; `check`: problems found), 2 bad usage, 3 etcd unreachable,
-141 stdout closed early.
+130 Ctrl-C, 141 stdout closed early.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from .text import plural
 
 EXIT_FAILED, EXIT_USAGE, EXIT_ETCD = 1, 2, 3
 EXIT_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (`| head`)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C
 DEFAULT_ETCD = "127.0.0.1:2379"
 # a first read of etcd must answer within this, or the command ends (exit 3) with a hint;
 # later calls retry for longer (mesh/store/etcd.py, RETRY_WINDOW)
@@ -833,6 +834,9 @@ def main(argv: list[str] | None = None) -> int:
         # nothing more can reach the reader; stdout's last flush at exit must not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_PIPE
+    except KeyboardInterrupt:  # Ctrl-C at a prompt or while --wait waits: no traceback
+        print("\numctl-mesh: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def run(argv: list[str] | None) -> int:

@@ -64,9 +64,12 @@ def read(args: argparse.Namespace, confirm: bool = False) -> Password | None:
         if not sys.stdin.isatty():
             raise UsageError(f"--ask-password needs a terminal; give --password-file FILE "
                              f"or ${PASSWORD_ENV} instead")
-        value = _nonempty(getpass.getpass("cluster password: "), "the password typed")
-        if confirm and getpass.getpass("the same again: ") != value:
-            raise OpError("the two passwords typed differ; nothing was done")
+        try:
+            value = _nonempty(getpass.getpass("cluster password: "), "the password typed")
+            if confirm and getpass.getpass("the same again: ") != value:
+                raise OpError("the two passwords typed differ; nothing was done")
+        except EOFError:
+            raise OpError("no password typed; nothing was done") from None
         return Password(value, Source.PROMPT)
     env = os.environ.get(PASSWORD_ENV)
     if env:
