@@ -96,7 +96,7 @@ def test_two_tenants_share_a_pool_and_stay_apart(mesh_factory):
     beta.close()
 
     # deleting beta returns its nodes; a new cluster on them starts empty
-    mesh.umctl("cluster", "delete", "beta")
+    mesh.umctl("cluster", "delete", "beta", "--yes")
     assert mesh.umctl("--json", "cluster", "list") == [
         {"cluster": "alpha", "epoch": 1, "shards": 2, "nodes": 2, "password": True}]
     mesh.wait_pool(2)
@@ -112,7 +112,7 @@ def test_keep_data_holds_nodes_until_released(mesh_factory):
     mesh.umctl("cluster", "create", "keep", "--shards", "1")
     node_id, proxy = next(iter(mesh.proxies.items()))
     assert command(proxy.port, "SET", "precious", "1") == b"+OK\r\n"
-    mesh.umctl("cluster", "delete", "keep", "--keep-data")
+    mesh.umctl("cluster", "delete", "keep", "--keep-data", "--yes")
     [node] = mesh.umctl("--json", "nodes")
     assert node["role"] == "held" and node["cluster"] == "keep"
     failed = mesh.umctl("cluster", "create", "other", "--shards", "1", check=False)
@@ -132,7 +132,7 @@ def test_operator_errors_are_one_line_with_exit_codes(mesh_factory):
     assert out.returncode == 1 and "not enough free nodes" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     out = mesh.umctl("cluster", "create", "bad name", "--shards", "1", check=False)
-    assert out.returncode == 1 and "invalid cluster name" in out.stderr
+    assert out.returncode == 2 and "invalid cluster name" in out.stderr  # usage
     down = subprocess.run([sys.executable, "-m", "tools.umctl_mesh.cli", "--etcd",
                            f"127.0.0.1:{free_port()}", "cluster", "list"],
                           capture_output=True, text=True, timeout=60)
@@ -253,7 +253,7 @@ def test_a_cluster_created_again_under_the_same_name_starts_empty(mesh_factory):
     mesh.umctl("cluster", "create", "acme", "--shards", "1")
     port = next(iter(mesh.proxies.values())).port
     assert command(port, "SET", "secret", "tenant-a") == b"+OK\r\n"
-    mesh.umctl("cluster", "delete", "acme")
+    mesh.umctl("cluster", "delete", "acme", "--yes")
     mesh.wait_pool(1)
     mesh.umctl("cluster", "create", "acme", "--shards", "1")
     assert command(port, "GET", "secret") == b"$-1\r\n"

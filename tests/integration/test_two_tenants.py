@@ -57,7 +57,7 @@ def test_two_clusters_share_a_pool_and_never_meet(mesh_factory):
              what="alpha's client blocked")
     a.close()
 
-    mesh.umctl("cluster", "delete", "alpha")
+    mesh.umctl("cluster", "delete", "alpha", "--yes")
     # the node is free: no slots, no password, not alpha's any more
     wait_for(lambda: b"cluster_state:fail" in command(a_port, "CLUSTER", "INFO"),
              what="the node freed")

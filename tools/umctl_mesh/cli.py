@@ -1,27 +1,40 @@
 """`umctl-mesh`: the operator's tool.
 
-Exit codes: 0 done, 1 the operation failed (unknown cluster, not enough free nodes, ...),
-2 bad usage, 3 etcd unreachable.
+Exit codes: 0 done (also when it was already so: a balanced cluster rebalanced, a cluster
+scaled to its size, a cancel with nothing running), 1 the operation failed (unknown cluster,
+not enough free nodes, ...; `check`: problems found), 2 bad usage, 3 etcd unreachable,
+130 Ctrl-C, 141 stdout closed early.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
 
-from core import secret
+from core import __version__, secret
 from core.address import Address
-from core.view import MAX_MIGRATION_RATE, REASSIGN_AFTER, ClusterView, slots_of
+from core.slots import format_range, slot_count
+from core.view import MAX_MIGRATION_RATE, REASSIGN_AFTER, ClusterView, Shard, slots_of
 from mesh.store.etcd import EtcdStore, StoreError
+from mesh.store.repo import MeshRepo
 
-from . import local, ops
+from . import check as check_mod
+from . import local, ops, passwords
+from .text import plural
 
 EXIT_FAILED, EXIT_USAGE, EXIT_ETCD = 1, 2, 3
-DEFAULT_ETCD = os.environ.get("MOONMESH_ETCD", "127.0.0.1:2379")
+EXIT_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (`| head`)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C
+DEFAULT_ETCD = "127.0.0.1:2379"
+# a first read of etcd must answer within this, or the command ends (exit 3) with a hint;
+# later calls retry for longer (mesh/store/etcd.py, RETRY_WINDOW)
+ETCD_FIRST_READ_TIMEOUT = 2.0
 NODE_FLAG = "default"  # `migrate throttle --rate default`: back to each node's --migration-rate
 
 
@@ -59,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Operate a Moonmesh: a pool of Redis Cluster proxies that serves named "
                     "clusters. Reads and edits the mesh's state in etcd.",
         epilog="exit codes: 0 done, 1 operation failed, 2 bad usage, 3 etcd unreachable")
-    parser.add_argument("--etcd", default=DEFAULT_ETCD, metavar="URL[,URL...]",
-                        help="etcd endpoints (default $MOONMESH_ETCD or 127.0.0.1:2379)")
+    parser.add_argument("--version", action="version", version=f"umctl-mesh {__version__}")
+    parser.add_argument("--etcd", metavar="URL[,URL...]",
+                        help=f"etcd endpoints (default ${local.ETCD_ENV}, else the endpoint a "
+                             f"running `umctl-mesh up` wrote to {local.endpoint_file()}, "
+                             f"else {DEFAULT_ETCD})")
     parser.add_argument("--etcd-root", default="/moonmesh", metavar="PREFIX")
     parser.add_argument("--mesh-secret-file", metavar="FILE",
                         help="the nodes' shared secret, for commands that act on a node "
@@ -112,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--shards", type=int, required=True, help="number of masters")
     create.add_argument("--replicas", type=int, default=0, help="replicas per master (default 0)")
-    create.add_argument("--password", help="clients must AUTH with it (kept hashed)")
+    passwords.add_options(create, "the password clients must AUTH with (kept hashed)")
     create.add_argument("--min-replicas-ack", type=int, default=0, metavar="N",
                         help="synchronous mode: acknowledge a write only once N replicas have "
                              "it (WAIT); a failover then loses no acknowledged write")
@@ -139,11 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
                              help="delete a cluster; its nodes return to the pool",
                              description="Delete the cluster's view. Its nodes become free "
                                          "(their data is erased when they join another "
-                                         "cluster) unless --keep-data holds them for recovery.")
+                                         "cluster) unless --keep-data holds them for recovery. "
+                                         "On a terminal it asks you to type the cluster's name; "
+                                         "without one it needs --yes.")
     delete.add_argument("name")
     delete.add_argument("--keep-data", action="store_true",
                         help="keep the nodes (and their data) out of the pool until "
                              "`umctl-mesh nodes release NODE`")
+    delete.add_argument("--yes", "-y", action="store_true",
+                        help="delete without asking (needed when stdin is no terminal)")
     delete.set_defaults(func=cmd_delete)
 
     def plan_options(p: argparse.ArgumentParser) -> None:
@@ -208,6 +228,39 @@ def build_parser() -> argparse.ArgumentParser:
     migrations.add_argument("name")
     migrations.set_defaults(func=cmd_migrations)
 
+    check = sub.add_parser(
+        "check", parents=[common], help="is the cluster whole? (as redis-cli --cluster check)",
+        description="Check one cluster: every member registered, its Redis up and not fenced, "
+                    "on the view's epoch (its status in etcd and its proxy's UMCTL GETEPOCH); "
+                    "every slot covered by exactly one shard whose master serves; each shard "
+                    "with its declared replicas, each following its master's Redis with its "
+                    "link up and at most --max-lag bytes behind (INFO replication through the "
+                    "masters' proxies, else the offsets the nodes report in etcd); no key on a "
+                    "master outside its shard's slots (the first --sample keys of a SCAN of "
+                    "each master's Redis, through its proxy: hash table order, not a uniform "
+                    "sample); no migration failing, stuck, or whose source or target is down. "
+                    "Reading the nodes' INFO and keys needs the mesh secret or, with a "
+                    "password, the cluster's password. Nodes behind the view get "
+                    f"{check_mod.APPLY_GRACE:g} s to catch up.",
+        epilog="exit codes: 0 healthy, 1 problems found (or unknown cluster), 2 bad usage, "
+               "3 etcd unreachable (nothing checked)")
+    check.add_argument("name")
+    check.add_argument("--sample", type=int, default=check_mod.DEFAULT_SAMPLE, metavar="N",
+                       help="keys read per master (default "
+                            f"{check_mod.DEFAULT_SAMPLE}); 0: every key")
+    check.add_argument("--max-lag", type=int, default=check_mod.DEFAULT_MAX_LAG,
+                       metavar="BYTES", help="bytes a replica may be behind its master "
+                                             f"(default {check_mod.DEFAULT_MAX_LAG})")
+    check.add_argument("--timeout", type=float, default=check_mod.DEFAULT_TIMEOUT,
+                       help="seconds for what one proxy is asked (default "
+                            f"{check_mod.DEFAULT_TIMEOUT:g})")
+    check.add_argument("--no-proxies", action="store_true",
+                       help="read etcd only (from a host that cannot reach the proxies): no "
+                            "GETEPOCH, INFO or key sample")
+    passwords.add_options(check, "the cluster's password, to read its nodes' INFO and keys "
+                                 "without the mesh secret")
+    check.set_defaults(func=cmd_check)
+
     up = sub.add_parser(
         "up", help="start a local mesh on loopback and keep it running until Ctrl-C",
         description="Start etcd, redis-servers and mesh-proxies on 127.0.0.1, create a "
@@ -218,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=7000,
                     help="first proxy port; redis servers use PORT+10000.. (default 7000)")
     up.add_argument("--cluster", default="mydb", help="cluster name (default mydb)")
-    up.add_argument("--password", help="cluster password")
+    passwords.add_options(up, "the cluster's password")
     up.add_argument("--min-replicas-ack", type=int, default=0, metavar="N",
                     help="synchronous mode: writes acknowledged once N replicas have them")
     up.add_argument("--standalone", action="store_true",
@@ -229,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- rendering -------------------------------------------------------------------------------
 
-def table(headers: list[str], rows: list[list[object]]) -> str:
+
+def table(headers: list[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [headers] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
@@ -317,7 +371,9 @@ async def cmd_release(store: EtcdStore, args: argparse.Namespace) -> int:
 
 async def cmd_create(store: EtcdStore, args: argparse.Namespace) -> int:
     rate = None if args.migration_rate == NODE_FLAG else args.migration_rate
-    view = await ops.create_cluster(store, args.name, args.shards, args.replicas, args.password,
+    password = passwords.read(args, confirm=True)
+    view = await ops.create_cluster(store, args.name, args.shards, args.replicas,
+                                    password.value if password else None,
                                     args.min_replicas_ack, args.reassign_after, rate)
     behind: list[str] = []
     if not args.no_wait:
@@ -335,7 +391,7 @@ async def cmd_create(store: EtcdStore, args: argparse.Namespace) -> int:
     else:
         print_view(view, pool)
         first = Address.parse(view.address_of(view.shards[0].master).proxy)
-        print(f"\nconnect: redis-cli -c -h {first.host} -p {first.port}")
+        print("\nconnect: " + passwords.redis_cli(password, f"-c -h {first.host} -p {first.port}"))
     if behind:
         print(f"umctl-mesh: nodes {', '.join(behind)} have not applied epoch {view.epoch} "
               f"after {args.timeout:g}s", file=sys.stderr)
@@ -393,7 +449,28 @@ async def cmd_list(store: EtcdStore, args: argparse.Namespace) -> int:
     return 0
 
 
+def confirm_delete(view: ClusterView, keep_data: bool) -> bool:
+    """Ask on the terminal (stderr, so --json output stays clean) for the cluster's name."""
+    fate = ("held out of the pool with their data" if keep_data
+            else "returned to the pool; their data is erased when they join another cluster")
+    print(f"cluster {view.cluster} (epoch {view.epoch}, {plural(len(view.shards), 'shard')}, "
+          f"{plural(len(view.nodes), 'node')}) will be deleted; its clients lose it at once "
+          f"and its nodes are {fate}.\nType the cluster's name to delete it: ",
+          end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip() == view.cluster
+
+
 async def cmd_delete(store: EtcdStore, args: argparse.Namespace) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ops.UsageError(f"cluster delete asks for confirmation on a terminal; "
+                                 f"without one, add --yes: umctl-mesh cluster delete "
+                                 f"{args.name} --yes")
+        pool = await ops.read_pool(store)
+        if args.name not in pool.views:
+            raise ops.OpError(f"unknown cluster '{args.name}'")
+        if not confirm_delete(pool.views[args.name][0], args.keep_data):
+            raise ops.OpError(f"not confirmed: cluster {args.name} is not deleted")
     view = await ops.delete_cluster(store, args.name, args.keep_data)
     nodes = list(view.node_ids)
     if args.json:
@@ -404,13 +481,38 @@ async def cmd_delete(store: EtcdStore, args: argparse.Namespace) -> int:
     return 0
 
 
+def shard_members(shard: Shard) -> dict[str, Any]:
+    return {"id": shard.id, "master": shard.master, "replicas": list(shard.replicas)}
+
+
 def plan_doc(old: ClusterView, new: ClusterView, dry_run: bool) -> dict[str, Any]:
+    """The plan of a scale, rebalance or migrate: its migrations, the shards it adds (their
+    nodes taken from the pool now) and those it empties (they leave the cluster, their
+    nodes back to the pool, when their last migration commits)."""
     rows: list[dict[str, Any]] = [
-        {"slots": [list(r) for r in m.slots], "slot_count": sum(b - a + 1 for a, b in m.slots),
+        {"slots": [list(r) for r in m.slots], "slot_count": slot_count(m.slots),
          "from": m.source, "to": m.target} for m in new.migrations]
-    added = [s.id for s in new.shards if s.id not in {x.id for x in old.shards}]
+    before = {s.id for s in old.shards}
+    added = [s for s in new.shards if s.id not in before]
+    leaving: dict[str, int] = {}
+    for m in new.migrations:
+        leaving[m.source] = leaving.get(m.source, 0) + slot_count(m.slots)
+    removed = [s for s in new.shards if s.id in before and s.slots
+               and leaving.get(s.id, 0) == slots_of(s)]
     return {"cluster": new.cluster, "epoch": new.epoch, "dry_run": dry_run,
-            "new_shards": added, "migrations": rows}
+            "changed": new is not old, "new_shards": [s.id for s in added],
+            "removed_shards": [s.id for s in removed],
+            "nodes_taken": [n for s in added for n in s.members],
+            "nodes_freed": [n for s in removed for n in s.members],
+            "shards": {s.id: shard_members(s) for s in added + removed},
+            "migrations": rows}
+
+
+def members_text(shard: dict[str, Any]) -> str:
+    replicas = shard["replicas"]
+    return f"master {shard['master']}" + (
+        f", {'replica' if len(replicas) == 1 else 'replicas'} {', '.join(replicas)}"
+        if replicas else "")
 
 
 def print_plan(old: ClusterView, new: ClusterView, dry_run: bool, as_json: bool) -> None:
@@ -418,14 +520,22 @@ def print_plan(old: ClusterView, new: ClusterView, dry_run: bool, as_json: bool)
     if as_json:
         print(json.dumps(doc, indent=2))
         return
-    rows, added = doc["migrations"], doc["new_shards"]
+    rows = doc["migrations"]
     verb = "would move" if dry_run else "moves"
     total = sum(r["slot_count"] for r in rows)
-    print(f"cluster {new.cluster}: {verb} {total} slots in {len(rows)} migrations"
-          + (f", adding shards {', '.join(added)}" if added else ""))
+    print(f"cluster {new.cluster}: {verb} {plural(total, 'slot')} in "
+          f"{plural(len(rows), 'migration')}" + (" (dry run: nothing written)" if dry_run else ""))
+    for sid in doc["new_shards"]:
+        print(f"  {'would add' if dry_run else 'adds'} shard {sid}: "
+              f"{members_text(doc['shards'][sid])} "
+              f"({'would be ' if dry_run else ''}taken from the pool)")
+    for sid in doc["removed_shards"]:
+        print(f"  {'would remove' if dry_run else 'removes'} shard {sid}: "
+              f"{members_text(doc['shards'][sid])} (back to the pool when its last "
+              "migration commits)")
     print(table(["FROM", "TO", "SLOTS", "RANGES"],
                 [[r["from"], r["to"], r["slot_count"],
-                  " ".join(f"{a}-{b}" for a, b in r["slots"])] for r in rows]))
+                  " ".join(format_range((a, b)) for a, b in r["slots"])] for r in rows]))
 
 
 async def follow(store: EtcdStore, args: argparse.Namespace, name: str) -> int:
@@ -466,13 +576,14 @@ def replica_plan_doc(plan: ops.ReplicaPlan, dry_run: bool) -> dict:
 def print_replica_plan(plan: ops.ReplicaPlan, dry_run: bool) -> None:
     name, want = plan.new.cluster, plan.new.config.replicas
     if plan.new is plan.old:
-        print(f"cluster {name} already declares {want} replicas per shard")
+        print(f"cluster {name} already declares {plural(want, 'replica')} per shard")
         return
     verb = "would declare" if dry_run else "declares"
-    print(f"cluster {name}: {verb} {want} replicas per shard (was {plan.old.config.replicas})")
+    print(f"cluster {name}: {verb} {plural(want, 'replica')} per shard (was "
+          f"{plan.old.config.replicas})" + (" (dry run: nothing written)" if dry_run else ""))
     rows = [[s.id, ", ".join(plan.added.get(s.id, ())) or "-",
              ", ".join(plan.removed.get(s.id, ())) or "-"] for s in plan.new.shards]
-    print(table(["SHARD", "JOIN", "LEAVE (to the pool)"], rows))
+    print(table(["SHARD", "JOIN (from the pool)", "LEAVE (to the pool)"], rows))
 
 
 async def follow_replicas(store: EtcdStore, args: argparse.Namespace, name: str) -> int:
@@ -504,14 +615,12 @@ async def cmd_scale(store: EtcdStore, args: argparse.Namespace) -> int:
         if not args.json:
             print_replica_plan(plan, args.dry_run)
     if args.shards is not None:
-        pool = await ops.read_pool(store)
-        current = pool.views[args.name][0] if args.name in pool.views else None
-        if current is not None and len(current.shards) == args.shards:
+        old, new = await ops.scale_cluster(store, args.name, args.shards, args.dry_run)
+        if new is old:
             docs["shards"] = {"cluster": args.name, "shards": args.shards, "changed": False}
             if not args.json:
                 print(f"cluster {args.name} already has {args.shards} shards")
         else:
-            old, new = await ops.scale_cluster(store, args.name, args.shards, args.dry_run)
             docs["shards"] = plan_doc(old, new, args.dry_run)
             if not args.json:
                 print_plan(old, new, args.dry_run, False)
@@ -527,7 +636,13 @@ async def cmd_scale(store: EtcdStore, args: argparse.Namespace) -> int:
 
 async def cmd_rebalance(store: EtcdStore, args: argparse.Namespace) -> int:
     old, new = await ops.rebalance_cluster(store, args.name, args.dry_run)
+    if new is old and not args.json:
+        print(f"cluster {args.name} is already balanced: its {len(old.shards)} shards' slot "
+              "counts differ by at most one")
+        return 0
     print_plan(old, new, args.dry_run, args.json)
+    if new is old:
+        return 0
     return await follow(store, args, args.name) if args.wait and not args.dry_run else 0
 
 
@@ -570,26 +685,34 @@ async def cmd_migrate(store: EtcdStore, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.words[0] == "cancel":
         if len(args.words) != 2:
-            raise ops.OpError("usage: umctl-mesh migrate cancel NAME")
+            raise ops.UsageError("usage: umctl-mesh migrate cancel NAME")
         old, new = await ops.cancel_migrations(store, args.words[1])
-        back = [m for m in new.migrations]
+        back = [m for m in new.migrations] if new is not old else []
         if args.json:
             print(json.dumps({"cluster": new.cluster, "epoch": new.epoch,
-                              "returning": [m.id for m in back]}))
+                              "changed": new is not old, "returning": [m.id for m in back]}))
+        elif new is old:
+            print(f"cluster {new.cluster} has no migrations to cancel")
         else:
             print(f"cluster {new.cluster}: {len(old.migrations) - len(back)} planned "
                   f"migrations dropped, {len(back)} running ones sent back")
-        return await follow(store, args, new.cluster) if args.wait else 0
+        return await follow(store, args, new.cluster) if args.wait and new is not old else 0
     if len(args.words) != 1 or not args.slots or not args.to:
-        raise ops.OpError("usage: umctl-mesh migrate NAME --slots A-B [--slots C-D] --to SHARD")
+        raise ops.UsageError("usage: umctl-mesh migrate NAME --slots A-B [--slots C-D] --to "
+                             "SHARD")
     from core.slots import SlotRangeError, normalize, parse_range
 
     try:
         ranges = normalize(parse_range(r) for r in args.slots)
     except SlotRangeError as exc:
-        raise ops.OpError(str(exc)) from None
+        raise ops.UsageError(str(exc)) from None
     old, new = await ops.migrate_slots(store, args.words[0], ranges, args.to, args.dry_run)
+    if new is old and not args.json:
+        print(f"shard {args.to} of {old.cluster} already owns those slots")
+        return 0
     print_plan(old, new, args.dry_run, args.json)
+    if new is old:
+        return 0
     return await follow(store, args, args.words[0]) if args.wait and not args.dry_run else 0
 
 
@@ -624,6 +747,22 @@ async def cmd_failover(store: EtcdStore, args: argparse.Namespace) -> int:
     return EXIT_FAILED if behind else 0
 
 
+async def cmd_check(store: EtcdStore, args: argparse.Namespace) -> int:
+    if args.sample < 0 or args.max_lag < 0 or args.timeout <= 0:
+        raise ops.UsageError("--sample and --max-lag must be 0 or more, --timeout above 0")
+    password = passwords.read(args)
+    credentials = check_mod.Credentials(args.mesh_secret, password.value if password else None)
+    options = check_mod.Options(sample=args.sample, max_lag=args.max_lag,
+                                proxies=not args.no_proxies)
+    report = await check_mod.check_cluster(store, args.name, credentials, options, args.timeout)
+    if args.json:
+        print(json.dumps(report.doc(), indent=2))
+    else:
+        print(f"cluster {report.cluster}  epoch {report.epoch}")
+        print("\n".join(report.lines()))
+    return 0 if report.healthy else EXIT_FAILED
+
+
 async def cmd_migrations(store: EtcdStore, args: argparse.Namespace) -> int:
     pool = await ops.read_pool(store)
     if args.name not in pool.views:
@@ -643,20 +782,76 @@ async def cmd_migrations(store: EtcdStore, args: argparse.Namespace) -> int:
     return 0
 
 
+def etcd_endpoint(flag: str | None) -> tuple[str, str]:
+    """(the etcd endpoints to use, where they came from, in words for an error)."""
+    if flag:
+        return flag, "from --etcd"
+    env = os.environ.get(local.ETCD_ENV, "").strip()
+    if env:
+        return env, f"from ${local.ETCD_ENV}"
+    written = local.read_endpoint()
+    if written:
+        return written, (f"from {local.endpoint_file()}, which `umctl-mesh up` writes while "
+                         "it runs: has it stopped?")
+    return DEFAULT_ETCD, (f"the default: no --etcd, no ${local.ETCD_ENV}, no running "
+                          "`umctl-mesh up`")
+
+
+async def listening(endpoints: list[tuple[str, int]]) -> bool:
+    """Whether any endpoint accepts a TCP connection (a refusal is known at once, where the
+    etcd client would retry it)."""
+    for host, port in endpoints:
+        with contextlib.suppress(OSError):
+            stream = await anyio.connect_tcp(host, port)
+            await stream.aclose()
+            return True
+    return False
+
+
 async def run_with_store(store: EtcdStore, args: argparse.Namespace) -> int:
     async with store:
+        try:
+            with anyio.fail_after(ETCD_FIRST_READ_TIMEOUT):
+                if not await listening(store.endpoints):
+                    raise TimeoutError
+                await MeshRepo(store).nodes()
+        except (TimeoutError, StoreError):
+            raise StoreError(
+                f"etcd unreachable at {store.describe()} ({args.etcd_source}); give "
+                f"--etcd HOST:PORT or set ${local.ETCD_ENV}") from None
         return await args.func(store, args)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console script. A reader that goes away (`umctl-mesh ... | head`) ends it quietly
+    with EXIT_PIPE, as SIGPIPE ends a shell tool."""
+    try:
+        try:
+            return run(argv)
+        finally:  # also after argparse's SystemExit (--help, --version, usage errors)
+            sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+    except BrokenPipeError:
+        # nothing more can reach the reader; stdout's last flush at exit must not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
+    except KeyboardInterrupt:  # Ctrl-C at a prompt or while --wait waits: no traceback
+        print("\numctl-mesh: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.func is local.up:
         try:
             return local.up(args)
-        except local.LaunchError as exc:
+        except ops.UsageError as exc:
+            print(f"umctl-mesh: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except (local.LaunchError, OSError) as exc:
             print(f"umctl-mesh: {exc}", file=sys.stderr)
             return EXIT_FAILED
     try:
+        args.etcd, args.etcd_source = etcd_endpoint(args.etcd)
         store = EtcdStore(args.etcd, root=args.etcd_root)
         args.mesh_secret = secret.load(args.mesh_secret_file)
     except (ValueError, OSError) as exc:  # a malformed --etcd, an unreadable secret file
@@ -664,6 +859,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return anyio.run(run_with_store, store, args)
+    except ops.UsageError as exc:
+        print(f"umctl-mesh: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except ops.OpError as exc:
         print(f"umctl-mesh: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import secrets
 import shutil
 import signal
 import socket
 import time
+from pathlib import Path
 
 import anyio
 
@@ -23,17 +25,62 @@ from mesh.store.etcd import EtcdStore
 from proxy.resp import scan_reply
 from tools.launch import HOST, START_TIMEOUT, Launcher, LaunchError, port_free
 
+from . import passwords
+from .ops import UsageError
+from .text import plural
+
+ETCD_ENV = "MOONMESH_ETCD"
 STATUS_INTERVAL = 2.0
 REDIS_PORT_OFFSET = 10000
 # each node's plain listener (clients that are not cluster clients: redis-cli without -c)
 PLAIN_PORT_OFFSET = 20000
+MAX_PORT = 65535
 APPLY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0  # a stopping master hands its shard over first (mesh/agent.py)
 
 
+# where `up` leaves its etcd endpoint for the umctl-mesh commands run while it runs
+ENDPOINT_DIR = "moonmesh"
+ENDPOINT_NAME = "etcd"
+
+
+def endpoint_file() -> Path:
+    """`$XDG_RUNTIME_DIR/moonmesh/etcd`, or `~/.moonmesh/etcd` without XDG_RUNTIME_DIR."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / ENDPOINT_DIR if runtime else Path.home() / f".{ENDPOINT_DIR}"
+    return base / ENDPOINT_NAME
+
+
+def read_endpoint() -> str | None:
+    """The endpoint a running `up` wrote, if any."""
+    try:
+        text = endpoint_file().read_text().strip()
+    except OSError:
+        return None
+    return text or None
+
+
+def write_endpoint(endpoint: str) -> Path:
+    """Write `endpoint` for later commands (the last `up` started wins), atomically."""
+    path = endpoint_file()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(endpoint + "\n")
+    tmp.replace(path)
+    return path
+
+
+def remove_endpoint(endpoint: str) -> None:
+    """Remove the endpoint file if it still names `endpoint` (another `up` may own it now)."""
+    if read_endpoint() == endpoint:
+        with contextlib.suppress(OSError):
+            endpoint_file().unlink()
+
+
 def setcluster_commands(cluster: str, proxies: list[str], backends: list[str],
-                        epoch: int = 1) -> list[list[str]]:
-    """One `UMCTL SETCLUSTER v2` command per proxy, each naming its peers."""
+                        epoch: int = 1, password: str | None = None) -> list[list[str]]:
+    """One `UMCTL SETCLUSTER v2` command per proxy, each naming its peers (and the password
+    clients must AUTH with, if any)."""
     ranges = [r[0] for r in even_split(len(proxies))]
     commands = []
     for i, backend in enumerate(backends):
@@ -44,6 +91,8 @@ def setcluster_commands(cluster: str, proxies: list[str], backends: list[str],
             cmd.append("PEER")
             for peer in peers:
                 cmd += peer
+        if password:
+            cmd += ["CONFIG", "password", password]
         commands.append(cmd)
     return commands
 
@@ -62,18 +111,30 @@ def send(port: int, args: list[str], timeout: float = 5.0) -> bytes:
         return buf[:end]
 
 
-def up(args: argparse.Namespace) -> int:
+def check_shape(args: argparse.Namespace) -> tuple[list[int], list[int], list[int]]:
+    """The proxy, redis and plain ports of `up`'s nodes; UsageError for arguments no mesh
+    could have."""
     if args.shards < 1 or args.replicas < 0:
-        raise LaunchError("--shards must be at least 1 and --replicas at least 0")
-    if not shutil.which("redis-server"):
-        raise LaunchError("redis-server is not installed (apt-get install redis-server)")
+        raise UsageError("--shards must be at least 1 and --replicas at least 0")
     nodes = args.shards if args.standalone else args.shards * (1 + args.replicas)
     proxy_ports = [args.port + i for i in range(nodes)]
     redis_ports = [p + REDIS_PORT_OFFSET for p in proxy_ports]
     plain_ports = [p + PLAIN_PORT_OFFSET for p in proxy_ports]
-    if plain_ports[-1] > 65535:
-        raise LaunchError(f"--port {args.port} is too high: each node also listens on its "
-                          f"port + {PLAIN_PORT_OFFSET} for plain clients")
+    if args.port < 1 or plain_ports[-1] > MAX_PORT:
+        raise UsageError(
+            f"--port {args.port} does not fit: {nodes} nodes take proxy ports PORT.."
+            f"PORT+{nodes - 1}, their Redis PORT+{REDIS_PORT_OFFSET}.. and their plain "
+            f"listeners PORT+{PLAIN_PORT_OFFSET}.., so PORT must be 1 to "
+            f"{MAX_PORT - PLAIN_PORT_OFFSET - nodes + 1}")
+    return proxy_ports, redis_ports, plain_ports
+
+
+def up(args: argparse.Namespace) -> int:
+    proxy_ports, redis_ports, plain_ports = check_shape(args)
+    password = passwords.read(args, confirm=True)
+    args.password = password.value if password else None
+    if not shutil.which("redis-server"):
+        raise LaunchError("redis-server is not installed (apt-get install redis-server)")
     busy = [p for p in proxy_ports + redis_ports + plain_ports if not port_free(p)]
     if busy:
         raise LaunchError(f"ports already in use: {', '.join(map(str, busy))} (try --port)")
@@ -98,10 +159,9 @@ def up(args: argparse.Namespace) -> int:
         else:
             status, before_stop = _start_mesh(launcher, args, proxy_ports, redis_ports)
         print(f"\nlogs and data in {launcher.workdir}")
-        password = f" -a {args.password}" if getattr(args, "password", None) else ""
-        print(f"connect with:  redis-cli -c -p {proxy_ports[0]}{password}")
-        print(f"  or, as one Redis (any client, no cluster support needed):  "
-              f"redis-cli -p {plain_ports[0]}{password}")
+        print("connect with:  " + passwords.redis_cli(password, f"-c -p {proxy_ports[0]}"))
+        print("  or, as one Redis (any client, no cluster support needed):  "
+              + passwords.redis_cli(password, f"-p {plain_ports[0]}"))
         print("stop with Ctrl-C\n")
         while not stopping:
             dead = launcher.dead()
@@ -117,6 +177,9 @@ def up(args: argparse.Namespace) -> int:
             with contextlib.suppress(Exception):
                 before_stop()
         launcher.cleanup(STOP_TIMEOUT)
+        for process in launcher.processes:
+            if process.name == "etcd":
+                remove_endpoint(process.addr)
 
 
 def _start_standalone(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[int],
@@ -126,12 +189,15 @@ def _start_standalone(launcher: Launcher, args: argparse.Namespace, proxy_ports:
                        "--plain-listen", f"{HOST}:{proxy_port + PLAIN_PORT_OFFSET}")
     proxies = [f"{HOST}:{p}" for p in proxy_ports]
     backends = [f"{HOST}:{p}" for p in redis_ports]
-    for port, cmd in zip(proxy_ports, setcluster_commands(args.cluster, proxies, backends)):
+    for port, cmd in zip(proxy_ports, setcluster_commands(args.cluster, proxies, backends,
+                                                          password=args.password)):
         reply = send(port, cmd)
+        shown = " ".join(cmd[:-1] + ["***"] if args.password else cmd)
         if reply != b"+OK\r\n":
-            raise LaunchError(f"proxy {port} refused {' '.join(cmd)}: {reply!r}")
-        print(" ".join(cmd))
-    print(f"\ncluster '{args.cluster}' is up: {len(proxy_ports)} standalone proxies")
+            raise LaunchError(f"proxy {port} refused {shown}: {reply!r}")
+        print(shown)
+    print(f"\ncluster '{args.cluster}' is up: "
+          f"{plural(len(proxy_ports), 'standalone proxy', 'standalone proxies')}")
 
     def status() -> str:
         ready = 0
@@ -150,7 +216,8 @@ def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[
     from . import ops
 
     etcd = launcher.etcd().addr
-    print(f"etcd on {etcd}")
+    path = write_endpoint(etcd)  # removed by up() when it stops
+    print(f"etcd on {etcd} (in {path}: umctl-mesh finds it there while this runs)")
     secret_file = launcher.workdir / "mesh-secret"  # the nodes have it in their environment
     secret_file.write_text(args.mesh_secret + "\n")
     secret_file.chmod(0o600)
@@ -158,7 +225,7 @@ def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[
         launcher.proxy(f"{HOST}:{redis_port}", proxy_port, "--etcd", etcd,
                        "--node-id", f"node-{proxy_port}",
                        "--plain-listen", f"{HOST}:{proxy_port + PLAIN_PORT_OFFSET}")
-    print(f"{len(proxy_ports)} nodes on {HOST}:{proxy_ports[0]}..{proxy_ports[-1]} "
+    print(f"{plural(len(proxy_ports), 'node')} on {HOST}:{proxy_ports[0]}..{proxy_ports[-1]} "
           f"(redis on {redis_ports[0]}..{redis_ports[-1]})")
 
     async def create() -> None:
@@ -171,10 +238,12 @@ def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[
             behind = await ops.wait_applied(store, view, APPLY_TIMEOUT)
             if behind:
                 raise LaunchError(f"nodes {behind} did not apply the cluster's view")
-            print(f"cluster '{args.cluster}' created: {args.shards} shards x "
-                  f"{1 + args.replicas} nodes, epoch {view.epoch}")
-            print(f"see it with:   umctl-mesh --etcd {etcd} cluster show {args.cluster}")
-            print(f"the mesh secret (failover, drain): umctl-mesh --etcd {etcd} "
+            print(f"cluster '{args.cluster}' created: {plural(args.shards, 'shard')} x "
+                  f"{plural(1 + args.replicas, 'node')}, epoch {view.epoch}")
+            # $MOONMESH_ETCD would win over the endpoint file
+            flag = f" --etcd {etcd}" if os.environ.get(ETCD_ENV) else ""
+            print(f"see it with:   umctl-mesh{flag} cluster show {args.cluster}")
+            print(f"the mesh secret (failover, drain): umctl-mesh{flag} "
                   f"--mesh-secret-file {secret_file} ...")
 
     try:

@@ -38,7 +38,12 @@ RACE_RETRIES = 5
 
 
 class OpError(Exception):
-    """A one-line error for the operator; the CLI exits non-zero with it."""
+    """A one-line error for the operator; the CLI exits non-zero with it (1)."""
+
+
+class UsageError(OpError):
+    """The arguments themselves are wrong, whatever the mesh holds: the CLI exits 2, as
+    argparse does."""
 
 
 class ViewAt(NamedTuple):
@@ -91,9 +96,16 @@ def build_view(name: str, pool: Pool, shards: int, replicas: int,
                reassign_after: int = REASSIGN_AFTER,
                migration_rate: int | None = None) -> ClusterView:
     if not CLUSTER_NAME.fullmatch(name):
-        raise OpError(f"invalid cluster name '{name}' (letters, digits, '_', '.', '-'; "
+        raise UsageError(f"invalid cluster name '{name}' (letters, digits, '_', '.', '-'; "
                       "at most 64)")
     _check_rate(migration_rate, "--migration-rate")
+    if shards < 1:
+        raise UsageError("--shards must be at least 1")
+    if min_replicas_ack > replicas:
+        raise UsageError(f"--min-replicas-ack {min_replicas_ack} needs at least as many "
+                         "replicas")
+    if not 0 <= replicas <= MAX_REPLICAS:
+        raise UsageError(f"--replicas must be 0 to {MAX_REPLICAS}")
     try:
         layout = place(pool.free(), shards, replicas)
     except PlacementError as exc:
@@ -104,10 +116,6 @@ def build_view(name: str, pool: Pool, shards: int, replicas: int,
     members = sorted(m for s in shard_list for m in s.members)
     nodes = tuple((nid, NodeAddress(pool.nodes[nid].proxy, pool.nodes[nid].backend))
                   for nid in members)
-    if min_replicas_ack > replicas:
-        raise OpError(f"--min-replicas-ack {min_replicas_ack} needs at least as many replicas")
-    if not 0 <= replicas <= MAX_REPLICAS:
-        raise OpError(f"--replicas must be 0 to {MAX_REPLICAS}")
     config = ClusterConfig(password_hash=hash_password(password) if password else None,
                            min_replicas_ack=min_replicas_ack, reassign_after=reassign_after,
                            replicas=replicas, migration_rate=migration_rate)
@@ -227,12 +235,12 @@ def _planned(view: ClusterView, migrations: list[Migration],
 async def scale_cluster(store: EtcdStore, name: str, shards: int,
                         dry_run: bool) -> tuple[ClusterView, ClusterView]:
     if shards < 1:
-        raise OpError("--shards must be at least 1")
+        raise UsageError("--shards must be at least 1")
 
     def change(pool: Pool, view: ClusterView) -> tuple[ClusterView, list[str]]:
         current = [s.id for s in view.shards]
         if shards == len(current):
-            raise OpError(f"cluster '{name}' already has {shards} shards")
+            return view, []  # already so
         if shards < len(current):
             return _planned(view, plans.plan(view, current[:shards])), []
         replicas = view.config.replicas
@@ -259,7 +267,7 @@ async def rebalance_cluster(store: EtcdStore, name: str,
     def change(pool: Pool, view: ClusterView) -> tuple[ClusterView, list[str]]:
         migrations = plans.plan(view, [s.id for s in view.shards])
         if not migrations:
-            raise OpError(f"cluster '{name}' is already balanced")
+            return view, []  # already balanced
         return _planned(view, migrations), []
 
     return await _edit_view(store, name, change, dry_run)
@@ -268,6 +276,10 @@ async def rebalance_cluster(store: EtcdStore, name: str,
 async def migrate_slots(store: EtcdStore, name: str, ranges: tuple[SlotRange, ...], target: str,
                         dry_run: bool) -> tuple[ClusterView, ClusterView]:
     def change(pool: Pool, view: ClusterView) -> tuple[ClusterView, list[str]]:
+        shard = next((s for s in view.shards if s.id == target), None)
+        if shard is not None and all(any(a <= lo and hi <= b for a, b in shard.slots)
+                                     for lo, hi in ranges):
+            return view, []  # the target owns them already
         try:
             migrations = plans.manual(view, ranges, target)
         except plans.PlanError as exc:
@@ -279,6 +291,8 @@ async def migrate_slots(store: EtcdStore, name: str, ranges: tuple[SlotRange, ..
 
 async def cancel_migrations(store: EtcdStore, name: str) -> tuple[ClusterView, ClusterView]:
     def change(pool: Pool, view: ClusterView) -> tuple[ClusterView, list[str]]:
+        if not view.migrations:
+            return view, []  # nothing to cancel
         try:
             return plans.cancel(view), []
         except plans.PlanError as exc:
@@ -289,7 +303,7 @@ async def cancel_migrations(store: EtcdStore, name: str) -> tuple[ClusterView, C
 
 def _check_rate(rate: int | None, option: str) -> None:
     if rate is not None and not 0 <= rate <= MAX_MIGRATION_RATE:
-        raise OpError(f"{option} must be 0 (no limit) to {MAX_MIGRATION_RATE} keys/s")
+        raise UsageError(f"{option} must be 0 (no limit) to {MAX_MIGRATION_RATE} keys/s")
 
 
 async def set_migration_rate(store: EtcdStore, name: str, rate: int | None,
@@ -339,7 +353,7 @@ def _seen_now(pool: Pool, view: ClusterView) -> dict[str, Seen]:
 
 def _replica_change(pool: Pool, view: ClusterView, replicas: int) -> ReplicaPlan:
     if not 0 <= replicas <= MAX_REPLICAS:
-        raise OpError(f"--replicas must be 0 to {MAX_REPLICAS}")
+        raise UsageError(f"--replicas must be 0 to {MAX_REPLICAS}")
     if replicas < view.config.min_replicas_ack:
         raise OpError(f"cluster '{view.cluster}' acknowledges writes once "
                       f"{view.config.min_replicas_ack} replicas have them (synchronous mode): "
