@@ -12,7 +12,6 @@ from tests.procs import command, wait_for
 from tools.launch import Launcher, Process, free_port
 from tools.umctl_mesh.local import setcluster_commands
 
-TEARDOWN_TIMEOUT = 2.0  # seconds from SIGTERM to SIGKILL when a test's processes stop
 # every mesh node of the tests shares it, and so does umctl-mesh (graceful failover, drain)
 MESH_SECRET = {SECRET_ENV: "test-mesh-secret"}
 
@@ -36,9 +35,11 @@ class Spawner:
         return self.launcher.etcd_cluster(members, fsync=False)
 
     def cleanup(self) -> None:
-        # a master in a cluster tries to hand its shard over on SIGTERM, to replicas that
-        # stop at the same time: not worth waiting for here
-        self.launcher.cleanup(timeout=TEARDOWN_TIMEOUT)
+        # SIGKILL at once (no wait after the SIGTERM): a master in a cluster tries to hand
+        # its shard over on SIGTERM, to replicas that stop at the same time, and used to hold
+        # every mesh test's teardown for the whole grace period; a test that needs a clean
+        # exit stops its processes itself and asserts on it
+        self.launcher.cleanup(timeout=0)
 
 
 class StandaloneCluster:
