@@ -2,14 +2,16 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from core.secret import SECRET_ENV
 from tests.procs import command, wait_for
-from tools.launch import Launcher, Process, free_port
+from tools.launch import ROOT, Launcher, Process, free_port
 from tools.umctl_mesh.local import setcluster_commands
 
 # every mesh node of the tests shares it, and so does umctl-mesh (graceful failover, drain)
@@ -76,6 +78,60 @@ def shared_cluster():
         spawner.cleanup()
 
 
+# umctl-mesh commands that only read a mesh's state: the tests poll them in loops
+READS = (["nodes"], ["cluster", "show"], ["cluster", "list"], ["migrations"])
+
+
+def reads_only(args: tuple[str, ...]) -> bool:
+    words = [a for a in args if not a.startswith("-")]
+    return words == ["nodes"] or any(words[:len(r)] == r for r in READS[1:])
+
+
+class UmctlWorker:
+    """tests/umctl_worker.py, started on first use and kept for the session: runs the reads
+    of `READS` as `python -m tools.umctl_mesh.cli` would, without a process start (and its
+    half second of imports) each. One command at a time."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+
+    def run(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "tests.umctl_worker"], stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+                    env={**os.environ, **MESH_SECRET})
+            assert self.proc.stdin is not None and self.proc.stdout is not None
+            try:
+                self.proc.stdin.write(json.dumps(argv) + "\n")
+                self.proc.stdin.flush()
+                if not select.select([self.proc.stdout], [], [], timeout)[0]:
+                    raise subprocess.TimeoutExpired(["umctl-mesh", *argv], timeout)
+                reply = json.loads(self.proc.stdout.readline())
+            except BaseException:
+                self.stop()  # a fresh worker for the next command
+                raise
+        return subprocess.CompletedProcess(["umctl-mesh", *argv], reply["code"],
+                                           reply["stdout"], reply["stderr"])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+UMCTL_WORKER = UmctlWorker()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def umctl_worker_stopped():
+    yield
+    UMCTL_WORKER.stop()
+
+
 class Mesh:
     """A real etcd and `nodes` mesh nodes (redis-server + mesh-proxy --etcd) on loopback;
     `proxy_args` go to every mesh-proxy."""
@@ -106,9 +162,14 @@ class Mesh:
         return node_id
 
     def umctl(self, *args: str, check: bool = True, timeout: float = 60):
-        out = subprocess.run([sys.executable, "-m", "tools.umctl_mesh.cli", "--etcd",
-                              self.endpoint, *args], capture_output=True, text=True,
-                             timeout=timeout, env={**os.environ, **MESH_SECRET})
+        """umctl-mesh with `args`: reads of the state (`reads_only`) in the resident worker,
+        anything else as a process of its own, as an operator runs it."""
+        if reads_only(args):
+            out = UMCTL_WORKER.run(["--etcd", self.endpoint, *args], timeout)
+        else:
+            out = subprocess.run([sys.executable, "-m", "tools.umctl_mesh.cli", "--etcd",
+                                  self.endpoint, *args], capture_output=True, text=True,
+                                 timeout=timeout, env={**os.environ, **MESH_SECRET})
         if check:
             assert out.returncode == 0, out.stderr
         if "--json" in args and out.returncode == 0:
