@@ -11,7 +11,7 @@ import pytest
 
 from core.secret import SECRET_ENV
 from tests.procs import command, wait_for
-from tools.launch import ROOT, Launcher, Process, free_port
+from tools.launch import ROOT, Launcher, Process, free_port, proxy_argv
 from tools.umctl_mesh.local import setcluster_commands
 
 # every mesh node of the tests shares it, and so does umctl-mesh (graceful failover, drain)
@@ -31,6 +31,26 @@ class Spawner:
     def proxy(self, backend: Process | str, *args: str, port: int | None = None) -> Process:
         return self.launcher.proxy(backend, port, "--log-level", "warning", *args)
 
+    def proxies(self, backends: list[Process], *args: str) -> list[Process]:
+        """A proxy in front of each of `backends`, as `proxy` starts one, all spawned before
+        any is waited for: a mesh-proxy spends most of its start importing, and two cores
+        import two at a time. `args` may hold "{port}", replaced by each proxy's port."""
+        ports: list[int] = []
+        while len(ports) < len(backends):  # distinct: none of them listens yet
+            if (port := free_port()) not in ports:
+                ports.append(port)
+        started = []
+        for backend, port in zip(backends, ports):
+            p = self.launcher.process(f"proxy-{port}", proxy_argv(
+                port, backend.addr, "--log-level", "warning",
+                *(a.replace("{port}", str(port)) for a in args)), port)
+            p.backend = backend
+            p.spawn()
+            started.append(p)
+        for p in started:
+            p.wait_listening()
+        return started
+
     def etcd(self, members: int = 1) -> list[Process]:
         if members == 1:
             return [self.launcher.etcd(fsync=False)]
@@ -49,7 +69,7 @@ class StandaloneCluster:
 
     def __init__(self, spawn: Spawner, shards: int) -> None:
         self.redis = [spawn.redis() for _ in range(shards)]
-        self.proxies = [spawn.proxy(r) for r in self.redis]
+        self.proxies = spawn.proxies(self.redis)
         cmds = setcluster_commands("mydb", [p.addr for p in self.proxies],
                                    [r.addr for r in self.redis])
         for proxy, cmd in zip(self.proxies, cmds):
@@ -144,22 +164,25 @@ class Mesh:
         self.etcd = self.etcd_members[0]
         self.redis: dict[str, Process] = {}
         self.proxies: dict[str, Process] = {}
-        for _ in range(nodes):
-            self.add_node()
+        self.add_nodes(nodes)
 
     @property
     def endpoint(self) -> str:
         return ",".join(m.addr for m in self.etcd_members)
 
     def add_node(self) -> str:
-        backend = self.spawn.redis()
-        port = free_port()
-        node_id = f"node-{port}"
-        self.proxies[node_id] = self.spawn.proxy(backend, "--etcd", self.endpoint,
-                                                 "--node-id", node_id, *self.proxy_args,
-                                                 port=port)
-        self.redis[node_id] = backend
-        return node_id
+        return self.add_nodes(1)[0]
+
+    def add_nodes(self, count: int) -> list[str]:
+        """`count` more nodes (their proxies started together); their node ids."""
+        backends = [self.spawn.redis() for _ in range(count)]
+        proxies = self.spawn.proxies(backends, "--etcd", self.endpoint,
+                                     "--node-id", "node-{port}", *self.proxy_args)
+        for backend, proxy in zip(backends, proxies):
+            node_id = f"node-{proxy.port}"
+            self.proxies[node_id] = proxy
+            self.redis[node_id] = backend
+        return [f"node-{p.port}" for p in proxies]
 
     def umctl(self, *args: str, check: bool = True, timeout: float = 60):
         """umctl-mesh with `args`: reads of the state (`reads_only`) in the resident worker,
