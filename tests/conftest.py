@@ -14,6 +14,9 @@ from tests.procs import command, wait_for
 from tools.launch import ROOT, Launcher, Process, free_port, proxy_argv
 from tools.umctl_mesh.local import setcluster_commands
 
+# a master starts a replica's full sync at once: Redis's default waits 5 s for more replicas
+# to share a diskless transfer, and every test with replicas waited those out first
+REDIS_ARGS = ("--repl-diskless-sync-delay", "0")
 # every mesh node of the tests shares it, and so does umctl-mesh (graceful failover, drain)
 MESH_SECRET = {SECRET_ENV: "test-mesh-secret"}
 
@@ -26,7 +29,7 @@ class Spawner:
         self.launcher = Launcher(prefix="mm-test-", env=MESH_SECRET)
 
     def redis(self, *args: str) -> Process:
-        return self.launcher.redis(None, *args)
+        return self.launcher.redis(None, *REDIS_ARGS, *args)
 
     def proxy(self, backend: Process | str, *args: str, port: int | None = None) -> Process:
         return self.launcher.proxy(backend, port, "--log-level", "warning", *args)
