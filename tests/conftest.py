@@ -2,17 +2,21 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from core.secret import SECRET_ENV
 from tests.procs import command, wait_for
-from tools.launch import Launcher, Process, free_port
+from tools.launch import ROOT, Launcher, Process, free_port, proxy_argv
 from tools.umctl_mesh.local import setcluster_commands
 
-TEARDOWN_TIMEOUT = 2.0  # seconds from SIGTERM to SIGKILL when a test's processes stop
+# a master starts a replica's full sync at once: Redis's default waits 5 s for more replicas
+# to share a diskless transfer, and every test with replicas waited those out first
+REDIS_ARGS = ("--repl-diskless-sync-delay", "0")
 # every mesh node of the tests shares it, and so does umctl-mesh (graceful failover, drain)
 MESH_SECRET = {SECRET_ENV: "test-mesh-secret"}
 
@@ -25,10 +29,34 @@ class Spawner:
         self.launcher = Launcher(prefix="mm-test-", env=MESH_SECRET)
 
     def redis(self, *args: str) -> Process:
-        return self.launcher.redis(None, *args)
+        return self.launcher.redis(None, *REDIS_ARGS, *args)
 
     def proxy(self, backend: Process | str, *args: str, port: int | None = None) -> Process:
         return self.launcher.proxy(backend, port, "--log-level", "warning", *args)
+
+    def proxies(self, backends: list[Process], *args: str,
+                each: list[tuple[str, ...]] | None = None) -> list[Process]:
+        """A proxy in front of each of `backends`, as `proxy` starts one, all spawned before
+        any is waited for: a mesh-proxy spends most of its start importing, and two cores
+        import two at a time. `args` may hold "{port}", replaced by each proxy's port;
+        `each[i]` goes to the i-th proxy only."""
+        taken = {int(a.rpartition(":")[2]) for extra in each or [] for a in extra[1:]}
+        ports: list[int] = []
+        while len(ports) < len(backends):  # distinct: none of them listens yet
+            if (port := free_port()) not in ports and port not in taken:
+                ports.append(port)
+        started = []
+        for i, (backend, port) in enumerate(zip(backends, ports)):
+            p = self.launcher.process(f"proxy-{port}", proxy_argv(
+                port, backend.addr, "--log-level", "warning",
+                *(a.replace("{port}", str(port)) for a in args), *(each[i] if each else ())),
+                port)
+            p.backend = backend
+            p.spawn()
+            started.append(p)
+        for p in started:
+            p.wait_listening()
+        return started
 
     def etcd(self, members: int = 1) -> list[Process]:
         if members == 1:
@@ -36,9 +64,11 @@ class Spawner:
         return self.launcher.etcd_cluster(members, fsync=False)
 
     def cleanup(self) -> None:
-        # a master in a cluster tries to hand its shard over on SIGTERM, to replicas that
-        # stop at the same time: not worth waiting for here
-        self.launcher.cleanup(timeout=TEARDOWN_TIMEOUT)
+        # SIGKILL at once (no wait after the SIGTERM): a master in a cluster tries to hand
+        # its shard over on SIGTERM, to replicas that stop at the same time, and used to hold
+        # every mesh test's teardown for the whole grace period; a test that needs a clean
+        # exit stops its processes itself and asserts on it
+        self.launcher.cleanup(timeout=0)
 
 
 class StandaloneCluster:
@@ -46,7 +76,7 @@ class StandaloneCluster:
 
     def __init__(self, spawn: Spawner, shards: int) -> None:
         self.redis = [spawn.redis() for _ in range(shards)]
-        self.proxies = [spawn.proxy(r) for r in self.redis]
+        self.proxies = spawn.proxies(self.redis)
         cmds = setcluster_commands("mydb", [p.addr for p in self.proxies],
                                    [r.addr for r in self.redis])
         for proxy, cmd in zip(self.proxies, cmds):
@@ -75,6 +105,60 @@ def shared_cluster():
         spawner.cleanup()
 
 
+# umctl-mesh commands that only read a mesh's state: the tests poll them in loops
+READS = (["nodes"], ["cluster", "show"], ["cluster", "list"], ["migrations"])
+
+
+def reads_only(args: tuple[str, ...]) -> bool:
+    words = [a for a in args if not a.startswith("-")]
+    return words == ["nodes"] or any(words[:len(r)] == r for r in READS[1:])
+
+
+class UmctlWorker:
+    """tests/umctl_worker.py, started on first use and kept for the session: runs the reads
+    of `READS` as `python -m tools.umctl_mesh.cli` would, without a process start (and its
+    half second of imports) each. One command at a time."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+
+    def run(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "tests.umctl_worker"], stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+                    env={**os.environ, **MESH_SECRET})
+            assert self.proc.stdin is not None and self.proc.stdout is not None
+            try:
+                self.proc.stdin.write(json.dumps(argv) + "\n")
+                self.proc.stdin.flush()
+                if not select.select([self.proc.stdout], [], [], timeout)[0]:
+                    raise subprocess.TimeoutExpired(["umctl-mesh", *argv], timeout)
+                reply = json.loads(self.proc.stdout.readline())
+            except BaseException:
+                self.stop()  # a fresh worker for the next command
+                raise
+        return subprocess.CompletedProcess(["umctl-mesh", *argv], reply["code"],
+                                           reply["stdout"], reply["stderr"])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+UMCTL_WORKER = UmctlWorker()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def umctl_worker_stopped():
+    yield
+    UMCTL_WORKER.stop()
+
+
 class Mesh:
     """A real etcd and `nodes` mesh nodes (redis-server + mesh-proxy --etcd) on loopback;
     `proxy_args` go to every mesh-proxy."""
@@ -89,31 +173,39 @@ class Mesh:
         self.etcd = self.etcd_members[0]
         self.redis: dict[str, Process] = {}
         self.proxies: dict[str, Process] = {}
-        for _ in range(nodes):
-            self.add_node()
+        self.add_nodes(nodes)
 
     @property
     def endpoint(self) -> str:
         return ",".join(m.addr for m in self.etcd_members)
 
     def add_node(self) -> str:
-        backend = self.spawn.redis()
-        port = free_port()
-        node_id = f"node-{port}"
-        plain: tuple[str, ...] = ()
-        if self.plain:
-            self.plain_ports[node_id] = free_port()
-            plain = ("--plain-listen", f"127.0.0.1:{self.plain_ports[node_id]}")
-        self.proxies[node_id] = self.spawn.proxy(backend, "--etcd", self.endpoint,
-                                                 "--node-id", node_id, *self.proxy_args,
-                                                 *plain, port=port)
-        self.redis[node_id] = backend
-        return node_id
+        return self.add_nodes(1)[0]
+
+    def add_nodes(self, count: int) -> list[str]:
+        """`count` more nodes (their proxies started together); their node ids."""
+        backends = [self.spawn.redis() for _ in range(count)]
+        plain = [free_port() for _ in range(count)] if self.plain else []
+        proxies = self.spawn.proxies(backends, "--etcd", self.endpoint,
+                                     "--node-id", "node-{port}", *self.proxy_args,
+                                     each=[("--plain-listen", f"127.0.0.1:{p}") for p in plain])
+        for i, (backend, proxy) in enumerate(zip(backends, proxies)):
+            node_id = f"node-{proxy.port}"
+            self.proxies[node_id] = proxy
+            self.redis[node_id] = backend
+            if plain:
+                self.plain_ports[node_id] = plain[i]
+        return [f"node-{p.port}" for p in proxies]
 
     def umctl(self, *args: str, check: bool = True, timeout: float = 60):
-        out = subprocess.run([sys.executable, "-m", "tools.umctl_mesh.cli", "--etcd",
-                              self.endpoint, *args], capture_output=True, text=True,
-                             timeout=timeout, env={**os.environ, **MESH_SECRET})
+        """umctl-mesh with `args`: reads of the state (`reads_only`) in the resident worker,
+        anything else as a process of its own, as an operator runs it."""
+        if reads_only(args):
+            out = UMCTL_WORKER.run(["--etcd", self.endpoint, *args], timeout)
+        else:
+            out = subprocess.run([sys.executable, "-m", "tools.umctl_mesh.cli", "--etcd",
+                                  self.endpoint, *args], capture_output=True, text=True,
+                                 timeout=timeout, env={**os.environ, **MESH_SECRET})
         if check:
             assert out.returncode == 0, out.stderr
         if "--json" in args and out.returncode == 0:

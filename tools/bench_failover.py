@@ -24,7 +24,9 @@ CLUSTERDOWN is part of what a client sees) - the figure in the table - and `dire
 sends each SET to the slot's owner by CLUSTER SLOTS and follows MOVED itself (what the servers
 do, without the client's pauses). A write counts if it was sent after the fault; the figure is
 the time of the last key's first success. A run gives up after --give-up seconds ("no
-recovery"). `--quick`: one run of cases 1 and 2, give-up 30 s (for the tests).
+recovery"). `--quick`: one run of cases 1 and 2, give-up 30 s, and the masters start a
+replica's first sync at once (repl-diskless-sync-delay 0, not Redis's 5 s: the setup waits
+for that sync, the faults come after it) (for the tests).
 Everything runs on loopback and is stopped at the end.
 """
 from __future__ import annotations
@@ -73,6 +75,7 @@ TIMEOUT = 0.25  # the probes' socket timeouts (a SIGSTOPped server answers nothi
 PACE = 0.005  # seconds a probe waits after a failed write
 STOP_SHORT, STOP_LONG = 1.0, 10.0  # SIGSTOP durations of cases 3 and 4
 SETUP_TIMEOUT = 60.0
+QUICK_REDIS_ARGS = ("--repl-diskless-sync-delay", "0")  # --quick: the first syncs start at once
 STOP_PROCESSES = 2.0  # seconds from SIGTERM to SIGKILL when a run's processes stop
 
 
@@ -294,7 +297,8 @@ class Moonmesh:
 
     name = "moonmesh"
 
-    def __init__(self) -> None:
+    def __init__(self, redis_args: tuple[str, ...] = ()) -> None:
+        self.redis_args = redis_args
         self.env = {SECRET_ENV: secrets.token_hex(16)}
         self.launcher = Launcher(prefix="mm-bench-failover-", new_session=True,
                                  die_with_parent=True, env=self.env)
@@ -313,7 +317,7 @@ class Moonmesh:
             port = free_port()
             d = self.launcher.data_dir(f"redis-{port}")
             self.redis[f"node-{port}"] = self.launcher.process(f"redis-{port}",
-                                                               redis_argv(port, d), port)
+                                                               redis_argv(port, d, *self.redis_args), port)
         for p in self.redis.values():
             p.spawn()
         for node_id, backend in self.redis.items():
@@ -409,8 +413,9 @@ class Native:
 
     name = "native"
 
-    def __init__(self, node_timeout_ms: int) -> None:
+    def __init__(self, node_timeout_ms: int, redis_args: tuple[str, ...] = ()) -> None:
         self.node_timeout = node_timeout_ms / 1000
+        self.redis_args = redis_args
         self.launcher = Launcher(prefix="mm-bench-failover-native-", new_session=True,
                                  die_with_parent=True)
         try:
@@ -429,7 +434,8 @@ class Native:
             self.servers[port] = self.launcher.process(
                 f"native-{port}", redis_argv(port, d, "--cluster-enabled", "yes",
                                              "--cluster-config-file", str(d / "nodes.conf"),
-                                             "--cluster-node-timeout", str(node_timeout_ms)),
+                                             "--cluster-node-timeout", str(node_timeout_ms),
+                                             *self.redis_args),
                 port)
         for p in self.servers.values():
             p.spawn()
@@ -556,8 +562,8 @@ def settle_after(cluster) -> float:  # noqa: ANN001
     return min(SUSPECT_SILENT, LEASE_TTL) + LEASE_GONE_WAIT + 1
 
 
-def moonmesh_case(case: str, give_up: float) -> dict:
-    mm = Moonmesh()
+def moonmesh_case(case: str, give_up: float, redis_args: tuple[str, ...] = ()) -> dict:
+    mm = Moonmesh(redis_args)
     try:
         shard = mm.victim(leader=case == "kill-node-leader")
         if shard is None:
@@ -578,8 +584,9 @@ def moonmesh_case(case: str, give_up: float) -> dict:
         mm.close()
 
 
-def native_case(case: str, give_up: float, node_timeout_ms: int) -> dict:
-    nat = Native(node_timeout_ms)
+def native_case(case: str, give_up: float, node_timeout_ms: int,
+                redis_args: tuple[str, ...] = ()) -> dict:
+    nat = Native(node_timeout_ms, redis_args)
     try:
         shard = nat.shards()[0]
         master = nat.servers[shard["master"]]
@@ -664,10 +671,12 @@ def main() -> int:
                         help="only these cases (default: all): kill-node, kill-node-leader, "
                              "kill-redis, stop-1s, stop-10s")
     parser.add_argument("--quick", action="store_true",
-                        help="one run of cases 1 and 2 only (for the tests)")
+                        help="one run of cases 1 and 2 only, replicas' first syncs started at "
+                             "once (for the tests)")
     args = parser.parse_args()
     give_up = args.give_up or (30.0 if args.quick else 60.0)
     runs = 1 if args.quick else args.runs
+    redis_args = QUICK_REDIS_ARGS if args.quick else ()
     every = [key for key, _, mm_case, *_ in SCENARIOS if mm_case]
     chosen = ["kill-node", "kill-redis"] if args.quick else \
         (args.cases.split(",") if args.cases else every)
@@ -688,7 +697,7 @@ def main() -> int:
         n = runs
         results[key] = {"moonmesh": [], "native": [] if nat_case else None}
         for i in range(n):
-            r = moonmesh_case(mm_case, give_up)
+            r = moonmesh_case(mm_case, give_up, redis_args)
             results[key]["moonmesh"].append(r)  # type: ignore[union-attr]
             print(f"  {key} moonmesh run {i + 1}: {fmt(r.get('seconds'))} s "
                   f"(direct {fmt(r.get('direct_seconds'))} s)"
@@ -699,7 +708,7 @@ def main() -> int:
                 print("  !!! FAILURE: the woken Moonmesh proxy took a write to slots it no longer "
                       "owns (split brain) !!!", flush=True)
             if nat_case:
-                r = native_case(nat_case, give_up, args.node_timeout)
+                r = native_case(nat_case, give_up, args.node_timeout, redis_args)
                 results[key]["native"].append(r)  # type: ignore[union-attr]
                 print(f"  {key} native run {i + 1}: {fmt(r.get('seconds'))} s "
                       f"(direct {fmt(r.get('direct_seconds'))} s)"

@@ -1,6 +1,9 @@
 """The migration benchmark runs end to end in a tiny, bounded form: a scale-out and a scale-in
 (3 -> 4 is the scale-out's code; `make bench-migration` runs it), Moonmesh and native, each
-with its row, the checker's verdict and the stall probe (no timing asserted)."""
+with its row, the checker's verdict and the stall probe (no timing asserted). The client load
+runs at LOAD_RATE operations a second and the probe PINGs every PROBE_INTERVAL s: at full
+speed both took CPU from native resharding, which moves thousands of slots one by one, keys
+or not (its moves took ~11 s instead of ~8 on two shared cores)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +13,8 @@ import sys
 import pytest
 
 KEYS = 3000
+LOAD_RATE = 500  # client operations a second (enough for every phase's figures)
+PROBE_INTERVAL = 0.01  # seconds between the stall probe's PINGs
 # case -> the share of the keys that moves (2 -> 3: a third of the slots; 4 -> 3: a quarter)
 SHARE = {"2to3": 1 / 3, "4to3": 1 / 4}
 
@@ -18,6 +23,7 @@ SHARE = {"2to3": 1 / 3, "4to3": 1 / 4}
 def test_migration_benchmark_prints_every_case_with_a_verdict():
     out = subprocess.run([sys.executable, "tools/bench_migration.py", "--keys", str(KEYS),
                           "--value-size", "64", "--phase-seconds", "0.5", "--timeout", "120",
+                          "--load-rate", str(LOAD_RATE), "--probe-interval", str(PROBE_INTERVAL),
                           "--cases", ",".join(SHARE), "--json"], capture_output=True, text=True, timeout=280)
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()

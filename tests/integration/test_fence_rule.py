@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from chaos import netns
-from chaos.hosts import PROXY_PORT, Deployment
+from chaos.hosts import PROXY_PORT, REDIS_PORT, Deployment
 from chaos.workload import Conn
 from core.slots import key_slot
 from mesh.model.fencing import FENCE_AFTER, LEASE_TTL
@@ -39,7 +39,20 @@ def deployment(nodes: int) -> Deployment:
     run_id = uuid.uuid4().hex[:6]
     dep = Deployment(run_id, nodes, workdir=Path(f"/tmp/moonmesh-fence-{run_id}")).start()
     dep.wait("the pool", lambda: sum(1 for n in dep.pool() if n["alive"]) >= nodes, 30)
+    for name in dep.nodes:
+        first_sync_at_once(dep, name)
     return dep
+
+
+def first_sync_at_once(dep: Deployment, node: str) -> None:
+    """The node's Redis starts a replica's full sync at once, as the other tests' do
+    (tests/conftest.py, REDIS_ARGS), not after Redis's 5 s diskless-sync delay."""
+    with netns.inside(dep.client.ns):
+        conn = Conn(f"{dep.nodes[node].host.ip}:{REDIS_PORT}")
+    try:
+        assert conn.call("CONFIG", "SET", "repl-diskless-sync-delay", "0") == b"OK"
+    finally:
+        conn.close()
 
 
 def key_in(shard: dict, tag: str) -> str:
