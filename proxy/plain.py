@@ -56,8 +56,8 @@ KEYSPACE = frozenset({b"SCAN", b"DBSIZE", b"KEYS", b"RANDOMKEY", b"FLUSHALL", b"
 # link to that node is cut and the client gets an error
 FANOUT_REPLY_TIMEOUT = 30.0
 FLUSH_DURING_MIGRATION = error(
-    "ERR FLUSHALL/FLUSHDB refused while slots migrate: keys in flight would come back; "
-    "wait for the migration to finish (umctl-mesh migrations)")
+    "ERR FLUSHALL/FLUSHDB refused while slots migrate (or a scale has more to move): keys "
+    "in flight would come back; wait for the migrations to finish (umctl-mesh migrations)")
 
 
 def shard_channel_elsewhere(slot: int, address: str) -> bytes:

@@ -100,7 +100,8 @@ class RoutingTable:
     # synchronous mode: acknowledge a write once WAIT says this many replicas have it
     min_replicas_ack: int = 0
     ack_timeout_ms: int = 1000
-    # the proxies of masters that receive slots in a running migration (any node's table)
+    # the proxies of masters that receive slots in a planned or running migration (any
+    # node's table)
     receiving: frozenset[str] = frozenset()
     # every slot is served here (a one-shard cluster): the fast path skips hashing keys
     serves_all: bool = field(init=False, repr=False)
@@ -199,12 +200,13 @@ def table_from_view(view: ClusterView, me: str,
             else:
                 for slot in range(start, end + 1):
                     routes[slot] = moved(slot, master_proxy)
-    receiving = set()
+    # planned ones too: a scale runs them one after another, and a target stays "receiving"
+    # from plan to commit (a cluster-wide SCAN orders by it: proxy/plain.py)
+    receiving = {view.address_of(masters[m.target]).proxy for m in view.migrations}
     for m in view.migrations:
         if m.state is not MigrationState.MIGRATING:
             continue
         source, target = masters[m.source], masters[m.target]
-        receiving.add(view.address_of(target).proxy)
         config = view.config
         if me == source:
             marker = MigratingSlots(m.id, True, view.address_of(target).proxy,

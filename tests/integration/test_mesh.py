@@ -9,6 +9,7 @@ import time
 import pytest
 import redis
 from redis.cluster import RedisCluster
+from redis.exceptions import ClusterDownError
 
 from tests.procs import command, free_port, wait_for
 
@@ -164,7 +165,18 @@ def test_racing_writers_never_share_a_node(mesh_factory):
     assert sum(1 for n in nodes if n["cluster"]) == 2
 
 
-def test_etcd_restart_is_invisible_to_clients_and_later_views_apply(mesh_factory):
+def alive_nodes(mesh) -> int:
+    """Nodes alive in the pool; 0 while etcd cannot be reached (umctl-mesh exits 3)."""
+    nodes = mesh.umctl("--json", "nodes", check=False)
+    return sum(1 for n in nodes if n["alive"]) if isinstance(nodes, list) else 0
+
+
+def test_etcd_restart_costs_clients_at_most_a_retried_clusterdown_and_later_views_apply(
+        mesh_factory):
+    """Nodes serve while etcd is down until FENCE_AFTER (1 s) past their last confirmed
+    read, then answer CLUSTERDOWN (which cluster clients retry) until etcd answers again;
+    no other error, and no write lost (issue 13's fence rule: a longer outage on a loaded
+    machine made the old "no error at all" version of this test fail 3 runs in 8)."""
     mesh = mesh_factory(2)
     mesh.wait_pool(2)
     mesh.umctl("cluster", "create", "live", "--shards", "2")
@@ -172,6 +184,7 @@ def test_etcd_restart_is_invisible_to_clients_and_later_views_apply(mesh_factory
     errors: list[Exception] = []
     done = threading.Event()
     ops = [0]  # SET+GET pairs answered
+    down = [0]  # CLUSTERDOWN after the client's own retries
 
     def client_loop():
         rc = cluster_client(port)
@@ -182,7 +195,9 @@ def test_etcd_restart_is_invisible_to_clients_and_later_views_apply(mesh_factory
                 rc.set(f"live:{i % 500}", i)
                 rc.get(f"live:{i % 500}")
                 ops[0] += 1
-            except Exception as exc:  # noqa: BLE001 - every client error counts
+            except ClusterDownError:
+                down[0] += 1  # fenced while etcd is away: the command did not run
+            except Exception as exc:  # noqa: BLE001 - every other client error counts
                 errors.append(exc)
             i += 1
         rc.close()
@@ -197,11 +212,10 @@ def test_etcd_restart_is_invisible_to_clients_and_later_views_apply(mesh_factory
     try:
         served(200)
         mesh.etcd.kill()
-        # clients served while etcd is down: a restart well inside the lease (a longer
-        # outage fences writes at the lease deadline: test_failover.py)
-        served(300)
+        # clients served while etcd is down, until the fence (1 s after the last read)
+        served(20)
         mesh.etcd.restart()
-        wait_for(lambda: sum(1 for n in mesh.umctl("--json", "nodes") if n["alive"]) == 2,
+        wait_for(lambda: alive_nodes(mesh) == 2,
                  what="both nodes registered with the restarted etcd")
         served(200)
     finally:

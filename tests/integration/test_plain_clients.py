@@ -259,10 +259,16 @@ def test_scan_while_slots_migrate_returns_every_key_and_flushall_waits(mesh_fact
     def migrating() -> bool:
         return bool(mesh.umctl("--json", "migrations", "mig"))
 
+    def entry_node_sees_it() -> bool:
+        """The migration runs and the client's node has applied its view (its guard and
+        its SCAN order are this node's view's)."""
+        epoch = mesh.umctl("--json", "cluster", "show", "mig")["epoch"]
+        return migrating() and int(r.execute_command("UMCTL", "GETEPOCH")) >= epoch
+
     scale = threading.Thread(target=lambda: mesh.umctl("cluster", "scale", "mig", "--shards",
                                                        "3", "--wait", "--timeout", "120"))
     scale.start()
-    wait_for(migrating, what="the migration to start")
+    wait_for(entry_node_sees_it, what="the migration to start, seen by the client's node")
     with pytest.raises(redis.ResponseError, match="refused while slots migrate"):
         r.flushall()
     during = 0

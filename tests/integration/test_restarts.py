@@ -120,7 +120,7 @@ def test_scale_replicas_up_and_down(mesh_factory):
     assert show(mesh)["replicas_declared"] == 0  # a dry run changes nothing
     out = mesh.umctl("cluster", "scale", "fo", "--replicas", "1", "--wait", "--timeout", "60",
                      timeout=90)
-    assert "declares 1 replicas per shard" in out.stdout
+    assert "declares 1 replica per shard" in out.stdout
     shown = show(mesh)
     assert shown["replicas_declared"] == 1
     assert [s["replicas_live"] for s in shown["shards"]] == [1, 1]
