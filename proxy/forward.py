@@ -74,8 +74,7 @@ class Client(Protocol):
     def peer_conn(self, address: str, argv: list[bytes]) -> BackendConnection: ...
     def owner_of(self, slot: int) -> str | None: ...
     def same_tenant(self) -> bool: ...  # the node still serves the client's cluster
-    def replies_arrived(self) -> None: ...
-    def replies_arrived_soon(self) -> None: ...  # ... once this event-loop turn is over
+    def replies_arrived_soon(self) -> None: ...  # its replies are in: write them this turn
 
 
 def hop_moved(c: Client, slot: int, old: object, new: object) -> None:
@@ -176,7 +175,7 @@ class Hop:
 class Fanout(Pending):
     """The reply slot of a client command answered from several sub-commands: `merge` makes
     the client's reply from their replies (in the order of `parts`) once all have arrived,
-    then `done` is called (the session's `replies_arrived`, or an outer fan-out's part)."""
+    then `done` is called (the session's `replies_arrived_soon`, or an outer fan-out's part)."""
 
     __slots__ = ("done", "parts", "merge", "left")
 
