@@ -101,15 +101,20 @@ class NodeStatus:
     # migration id -> progress, for the migrations this node is the source of
     migrations: dict[str, MigrationProgress] = field(default_factory=dict)
     updated: float = 0.0
+    # migration id -> its last progress, for migrations this node finished moving in the last
+    # minute (proxy/migration.py, FINISHED_KEPT): read by umctl-mesh's --wait, not the leader
+    finished_migrations: dict[str, MigrationProgress] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # decoded JSON brings plain objects: make every entry a MigrationProgress
-        if not isinstance(self.migrations, dict):
-            raise RecordError(f"malformed NodeStatus: migrations {self.migrations!r}")
-        if any(not isinstance(p, MigrationProgress) for p in self.migrations.values()):
-            object.__setattr__(self, "migrations", {
-                str(mid): p if isinstance(p, MigrationProgress) else MigrationProgress.from_dict(p)
-                for mid, p in self.migrations.items()})
+        for name in ("migrations", "finished_migrations"):
+            reports = getattr(self, name)
+            if not isinstance(reports, dict):
+                raise RecordError(f"malformed NodeStatus: {name} {reports!r}")
+            if any(not isinstance(p, MigrationProgress) for p in reports.values()):
+                object.__setattr__(self, name, {
+                    str(mid): p if isinstance(p, MigrationProgress)
+                    else MigrationProgress.from_dict(p) for mid, p in reports.items()})
 
     def serves(self, cluster: str, uid: str) -> bool:
         """The node applied a view of that very cluster (name and creation)."""

@@ -94,7 +94,11 @@ class NodeAgent:
             try:
                 await self._incarnation()
             except* (StoreError, OSError, RedisCtlError) as group:
-                self.log.warning("agent_restarting", error=repr(group.exceptions[0]))
+                # etcd away: the store said so once (etcd_unreachable); not again per restart
+                quiet = self.repo.store.outage.down and all(
+                    isinstance(e, StoreError) for e in group.exceptions)
+                (self.log.debug if quiet else self.log.warning)(
+                    "agent_restarting", error=repr(group.exceptions[0]))
             except* Exception as group:  # noqa: BLE001
                 self.log.error("agent_failed", error=repr(group.exceptions[0]),
                                exc_info=group.exceptions[0])

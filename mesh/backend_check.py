@@ -79,7 +79,10 @@ class BackendChecker:
             self.status.set(backend_ok=healthy,
                             fenced=bool(self.control.fenced_for & LASTING_FENCES),
                             repl_offset=offset,
-                            synced=self.synced.synced, migrations=progress)
+                            synced=self.synced.synced, migrations=progress,
+                            finished_migrations={
+                                mid: MigrationProgress.from_dict(p) for mid, p
+                                in self.control.finished_migrations().items()})
             await anyio.sleep(BACKEND_CHECK_INTERVAL)
 
     async def _ping(self) -> None:

@@ -44,6 +44,7 @@ class Applied(Enum):
 class Migrations(Protocol):
     def reconcile(self, table: RoutingTable) -> None: ...
     def progress(self) -> dict[str, dict]: ...
+    def finished(self) -> dict[str, dict]: ...
 
 
 class ControlPort:
@@ -154,3 +155,8 @@ class ControlPort:
     def migration_progress(self) -> dict[str, dict]:
         """Each running migration this node moves keys for: its progress, for the status."""
         return self._migrations.progress()
+
+    def finished_migrations(self) -> dict[str, dict]:
+        """The final reports of migrations this node finished moving lately (for the
+        operator's progress; the leader reads `migration_progress` only)."""
+        return self._migrations.finished()

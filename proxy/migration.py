@@ -22,6 +22,7 @@ journal (its keys may have a copy at the target: they stay held until the mover 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Callable
 from enum import Enum
@@ -51,6 +52,7 @@ from .replies import SyncedWrite
 from .resp import encode_command
 from .routing import MigratingSlots, RoutingTable
 
+FINISHED_KEPT = 60.0  # seconds a finished migration's last report stays in the status
 log = structlog.get_logger("proxy.migration")
 
 _ASKING = encode_command([b"ASKING"])
@@ -281,6 +283,10 @@ class Migrations:
         self.gates: dict[str, SlotGate] = {}
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._progress: dict[str, MigrationProgress] = {}
+        # the last report of each migration that ended with every key moved, kept
+        # FINISHED_KEPT seconds (by time.monotonic()) so `umctl-mesh ... --wait` can still count
+        # the keys of a migration committed between two of its reads
+        self._finished: dict[str, tuple[float, dict]] = {}
         # set when a migration's last gate has let go of its connections: the next mover of
         # the same migration reads the journal only after the last one's writes
         self._stopped: dict[str, anyio.Event] = {}
@@ -341,7 +347,15 @@ class Migrations:
         scope = self._scopes.pop(mid, None)
         if scope is not None:
             scope.cancel()
-        self._progress.pop(mid, None)
+        progress = self._progress.pop(mid, None)
+        if progress is not None and progress.done:
+            self._finished[mid] = (time.monotonic(), progress.as_dict())
+
+    def finished(self) -> dict[str, dict]:
+        """The final reports of migrations that ended done in the last FINISHED_KEPT s."""
+        now = time.monotonic()
+        self._finished = {m: f for m, f in self._finished.items() if now - f[0] < FINISHED_KEPT}
+        return {m: report for m, (_, report) in self._finished.items()}
 
     async def _run(self, gate: SlotGate, mask: bytearray) -> None:
         mid = gate.marker.migration_id

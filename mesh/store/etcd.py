@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from core import clock
 from core.address import Address, AddressError
 
 from .keys import Keys
+from .outage import OutageLog, Say
 
 log = structlog.get_logger("mesh.store")
 
@@ -112,6 +114,24 @@ class EtcdStore:
         host, port = _grpc_target(self.endpoints)
         self._client = aetcd.Client(host=host, port=port, timeout=RPC_TIMEOUT,
                                     options=GRPC_OPTIONS)
+        self.outage = OutageLog()
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        """A call or watch found etcd away: logged when that is news (mesh/store/outage.py)."""
+        said = self.outage.failed(time.monotonic())
+        if said is Say.LOST:
+            log.warning("etcd_unreachable", endpoints=self.describe(), what=what,
+                        error=str(exc))
+        elif said is Say.STILL:
+            log.warning("etcd_still_unreachable", endpoints=self.describe(),
+                        for_sec=round(time.monotonic() - (self.outage.down_since or 0), 1),
+                        failures=self.outage.failures)
+
+    def _answered(self) -> None:
+        if self.outage.down_since is not None:
+            away = self.outage.succeeded(time.monotonic())
+            log.warning("etcd_reachable_again", endpoints=self.describe(),
+                        after_sec=round(away or 0.0, 1))
 
     async def __aenter__(self) -> EtcdStore:
         return self
@@ -128,8 +148,11 @@ class EtcdStore:
                 retry=retry_if_exception_type(_TRANSIENT),
             ):
                 with attempt:
-                    return await fn()
+                    result = await fn()
+                    self._answered()
+                    return result
         except _TRANSIENT as exc:
+            self._failed(what, exc)
             raise StoreError(f"etcd unreachable at {self.describe()}: {what}: {exc}") from None
         except aetcd.exceptions.ClientError as exc:
             raise StoreError(f"etcd refused {what}: {exc}") from None
@@ -223,6 +246,7 @@ class EtcdStore:
                 watch = await self._client.watch_prefix(prefix, start_revision=revision)
                 async for event in watch:
                     failures = 0
+                    self._answered()
                     kv = event.kv
                     deleted = event.kind == aetcd.rtypes.EventKind.DELETE
                     await on_event(Event(kv.key, None if deleted else kv.value,
@@ -235,7 +259,8 @@ class EtcdStore:
             except (aetcd.exceptions.ClientError, *_TRANSIENT) as exc:
                 failures += 1
                 wait = min(WATCH_RESTART_MAX_WAIT, 0.05 * 2**failures)
-                log.info("watch_restarting", prefix=prefix.decode(), revision=revision,
+                self._failed("watch", exc)
+                log.debug("watch_restarting", prefix=prefix.decode(), revision=revision,
                          error=str(exc), wait=wait)
                 await anyio.sleep(wait)
             finally:

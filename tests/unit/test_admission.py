@@ -394,6 +394,9 @@ class NoMigrations:
     def progress(self) -> dict[str, dict]:
         return {}
 
+    def finished(self) -> dict[str, dict]:
+        return {}
+
 
 def test_control_port_applies_newer_tables_and_refuses_older_ones():
     migrations = NoMigrations()

@@ -27,6 +27,9 @@ class NoMigrations:
     def progress(self):  # noqa: ANN201
         return {}
 
+    def finished(self):  # noqa: ANN201
+        return {}
+
 
 class Keeper:
     def __init__(self, ago: float) -> None:

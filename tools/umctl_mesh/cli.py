@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,9 +24,11 @@ from core.slots import format_range, slot_count
 from core.view import MAX_MIGRATION_RATE, REASSIGN_AFTER, ClusterView, Shard, slots_of
 from mesh.store.etcd import EtcdStore, StoreError
 from mesh.store.repo import MeshRepo
+from proxy.routing import node_id as cluster_node_id
 
 from . import check as check_mod
-from . import local, ops, passwords
+from . import local, ops, passwords, render, slowlog
+from .progress import MigrationTracker
 from .text import plural
 
 EXIT_FAILED, EXIT_USAGE, EXIT_ETCD = 1, 2, 3
@@ -36,6 +39,10 @@ DEFAULT_ETCD = "127.0.0.1:2379"
 # later calls retry for longer (mesh/store/etcd.py, RETRY_WINDOW)
 ETCD_FIRST_READ_TIMEOUT = 2.0
 NODE_FLAG = "default"  # `migrate throttle --rate default`: back to each node's --migration-rate
+COMPLETION_SHELLS = ("bash", "zsh")
+FINAL_REPORT_WAIT = 3.0  # --wait: seconds to wait for the final reports of migrations that
+FINAL_REPORT_POLL = 0.2  # committed between two reads (their keys moved), polled this often
+BACKEND_PASSWORD_ENV = "MOONMESH_BACKEND_PASSWORD"  # mesh-proxy's (node/main.py)
 
 
 def rate_arg(text: str) -> int | str:
@@ -261,6 +268,31 @@ def build_parser() -> argparse.ArgumentParser:
                                  "without the mesh secret")
     check.set_defaults(func=cmd_check)
 
+    slow = sub.add_parser(
+        "slowlog", parents=[common], help="the slow commands of a cluster's nodes, newest first",
+        description="SLOWLOG GET from the Redis of every node of the cluster (masters and "
+                    "replicas, at their backend addresses), merged newest first; each entry "
+                    "names its node and shard. Redis logs what runs longer than its "
+                    "slowlog-log-slower-than (CONFIG SET through a proxy changes it).")
+    slow.add_argument("name")
+    slow.add_argument("--count", type=int, default=slowlog.DEFAULT_COUNT, metavar="N",
+                      help=f"entries shown (default {slowlog.DEFAULT_COUNT}, at most "
+                           f"{slowlog.MAX_COUNT})")
+    slow.add_argument("--backend-password", metavar="P",
+                      default=os.environ.get(BACKEND_PASSWORD_ENV) or None,
+                      help="the nodes' Redis password, if they have one (default "
+                           f"${BACKEND_PASSWORD_ENV}, as mesh-proxy)")
+    slow.set_defaults(func=cmd_slowlog)
+
+    completion = sub.add_parser(
+        "completion", help="print a shell completion script (bash or zsh)",
+        description="Print a completion script for umctl-mesh. bash: "
+                    "`source <(umctl-mesh completion bash)` (or save it in "
+                    "/etc/bash_completion.d/umctl-mesh); zsh: save it as `_umctl-mesh` in a "
+                    "directory of your $fpath.")
+    completion.add_argument("shell", choices=COMPLETION_SHELLS)
+    completion.set_defaults(func=cmd_completion)
+
     up = sub.add_parser(
         "up", help="start a local mesh on loopback and keep it running until Ctrl-C",
         description="Start etcd, redis-servers and mesh-proxies on 127.0.0.1, create a "
@@ -276,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="synchronous mode: writes acknowledged once N replicas have them")
     up.add_argument("--standalone", action="store_true",
                     help="no etcd: proxies configured with UMCTL SETCLUSTER, no replicas")
+    up.add_argument("--spare", type=int, default=0, metavar="N",
+                    help="also start N free nodes (in the pool, in no cluster), so the "
+                         "cluster can scale out: `cluster scale NAME --shards N`")
     up.set_defaults(func=local.up)
     return parser
 
@@ -283,10 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
 # -- rendering -------------------------------------------------------------------------------
 
 
-def table(headers: list[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [headers] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+def cluster_id(cluster: str, node: str, role: str) -> str:
+    """The id clients see for `node` in CLUSTER NODES/SLOTS/SHARDS (proxy/routing.py derives
+    it from the cluster and node names), or `-` for a node in no cluster."""
+    return cluster_node_id(cluster, node) if cluster and role in ("master", "replica") else "-"
+
+
+
+def table(headers: list[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print a table on stdout: rich on a terminal, plain columns otherwise."""
+    render.print_table(headers, rows)
 
 
 def view_doc(view: ClusterView, pool: ops.Pool) -> dict:
@@ -353,11 +394,12 @@ async def cmd_nodes(store: EtcdStore, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(table(["NODE", "PROXY", "BACKEND", "HOST", "CLUSTER", "ROLE", "EPOCH", "HEALTH"],
-                    [[("*" if r["leader"] else "") + r["node"], r["proxy"], r["backend"],
-                      r["host"], r["cluster"] or "-", r["role"],
-                      r["applied_epoch"] if r["applied_epoch"] is not None else "-",
-                      r["health"]] for r in rows]))
+        table(["NODE", "PROXY", "BACKEND", "HOST", "CLUSTER", "ROLE", "EPOCH", "HEALTH",
+               "CLUSTER NODES ID"],
+              [[("*" if r["leader"] else "") + r["node"], r["proxy"], r["backend"],
+                r["host"], r["cluster"] or "-", r["role"],
+                r["applied_epoch"] if r["applied_epoch"] is not None else "-",
+                r["health"], cluster_id(r["cluster"], r["node"], r["role"])] for r in rows])
         print(f"\n{len(pool.nodes)} nodes alive, {len(pool.free())} free; "
               f"leader: {pool.leader or 'none'}")
     return 0
@@ -377,14 +419,15 @@ async def cmd_create(store: EtcdStore, args: argparse.Namespace) -> int:
                                     args.min_replicas_ack, args.reassign_after, rate)
     behind: list[str] = []
     if not args.no_wait:
-        def progress(done: int, total: int) -> None:
-            if not args.json and sys.stderr.isatty():
-                print(f"\rwaiting for nodes to apply epoch {view.epoch}: {done}/{total}",
-                      end="", file=sys.stderr, flush=True)
+        bar = render.ProgressLine(f"nodes on epoch {view.epoch}:", quiet=args.json)
 
-        behind = await ops.wait_applied(store, view, args.timeout, progress)
-        if not args.json and sys.stderr.isatty():
-            print(file=sys.stderr)
+        def progress(done: int, total: int) -> None:
+            bar.update(done, total, f"{done}/{total}")
+
+        try:
+            behind = await ops.wait_applied(store, view, args.timeout, progress)
+        finally:
+            bar.close()
     pool = await ops.read_pool(store)
     if args.json:
         print(json.dumps({**view_doc(view, pool), "not_applied": behind}, indent=2))
@@ -412,8 +455,10 @@ def print_view(view: ClusterView, pool: ops.Pool) -> None:
                          n["node"], n["proxy"], n["backend"],
                          ranges if n["role"] == "master" else "",
                          "yes" if applied is not None and applied >= view.epoch
-                         else f"no ({applied if applied is not None else '-'})"])
-    print(table(["SHARD", "ROLE", "NODE", "PROXY", "BACKEND", "SLOTS", "APPLIED"], rows))
+                         else f"no ({applied if applied is not None else '-'})",
+                         cluster_node_id(view.cluster, n["node"])])
+    table(["SHARD", "ROLE", "NODE", "PROXY", "BACKEND", "SLOTS", "APPLIED", "CLUSTER NODES ID"],
+          rows)
     live = ", ".join(f"{s['id']} {s['replicas_live']}" for s in doc["shards"])
     print(f"replicas per shard: {view.config.replicas} declared; live and synced: {live}")
     print(f"migration rate: {rate_text(view.config.migration_rate)}")
@@ -441,9 +486,9 @@ async def cmd_list(store: EtcdStore, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     elif rows:
-        print(table(["CLUSTER", "EPOCH", "SHARDS", "NODES", "PASSWORD"],
+        table(["CLUSTER", "EPOCH", "SHARDS", "NODES", "PASSWORD"],
                     [[r["cluster"], r["epoch"], r["shards"], r["nodes"],
-                      "yes" if r["password"] else "no"] for r in rows]))
+                      "yes" if r["password"] else "no"] for r in rows])
     else:
         print("no clusters")
     return 0
@@ -533,35 +578,44 @@ def print_plan(old: ClusterView, new: ClusterView, dry_run: bool, as_json: bool)
         print(f"  {'would remove' if dry_run else 'removes'} shard {sid}: "
               f"{members_text(doc['shards'][sid])} (back to the pool when its last "
               "migration commits)")
-    print(table(["FROM", "TO", "SLOTS", "RANGES"],
+    table(["FROM", "TO", "SLOTS", "RANGES"],
                 [[r["from"], r["to"], r["slot_count"],
-                  " ".join(format_range((a, b)) for a, b in r["slots"])] for r in rows]))
+                  " ".join(format_range((a, b)) for a, b in r["slots"])] for r in rows])
 
 
 async def follow(store: EtcdStore, args: argparse.Namespace, name: str) -> int:
-    total: list[int] = []
+    """--wait for migrations: slots and keys moved of the total, rate, ETA (progress.py)."""
+    started = time.monotonic()
+    tracker = MigrationTracker(started)
+    bar = render.ProgressLine("migrating", quiet=args.json)
+    last: list = []
 
     def progress(view: ClusterView, pool: ops.Pool) -> None:
-        left = len(view.migrations)
-        if not total:
-            total.append(max(left, 1))
-        rows = ops.migration_rows(view, pool)
-        moved = sum(r["moved_keys"] for r in rows)
-        rate = sum(r["keys_per_sec"] for r in rows)
-        done = total[0] - left
-        bar = "#" * int(20 * done / total[0]) + "." * (20 - int(20 * done / total[0]))
-        line = (f"[{bar}] {done}/{total[0]} migrations committed, {moved} keys moved "
-                f"in the running ones, {rate:.0f} keys/s, epoch {view.epoch}")
-        if not args.json:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
+        snap = tracker.observe(ops.migration_rows(view, pool), time.monotonic(),
+                               ops.finished_reports(pool))
+        last[:] = [snap]
+        bar.update(snap.slots_moved, snap.slots_total or None, snap.line())
 
-    ok = await ops.wait_migrations(store, name, args.timeout, progress)
-    if not args.json:
-        print(file=sys.stderr)
+    try:
+        ok = await ops.wait_migrations(store, name, args.timeout, progress)
+        # a migration committed between two reads: its source publishes its final report
+        # within a backend check of applying the view that dropped it
+        # (a deadline, not a cancel scope: a read of etcd is not cut in the middle)
+        deadline = time.monotonic() + FINAL_REPORT_WAIT
+        while ok and last and last[0].unreported and time.monotonic() < deadline:
+            await anyio.sleep(FINAL_REPORT_POLL)
+            pool = await ops.read_pool(store)
+            if name not in pool.views:
+                break
+            progress(pool.views[name][0], pool)
+    finally:
+        bar.close()
     if not ok:
         print(f"umctl-mesh: migrations of '{name}' not finished after {args.timeout:g}s",
               file=sys.stderr)
         return EXIT_FAILED
+    if last and not args.json:
+        print(last[0].final(time.monotonic() - started), file=sys.stderr)
     return 0
 
 
@@ -583,18 +637,21 @@ def print_replica_plan(plan: ops.ReplicaPlan, dry_run: bool) -> None:
           f"{plan.old.config.replicas})" + (" (dry run: nothing written)" if dry_run else ""))
     rows = [[s.id, ", ".join(plan.added.get(s.id, ())) or "-",
              ", ".join(plan.removed.get(s.id, ())) or "-"] for s in plan.new.shards]
-    print(table(["SHARD", "JOIN (from the pool)", "LEAVE (to the pool)"], rows))
+    table(["SHARD", "JOIN (from the pool)", "LEAVE (to the pool)"], rows)
 
 
 async def follow_replicas(store: EtcdStore, args: argparse.Namespace, name: str) -> int:
+    bar = render.ProgressLine("replicas synced:", quiet=args.json)
+
     def progress(view: ClusterView, synced: dict[str, list[str]]) -> None:
         line = ", ".join(f"{sid} {len(r)}/{view.config.replicas}" for sid, r in synced.items())
-        if not args.json and sys.stderr.isatty():
-            print(f"\rreplicas synced: {line}   ", end="", file=sys.stderr, flush=True)
+        bar.update(sum(len(r) for r in synced.values()),
+                   view.config.replicas * len(view.shards) or None, line)
 
-    ok = await ops.wait_replicas(store, name, args.timeout, progress)
-    if not args.json and sys.stderr.isatty():
-        print(file=sys.stderr)
+    try:
+        ok = await ops.wait_replicas(store, name, args.timeout, progress)
+    finally:
+        bar.close()
     if not ok:
         print(f"umctl-mesh: the replicas of '{name}' are not all synced after "
               f"{args.timeout:g}s", file=sys.stderr)
@@ -771,15 +828,49 @@ async def cmd_migrations(store: EtcdStore, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     elif rows:
-        print(table(["ID", "FROM", "TO", "SLOTS", "STATE", "MOVED", "LEFT", "KEYS/S", "ETA",
+        table(["ID", "FROM", "TO", "SLOTS", "STATE", "MOVED", "LEFT", "KEYS/S", "ETA",
                      "ERROR"],
                     [[r["id"], r["from"], r["to"], r["slot_count"], r["state"],
                       r["moved_keys"], "-" if r["left_keys"] is None else r["left_keys"],
                       r["keys_per_sec"], "-" if r["eta_sec"] is None else f"{r['eta_sec']:g}s",
-                      r["error"] or "-"] for r in rows]))
+                      r["error"] or "-"] for r in rows])
     else:
         print(f"cluster {args.name} has no migrations")
     return 0
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    """A completion script generated from the parser itself (shtab), so it never lags."""
+    import shtab
+
+    print(shtab.complete(build_parser(), args.shell), end="")
+    return 0
+
+
+async def cmd_slowlog(store: EtcdStore, args: argparse.Namespace) -> int:
+    if not 1 <= args.count <= slowlog.MAX_COUNT:
+        raise ops.UsageError(f"--count must be 1 to {slowlog.MAX_COUNT}")
+    pool = await ops.read_pool(store)
+    if args.name not in pool.views:
+        raise ops.OpError(f"unknown cluster '{args.name}'")
+    view = pool.views[args.name][0]
+    entries, failed = await slowlog.read_cluster(view, args.backend_password, args.count)
+    if args.json:
+        print(json.dumps({"cluster": view.cluster, "entries": [e.doc() for e in entries],
+                          "unreadable": failed}, indent=2))
+    else:
+        if entries:
+            table(["TIME", "NODE", "SHARD", "ROLE", "MICROSECONDS", "COMMAND", "CLIENT"],
+                  [[time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time)), e.node,
+                    e.shard, e.role, e.duration_us,
+                    " ".join(e.args[:slowlog.ARGS_SHOWN])
+                    + (" ..." if len(e.args) > slowlog.ARGS_SHOWN else ""),
+                    e.client or "-"] for e in entries])
+        else:
+            print(f"no slow commands logged on the nodes of {view.cluster}")
+        for nid, why in sorted(failed.items()):
+            print(f"umctl-mesh: could not read the slowlog of {nid}: {why}", file=sys.stderr)
+    return EXIT_FAILED if failed and not entries else 0
 
 
 def etcd_endpoint(flag: str | None) -> tuple[str, str]:
@@ -841,6 +932,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func is cmd_completion:
+        return cmd_completion(args)
     if args.func is local.up:
         try:
             return local.up(args)

@@ -25,7 +25,7 @@ from mesh.store.etcd import EtcdStore
 from proxy.resp import scan_reply
 from tools.launch import HOST, START_TIMEOUT, Launcher, LaunchError, port_free
 
-from . import passwords
+from . import passwords, render
 from .ops import UsageError
 from .text import plural
 
@@ -37,6 +37,7 @@ PLAIN_PORT_OFFSET = 20000
 MAX_PORT = 65535
 APPLY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0  # a stopping master hands its shard over first (mesh/agent.py)
+MAX_SPARE = 64  # `up --spare N`: free nodes started besides the cluster's
 
 
 # where `up` leaves its etcd endpoint for the umctl-mesh commands run while it runs
@@ -111,12 +112,26 @@ def send(port: int, args: list[str], timeout: float = 5.0) -> bytes:
         return buf[:end]
 
 
+def add_node_hint(port: int, etcd: str, secret_file: Path) -> str:
+    """The shell line that starts one more node of a running local mesh at `port`."""
+    redis = port + REDIS_PORT_OFFSET
+    return (f"redis-server --port {redis} --save '' --daemonize yes && "
+            f"MOONMESH_SECRET=$(cat {secret_file}) mesh-proxy --listen {HOST}:{port} "
+            f"--backend {HOST}:{redis} --etcd {etcd} --node-id node-{port} "
+            f"--plain-listen {HOST}:{port + PLAIN_PORT_OFFSET} &")
+
+
 def check_shape(args: argparse.Namespace) -> tuple[list[int], list[int], list[int]]:
     """The proxy, redis and plain ports of `up`'s nodes; UsageError for arguments no mesh
     could have."""
     if args.shards < 1 or args.replicas < 0:
         raise UsageError("--shards must be at least 1 and --replicas at least 0")
-    nodes = args.shards if args.standalone else args.shards * (1 + args.replicas)
+    spare = getattr(args, "spare", 0)
+    if spare < 0 or spare > MAX_SPARE:
+        raise UsageError(f"--spare must be 0 to {MAX_SPARE}")
+    if spare and args.standalone:
+        raise UsageError("--spare needs the mesh: standalone proxies have no pool to join")
+    nodes = args.shards if args.standalone else args.shards * (1 + args.replicas) + spare
     proxy_ports = [args.port + i for i in range(nodes)]
     redis_ports = [p + REDIS_PORT_OFFSET for p in proxy_ports]
     plain_ports = [p + PLAIN_PORT_OFFSET for p in proxy_ports]
@@ -162,15 +177,18 @@ def up(args: argparse.Namespace) -> int:
         print("connect with:  " + passwords.redis_cli(password, f"-c -p {proxy_ports[0]}"))
         print("  or, as one Redis (any client, no cluster support needed):  "
               + passwords.redis_cli(password, f"-p {plain_ports[0]}"))
-        print("stop with Ctrl-C\n")
-        while not stopping:
-            dead = launcher.dead()
-            line = status() if not dead else f"a process exited: {dead[0]}"
-            print(f"\r[{time.strftime('%H:%M:%S')}] {line}   ", end="", flush=True)
-            deadline = time.monotonic() + STATUS_INTERVAL
-            while not stopping and time.monotonic() < deadline:
-                time.sleep(0.1)
-        print("\nstopping")
+        print("stop with Ctrl-C\n", flush=True)
+        line = render.StatusLine()
+        try:
+            while not stopping:
+                dead = launcher.dead()
+                line.show(status() if not dead else f"a process exited: {dead[0]}")
+                deadline = time.monotonic() + STATUS_INTERVAL
+                while not stopping and time.monotonic() < deadline:
+                    time.sleep(0.1)
+        finally:
+            line.close()
+        print("stopping")
         return 0
     finally:
         if before_stop is not None:
@@ -226,7 +244,8 @@ def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[
                        "--node-id", f"node-{proxy_port}",
                        "--plain-listen", f"{HOST}:{proxy_port + PLAIN_PORT_OFFSET}")
     print(f"{plural(len(proxy_ports), 'node')} on {HOST}:{proxy_ports[0]}..{proxy_ports[-1]} "
-          f"(redis on {redis_ports[0]}..{redis_ports[-1]})")
+          f"(redis on {redis_ports[0]}..{redis_ports[-1]})"
+          + (f", {args.spare} of them spare (free in the pool)" if args.spare else ""))
 
     async def create() -> None:
         async with EtcdStore(etcd) as store:
@@ -245,6 +264,9 @@ def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[
             print(f"see it with:   umctl-mesh{flag} cluster show {args.cluster}")
             print(f"the mesh secret (failover, drain): umctl-mesh{flag} "
                   f"--mesh-secret-file {secret_file} ...")
+            print("more capacity: start another node (it joins the pool free), then "
+                  f"`umctl-mesh{flag} cluster scale {args.cluster} --shards N --wait`:")
+            print("  " + add_node_hint(proxy_ports[-1] + 1, etcd, secret_file))
 
     try:
         anyio.run(create)
@@ -266,8 +288,9 @@ def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[
         healthy = sum(1 for s in pool.statuses.values() if s.backend_ok)
         applied = sum(1 for s in pool.statuses.values()
                       if view and s.cluster == view.cluster and s.epoch >= view.epoch)
-        return (f"{len(pool.nodes)} nodes, {healthy} healthy, {applied} on epoch "
-                f"{view.epoch if view else '-'}, leader {pool.leader or '-'}")
+        return (f"{len(pool.nodes)} nodes, {healthy} healthy, {len(pool.free())} free, "
+                f"{applied} on epoch {view.epoch if view else '-'}, "
+                f"leader {pool.leader or '-'}")
 
     def status() -> str:
         try:

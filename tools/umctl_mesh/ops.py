@@ -446,6 +446,13 @@ def migration_rows(view: ClusterView, pool: Pool) -> list[dict]:
     return rows
 
 
+def finished_reports(pool: Pool) -> dict[str, int]:
+    """Migration id -> keys moved, from the final reports sources keep for a while after a
+    migration finished (core/nodes.py, NodeStatus.finished_migrations)."""
+    return {mid: p.moved_keys for st in pool.statuses.values()
+            for mid, p in st.finished_migrations.items()}
+
+
 async def wait_migrations(store: EtcdStore, name: str, timeout: float,
                           progress: Callable[[ClusterView, Pool], None] | None = None) -> bool:
     """Wait until the cluster has no migrations and every node applied the final view."""
