@@ -25,7 +25,7 @@ from mesh.store.etcd import EtcdStore, StoreError
 from mesh.store.repo import MeshRepo
 
 from . import check as check_mod
-from . import local, ops, passwords
+from . import local, ops, passwords, serve
 from .text import plural
 
 EXIT_FAILED, EXIT_USAGE, EXIT_ETCD = 1, 2, 3
@@ -276,7 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="synchronous mode: writes acknowledged once N replicas have them")
     up.add_argument("--standalone", action="store_true",
                     help="no etcd: proxies configured with UMCTL SETCLUSTER, no replicas")
+    up.add_argument("--dashboard-port", type=int, default=serve.DASHBOARD_PORT, metavar="PORT",
+                    help="the web dashboard's port on 127.0.0.1 (default "
+                         f"{serve.DASHBOARD_PORT}; 0: none)")
     up.set_defaults(func=local.up)
+    serve.add_parser(sub)
     return parser
 
 
