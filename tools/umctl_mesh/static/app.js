@@ -187,19 +187,25 @@ function clusterForms(name) {
 
 function slotMap(c) {
   const index = new Map(c.shards.map((s, i) => [s.id, i]));
+  const at = (a, b) => `left:${(a / SLOTS) * 100}%;width:${((b - a + 1) / SLOTS) * 100}%;`;
   const bar = el("div", {class: "slotmap", "data-cluster": c.cluster});
   for (const s of c.shards) {
     for (const [a, b] of s.slots) {
-      const migrating = c.migrations.filter((m) => m.from === s.id &&
-        m.slots.some(([x, y]) => x <= b && a <= y));
       bar.append(el("div", {
-        class: "seg" + (migrating.length ? " moving" : ""),
-        "data-shard": s.id, "data-start": a, "data-end": b,
-        title: `${s.id}: slots ${a}-${b} (${b - a + 1})` +
-               (migrating.length ? `, moving to ${migrating.map((m) => m.to).join(", ")}` : ""),
-        style: `left:${(a / SLOTS) * 100}%;width:${((b - a + 1) / SLOTS) * 100}%;` +
-               `background-color:${color(index.get(s.id))}`,
+        class: "seg", "data-shard": s.id, "data-start": a, "data-end": b,
+        title: `${s.id}: slots ${a}-${b} (${b - a + 1})`,
+        style: at(a, b) + `background-color:${color(index.get(s.id))}`,
       }, (b - a + 1) / SLOTS > 0.06 ? s.id : ""));
+    }
+  }
+  // ranges on the move: hatched over their source, underlined in their target's colour
+  for (const m of c.migrations) {
+    for (const [a, b] of m.slots) {
+      bar.append(el("div", {
+        class: "mig", "data-migration": m.id,
+        title: `slots ${a}-${b}: ${m.from} → ${m.to} (${m.state})`,
+        style: at(a, b) + `border-bottom-color:${color(index.get(m.to))}`,
+      }));
     }
   }
   return [bar, el("div", {class: "axis"}, el("span", {}, "0"), el("span", {}, "8192"),
