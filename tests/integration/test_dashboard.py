@@ -156,6 +156,13 @@ def test_the_api_reads_the_mesh_and_acts_only_with_the_token(mesh_factory, tmp_p
         stop.set()
         thread.join(10)
 
+    # a second server on the same port says it cannot listen there (1)
+    taken = subprocess.run([sys.executable, "-m", "tools.umctl_mesh.cli", "--etcd", mesh.endpoint,
+                            "serve", "--listen", url.removeprefix("http://")],
+                           capture_output=True, text=True, timeout=60)
+    assert taken.returncode == 1 and f"cannot listen on {url.removeprefix('http://')}" \
+        in taken.stderr, taken.stderr
+
     # a server with no token refuses every action, and says why; reads still work
     readonly = serve(mesh, tmp_path, token=None)
     status, doc = http(f"{readonly}/api/clusters/api/scale", "POST", {"shards": 2}, token=TOKEN)

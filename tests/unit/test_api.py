@@ -241,3 +241,27 @@ def test_change_documents():
     assert doc["changed"] and doc["epoch"] == 2 and doc["was_epoch"] == 1
     assert doc["migrations"] == [{"slots": [[0, 9]], "slot_count": 10, "from": "s1",
                                   "to": "s2", "state": "pending"}]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--listen", "nohost"], "argument --listen: expected HOST:PORT, got 'nohost'"),
+    (["serve", "--listen", "127.0.0.1:99999"], "argument --listen:"),
+    (["serve", "--token-file", "{short}"], "is shorter than 16 characters"),
+    (["serve", "--token-file", "{missing}"], "cannot read"),
+])
+def test_serve_refuses_bad_arguments_before_reaching_etcd(argv, message, tmp_path, capsys):
+    from tools.umctl_mesh.cli import build_parser
+
+    (tmp_path / "short").write_text("abc\n")
+    argv = [a.format(short=tmp_path / "short", missing=tmp_path / "missing") for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_serve_reads_its_token_file(tmp_path):
+    from tools.umctl_mesh.cli import build_parser
+
+    (tmp_path / "token").write_text(TOKEN + "\nignored\n")
+    args = build_parser().parse_args(["serve", "--token-file", str(tmp_path / "token")])
+    assert args.token_file.token == TOKEN and str(args.listen) == "127.0.0.1:8470"

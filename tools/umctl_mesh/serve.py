@@ -61,24 +61,45 @@ def add_parser(sub: Any) -> None:
                     "need `Authorization: Bearer TOKEN` and are refused when no token is "
                     "configured. Failover and drain also need the mesh secret "
                     f"(--mesh-secret-file or ${secret.SECRET_ENV}).")
-    serve.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+    serve.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT", type=listen_arg,
                        help=f"where to serve (default {DEFAULT_LISTEN}); the token crosses "
                             "the network in clear: off loopback, put TLS in front")
-    serve.add_argument("--token-file", metavar="FILE",
+    serve.add_argument("--token-file", metavar="FILE", type=token_file_arg,
                        help=f"the API token (its first line; at least {api.MIN_TOKEN_LENGTH} "
                             f"characters); default ${TOKEN_ENV}; neither: read-only")
     serve.set_defaults(func=cmd_serve)
 
 
-def load_token(path: str | None) -> tuple[str | None, str]:
+def listen_arg(text: str) -> Address:
+    """--listen, checked as the command line is read (a usage error: exit 2)."""
+    try:
+        return Address.parse(text)
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenFile:
+    path: str
+    token: str
+
+
+def token_file_arg(path: str) -> TokenFile:
+    """--token-file, read and checked as the command line is read."""
+    try:
+        with open(path) as f:
+            line = f.readline()
+        return TokenFile(path, api.check_token(line, f"in {path}"))
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ops.UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def load_token(given: TokenFile | None) -> tuple[str | None, str]:
     """(the token or None, where it came from in words)."""
-    if path:
-        try:
-            with open(path) as f:
-                line = f.readline()
-        except OSError as exc:
-            raise ops.UsageError(f"cannot read --token-file: {exc}") from None
-        return api.check_token(line, f"in {path}"), f"from {path}"
+    if given is not None:
+        return given.token, f"from {given.path}"
     env = os.environ.get(TOKEN_ENV, "")
     if env.strip():
         return api.check_token(env, f"in ${TOKEN_ENV}"), f"from ${TOKEN_ENV}"
@@ -387,10 +408,7 @@ def build_app(store: EtcdStore, token: str | None, mesh_secret: bytes | None,
 
 
 async def cmd_serve(store: EtcdStore, args: argparse.Namespace) -> int:
-    try:
-        address = Address.parse(args.listen)
-    except AddressError as exc:
-        raise ops.UsageError(f"--listen: {exc}") from None
+    address = args.listen
     token, source = load_token(args.token_file)
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
