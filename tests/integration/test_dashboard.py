@@ -134,6 +134,14 @@ def test_the_api_reads_the_mesh_and_acts_only_with_the_token(mesh_factory, tmp_p
     status, doc = http(f"{url}/api/clusters/api/cancel", "POST", {}, token=TOKEN)
     assert status == 200 and doc["changed"] is False
 
+    # failover and drain, as the CLI's (the server has the mesh secret in its environment)
+    status, doc = http(f"{url}/api/clusters/api/failover", "POST", {"shard": "s1"}, token=TOKEN)
+    assert status == 409 and "replica" in doc["error"], doc  # s1 has none to promote
+    last = shown(mesh, "api")["shards"][2]["nodes"][0]["node"]
+    status, doc = http(f"{url}/api/nodes/{last}/drain", "POST", token=TOKEN)
+    assert status == 200 and doc["how"] == "migrating" and doc["cluster"] == "api", doc
+    wait_for(lambda: settled(mesh, "api", 2), 60, "the drained shard gone")
+
     # ops/s: commands sent to one proxy show as its rate (the others' is the mesh's own chatter)
     busy = next(n for n, (c, _) in nodes.items() if c == "api")
     stop = threading.Event()
