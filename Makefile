@@ -15,6 +15,9 @@ system-deps:
 	@command -v systemd-analyze >/dev/null || { \
 	  echo "installing systemd (systemd-analyze checks deploy/systemd units)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd; }
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing chromium and chromium-driver (the dashboard's browser test)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)

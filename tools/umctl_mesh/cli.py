@@ -27,7 +27,7 @@ from mesh.store.repo import MeshRepo
 from proxy.routing import node_id as cluster_node_id
 
 from . import check as check_mod
-from . import local, ops, passwords, render, slowlog
+from . import local, ops, passwords, render, serve, slowlog
 from .progress import MigrationTracker
 from .text import plural
 
@@ -311,7 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--spare", type=int, default=0, metavar="N",
                     help="also start N free nodes (in the pool, in no cluster), so the "
                          "cluster can scale out: `cluster scale NAME --shards N`")
+    up.add_argument("--dashboard-port", type=int, default=serve.DASHBOARD_PORT, metavar="PORT",
+                    help="the web dashboard's port on 127.0.0.1 (default "
+                         f"{serve.DASHBOARD_PORT}; 0: none)")
     up.set_defaults(func=local.up)
+    serve.add_parser(sub)
     return parser
 
 

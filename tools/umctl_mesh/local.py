@@ -14,6 +14,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from core import secret
 from core.view import even_split
 from mesh.store.etcd import EtcdStore
 from proxy.resp import scan_reply
-from tools.launch import HOST, START_TIMEOUT, Launcher, LaunchError, port_free
+from tools.launch import HOST, START_TIMEOUT, Launcher, LaunchError, Process, port_free
 
 from . import passwords, render
 from .ops import UsageError
@@ -36,6 +37,7 @@ REDIS_PORT_OFFSET = 10000
 PLAIN_PORT_OFFSET = 20000
 MAX_PORT = 65535
 APPLY_TIMEOUT = 30.0
+API_TOKEN_FILE = "api-token"  # in the workdir: the dashboard's token for actions
 STOP_TIMEOUT = 15.0  # a stopping master hands its shard over first (mesh/agent.py)
 MAX_SPARE = 64  # `up --spare N`: free nodes started besides the cluster's
 
@@ -227,6 +229,24 @@ def _start_standalone(launcher: Launcher, args: argparse.Namespace, proxy_ports:
     return status
 
 
+def _spawn_dashboard(launcher: Launcher, etcd: str, port: int) -> Process | None:
+    """`umctl-mesh serve` on 127.0.0.1:`port` (0: none), with a new API token in the workdir;
+    started, not waited for. A busy port is said and skipped: the mesh is what `up` is for."""
+    if not port:
+        return None
+    if not port_free(port):
+        print(f"dashboard not started: port {port} is in use (try --dashboard-port)")
+        return None
+    token_file = launcher.workdir / API_TOKEN_FILE
+    token_file.write_text(secrets.token_urlsafe(24) + "\n")
+    token_file.chmod(0o600)
+    process = launcher.process("dashboard", [
+        sys.executable, "-m", "tools.umctl_mesh.cli", "--etcd", etcd, "serve",
+        "--listen", f"{HOST}:{port}", "--token-file", str(token_file)], port)
+    process.spawn()
+    return process
+
+
 def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[int],
                 redis_ports: list[int]):  # noqa: ANN202
     """Start etcd and the nodes, create the cluster; (the status line, what to do before
@@ -268,10 +288,15 @@ def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[
                   f"`umctl-mesh{flag} cluster scale {args.cluster} --shards N --wait`:")
             print("  " + add_node_hint(proxy_ports[-1] + 1, etcd, secret_file))
 
+    dashboard = _spawn_dashboard(launcher, etcd, getattr(args, "dashboard_port", 0))
     try:
         anyio.run(create)
     except ops.OpError as exc:
         raise LaunchError(str(exc)) from None
+    if dashboard is not None:
+        dashboard.wait_listening()
+        print(f"dashboard:     http://{dashboard.addr}/  (actions need the token in "
+              f"{launcher.workdir / API_TOKEN_FILE})")
 
     async def delete() -> None:
         # nodes out of every cluster shut down at once: no master hands over to a replica
