@@ -193,7 +193,14 @@ def decide(argv: list[bytes], table: RoutingTable, client: ClientState,
            permission: WritePermission, now: float) -> Outcome:
     """Where `argv` goes, decided from `table` and `permission` as they are now."""
     if client.tenant != table.tenant:
-        return _departed(argv, table.departed, client)
+        return _departed(argv, table.departed, client, client.tenant) or TENANT_GONE
+    if not table.tenant and table.departed is not None:
+        # a node that just left a cluster, and a client that connected since, most likely a
+        # cluster client with the old slot map: its keyed commands are redirected too (the
+        # departed cluster's password, if it has one, first); the rest as on any free node
+        moved = _departed(argv, table.departed, client, table.departed.tenant)
+        if moved is not None:
+            return moved
     name = argv[0].upper()
     entry = DISPATCH.get(name)
     if entry is None:
@@ -275,20 +282,24 @@ def decide(argv: list[bytes], table: RoutingTable, client: ClientState,
     return Refuse(error(policy.refusal(spec.name.decode())))
 
 
-def _departed(argv: list[bytes], departed: RoutingTable | None,
-              client: ClientState) -> Outcome:
-    """A client of the cluster this node left: a keyed command is redirected to its slot's
-    owner as the node last knew it; anything else ends the connection."""
-    if departed is None or departed.tenant != client.tenant:
-        return TENANT_GONE
+def _departed(argv: list[bytes], departed: RoutingTable | None, client: ClientState,
+              tenant: str) -> Redirect | None:
+    """A client of the cluster this node left: a keyed command's redirect to its slot's
+    owner as the node last knew it (None: anything else, which ends a connection made while
+    the node was in that cluster). `tenant`: the cluster the client is one of."""
+    if departed is None or departed.tenant != tenant:
+        return None
+    if departed.password_hash is not None and client.auth_hash != departed.password_hash \
+            and not client.admin:
+        return None
     entry = DISPATCH.get(argv[0].upper())
     if entry is None or entry[0] is Kind.LOCAL:
-        return TENANT_GONE
+        return None
     spec = entry[1]
     if not (spec.first_key or spec.movable) or not spec.min_argc <= len(argv) <= spec.max_argc:
-        return TENANT_GONE
+        return None
     routed = _route(spec, argv, departed, client, gated=False)
-    return routed if isinstance(routed, Redirect) else TENANT_GONE
+    return routed if isinstance(routed, Redirect) else None
 
 
 def _declared_read_only(argv: list[bytes]) -> bool:

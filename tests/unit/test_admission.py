@@ -75,6 +75,8 @@ SYNCED = make_table(min_replicas_ack=1)
 A_REPLICA = make_table({A: MOVED_A}, readable=bytes(1 if s == A else 0 for s in range(SLOT_COUNT)))
 
 LEFT = replace(empty_table(), departed=make_table({A: MOVED_A}, tenant="old"))
+LEFT_PASSWORD = replace(empty_table(), departed=make_table({A: MOVED_A}, tenant="old",
+                                                           password_hash=hash_password("pw")))
 OPEN = WritePermission()
 EXPIRED = WritePermission(deadline=NOW - 1)
 FENCED_NOW = WritePermission(fenced=True)
@@ -299,7 +301,19 @@ CASES = [
     ("PING", LEFT, Client(tenant="old"), OPEN, ("disconnect",)),
     ("CLUSTER SLOTS", LEFT, Client(tenant="old"), OPEN, ("disconnect",)),
     ("GET a", LEFT, Client(tenant="other"), OPEN, ("disconnect",)),
-    ("GET a", LEFT, CLIENT, OPEN, ("redirect", b"-CLUSTERDOWN Hash slot not served")),
+    # ... and a client that connected since, likely a cluster client with the old slot map:
+    # its keyed commands are redirected as well, the rest is a free node's
+    ("GET a", LEFT, CLIENT, OPEN, ("redirect", MOVED_A)),
+    ("MSET a 1 {a}x 2", LEFT, CLIENT, OPEN, ("redirect", MOVED_A)),
+    ("PING", LEFT, CLIENT, OPEN, ("local", b"PING")),
+    ("CLUSTER SLOTS", LEFT, CLIENT, OPEN, ("local", b"CLUSTER")),
+    ("DBSIZE", LEFT, CLIENT, OPEN, ("forward",)),
+    # ... unless the cluster had a password the client did not give (it gets what a free
+    # node answers; its own old connections were authenticated)
+    ("GET a", LEFT_PASSWORD, CLIENT, OPEN, ("redirect", b"-CLUSTERDOWN Hash slot not served")),
+    ("GET a", LEFT_PASSWORD, Client(tenant="old", auth_hash=hash_password("pw")), OPEN,
+     ("redirect", MOVED_A)),
+    ("GET a", LEFT_PASSWORD, Client(tenant="old"), OPEN, ("disconnect",)),
     ("PING", ALL, Client(tenant="old"), OPEN, ("disconnect",)),
     ("AUTH pw", PASSWORD, Client(tenant="old"), OPEN, ("disconnect",)),
     ("GET a", replace(ALL, tenant="new"), CLIENT, OPEN, ("disconnect",)),
