@@ -489,29 +489,29 @@ async def read_proxy(nid: str, address: str, credentials: Credentials, sample: i
         if not full:
             return Reading(nid, epoch=epoch)
         try:
-            await _authenticate(ctl, credentials)
+            await authenticate(ctl, credentials)
             info = await ctl.call("INFO", "replication")
             replication = parse_info(info) if isinstance(info, bytes) else {}
         except RedisCtlError as exc:
-            return Reading(nid, epoch=epoch, refused=_short(exc))
+            return Reading(nid, epoch=epoch, refused=short_error(exc))
         if sample is None:
             return Reading(nid, epoch=epoch, replication=replication)
         try:
             keys, everything = await _scan(ctl, sample)
         except RedisCtlError as exc:
-            return Reading(nid, epoch=epoch, replication=replication, refused=_short(exc))
+            return Reading(nid, epoch=epoch, replication=replication, refused=short_error(exc))
         return Reading(nid, epoch=epoch, replication=replication, keys=keys,
                        scanned_all=everything)
     finally:
         await ctl.aclose()
 
 
-def _short(exc: RedisCtlError) -> str:
+def short_error(exc: RedisCtlError) -> str:
     text = str(exc)
     return text.partition(" replied: ")[2] or text
 
 
-async def _authenticate(ctl: RedisCtl, credentials: Credentials) -> None:
+async def authenticate(ctl: RedisCtl, credentials: Credentials) -> None:
     if credentials.mesh_secret is not None:
         nonce = await ctl.call("UMCTL", "CHALLENGE")
         if not isinstance(nonce, bytes):

@@ -28,6 +28,7 @@ from proxy.routing import node_id as cluster_node_id
 
 from . import check as check_mod
 from . import local, ops, passwords, render, serve, slowlog
+from . import top as top_mod
 from .progress import MigrationTracker
 from .text import plural
 
@@ -283,6 +284,27 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the nodes' Redis password, if they have one (default "
                            f"${BACKEND_PASSWORD_ENV}, as mesh-proxy)")
     slow.set_defaults(func=cmd_slowlog)
+
+    top = sub.add_parser(
+        "top", parents=[common], help="a cluster's hot keys, hot slots and busiest nodes",
+        description="Ask every node of the cluster at once: its hot keys (UMCTL HOTKEYS: "
+                    "estimates from a sample of the commands it served; needs the mesh "
+                    "secret), its busiest slots by CPU time (CLUSTER SLOT-STATS, which also "
+                    "counts its Redis's keys with a SCAN), and its commands per second over "
+                    "--interval. A key or slot read on replicas counts their work too.")
+    top.add_argument("name")
+    top.add_argument("--count", type=int, default=top_mod.DEFAULT_COUNT, metavar="N",
+                     help=f"rows per table (default {top_mod.DEFAULT_COUNT}, at most "
+                          f"{top_mod.MAX_COUNT})")
+    top.add_argument("--interval", type=float, default=top_mod.DEFAULT_INTERVAL, metavar="SEC",
+                     help=f"seconds the ops/s are measured over (default "
+                          f"{top_mod.DEFAULT_INTERVAL:g})")
+    top.add_argument("--timeout", type=float, default=top_mod.DEFAULT_TIMEOUT,
+                     help=f"seconds for what one proxy is asked (default "
+                          f"{top_mod.DEFAULT_TIMEOUT:g})")
+    passwords.add_options(top, "the cluster's password, for CLUSTER SLOT-STATS without the mesh "
+                               "secret")
+    top.set_defaults(func=cmd_top)
 
     completion = sub.add_parser(
         "completion", help="print a shell completion script (bash or zsh)",
@@ -875,6 +897,43 @@ async def cmd_slowlog(store: EtcdStore, args: argparse.Namespace) -> int:
         for nid, why in sorted(failed.items()):
             print(f"umctl-mesh: could not read the slowlog of {nid}: {why}", file=sys.stderr)
     return EXIT_FAILED if failed and not entries else 0
+
+
+async def cmd_top(store: EtcdStore, args: argparse.Namespace) -> int:
+    if not 1 <= args.count <= top_mod.MAX_COUNT or not 0 < args.interval <= 60 \
+            or args.timeout <= 0:
+        raise ops.UsageError(f"--count must be 1 to {top_mod.MAX_COUNT}, --interval above 0 "
+                             "and at most 60, --timeout above 0")
+    password = passwords.read(args)
+    credentials = check_mod.Credentials(args.mesh_secret, password.value if password else None)
+    report = await top_mod.top(store, args.name, credentials, args.count, args.interval,
+                               args.timeout)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"cluster {report['cluster']}  epoch {report['epoch']}")
+    print("\nhot keys (estimated ops since each proxy started)")
+    if report["hot_keys"]:
+        table(["KEY", "OPS", "SHARD", "NODES"],
+              [[k["key"], k["ops"], k["shard"] or "-", " ".join(k["nodes"])]
+               for k in report["hot_keys"]])
+    else:
+        print("  none sampled yet" if args.mesh_secret else "  (needs the mesh secret)")
+    print("\nhot slots (by CPU time in the proxies)")
+    if report["hot_slots"]:
+        table(["SLOT", "SHARD", "CPU-USEC", "BYTES-IN", "BYTES-OUT", "KEYS"],
+              [[s["slot"], s["shard"] or "-", s["cpu-usec"], s["network-bytes-in"],
+                s["network-bytes-out"], s["key-count"]] for s in report["hot_slots"]])
+    else:
+        print("  none")
+    print(f"\nnodes (commands per second over {args.interval:g} s)")
+    table(["NODE", "SHARD", "ROLE", "OPS/S"],
+          [[n["node"], n["shard"] or "-", n["role"],
+            "-" if n["ops_per_sec"] is None else n["ops_per_sec"]] for n in report["nodes"]])
+    for node, problems in sorted(report["problems"].items()):
+        for problem in problems:
+            print(f"umctl-mesh: {node}: {problem}", file=sys.stderr)
+    return 0
 
 
 def etcd_endpoint(flag: str | None) -> tuple[str, str]:
