@@ -11,8 +11,8 @@ import hiredis
 import pytest
 import redis
 import yaml
-from redis.exceptions import MovedError
 from prometheus_client.parser import text_string_to_metric_families
+from redis.exceptions import MovedError
 
 from core import secret
 from core.slots import key_slot
