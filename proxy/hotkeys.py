@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 DEFAULT_CAPACITY = 128  # keys tracked per node; `top(n)` is exact for keys well above 1/128
 MAX_KEY_BYTES = 256  # a longer key is tracked by its first bytes (memory stays bounded)
+HEAP_SLACK = 4  # the eviction heap is rebuilt when it holds this many entries per key tracked
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,10 @@ class SpaceSaving:
         self.counts: dict[bytes, int] = {}
         self.errors: dict[bytes, int] = {}
         self.total = 0  # weight offered so far
+        # (count, key) for finding the smallest in O(log n): entries whose count is no
+        # longer the key's are skipped when they surface, and the heap is rebuilt from
+        # `counts` when stale ones make it HEAP_SLACK times the table
+        self.heap: list[tuple[int, bytes]] = []
 
     def offer(self, key: bytes, weight: int = 1) -> None:
         if len(key) > MAX_KEY_BYTES:
@@ -40,16 +45,29 @@ class SpaceSaving:
         counts = self.counts
         count = counts.get(key)
         if count is not None:
-            counts[key] = count + weight
+            count += weight
         elif len(counts) < self.capacity:
-            counts[key] = weight
+            count = weight
             self.errors[key] = 0
-        else:  # evict the smallest: O(capacity), on a sampled command only
-            victim = min(counts, key=counts.__getitem__)
-            floor = counts.pop(victim)
-            del self.errors[victim]
-            counts[key] = floor + weight
+        else:  # the smallest makes room, and the newcomer inherits its count as its error
+            floor = self._pop_smallest()
+            count = floor + weight
             self.errors[key] = floor
+        counts[key] = count
+        heap = self.heap
+        heapq.heappush(heap, (count, key))
+        if len(heap) > HEAP_SLACK * self.capacity:
+            self.heap = [(c, k) for k, c in counts.items()]
+            heapq.heapify(self.heap)
+
+    def _pop_smallest(self) -> int:
+        heap, counts = self.heap, self.counts
+        while True:
+            count, key = heapq.heappop(heap)
+            if counts.get(key) == count:
+                del counts[key]
+                del self.errors[key]
+                return count
 
     def top(self, n: int) -> list[HotKey]:
         """The `n` keys with the highest estimates, highest first (ties: by key)."""
@@ -61,4 +79,5 @@ class SpaceSaving:
     def clear(self) -> None:
         self.counts.clear()
         self.errors.clear()
+        self.heap.clear()
         self.total = 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
-from operator import itemgetter
 from time import perf_counter
 
 import structlog
@@ -40,7 +39,7 @@ from .peers import peer_connection
 from .replies import MAX_CLIENT_OUTPUT_BYTES, SyncedWrite, newest_unanswered, take_ready
 from .resp import RequestError, RequestParser, encode, encode_command, error
 from .routing import RoutingTable
-from .stats import MAX_COMMAND_NAMES, Sample, count_into
+from .stats import Sample
 
 log = structlog.get_logger("proxy.session")
 
@@ -64,7 +63,6 @@ BULK_BATCH_BYTES = 16 * 1024
 
 
 _session_ids = itertools.count(1)
-_first = itemgetter(0)
 
 
 class Session(asyncio.Protocol):
@@ -159,17 +157,26 @@ class Session(asyncio.Protocol):
             bad = None
         except RequestError as exc:
             batch, bad = exc.commands, exc
-        # statistics (proxy/stats.py): names counted in C, everything else sampled
-        stats = self.stats
+        # statistics (proxy/stats.py): names counted per read, everything else sampled
         n = len(batch)
-        count_into(stats.commands, map(_first, batch))
-        if len(stats.commands) > MAX_COMMAND_NAMES:
-            stats.fold()
         timed = None
-        if n >= stats.countdown:
-            timed = self._sample(batch)
-        else:
-            stats.countdown -= n
+        if n:
+            stats = self.stats
+            counts = stats.commands
+            name = batch[0][0]
+            if n == 1 or batch[-1][0] == name:  # one kind of command (see proxy/stats.py)
+                known = counts.get(name)
+                if known is None:
+                    stats.count_new(name, n)
+                else:
+                    counts[name] = known + n
+            else:
+                stats.count_each(batch)
+            countdown = stats.countdown - n
+            if countdown > 0:
+                stats.countdown = countdown
+            else:
+                timed = self._sample(batch)
         if bad is None and parser.whole and batch and n <= MAX_PLAIN_PER_TURN \
                 and self.backlog is None and self._forward_plain(batch, data):
             self.ctx.commands_processed += n
@@ -184,10 +191,10 @@ class Session(asyncio.Protocol):
         """This read holds a sampled command: the hot keys and bytes in take it; it is timed
         too when this client waits for no earlier reply (so what is written back until its
         last reply is its own)."""
-        names, slots = self.stats.sample(batch)
+        name, slot, weight = self.stats.sample(batch)
         if self.replies or self.sample is not None or self.backlog is not None:
             return None
-        self.sample = Sample(perf_counter(), names, slots, len(batch))
+        self.sample = Sample(perf_counter(), name, slot, weight, len(batch))
         return self.sample
 
     def _handled(self, sample: Sample) -> None:

@@ -2,17 +2,22 @@
 read at scrape time (node/metrics.py turns them into Prometheus metric families; UMCTL HOTKEYS
 and CLUSTER SLOT-STATS read them too).
 
-What the hot path pays per read of commands (proxy/session.py): one C-level count of the
-batch's command names into a dict, one countdown. Everything else is sampled:
+What the hot path pays per read of commands (proxy/session.py): one dict update for the
+read's command names (a read whose first and last commands share a name is counted under
+it: every command of a pipeline of one kind, exactly; a read that starts and ends with the
+same command and mixes others in between is counted under that name too), a C-level count of
+each name otherwise, and one countdown. Everything else is sampled:
 
-- every SAMPLE_EVERY-th command (counted across all clients) is a *sample*: its key goes to
-  the hot-key table (proxy/hotkeys.py) and its request bytes to its slot's
-  `network-bytes-in`, each with weight SAMPLE_EVERY, so the counts estimate the totals;
-- a read holding a sample, made while its client waited for no other reply, is also *timed*:
-  from the read to its last reply written (the latency histogram, observed once per sampled
-  command, under its name), the proxy's time handling the read (`cpu-usec`) and the bytes
-  written back (`network-bytes-out`), both divided evenly among the read's commands and
-  weighted like the rest.
+- one command in SAMPLE_EVERY on average (counted across all clients, at random gaps) is a
+  sample point; a read holding any gives one *sample*, its first such command, weighted by
+  the points the read holds (SAMPLE_EVERY each): its key goes to the hot-key table
+  (proxy/hotkeys.py) and its request bytes to its slot's `network-bytes-in`, so the counts
+  estimate the totals;
+- a sampled read made while its client waited for no other reply is also *timed*: from the
+  read to its last reply written (the latency histogram, under the sampled command's name),
+  the proxy's time handling the read (`cpu-usec`) and the bytes written back
+  (`network-bytes-out`), both divided evenly among the read's commands and weighted like
+  the rest.
 
 Bounds: command names are folded to the Redis command table's names (anything else is
 `other`) once more than MAX_COMMAND_NAMES distinct spellings were seen; error kinds are
@@ -21,17 +26,29 @@ capped at MAX_ERROR_KINDS; per-slot counters are three lists of 16384 numbers.
 from __future__ import annotations
 
 import collections
+import random
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from operator import itemgetter
 
 from core.slots import SLOT_COUNT, key_slot
 
 from .commands import COMMANDS
 from .hotkeys import SpaceSaving
+from .resp import encode_command
 
-SAMPLE_EVERY = 16  # one command in this many is sampled (hot keys, slot statistics, latency)
+# one command in this many, on average, is a sample point (hot keys, slot statistics,
+# latency); at most one sample per read, weighted by the points the read holds. A sample
+# costs about 3-4 fast-path commands, so this keeps it near 1-2% (docs/architecture.md,
+# "Metrics"). The gaps between points are random (uniform, 1 to 2*SAMPLE_EVERY-1): a fixed
+# stride would see one key only of a client cycling through a multiple of it.
+SAMPLE_EVERY = 256
+
+
+def next_gap(random: Callable[[], float] = random.random) -> int:
+    return 1 + int(random() * (2 * SAMPLE_EVERY - 1))
 MAX_COMMAND_NAMES = 512  # distinct raw command names kept before folding to known ones
 MAX_ERROR_KINDS = 64  # distinct error kinds (the first word of an error reply) kept
 OTHER = "other"
@@ -42,6 +59,9 @@ REDIRECT_KINDS = frozenset({"MOVED", "ASK", "TRYAGAIN"})
 
 # the C helper Counter.update uses: counts an iterable into a dict in one call
 count_into: Callable[[dict, Iterable], None] = collections._count_elements  # type: ignore[attr-defined]
+
+
+_first = itemgetter(0)
 
 
 def command_name(raw: bytes) -> str:
@@ -72,19 +92,31 @@ def error_kind(reply: bytes) -> str:
 
 def request_bytes(argv: list[bytes]) -> int:
     """The size of `argv` as a RESP request on the wire."""
-    size = 3 + len(str(len(argv)))
-    for arg in argv:
-        n = len(arg)
-        size += n + 5 + len(str(n))
-    return size
+    return len(encode_command(argv))
+
+
+# raw argv[0] -> (the name it is counted under, its first key's index or 0), for samples;
+# cleared when it holds this many spellings
+MAX_SPELLINGS = 1024
+_spellings: dict[bytes, tuple[str, int]] = {}
+
+
+def name_and_key(argv: list[bytes]) -> tuple[str, bytes | None]:
+    """The command's name (as `command_name`) and first key by the command table's legacy
+    key position, or None."""
+    known = _spellings.get(argv[0])
+    if known is None:
+        spec = COMMANDS.get(argv[0].upper())
+        known = (spec.name.decode(), spec.first_key) if spec is not None else (OTHER, 0)
+        if len(_spellings) >= MAX_SPELLINGS:
+            _spellings.clear()
+        _spellings[argv[0]] = known
+    name, at = known
+    return name, argv[at] if 0 < at < len(argv) else None
 
 
 def key_of(argv: list[bytes]) -> bytes | None:
-    """The command's first key by the command table's legacy key position, or None."""
-    spec = COMMANDS.get(argv[0].upper())
-    if spec is None or spec.first_key <= 0 or spec.first_key >= len(argv):
-        return None
-    return argv[spec.first_key]
+    return name_and_key(argv)[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,23 +129,24 @@ class LatencySnapshot:
 class Sample:
     """A timed read in flight (proxy/session.py): what to charge when its last reply is out."""
 
-    __slots__ = ("t0", "cpu", "wrote", "last", "names", "slots", "commands")
+    __slots__ = ("t0", "cpu", "wrote", "last", "name", "slot", "weight", "commands")
 
-    def __init__(self, t0: float, names: list[str], slots: list[int], commands: int) -> None:
+    def __init__(self, t0: float, name: str, slot: int, weight: int, commands: int) -> None:
         self.t0 = t0
         self.cpu = 0.0  # seconds the proxy spent handling the read
         self.wrote = 0  # bytes written to the client since the read
         self.last: object = None  # the read's last reply slot (a Pending), once handled
-        self.names = names
-        self.slots = slots
-        self.commands = commands
+        self.name = name  # the sampled command's
+        self.slot = slot  # ... and its key's slot (-1: keyless)
+        self.weight = weight  # the commands it stands for
+        self.commands = commands  # in the read
 
 
 class ProxyStats:
     def __init__(self) -> None:
         self.commands: dict[bytes, int] = {}  # raw argv[0] -> commands read
         self.errors: dict[str, int] = {}  # kind -> error replies the proxy made itself
-        self.countdown = SAMPLE_EVERY  # commands until the next sample (1..SAMPLE_EVERY)
+        self.countdown = next_gap()  # commands until the next sample point (1 or more)
         self.hotkeys = SpaceSaving()
         self.slot_cpu_usec = [0.0] * SLOT_COUNT
         self.slot_bytes_in = [0] * SLOT_COUNT
@@ -123,8 +156,17 @@ class ProxyStats:
         self.clients_accepted = 0
 
     # -- the hot path's helpers, called off its common case ---------------------------------
-    def fold(self) -> None:
-        self.commands = fold_commands(self.commands)
+    def count_new(self, name: bytes, n: int) -> None:
+        """A name (spelling) not counted yet."""
+        self.commands[name] = n
+        if len(self.commands) > MAX_COMMAND_NAMES:
+            self.commands = fold_commands(self.commands)
+
+    def count_each(self, batch: list[list[bytes]]) -> None:
+        """A read of several kinds of command: each name counted (in C)."""
+        count_into(self.commands, map(_first, batch))
+        if len(self.commands) > MAX_COMMAND_NAMES:
+            self.commands = fold_commands(self.commands)
 
     def count_error(self, reply: bytes) -> None:
         kind = error_kind(reply)
@@ -133,46 +175,41 @@ class ProxyStats:
             kind = OTHER
         errors[kind] = errors.get(kind, 0) + 1
 
-    def sample(self, batch: list[list[bytes]]) -> tuple[list[str], list[int]]:
-        """The batch crossed the countdown: take its sampled commands (hot keys, bytes in),
-        set the countdown for the next, and return their names and slots (-1: keyless)."""
+    def sample(self, batch: list[list[bytes]]) -> tuple[str, int, int]:
+        """The read reached the countdown: take one of its commands, the one at the first
+        sample point, for hot keys and bytes in, weighted by the sample points the read
+        holds (SAMPLE_EVERY each); draw the points after it. Its name, slot (-1: keyless)
+        and weight."""
         n = len(batch)
-        first = self.countdown - 1
-        names: list[str] = []
-        slots: list[int] = []
-        last = first
-        for i in range(first, n, SAMPLE_EVERY):
-            last = i
-            argv = batch[i]
-            names.append(command_name(argv[0]))
-            key = key_of(argv)
-            if key is None:
-                slots.append(-1)
-                continue
-            self.hotkeys.offer(key, SAMPLE_EVERY)
+        first = at = self.countdown - 1
+        points = 0
+        while at < n:
+            points += 1
+            at += next_gap()
+        self.countdown = at - n + 1
+        weight = points * SAMPLE_EVERY
+        argv = batch[first]
+        name, key = name_and_key(argv)
+        slot = -1
+        if key is not None:
+            self.hotkeys.offer(key, weight)
             slot = key_slot(key)
-            slots.append(slot)
-            self.slot_bytes_in[slot] += request_bytes(argv) * SAMPLE_EVERY
-        self.countdown = last + SAMPLE_EVERY - n + 1
-        return names, slots
+            self.slot_bytes_in[slot] += len(encode_command(argv)) * weight
+        return name, slot, weight
 
     def finish(self, sample: Sample, elapsed: float) -> None:
-        """A timed read's last reply is out: charge its slots and record its latency."""
-        share = SAMPLE_EVERY / max(sample.commands, 1)
-        cpu = sample.cpu * 1e6 * share
-        out = sample.wrote * share
-        for slot in sample.slots:
-            if slot >= 0:
-                self.slot_cpu_usec[slot] += cpu
-                self.slot_bytes_out[slot] += out
-        at = bisect_left(LATENCY_BUCKETS, elapsed)
-        for name in sample.names:
-            counts = self.latency.get(name)
-            if counts is None:  # names are the command table's (bounded) or `other`
-                counts = self.latency[name] = [0] * (len(LATENCY_BUCKETS) + 1)
-                self.latency_sum[name] = 0.0
-            counts[at] += 1
-            self.latency_sum[name] += elapsed
+        """A timed read's last reply is out: charge the sampled command's slot its share of
+        the read's cost, and record its latency."""
+        if sample.slot >= 0:
+            share = sample.weight / sample.commands
+            self.slot_cpu_usec[sample.slot] += sample.cpu * 1e6 * share
+            self.slot_bytes_out[sample.slot] += sample.wrote * share
+        counts = self.latency.get(sample.name)
+        if counts is None:  # names are the command table's (bounded) or `other`
+            counts = self.latency[sample.name] = [0] * (len(LATENCY_BUCKETS) + 1)
+            self.latency_sum[sample.name] = 0.0
+        counts[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
+        self.latency_sum[sample.name] += elapsed
 
     # -- readers (scrape time) ---------------------------------------------------------------
     def command_counts(self) -> dict[str, int]:

@@ -1,10 +1,14 @@
 """proxy/stats.py: the data path's counters, their bounds and the sample's weights."""
 from __future__ import annotations
 
+import random
+from unittest.mock import patch
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import proxy.stats
 from core.slots import key_slot
 from proxy.resp import encode_command
 from proxy.stats import (
@@ -18,8 +22,15 @@ from proxy.stats import (
     error_kind,
     fold_commands,
     key_of,
+    next_gap,
     request_bytes,
 )
+
+
+@pytest.fixture
+def monkeypatch_gap(monkeypatch):
+    """Fixed gaps between sample points instead of random ones."""
+    return lambda gap: monkeypatch.setattr(proxy.stats, "next_gap", lambda: gap)
 
 
 @pytest.mark.parametrize(("reply", "kind"), [
@@ -71,39 +82,78 @@ def test_key_of(argv, key):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.integers(1, 300), min_size=1, max_size=40))
-def test_exactly_one_command_in_sample_every_is_sampled(reads):
-    """Whatever the reads' sizes, the countdown samples the commands at global positions
-    SAMPLE_EVERY-1, 2*SAMPLE_EVERY-1, ... and stays in 1..SAMPLE_EVERY."""
+@given(st.lists(st.integers(1, 600), min_size=1, max_size=40), st.integers(1, 2 * SAMPLE_EVERY))
+def test_samples_stand_for_every_command_exactly(reads, gap):
+    """With gaps of `gap` commands between sample points: a read gives at most one sample,
+    weighted by the points it holds, so the weights add up to the points passed."""
+    with patch.object(proxy.stats, "next_gap", lambda: gap):
+        check_weights(reads, gap)
+
+
+def check_weights(reads: list[int], gap: int) -> None:
     stats = ProxyStats()
-    sampled = total = 0
+    stats.countdown = gap
+    weights = total = 0
     for n in reads:
         batch = [[b"GET", b"k%d" % (total + i)] for i in range(n)]
         if n >= stats.countdown:
-            names, slots = stats.sample(batch)
-            sampled += len(names)
+            name, slot, weight = stats.sample(batch)
+            assert name == "GET" and weight % SAMPLE_EVERY == 0 and weight
+            weights += weight
         else:
             stats.countdown -= n
         total += n
-        assert 1 <= stats.countdown <= SAMPLE_EVERY
-    assert sampled == total // SAMPLE_EVERY
-    # each sampled key carries SAMPLE_EVERY operations
-    assert stats.hotkeys.total == sampled * SAMPLE_EVERY
+        assert 1 <= stats.countdown <= gap
+    assert weights == total // gap * SAMPLE_EVERY
+    assert stats.hotkeys.total == weights
+
+
+def test_random_gaps_average_sample_every():
+    random.seed(7)
+    gaps = [next_gap() for _ in range(20_000)]
+    assert min(gaps) >= 1 and max(gaps) <= 2 * SAMPLE_EVERY - 1
+    assert abs(sum(gaps) / len(gaps) - SAMPLE_EVERY) < SAMPLE_EVERY * 0.03
+
+
+def test_weights_estimate_the_commands_read():
+    random.seed(11)
+    stats = ProxyStats()
+    total = 0
+    for n in [1] * 20_000 + [16] * 3_000 + [256] * 300:
+        batch = [[b"GET", b"k"]] * n
+        if n >= stats.countdown:
+            stats.sample(batch)
+        else:
+            stats.countdown -= n
+        total += n
+    assert abs(stats.hotkeys.total - total) < total * 0.1
+
+
+def test_a_read_gives_its_first_sample_point(monkeypatch_gap):
+    monkeypatch_gap(SAMPLE_EVERY)
+    stats = ProxyStats()
+    stats.countdown = 3
+    batch = [[b"GET", b"k%d" % i] for i in range(2 * SAMPLE_EVERY + 5)]
+    name, slot, weight = stats.sample(batch)
+    assert (name, slot, weight) == ("GET", key_slot(b"k2"), 3 * SAMPLE_EVERY)
+    assert stats.hotkeys.top(1)[0].key == b"k2"
+    # points at 2, 2+S, 2+2S; the next is 2+3S, i.e. S-2 commands into the next read
+    assert stats.countdown == 2 + 3 * SAMPLE_EVERY - len(batch) + 1
 
 
 def test_sampled_commands_charge_their_slot():
     stats = ProxyStats()
     stats.countdown = 1
-    names, slots = stats.sample([[b"SET", b"k", b"v"]])
-    assert names == ["SET"] and slots == [key_slot(b"k")]
-    assert stats.slot_bytes_in[key_slot(b"k")] == len(encode_command([b"SET", b"k", b"v"])) \
-        * SAMPLE_EVERY
-    sample = Sample(0.0, names, slots, commands=2)
+    name, slot, weight = stats.sample([[b"SET", b"k", b"v"]])
+    weight = SAMPLE_EVERY  # one point in a read of one command
+    assert (name, slot, weight) == ("SET", key_slot(b"k"), SAMPLE_EVERY)
+    assert stats.slot_bytes_in[slot] == len(encode_command([b"SET", b"k", b"v"])) * SAMPLE_EVERY
+    sample = Sample(0.0, name, slot, weight, commands=2)
     sample.cpu, sample.wrote = 0.000010, 10
     stats.finish(sample, 0.0003)
     # the read's cost is split between its 2 commands, then weighted like the sample
-    assert stats.slot_cpu_usec[key_slot(b"k")] == pytest.approx(10 / 2 * SAMPLE_EVERY)
-    assert stats.slot_bytes_out[key_slot(b"k")] == 10 / 2 * SAMPLE_EVERY
+    assert stats.slot_cpu_usec[slot] == pytest.approx(10 / 2 * SAMPLE_EVERY)
+    assert stats.slot_bytes_out[slot] == 10 / 2 * SAMPLE_EVERY
     snap = stats.latency_snapshot()["SET"]
     assert snap.count == 1 and snap.total == 0.0003
     assert snap.buckets[LATENCY_BUCKETS.index(0.00025)] == 0
@@ -113,5 +163,7 @@ def test_sampled_commands_charge_their_slot():
 def test_keyless_sampled_commands_charge_no_slot():
     stats = ProxyStats()
     stats.countdown = 1
-    names, slots = stats.sample([[b"PING"]])
-    assert names == ["PING"] and slots == [-1] and stats.hotkeys.total == 0
+    assert stats.sample([[b"PING"]]) == ("PING", -1, SAMPLE_EVERY)  # one point, one command
+    assert stats.hotkeys.total == 0
+    stats.finish(Sample(0.0, "PING", -1, SAMPLE_EVERY, 1), 0.001)
+    assert sum(stats.slot_cpu_usec) == 0 and stats.latency_snapshot()["PING"].count == 1
