@@ -294,3 +294,35 @@ def test_a_standalone_proxy_serves_metrics_without_the_mesh(spawn):
     got = scrape(port)
     assert ("moonmesh_role", (("role", "master"),)) not in got  # no agent, no role
     assert ("moonmesh_lease_seconds_left", ()) not in got  # no lease either
+
+
+def test_a_replica_reports_its_role_shard_and_lag(mesh):
+    added = mesh.add_nodes(2)
+    mesh.wait_pool(2)
+    shown = mesh.umctl("--json", "cluster", "create", "rep", "--shards", "1", "--replicas", "1")
+    assert shown["not_applied"] == []
+    nodes = mesh.umctl("--json", "cluster", "show", "rep")["shards"][0]["nodes"]
+    master = next(n["node"] for n in nodes if n["role"] == "master")
+    replica = next(n["node"] for n in nodes if n["role"] == "replica")
+    assert {master, replica} == set(added)
+    client = redis.Redis(port=mesh.proxies[master].port, socket_timeout=10)
+    pipe = client.pipeline(transaction=False)
+    for i in range(2000):
+        pipe.set(f"r:{i}", "x" * 100)
+    pipe.execute()
+
+    def offsets():
+        m, r = scrape(mesh.metrics_ports[master]), scrape(mesh.metrics_ports[replica])
+        done = r[("moonmesh_role", (("role", "replica"),))] == 1 \
+            and r[("moonmesh_replication_offset_bytes", ())] > 200_000 \
+            and r[("moonmesh_replication_offset_bytes", ())] \
+            == m[("moonmesh_replication_offset_bytes", ())]
+        return (m, r) if done else None
+    m, r = wait_for(offsets, 20, "the replica's status to catch up with its master's")
+    assert m[("moonmesh_role", (("role", "master"),))] == 1
+    assert r[("moonmesh_role", (("role", "master"),))] == 0
+    assert m[("moonmesh_replication_lag_bytes", ())] == 0
+    assert r[("moonmesh_replication_lag_bytes", ())] == 0  # caught up: the offsets agree
+    body = http(mesh.metrics_ports[replica], b"GET /metrics HTTP/1.0\r\n\r\n").decode()
+    assert f'moonmesh_view_epoch{{cluster="rep",node="{replica}",shard="s1"}}' in body
+    client.close()

@@ -13,6 +13,7 @@ from core.slots import key_slot
 from proxy.resp import encode_command
 from proxy.stats import (
     LATENCY_BUCKETS,
+    MAX_COMMAND_NAMES,
     MAX_ERROR_KINDS,
     SAMPLE_EVERY,
     ProxyStats,
@@ -167,3 +168,13 @@ def test_keyless_sampled_commands_charge_no_slot():
     assert stats.hotkeys.total == 0
     stats.finish(Sample(0.0, "PING", -1, SAMPLE_EVERY, 1), 0.001)
     assert sum(stats.slot_cpu_usec) == 0 and stats.latency_snapshot()["PING"].count == 1
+
+
+def test_made_up_names_from_a_hostile_client_stay_bounded():
+    stats = ProxyStats()
+    for i in range(5 * MAX_COMMAND_NAMES):
+        stats.count_new(b"x%d" % i, 1)
+        stats.count_each([[b"GET", b"k"], [b"y%d" % i, b"k"]])
+    assert len(stats.commands) <= MAX_COMMAND_NAMES + 1
+    assert stats.command_counts() == {"GET": 5 * MAX_COMMAND_NAMES,
+                                      "other": 10 * MAX_COMMAND_NAMES}
