@@ -198,6 +198,9 @@ class Session(asyncio.Protocol):
         return self.sample
 
     def _handled(self, sample: Sample) -> None:
+        if self.backlog is not None:  # the read runs over several turns: not timed
+            self.sample = None
+            return
         sample.cpu = perf_counter() - sample.t0
         sample.last = self.replies[-1] if self.replies else True
         self._sample_done()

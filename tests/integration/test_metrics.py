@@ -123,10 +123,16 @@ def test_counts_move_by_what_clients_did(mesh):
                                   != key_slot(keys[0].encode())))
     with pytest.raises(redis.ResponseError, match="unknown command"):
         client.execute_command("NOSUCHCOMMAND")
+    pipe = client.pipeline(transaction=False)  # one read of mixed commands: each counted
+    counter = owned_keys(client, "cnt", 1)[0]
+    pipe.set(keys[0], "w").get(keys[0]).incr(counter).delete(counter)
+    assert pipe.execute() == [True, b"w", 1, 1]
     after = scrape(metrics)
 
-    assert delta(after, before, "moonmesh_commands_total", command="SET") == 3000
-    assert delta(after, before, "moonmesh_commands_total", command="GET") == 101
+    assert delta(after, before, "moonmesh_commands_total", command="SET") == 3001
+    assert delta(after, before, "moonmesh_commands_total", command="GET") == 102
+    assert delta(after, before, "moonmesh_commands_total", command="INCRBY") == 1  # redis-py's incr
+    assert delta(after, before, "moonmesh_commands_total", command="DEL") == 1
     assert delta(after, before, "moonmesh_commands_total", command="MGET") == 1
     assert delta(after, before, "moonmesh_commands_total", command="other") == 1
     assert delta(after, before, "moonmesh_redirects_total", kind="MOVED") == 1
