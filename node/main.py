@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="KEYS/S",
                       help="how many keys per second this node moves when its slots migrate "
                            f"(default {DEFAULT_KEYS_PER_SECOND}; 0: no limit)")
+    parser.add_argument("--metrics", type=parse_address, metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                             "(default: off)")
     parser.add_argument("--log-level", choices=logs.LEVELS, default="info")
     parser.add_argument("--log-json", action="store_true", help="log JSON lines instead of text")
     return parser
@@ -87,6 +90,12 @@ async def serve(args: argparse.Namespace, key: bytes | None) -> None:
     async with anyio.create_task_group() as tg:
         await tg.start(server.run)
         agent = await start_agent(tg, server, args, key) if args.etcd else None
+        if args.metrics:
+            from node.metrics import Collector, MetricsServer, registry_for
+
+            node_id = agent.config.node_id if agent is not None else ""
+            registry = registry_for(Collector(server, agent, node_id))
+            await tg.start(MetricsServer(args.metrics, registry).run)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 structlog.get_logger("proxy").info("proxy_stopping", signal=signum.name)

@@ -97,6 +97,7 @@ class BackendConnection(asyncio.Protocol):
         self._buf = bytearray()
         self._scanner = ReplyScanner()
         self.lost = anyio.Event()
+        self.connects = 0  # links made (more than one: it reconnected)
 
     # -- used by sessions, synchronously --------------------------------------------------
     def queue(self, command: bytes, pending: Pending, sink: ReplySink | None,
@@ -159,6 +160,7 @@ class BackendConnection(asyncio.Protocol):
         if self.closed:  # its owner gave up on it while it was connecting
             transport.close()
             return
+        self.connects += 1
         self.transport = transport  # type: ignore[assignment]  # asyncio passes a BaseTransport; a stream's is a Transport
         handshake = [encode_command(argv) for argv in self.handshake]
         if self.resp3 or self.password:
@@ -372,6 +374,10 @@ class BackendPool:
     def dedicated(self, resp3: bool, handshake: tuple[list[bytes], ...] = ()) -> BackendConnection:
         return BackendConnection(self.host, self.port, resp3, self.password,
                                  self.data_user + handshake)
+
+    def connections(self) -> list[BackendConnection]:
+        """Every pooled connection (shared, bulk and synced; not clients' own)."""
+        return [c for conns in [*self.shared.values(), *self.synced.values()] for c in conns]
 
     @property
     def healthy(self) -> bool:

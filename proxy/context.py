@@ -12,6 +12,7 @@ from .control import ControlPort
 from .migration import Migrations
 from .peers import PeerPool
 from .routing import RoutingTable
+from .stats import ProxyStats
 
 
 class ProxyContext:
@@ -25,6 +26,7 @@ class ProxyContext:
         self.migrations = migrations  # the gates of running migrations
         self.sessions: set[Any] = set()  # the client sessions connected now
         self.commands_processed = 0
+        self.stats = ProxyStats()  # counters and samples for metrics, HOTKEYS, SLOT-STATS
         self.dedicated_open = 0  # connections of clients' own (proxy/dedicated.py)
         self.slot_scans = 0  # CLUSTER COUNTKEYSINSLOT/GETKEYSINSLOT running (proxy/local.py)
         self.started_at = time.time()

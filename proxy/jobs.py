@@ -12,7 +12,7 @@ import anyio
 import hiredis
 import structlog
 
-from core.slots import key_slot
+from core.slots import SLOT_COUNT, key_slot
 
 from .backend import BACKEND_DOWN, BackendConnection, BackendPool, request
 from .resp import OK, Err, error
@@ -83,6 +83,35 @@ async def keys_in_slot(pool: BackendPool, slot: int, count: int | None) -> list[
                 keys.extend(k for k in batch if key_slot(k) == slot)
                 if cursor == b"0" or (count is not None and len(keys) >= count):
                     return keys
+    except (OSError, TimeoutError) as exc:
+        return Err(f"CLUSTERDOWN cannot scan the backend: {exc}")
+    finally:
+        conn.close()
+
+
+async def slot_key_counts(pool: BackendPool, slots: frozenset[int]) -> list[int] | Err:
+    """CLUSTER SLOT-STATS's key-count: one SCAN of the whole backend, each key hashed, the
+    keys of `slots` counted (16384 entries; other slots 0)."""
+    conn = pool.dedicated(False)
+    counts = [0] * SLOT_COUNT
+    try:
+        with anyio.fail_after(SLOT_SCAN_TIMEOUT):
+            await conn.connect()
+            cursor = b"0"
+            while True:
+                raw = await request(conn, [b"SCAN", cursor, b"COUNT", b"%d" % SLOT_SCAN_BATCH])
+                reader = hiredis.Reader()
+                reader.feed(raw)
+                reply = reader.gets()
+                if not isinstance(reply, list):
+                    return Err(f"ERR backend: {reply}")
+                cursor = reply[0]
+                for key in reply[1]:
+                    slot = key_slot(key)
+                    if slot in slots:
+                        counts[slot] += 1
+                if cursor == b"0":
+                    return counts
     except (OSError, TimeoutError) as exc:
         return Err(f"CLUSTERDOWN cannot scan the backend: {exc}")
     finally:

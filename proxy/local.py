@@ -18,14 +18,15 @@ from core import __version__, secret
 from core.address import Address
 from core.slots import SLOT_COUNT, key_slot
 
-from . import broadcast, clusterinfo, commands, jobs, policy
+from . import broadcast, clusterinfo, commands, jobs, policy, slotstats
 from .admission import NOAUTH
 from .backend import BackendConnection, Pending
 from .context import ProxyContext
 from .control import Applied
+from .hotkeys import DEFAULT_CAPACITY as MAX_HOTKEYS
 from .replies import MAX_CLIENT_OUTPUT_BYTES, Rewrite
 from .resp import OK, PONG, Err, bulk, encode, error, integer
-from .routing import format_ranges, hash_password, table_from_meta
+from .routing import RoutingTable, format_ranges, hash_password, table_from_meta
 from .umctl import ClusterMeta, UmctlError, parse_setcluster
 
 REDIS_COMPAT_VERSION = "7.0.0"
@@ -35,7 +36,8 @@ MAX_SLOT_SCANS = 2
 UMCTL_WITHOUT_AUTH = frozenset({b"READY", b"GETEPOCH", b"CHALLENGE", b"PROVE", b"TENANT"})
 # ... and these change the node or are peers' calls: they need the admin secret proven
 # (UMCTL CHALLENGE/PROVE)
-UMCTL_ADMIN = frozenset({b"SETCLUSTER", b"HANDOVER", b"PUBLISH"})
+UMCTL_ADMIN = frozenset({b"SETCLUSTER", b"HANDOVER", b"PUBLISH", b"HOTKEYS"})
+DEFAULT_HOTKEYS = 10  # UMCTL HOTKEYS without N (at most MAX_HOTKEYS: the keys tracked)
 NOT_ADMIN = error("NOPERM this command needs the admin secret: UMCTL CHALLENGE, then UMCTL "
                   "PROVE <hex HMAC-SHA256 of the challenge>")
 NO_SECRET = error("NOPERM this node has no mesh secret (--mesh-secret-file or MOONMESH_SECRET): "
@@ -416,6 +418,13 @@ def umctl(c: Client, argv: list[bytes]) -> None:
             c.reply(error("ERR UMCTL PUBLISH for another cluster than this node's"))
         else:  # on this node's Redis only: never sent on (no loops)
             c.forward([b"PUBLISH", argv[3], argv[4]])
+    elif sub == b"HOTKEYS":  # UMCTL HOTKEYS [N]: [[key, estimated ops], ...], most first
+        if len(argv) > 3 or (len(argv) == 3 and not (
+                argv[2].isdigit() and 1 <= int(argv[2]) <= MAX_HOTKEYS)):
+            c.reply(error(f"ERR usage: UMCTL HOTKEYS [N], N from 1 to {MAX_HOTKEYS}"))
+            return
+        n = int(argv[2]) if len(argv) == 3 else DEFAULT_HOTKEYS
+        c.reply_value([[hot.key, hot.count] for hot in ctx.stats.hotkeys.top(n)])
     elif sub == b"GETEPOCH":
         c.reply(integer(table.epoch))
     elif sub == b"READY":
@@ -427,7 +436,7 @@ def umctl(c: Client, argv: list[bytes]) -> None:
         c.reply_value([table.cluster] if table.configured else [])
     else:
         c.reply(error("ERR unknown UMCTL subcommand; try SETCLUSTER, GETEPOCH, INFO, "
-                      "READY or LISTCLUSTER"))
+                      "READY, LISTCLUSTER or HOTKEYS"))
 
 
 def publish(c: Client, argv: list[bytes]) -> None:
@@ -448,6 +457,49 @@ async def _keys_in_slot(c: Client, pending: Pending, slot: int, count: int | Non
     else:
         pending.data = encode(len(keys) if count is None else keys[:count], c.resp3)
     c.replies_arrived()
+
+
+def served_slots(table: RoutingTable) -> frozenset[int]:
+    """The slots of this node's shard (a replica: its master's), as CLUSTER SLOT-STATS lists."""
+    me = table.myself
+    if me is not None and me.master_id is not None:
+        me = next((n for n in table.nodes if n.node_id == me.master_id), None)
+    return frozenset(slotstats.served_slots(me.ranges)) if me is not None else frozenset()
+
+
+async def _slot_stats(c: Client, pending: Pending, request: slotstats.SlotsRange
+                      | slotstats.OrderBy, served: frozenset[int]) -> None:
+    try:
+        counts = await jobs.slot_key_counts(c.ctx.pool, served)
+    finally:
+        c.ctx.slot_scans -= 1
+    if isinstance(counts, Err):
+        pending.data = error(counts)
+    else:
+        stats = c.ctx.stats
+        numbers = slotstats.SlotNumbers(counts, stats.slot_cpu_usec, stats.slot_bytes_in,
+                                        stats.slot_bytes_out)
+        pending.data = encode(slotstats.rows(request, served, numbers), c.resp3)
+    c.replies_arrived()
+
+
+def slot_stats(c: Client, argv: list[bytes]) -> None:
+    """CLUSTER SLOT-STATS (proxy/slotstats.py). key-count takes a SCAN of the whole backend
+    (it keeps no per-slot index), so it shares COUNTKEYSINSLOT's limit of MAX_SLOT_SCANS."""
+    try:
+        request = slotstats.parse(argv)
+    except slotstats.SlotStatsError as exc:
+        c.reply(error(str(exc)))
+        return
+    served = served_slots(c.ctx.control.table)
+    if isinstance(request, slotstats.SlotsRange):
+        served = frozenset(s for s in served if request.start <= s <= request.end)
+    if c.ctx.slot_scans >= MAX_SLOT_SCANS:
+        c.reply(error(f"BUSY {MAX_SLOT_SCANS} scans of this node's keyspace are running "
+                      "(CLUSTER COUNTKEYSINSLOT/GETKEYSINSLOT/SLOT-STATS); try again later"))
+        return
+    c.ctx.slot_scans += 1
+    c.ctx.spawn(_slot_stats, c, c.reply_later(), request, served)
 
 
 def cluster(c: Client, argv: list[bytes]) -> None:
@@ -482,6 +534,8 @@ def cluster(c: Client, argv: list[bytes]) -> None:
         c.reply_value([line for line in lines if f" {master} " in line])
     elif sub == "HELP":
         c.reply_value([f"CLUSTER {s}" for s in sorted(policy.CLUSTER_LOCAL)])
+    elif sub == "SLOT-STATS":
+        slot_stats(c, argv)
     elif sub == "KEYSLOT":
         if len(argv) != 3:
             c.reply(error("ERR wrong number of arguments for 'cluster|keyslot' command"))

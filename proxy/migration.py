@@ -51,6 +51,7 @@ from .peers import peer_connection
 from .replies import SyncedWrite
 from .resp import encode_command
 from .routing import MigratingSlots, RoutingTable
+from .stats import ProxyStats
 
 FINISHED_KEPT = 60.0  # seconds a finished migration's last report stays in the status
 log = structlog.get_logger("proxy.migration")
@@ -67,6 +68,7 @@ class Client(Protocol):
     """The session a gated command came from: its protocol, and where to say it is done."""
 
     resp3: bool
+    stats: ProxyStats  # the gate's TRYAGAINs are counted there (proxy/stats.py)
 
     def replies_arrived(self) -> None: ...
 
@@ -223,6 +225,8 @@ class SlotGate:
 
     def _finish(self, req: _Request, reply: bytes) -> None:
         req.pending.data = reply
+        if reply is TRYAGAIN:
+            req.session.stats.count_error(reply)
         self._finished(req)
 
     def _unbusy(self, req: _Request) -> None:
@@ -238,6 +242,8 @@ class SlotGate:
 
     def _answer(self, req: _Request, reply: bytes) -> None:
         req.pending.data = reply
+        if reply is TRYAGAIN:
+            req.session.stats.count_error(reply)
         req.session.replies_arrived()
 
     # -- the mover's side --------------------------------------------------------------------

@@ -84,7 +84,7 @@ HIDDEN_CONFIG = frozenset({
 })
 
 CLUSTER_LOCAL = {"NODES", "SLOTS", "SHARDS", "INFO", "MYID", "KEYSLOT", "COUNTKEYSINSLOT",
-                 "GETKEYSINSLOT", "REPLICAS", "SLAVES", "LINKS", "HELP"}
+                 "GETKEYSINSLOT", "REPLICAS", "SLAVES", "LINKS", "HELP", "SLOT-STATS"}
 
 
 def kind_of(name: str) -> Kind:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
+from time import perf_counter
 
 import structlog
 
@@ -38,6 +39,7 @@ from .peers import peer_connection
 from .replies import MAX_CLIENT_OUTPUT_BYTES, SyncedWrite, newest_unanswered, take_ready
 from .resp import RequestError, RequestParser, encode, encode_command, error
 from .routing import RoutingTable
+from .stats import Sample
 
 log = structlog.get_logger("proxy.session")
 
@@ -114,12 +116,15 @@ class Session(asyncio.Protocol):
         self.backlog: list[list[bytes]] | None = None  # commands read but not run yet
         self.backlog_pos = 0
         self.backlog_error: RequestError | None = None  # to answer once the backlog has run
+        self.stats = ctx.stats  # the proxy's counters (proxy/stats.py)
+        self.sample: Sample | None = None  # a timed read whose replies are not all out yet
 
     # -- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # asyncio passes a BaseTransport; a stream's is a Transport
         transport.set_write_buffer_limits(high=CLIENT_WRITE_HIGH_WATER)  # type: ignore[attr-defined]  # a Transport has it
         self.ctx.sessions.add(self)
+        self.stats.clients_accepted += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -152,15 +157,62 @@ class Session(asyncio.Protocol):
             bad = None
         except RequestError as exc:
             batch, bad = exc.commands, exc
-        else:
-            if parser.whole and batch and len(batch) <= MAX_PLAIN_PER_TURN \
-                    and self.backlog is None and self._forward_plain(batch, data):
-                self.ctx.commands_processed += len(batch)
-                return
-        if len(batch) > MAX_COMMANDS_PER_TURN or self.backlog is not None:
+        # statistics (proxy/stats.py): names counted per read, everything else sampled
+        n = len(batch)
+        timed = None
+        if n:
+            stats = self.stats
+            counts = stats.commands
+            name = batch[0][0]
+            if n == 1 or batch[-1][0] == name:  # one kind of command (see proxy/stats.py)
+                known = counts.get(name)
+                if known is None:
+                    stats.count_new(name, n)
+                else:
+                    counts[name] = known + n
+            else:
+                stats.count_each(batch)
+            countdown = stats.countdown - n
+            if countdown > 0:
+                stats.countdown = countdown
+            else:
+                timed = self._sample(batch)
+        if bad is None and parser.whole and batch and n <= MAX_PLAIN_PER_TURN \
+                and self.backlog is None and self._forward_plain(batch, data):
+            self.ctx.commands_processed += n
+        elif n > MAX_COMMANDS_PER_TURN or self.backlog is not None:
             self._defer(batch, bad)
         else:
             self._run(batch, bad)
+        if timed is not None:
+            self._handled(timed)
+
+    def _sample(self, batch: list[list[bytes]]) -> Sample | None:
+        """This read holds a sampled command: the hot keys and bytes in take it; it is timed
+        too when this client waits for no earlier reply (so what is written back until its
+        last reply is its own)."""
+        name, slot, weight = self.stats.sample(batch)
+        if self.replies or self.sample is not None or self.backlog is not None:
+            return None
+        self.sample = Sample(perf_counter(), name, slot, weight, len(batch))
+        return self.sample
+
+    def _handled(self, sample: Sample) -> None:
+        if self.backlog is not None:  # the read runs over several turns: not timed
+            self.sample = None
+            return
+        sample.cpu = perf_counter() - sample.t0
+        sample.last = self.replies[-1] if self.replies else True
+        self._sample_done()
+
+    def _sample_done(self) -> None:
+        sample = self.sample
+        if sample is None or sample.last is None:
+            return
+        last = sample.last
+        if last is True or last.data is not None:  # type: ignore[attr-defined]  # a Pending
+            self.sample = None
+            self.stats.finish(sample, perf_counter() - sample.t0)
 
     def _run(self, batch: list[list[bytes]], bad: RequestError | None) -> None:
         handle = self.handle
@@ -239,6 +291,9 @@ class Session(asyncio.Protocol):
             out = take_ready(replies)
             if out:
                 transport.write(out[0] if len(out) == 1 else b"".join(out))
+                if self.sample is not None:
+                    self.sample.wrote += sum(map(len, out))
+                    self._sample_done()
                 if transport.get_write_buffer_size() > self.output_limit:
                     log.warning("client_output_limit", client=self.id, limit=self.output_limit)
                     transport.abort()
@@ -259,6 +314,8 @@ class Session(asyncio.Protocol):
             self.transport.resume_reading()
 
     def reply(self, data: bytes) -> None:
+        if data[:1] == b"-":  # an error the proxy answers itself
+            self.stats.count_error(data)
         self.replies.append(Pending(data))
 
     def reply_value(self, value: object) -> None:
@@ -272,6 +329,7 @@ class Session(asyncio.Protocol):
 
     def refuse(self, reply: bytes) -> None:
         """Answer an error instead of running the command; inside MULTI this dooms EXEC."""
+        self.stats.count_error(reply)
         self.replies.append(Pending(reply))
         if self.in_multi:
             self.multi_failed = True

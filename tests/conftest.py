@@ -40,7 +40,7 @@ class Spawner:
         any is waited for: a mesh-proxy spends most of its start importing, and two cores
         import two at a time. `args` may hold "{port}", replaced by each proxy's port;
         `each[i]` goes to the i-th proxy only."""
-        taken = {int(a.rpartition(":")[2]) for extra in each or [] for a in extra[1:]}
+        taken = {int(a.rpartition(":")[2]) for extra in each or [] for a in extra if ":" in a}
         ports: list[int] = []
         while len(ports) < len(backends):  # distinct: none of them listens yet
             if (port := free_port()) not in ports and port not in taken:
@@ -164,11 +164,14 @@ class Mesh:
     `proxy_args` go to every mesh-proxy."""
 
     def __init__(self, spawn: Spawner, nodes: int, etcd_members: int = 1,
-                 proxy_args: tuple[str, ...] = (), plain: bool = False) -> None:
+                 proxy_args: tuple[str, ...] = (), plain: bool = False,
+                 metrics: bool = False) -> None:
         self.spawn = spawn
         self.proxy_args = proxy_args
         self.plain = plain  # every node also has a plain listener (--plain-listen)
         self.plain_ports: dict[str, int] = {}
+        self.metrics = metrics  # every node serves Prometheus metrics (--metrics)
+        self.metrics_ports: dict[str, int] = {}
         self.etcd_members = spawn.etcd(etcd_members)
         self.etcd = self.etcd_members[0]
         self.redis: dict[str, Process] = {}
@@ -186,15 +189,20 @@ class Mesh:
         """`count` more nodes (their proxies started together); their node ids."""
         backends = [self.spawn.redis() for _ in range(count)]
         plain = [free_port() for _ in range(count)] if self.plain else []
+        metrics = [free_port() for _ in range(count)] if self.metrics else []
+        each = [(*(("--plain-listen", f"127.0.0.1:{plain[i]}") if plain else ()),
+                 *(("--metrics", f"127.0.0.1:{metrics[i]}") if metrics else ()))
+                for i in range(count)]
         proxies = self.spawn.proxies(backends, "--etcd", self.endpoint,
-                                     "--node-id", "node-{port}", *self.proxy_args,
-                                     each=[("--plain-listen", f"127.0.0.1:{p}") for p in plain])
+                                     "--node-id", "node-{port}", *self.proxy_args, each=each)
         for i, (backend, proxy) in enumerate(zip(backends, proxies)):
             node_id = f"node-{proxy.port}"
             self.proxies[node_id] = proxy
             self.redis[node_id] = backend
             if plain:
                 self.plain_ports[node_id] = plain[i]
+            if metrics:
+                self.metrics_ports[node_id] = metrics[i]
         return [f"node-{p.port}" for p in proxies]
 
     def umctl(self, *args: str, check: bool = True, timeout: float = 60):
@@ -233,5 +241,5 @@ def standalone_node():
 
 @pytest.fixture
 def mesh_factory(spawn):
-    return lambda nodes, etcd_members=1, proxy_args=(), plain=False: Mesh(
-        spawn, nodes, etcd_members, tuple(proxy_args), plain)
+    return lambda nodes, etcd_members=1, proxy_args=(), plain=False, metrics=False: Mesh(
+        spawn, nodes, etcd_members, tuple(proxy_args), plain, metrics)

@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 from redis.cluster import RedisCluster
 
 
 def test_up_starts_a_mesh_that_clients_use_and_stops_cleanly(tmp_path):
     from tools.launch import listening, port_free
-    from tools.umctl_mesh.local import PLAIN_PORT_OFFSET, REDIS_PORT_OFFSET
+    from tools.umctl_mesh.local import METRICS_PORT_OFFSET, PLAIN_PORT_OFFSET, REDIS_PORT_OFFSET
 
     # where `up` leaves its etcd endpoint: this test's own, and no $MOONMESH_ETCD to win over it
     env = {k: v for k, v in os.environ.items() if k != "MOONMESH_ETCD"}
@@ -26,10 +27,12 @@ def test_up_starts_a_mesh_that_clients_use_and_stops_cleanly(tmp_path):
     password_file.write_text("up s3cret\n")
 
     rng = random.Random()
-    while True:  # 4 proxy ports, their redis ports (+10000) and plain listeners (+20000), free
+    while True:  # 4 proxy ports, their redis ports (+10000), plain listeners (+20000) and
+        # metrics (+30000), free
         port = rng.randrange(20000, 30000)
         if all(port_free(p) and port_free(p + REDIS_PORT_OFFSET)
-               and port_free(p + PLAIN_PORT_OFFSET) for p in range(port, port + 4)):
+               and port_free(p + PLAIN_PORT_OFFSET) and port_free(p + METRICS_PORT_OFFSET)
+               for p in range(port, port + 4)):
             break
     proc = subprocess.Popen([sys.executable, "-m", "tools.umctl_mesh.cli", "up", "--shards", "2",
                              "--replicas", "1", "--port", str(port),
@@ -42,9 +45,16 @@ def test_up_starts_a_mesh_that_clients_use_and_stops_cleanly(tmp_path):
             line = proc.stdout.readline()
             assert line, "".join(lines)
             lines.append(line)
-            if line.startswith("connect with:"):
+            if line.startswith("stop with Ctrl-C"):
                 break
         output = "".join(lines)
+        # every node serves its metrics at PORT+30000
+        assert (f"metrics (Prometheus):  http://127.0.0.1:{port + METRICS_PORT_OFFSET}/metrics"
+                f" .. http://127.0.0.1:{port + 3 + METRICS_PORT_OFFSET}/metrics\n") in output
+        for p in range(port, port + 4):
+            with urllib.request.urlopen(
+                    f"http://127.0.0.1:{p + METRICS_PORT_OFFSET}/metrics", timeout=10) as page:
+                assert b"moonmesh_view_epoch{" in page.read()
         # the password is not printed; the connect line reads it from the file
         connect = f'REDISCLI_AUTH="$(head -n1 {password_file})" redis-cli -c -p {port}'
         assert f"connect with:  {connect}\n" in output and "s3cret" not in output

@@ -339,10 +339,14 @@ def test_up_with_ports_that_cannot_be_exits_2_before_starting_anything(argv, cap
 def test_up_port_range_is_exact():
     from tools.umctl_mesh import local
 
-    args = cli.build_parser().parse_args(["up", "--port", "45530"])  # 6 nodes: 65530..65535
+    # 6 nodes: metrics ports 65530..65535
+    args = cli.build_parser().parse_args(["up", "--port", "35530"])
     proxies, redis, plain = local.check_shape(args)
-    assert proxies == list(range(45530, 45536)) and plain[-1] == 65535
+    assert proxies == list(range(35530, 35536)) and proxies[-1] + local.METRICS_PORT_OFFSET == 65535
     assert redis == [p + local.REDIS_PORT_OFFSET for p in proxies]
+    assert plain == [p + local.PLAIN_PORT_OFFSET for p in proxies]
+    with pytest.raises(local.UsageError, match="PORT must be 1 to 35530"):
+        local.check_shape(cli.build_parser().parse_args(["up", "--port", "35531"]))
 
 
 class ClosedPipe:

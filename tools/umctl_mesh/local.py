@@ -35,6 +35,8 @@ STATUS_INTERVAL = 2.0
 REDIS_PORT_OFFSET = 10000
 # each node's plain listener (clients that are not cluster clients: redis-cli without -c)
 PLAIN_PORT_OFFSET = 20000
+# ... and its Prometheus metrics (mesh-proxy --metrics): http://HOST:PORT+30000/metrics
+METRICS_PORT_OFFSET = 30000
 MAX_PORT = 65535
 APPLY_TIMEOUT = 30.0
 API_TOKEN_FILE = "api-token"  # in the workdir: the dashboard's token for actions
@@ -137,12 +139,12 @@ def check_shape(args: argparse.Namespace) -> tuple[list[int], list[int], list[in
     proxy_ports = [args.port + i for i in range(nodes)]
     redis_ports = [p + REDIS_PORT_OFFSET for p in proxy_ports]
     plain_ports = [p + PLAIN_PORT_OFFSET for p in proxy_ports]
-    if args.port < 1 or plain_ports[-1] > MAX_PORT:
+    if args.port < 1 or proxy_ports[-1] + METRICS_PORT_OFFSET > MAX_PORT:
         raise UsageError(
             f"--port {args.port} does not fit: {nodes} nodes take proxy ports PORT.."
-            f"PORT+{nodes - 1}, their Redis PORT+{REDIS_PORT_OFFSET}.. and their plain "
-            f"listeners PORT+{PLAIN_PORT_OFFSET}.., so PORT must be 1 to "
-            f"{MAX_PORT - PLAIN_PORT_OFFSET - nodes + 1}")
+            f"PORT+{nodes - 1}, their Redis PORT+{REDIS_PORT_OFFSET}.., their plain "
+            f"listeners PORT+{PLAIN_PORT_OFFSET}.. and metrics PORT+{METRICS_PORT_OFFSET}.., "
+            f"so PORT must be 1 to {MAX_PORT - METRICS_PORT_OFFSET - nodes + 1}")
     return proxy_ports, redis_ports, plain_ports
 
 
@@ -152,7 +154,9 @@ def up(args: argparse.Namespace) -> int:
     args.password = password.value if password else None
     if not shutil.which("redis-server"):
         raise LaunchError("redis-server is not installed (apt-get install redis-server)")
-    busy = [p for p in proxy_ports + redis_ports + plain_ports if not port_free(p)]
+    metrics_ports = [p + METRICS_PORT_OFFSET for p in proxy_ports]
+    busy = [p for p in proxy_ports + redis_ports + plain_ports + metrics_ports
+            if not port_free(p)]
     if busy:
         raise LaunchError(f"ports already in use: {', '.join(map(str, busy))} (try --port)")
 
@@ -179,6 +183,9 @@ def up(args: argparse.Namespace) -> int:
         print("connect with:  " + passwords.redis_cli(password, f"-c -p {proxy_ports[0]}"))
         print("  or, as one Redis (any client, no cluster support needed):  "
               + passwords.redis_cli(password, f"-p {plain_ports[0]}"))
+        print(f"metrics (Prometheus):  http://{HOST}:{metrics_ports[0]}/metrics"
+              + (f" .. http://{HOST}:{metrics_ports[-1]}/metrics" if len(metrics_ports) > 1
+                 else ""))
         print("stop with Ctrl-C\n", flush=True)
         line = render.StatusLine()
         try:
@@ -206,7 +213,8 @@ def _start_standalone(launcher: Launcher, args: argparse.Namespace, proxy_ports:
                       redis_ports: list[int]):  # noqa: ANN202
     for proxy_port, redis_port in zip(proxy_ports, redis_ports):
         launcher.proxy(f"{HOST}:{redis_port}", proxy_port,
-                       "--plain-listen", f"{HOST}:{proxy_port + PLAIN_PORT_OFFSET}")
+                       "--plain-listen", f"{HOST}:{proxy_port + PLAIN_PORT_OFFSET}",
+                       "--metrics", f"{HOST}:{proxy_port + METRICS_PORT_OFFSET}")
     proxies = [f"{HOST}:{p}" for p in proxy_ports]
     backends = [f"{HOST}:{p}" for p in redis_ports]
     for port, cmd in zip(proxy_ports, setcluster_commands(args.cluster, proxies, backends,
@@ -262,7 +270,8 @@ def _start_mesh(launcher: Launcher, args: argparse.Namespace, proxy_ports: list[
     for proxy_port, redis_port in zip(proxy_ports, redis_ports):
         launcher.proxy(f"{HOST}:{redis_port}", proxy_port, "--etcd", etcd,
                        "--node-id", f"node-{proxy_port}",
-                       "--plain-listen", f"{HOST}:{proxy_port + PLAIN_PORT_OFFSET}")
+                       "--plain-listen", f"{HOST}:{proxy_port + PLAIN_PORT_OFFSET}",
+                       "--metrics", f"{HOST}:{proxy_port + METRICS_PORT_OFFSET}")
     print(f"{plural(len(proxy_ports), 'node')} on {HOST}:{proxy_ports[0]}..{proxy_ports[-1]} "
           f"(redis on {redis_ports[0]}..{redis_ports[-1]})"
           + (f", {args.spare} of them spare (free in the pool)" if args.spare else ""))

@@ -1,0 +1,180 @@
+"""proxy/stats.py: the data path's counters, their bounds and the sample's weights."""
+from __future__ import annotations
+
+import random
+from unittest.mock import patch
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import proxy.stats
+from core.slots import key_slot
+from proxy.resp import encode_command
+from proxy.stats import (
+    LATENCY_BUCKETS,
+    MAX_COMMAND_NAMES,
+    MAX_ERROR_KINDS,
+    SAMPLE_EVERY,
+    ProxyStats,
+    Sample,
+    command_name,
+    count_into,
+    error_kind,
+    fold_commands,
+    key_of,
+    next_gap,
+    request_bytes,
+)
+
+
+@pytest.fixture
+def monkeypatch_gap(monkeypatch):
+    """Fixed gaps between sample points instead of random ones."""
+    return lambda gap: monkeypatch.setattr(proxy.stats, "next_gap", lambda: gap)
+
+
+@pytest.mark.parametrize(("reply", "kind"), [
+    (b"-MOVED 3999 127.0.0.1:7000\r\n", "MOVED"),
+    (b"-TRYAGAIN\r\n", "TRYAGAIN"),
+    (b"-ERR unknown command 'x'\r\n", "ERR"),
+    (b"-\r\n", "ERR"),
+])
+def test_error_kind(reply, kind):
+    assert error_kind(reply) == kind
+
+
+@pytest.mark.parametrize(("raw", "name"), [
+    (b"get", "GET"), (b"GeT", "GET"), (b"CLUSTER", "CLUSTER"), (b"nosuch", "other"),
+])
+def test_command_name(raw, name):
+    assert command_name(raw) == name
+
+
+def test_fold_merges_spellings_and_bounds_made_up_names():
+    raw = {b"get": 2, b"GET": 3, b"Set": 1, b"zzz": 4, b"yyy": 1}
+    assert fold_commands(raw) == {b"GET": 5, b"SET": 1, b"other": 5}
+
+
+def test_counting_names_of_a_batch():
+    counts: dict[bytes, int] = {}
+    count_into(counts, (argv[0] for argv in [[b"GET", b"a"], [b"GET", b"b"], [b"SET", b"c"]]))
+    assert counts == {b"GET": 2, b"SET": 1}
+
+
+def test_error_kinds_are_capped():
+    stats = ProxyStats()
+    for i in range(MAX_ERROR_KINDS + 10):
+        stats.count_error(b"-KIND%d x\r\n" % i)
+    assert len(stats.errors) == MAX_ERROR_KINDS + 1 and stats.errors["other"] == 10
+
+
+@given(st.lists(st.binary(max_size=40), min_size=1, max_size=6))
+def test_request_bytes_is_the_encoded_size(argv):
+    assert request_bytes(argv) == len(encode_command(argv))
+
+
+@pytest.mark.parametrize(("argv", "key"), [
+    ([b"GET", b"k"], b"k"), ([b"set", b"k", b"v"], b"k"), ([b"PING"], None),
+    ([b"GET"], None), ([b"EVAL", b"s", b"1", b"k"], None), ([b"NOSUCH", b"k"], None),
+])
+def test_key_of(argv, key):
+    assert key_of(argv) == key
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 600), min_size=1, max_size=40), st.integers(1, 2 * SAMPLE_EVERY))
+def test_samples_stand_for_every_command_exactly(reads, gap):
+    """With gaps of `gap` commands between sample points: a read gives at most one sample,
+    weighted by the points it holds, so the weights add up to the points passed."""
+    with patch.object(proxy.stats, "next_gap", lambda: gap):
+        check_weights(reads, gap)
+
+
+def check_weights(reads: list[int], gap: int) -> None:
+    stats = ProxyStats()
+    stats.countdown = gap
+    weights = total = 0
+    for n in reads:
+        batch = [[b"GET", b"k%d" % (total + i)] for i in range(n)]
+        if n >= stats.countdown:
+            name, slot, weight = stats.sample(batch)
+            assert name == "GET" and weight % SAMPLE_EVERY == 0 and weight
+            weights += weight
+        else:
+            stats.countdown -= n
+        total += n
+        assert 1 <= stats.countdown <= gap
+    assert weights == total // gap * SAMPLE_EVERY
+    assert stats.hotkeys.total == weights
+
+
+def test_random_gaps_average_sample_every():
+    random.seed(7)
+    gaps = [next_gap() for _ in range(20_000)]
+    assert min(gaps) >= 1 and max(gaps) <= 2 * SAMPLE_EVERY - 1
+    assert abs(sum(gaps) / len(gaps) - SAMPLE_EVERY) < SAMPLE_EVERY * 0.03
+
+
+def test_weights_estimate_the_commands_read():
+    random.seed(11)
+    stats = ProxyStats()
+    total = 0
+    for n in [1] * 20_000 + [16] * 3_000 + [256] * 300:
+        batch = [[b"GET", b"k"]] * n
+        if n >= stats.countdown:
+            stats.sample(batch)
+        else:
+            stats.countdown -= n
+        total += n
+    assert abs(stats.hotkeys.total - total) < total * 0.1
+
+
+def test_a_read_gives_its_first_sample_point(monkeypatch_gap):
+    monkeypatch_gap(SAMPLE_EVERY)
+    stats = ProxyStats()
+    stats.countdown = 3
+    batch = [[b"GET", b"k%d" % i] for i in range(2 * SAMPLE_EVERY + 5)]
+    name, slot, weight = stats.sample(batch)
+    assert (name, slot, weight) == ("GET", key_slot(b"k2"), 3 * SAMPLE_EVERY)
+    assert stats.hotkeys.top(1)[0].key == b"k2"
+    # points at 2, 2+S, 2+2S; the next is 2+3S, i.e. S-2 commands into the next read
+    assert stats.countdown == 2 + 3 * SAMPLE_EVERY - len(batch) + 1
+
+
+def test_sampled_commands_charge_their_slot():
+    stats = ProxyStats()
+    stats.countdown = 1
+    name, slot, weight = stats.sample([[b"SET", b"k", b"v"]])
+    weight = SAMPLE_EVERY  # one point in a read of one command
+    assert (name, slot, weight) == ("SET", key_slot(b"k"), SAMPLE_EVERY)
+    assert stats.slot_bytes_in[slot] == len(encode_command([b"SET", b"k", b"v"])) * SAMPLE_EVERY
+    sample = Sample(0.0, name, slot, weight, commands=2)
+    sample.cpu, sample.wrote = 0.000010, 10
+    stats.finish(sample, 0.0003)
+    # the read's cost is split between its 2 commands, then weighted like the sample
+    assert stats.slot_cpu_usec[slot] == pytest.approx(10 / 2 * SAMPLE_EVERY)
+    assert stats.slot_bytes_out[slot] == 10 / 2 * SAMPLE_EVERY
+    snap = stats.latency_snapshot()["SET"]
+    assert snap.count == 1 and snap.total == 0.0003
+    assert snap.buckets[LATENCY_BUCKETS.index(0.00025)] == 0
+    assert snap.buckets[LATENCY_BUCKETS.index(0.0005)] == 1 and snap.buckets[-1] == 1
+
+
+def test_keyless_sampled_commands_charge_no_slot():
+    stats = ProxyStats()
+    stats.countdown = 1
+    assert stats.sample([[b"PING"]]) == ("PING", -1, SAMPLE_EVERY)  # one point, one command
+    assert stats.hotkeys.total == 0
+    stats.finish(Sample(0.0, "PING", -1, SAMPLE_EVERY, 1), 0.001)
+    assert sum(stats.slot_cpu_usec) == 0 and stats.latency_snapshot()["PING"].count == 1
+
+
+def test_made_up_names_from_a_hostile_client_stay_bounded():
+    stats = ProxyStats()
+    for i in range(5 * MAX_COMMAND_NAMES):
+        stats.count_new(b"x%d" % i, 1)
+        stats.count_each([[b"GET", b"k"], [b"y%d" % i, b"k"]])
+    assert len(stats.commands) <= MAX_COMMAND_NAMES + 1
+    assert stats.command_counts() == {"GET": 5 * MAX_COMMAND_NAMES,
+                                      "other": 10 * MAX_COMMAND_NAMES}
