@@ -198,9 +198,9 @@ def decide(argv: list[bytes], table: RoutingTable, client: ClientState,
         # a node that just left a cluster, and a client that connected since, most likely a
         # cluster client with the old slot map: its keyed commands are redirected too (the
         # departed cluster's password, if it has one, first); the rest as on any free node
-        moved = _departed(argv, table.departed, client, table.departed.tenant)
-        if moved is not None:
-            return moved
+        departed = _departed(argv, table.departed, client, table.departed.tenant)
+        if departed is not None:
+            return departed
     name = argv[0].upper()
     entry = DISPATCH.get(name)
     if entry is None:
