@@ -97,3 +97,19 @@ def blocked_clients(redis_port: int) -> int:
     """How many clients a redis-server holds blocked (BLPOP and the like) now."""
     info = command(redis_port, "INFO", "clients").decode()
     return int(info.split("blocked_clients:")[1].split()[0])
+
+
+def free_up_ports(nodes: int) -> int:
+    """A PORT for `umctl-mesh up --port PORT` with `nodes` nodes: their proxy ports, and the
+    Redis, plain-listener and metrics ports at fixed offsets from them, all free now."""
+    import random
+
+    from tools.launch import port_free
+    from tools.umctl_mesh.local import METRICS_PORT_OFFSET, PLAIN_PORT_OFFSET, REDIS_PORT_OFFSET
+
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 30000)
+        if all(port_free(p + offset) for p in range(port, port + nodes)
+               for offset in (0, REDIS_PORT_OFFSET, PLAIN_PORT_OFFSET, METRICS_PORT_OFFSET)):
+            return port

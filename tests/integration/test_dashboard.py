@@ -20,9 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import wait_for
+from tests.procs import free_up_ports, wait_for
 from tools.launch import free_port, port_free
 from tools.umctl_mesh import api
+from tools.umctl_mesh.local import (
+    METRICS_PORT_OFFSET,
+    PLAIN_PORT_OFFSET,
+    REDIS_PORT_OFFSET,
+)
 
 TOKEN = "dashboard-test-token-0123456789"
 CHROMIUM = "/usr/bin/chromium"
@@ -262,10 +267,9 @@ def test_up_starts_the_dashboard(tmp_path):
     there, and the token file it names allows actions."""
     env = {k: v for k, v in os.environ.items() if k not in ("MOONMESH_ETCD", "MOONMESH_API_TOKEN")}
     env["XDG_RUNTIME_DIR"] = str(tmp_path)
-    port = dashboard = 0
-    while not (port and all(port_free(p) for p in (port, port + 10000, port + 20000))):
-        port = free_port(below=40000)
-    while dashboard in (0, port, port + 10000, port + 20000):
+    port, dashboard = free_up_ports(1), 0
+    taken = (0, REDIS_PORT_OFFSET, PLAIN_PORT_OFFSET, METRICS_PORT_OFFSET)  # up's, from PORT
+    while dashboard == 0 or dashboard in {port + off for off in taken}:
         dashboard = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tools.umctl_mesh.cli", "up", "--shards", "1",
                              "--replicas", "0", "--port", str(port), "--dashboard-port",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -14,10 +13,12 @@ import urllib.request
 
 from redis.cluster import RedisCluster
 
+from tests.procs import free_up_ports
+
 
 def test_up_starts_a_mesh_that_clients_use_and_stops_cleanly(tmp_path):
-    from tools.launch import listening, port_free
-    from tools.umctl_mesh.local import METRICS_PORT_OFFSET, PLAIN_PORT_OFFSET, REDIS_PORT_OFFSET
+    from tools.launch import listening
+    from tools.umctl_mesh.local import METRICS_PORT_OFFSET
 
     # where `up` leaves its etcd endpoint: this test's own, and no $MOONMESH_ETCD to win over it
     env = {k: v for k, v in os.environ.items() if k != "MOONMESH_ETCD"}
@@ -26,14 +27,7 @@ def test_up_starts_a_mesh_that_clients_use_and_stops_cleanly(tmp_path):
     password_file = tmp_path / "password"
     password_file.write_text("up s3cret\n")
 
-    rng = random.Random()
-    while True:  # 4 proxy ports, their redis ports (+10000), plain listeners (+20000) and
-        # metrics (+30000), free
-        port = rng.randrange(20000, 30000)
-        if all(port_free(p) and port_free(p + REDIS_PORT_OFFSET)
-               and port_free(p + PLAIN_PORT_OFFSET) and port_free(p + METRICS_PORT_OFFSET)
-               for p in range(port, port + 4)):
-            break
+    port = free_up_ports(4)
     proc = subprocess.Popen([sys.executable, "-m", "tools.umctl_mesh.cli", "up", "--shards", "2",
                              "--replicas", "1", "--port", str(port),
                              "--password-file", str(password_file)],

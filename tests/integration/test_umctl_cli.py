@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -15,27 +14,15 @@ import time
 
 from redis.cluster import RedisCluster
 
-from tests.procs import command, wait_for
+from tests.procs import command, free_up_ports, wait_for
 
 UMCTL = [sys.executable, "-m", "tools.umctl_mesh.cli"]
-
-
-def free_port_run(count: int) -> int:
-    from tools.launch import port_free
-    from tools.umctl_mesh.local import PLAIN_PORT_OFFSET, REDIS_PORT_OFFSET
-
-    rng = random.Random()
-    while True:
-        port = rng.randrange(20000, 30000)
-        if all(port_free(p) and port_free(p + REDIS_PORT_OFFSET)
-               and port_free(p + PLAIN_PORT_OFFSET) for p in range(port, port + count)):
-            return port
 
 
 def test_up_spare_starts_free_nodes_that_a_scale_takes_with_progress_in_keys(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MOONMESH_ETCD"}
     env["XDG_RUNTIME_DIR"] = str(tmp_path)  # the bare commands below find this `up`'s etcd
-    port = free_port_run(3)
+    port = free_up_ports(3)
     proc = subprocess.Popen([*UMCTL, "up", "--shards", "1", "--replicas", "0", "--spare", "2",
                              "--port", str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
