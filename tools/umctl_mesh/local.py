@@ -122,7 +122,8 @@ def add_node_hint(port: int, etcd: str, secret_file: Path) -> str:
     return (f"redis-server --port {redis} --save '' --daemonize yes && "
             f"MOONMESH_SECRET=$(cat {secret_file}) mesh-proxy --listen {HOST}:{port} "
             f"--backend {HOST}:{redis} --etcd {etcd} --node-id node-{port} "
-            f"--plain-listen {HOST}:{port + PLAIN_PORT_OFFSET} &")
+            f"--plain-listen {HOST}:{port + PLAIN_PORT_OFFSET} "
+            f"--metrics {HOST}:{port + METRICS_PORT_OFFSET} &")
 
 
 def check_shape(args: argparse.Namespace) -> tuple[list[int], list[int], list[int]]:
