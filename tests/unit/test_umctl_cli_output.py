@@ -158,8 +158,8 @@ def test_completion_for_an_unknown_shell_is_a_usage_error(capsys):
     (["up", "--spare", "-1"], "--spare must be 0 to"),
     (["up", "--spare", "65"], "--spare must be 0 to 64"),
     (["up", "--standalone", "--spare", "1"], "--spare needs the mesh"),
-    # 3 shards x 2 nodes + 2 spare: 8 nodes, the last plain port 45529 + 7 + 20000 > 65535
-    (["up", "--port", "45529", "--spare", "2"], "PORT must be 1 to 45528"),
+    # 3 shards x 2 nodes + 2 spare: 8 nodes, the last metrics port 35529 + 7 + 30000 > 65535
+    (["up", "--port", "35529", "--spare", "2"], "PORT must be 1 to 35528"),
 ])
 def test_up_spare_arguments_that_cannot_be_exit_2(argv, words, capsys):
     assert cli.main(argv) == cli.EXIT_USAGE

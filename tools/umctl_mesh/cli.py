@@ -26,8 +26,8 @@ from mesh.store.etcd import EtcdStore, StoreError
 from mesh.store.repo import MeshRepo
 from proxy.routing import node_id as cluster_node_id
 
+from . import api, local, ops, passwords, render, serve, slowlog
 from . import check as check_mod
-from . import local, ops, passwords, render, serve, slowlog
 from . import top as top_mod
 from .progress import MigrationTracker
 from .text import plural
@@ -385,38 +385,13 @@ def view_doc(view: ClusterView, pool: ops.Pool) -> dict:
 
 # -- commands --------------------------------------------------------------------------------
 
+# what `nodes --json` says of each node (api.node_rows, which the dashboard reads too, has more)
+NODE_FIELDS = ("node", "leader", "alive", "proxy", "backend", "host", "cluster", "role",
+               "applied_epoch", "health", "leaving")
+
 async def cmd_nodes(store: EtcdStore, args: argparse.Namespace) -> int:
     pool = await ops.read_pool(store)
-    ids = sorted(set(pool.nodes) | set(pool.assignments))
-    rows: list[dict[str, Any]] = []
-    for nid in ids:
-        rec = pool.nodes.get(nid)
-        st = pool.statuses.get(nid)
-        cluster, role = pool.role_of(nid)
-        assignment = pool.assignments.get(nid)
-        if assignment and assignment.assignment.held:
-            cluster, role = assignment.assignment.cluster, "held"
-        view = pool.views.get(cluster, (None,))[0] if role in ("master", "replica") else None
-        applied = st.epoch if st and view and st.cluster == cluster else None
-        if st is None:
-            health = "gone"
-        elif not st.backend_ok:
-            health = "backend down"
-        elif view is not None and (applied is None or applied < view.epoch):
-            health = "behind"
-        elif role == "replica" and not st.synced:
-            health = "syncing"  # never promoted until its first sync with its master is done
-        elif st.fenced:
-            health = "fenced"
-        else:
-            health = "ok"
-        rows.append({
-            "node": nid, "leader": nid == pool.leader, "alive": rec is not None,
-            "proxy": rec.proxy if rec else "", "backend": rec.backend if rec else "",
-            "host": rec.host if rec else "", "cluster": cluster, "role": role or "free",
-            "applied_epoch": applied, "health": health,
-            "leaving": bool(st and st.leaving),
-        })
+    rows = [{key: row[key] for key in NODE_FIELDS} for row in api.node_rows(pool, {})]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
