@@ -6,6 +6,7 @@ returns is the reply the command waits for.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import anyio
@@ -63,37 +64,10 @@ async def handover(pool: BackendPool, host: bytes, port: bytes, timeout_ms: byte
     return reply
 
 
-async def keys_in_slot(pool: BackendPool, slot: int, count: int | None) -> list[bytes] | Err:
-    """CLUSTER COUNTKEYSINSLOT/GETKEYSINSLOT: the backend is no cluster node, so scan it
-    (until `count` keys are found, or all of it)."""
+async def _scan(pool: BackendPool, take: Callable[[list[bytes]], bool]) -> Err | None:
+    """SCAN the whole backend on a connection of its own, each batch of keys to `take`
+    until it says it has enough (True); an error, or None once done."""
     conn = pool.dedicated(False)
-    keys: list[bytes] = []
-    try:
-        with anyio.fail_after(SLOT_SCAN_TIMEOUT):
-            await conn.connect()
-            cursor = b"0"
-            while True:
-                raw = await request(conn, [b"SCAN", cursor, b"COUNT", b"%d" % SLOT_SCAN_BATCH])
-                reader = hiredis.Reader()
-                reader.feed(raw)
-                reply = reader.gets()
-                if not isinstance(reply, list):
-                    return Err(f"ERR backend: {reply}")
-                cursor, batch = reply[0], reply[1]
-                keys.extend(k for k in batch if key_slot(k) == slot)
-                if cursor == b"0" or (count is not None and len(keys) >= count):
-                    return keys
-    except (OSError, TimeoutError) as exc:
-        return Err(f"CLUSTERDOWN cannot scan the backend: {exc}")
-    finally:
-        conn.close()
-
-
-async def slot_key_counts(pool: BackendPool, slots: frozenset[int]) -> list[int] | Err:
-    """CLUSTER SLOT-STATS's key-count: one SCAN of the whole backend, each key hashed, the
-    keys of `slots` counted (16384 entries; other slots 0)."""
-    conn = pool.dedicated(False)
-    counts = [0] * SLOT_COUNT
     try:
         with anyio.fail_after(SLOT_SCAN_TIMEOUT):
             await conn.connect()
@@ -106,16 +80,39 @@ async def slot_key_counts(pool: BackendPool, slots: frozenset[int]) -> list[int]
                 if not isinstance(reply, list):
                     return Err(f"ERR backend: {reply}")
                 cursor = reply[0]
-                for key in reply[1]:
-                    slot = key_slot(key)
-                    if slot in slots:
-                        counts[slot] += 1
-                if cursor == b"0":
-                    return counts
+                if take(reply[1]) or cursor == b"0":
+                    return None
     except (OSError, TimeoutError) as exc:
         return Err(f"CLUSTERDOWN cannot scan the backend: {exc}")
     finally:
         conn.close()
+
+
+async def keys_in_slot(pool: BackendPool, slot: int, count: int | None) -> list[bytes] | Err:
+    """CLUSTER COUNTKEYSINSLOT/GETKEYSINSLOT: the backend is no cluster node, so scan it
+    (until `count` keys are found, or all of it)."""
+    keys: list[bytes] = []
+
+    def take(batch: list[bytes]) -> bool:
+        keys.extend(k for k in batch if key_slot(k) == slot)
+        return count is not None and len(keys) >= count
+
+    return await _scan(pool, take) or keys
+
+
+async def slot_key_counts(pool: BackendPool, slots: frozenset[int]) -> list[int] | Err:
+    """CLUSTER SLOT-STATS's key-count: one SCAN of the whole backend, each key hashed, the
+    keys of `slots` counted (16384 entries; other slots 0)."""
+    counts = [0] * SLOT_COUNT
+
+    def take(batch: list[bytes]) -> bool:
+        for key in batch:
+            slot = key_slot(key)
+            if slot in slots:
+                counts[slot] += 1
+        return False
+
+    return await _scan(pool, take) or counts
 
 
 class DedicatedOwner(Protocol):
