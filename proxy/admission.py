@@ -17,7 +17,7 @@ from core.slots import SLOT_MASK, key_slot
 from . import commands, policy
 from .policy import Kind
 from .resp import error
-from .routing import MigratingSlots, RoutingTable
+from .routing import SLOT_NOT_SERVED, MigratingSlots, RoutingTable
 
 CROSSSLOT = b"-CROSSSLOT Keys in request don't hash to the same slot\r\n"
 NOAUTH = b"-NOAUTH Authentication required.\r\n"
@@ -155,6 +155,7 @@ class Gate:
 
 Outcome = Forward | Queue | Local | Dedicated | Subscribe | Refuse | Redirect | Gate | Disconnect
 TENANT_GONE = Disconnect(TENANT_CHANGED)
+IN_NO_CLUSTER = Refuse(SLOT_NOT_SERVED)  # what a cluster node without slots answers
 
 FORWARD = Forward(False)
 FORWARD_SYNCED = Forward(True)
@@ -219,6 +220,10 @@ def decide(argv: list[bytes], table: RoutingTable, client: ClientState,
                                 "through moonmesh"))
     if not spec.min_argc <= len(argv) <= spec.max_argc:
         return Refuse(error(commands.arity_error(spec)))
+    if not table.configured and kind is not Kind.LOCAL:
+        # a node in no cluster: its Redis may still hold the keys of the cluster it left (it is
+        # emptied when the node joins another), so nothing reaches it, keyed or not
+        return IN_NO_CLUSTER
     if client.auth_hash != table.password_hash and name not in NO_AUTH_NEEDED \
             and not client.admin:  # a peer acts for the cluster, whatever its password now
         return Refuse(NOAUTH)

@@ -74,8 +74,11 @@ def transaction_elsewhere(slot: int, address: str) -> bytes:
 def handle(c: Session, argv: list[bytes], outcome: Outcome) -> bool:
     """Carry out `outcome` for a plain client where that differs from a cluster client's;
     False: nothing was done, the session goes on as for any client."""
-    if c.tenant != c.control.table.tenant:
-        return False  # a client of a cluster this node left: its redirects, not forwards
+    table = c.control.table
+    if c.tenant != table.tenant or not table.configured:
+        # a client of a cluster this node left, or a node in no cluster: redirects at most
+        # (as a cluster client gets them), never forwards, which go as the mesh's admin
+        return False
     kind = outcome.__class__
     if kind is Redirect:
         target = redirect_target(outcome.reply)  # type: ignore[union-attr]  # the class test above

@@ -307,10 +307,17 @@ CASES = [
     ("MSET a 1 {a}x 2", LEFT, CLIENT, OPEN, ("redirect", MOVED_A)),
     ("PING", LEFT, CLIENT, OPEN, ("local", b"PING")),
     ("CLUSTER SLOTS", LEFT, CLIENT, OPEN, ("local", b"CLUSTER")),
-    ("DBSIZE", LEFT, CLIENT, OPEN, ("forward",)),
+    # a node in no cluster lets nothing reach its Redis, which may still hold the keys of the
+    # cluster it left (emptied when it joins another)
+    ("DBSIZE", LEFT, CLIENT, OPEN, ("refuse", b"-CLUSTERDOWN Hash slot not served")),
+    ("KEYS *", LEFT, CLIENT, OPEN, ("refuse", b"-CLUSTERDOWN Hash slot not served")),
+    ("EVAL_RO s 0", empty_table(), CLIENT, OPEN, ("refuse", b"-CLUSTERDOWN Hash slot not served")),
+    ("SUBSCRIBE ch", empty_table(), CLIENT, OPEN, ("refuse", b"-CLUSTERDOWN")),
+    ("GET a", empty_table(), CLIENT, OPEN, ("refuse", b"-CLUSTERDOWN Hash slot not served")),
+    ("PING", empty_table(), CLIENT, OPEN, ("local", b"PING")),
     # ... unless the cluster had a password the client did not give (it gets what a free
     # node answers; its own old connections were authenticated)
-    ("GET a", LEFT_PASSWORD, CLIENT, OPEN, ("redirect", b"-CLUSTERDOWN Hash slot not served")),
+    ("GET a", LEFT_PASSWORD, CLIENT, OPEN, ("refuse", b"-CLUSTERDOWN Hash slot not served")),
     ("GET a", LEFT_PASSWORD, Client(tenant="old", auth_hash=hash_password("pw")), OPEN,
      ("redirect", MOVED_A)),
     ("GET a", LEFT_PASSWORD, Client(tenant="old"), OPEN, ("disconnect",)),

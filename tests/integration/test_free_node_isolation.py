@@ -1,0 +1,70 @@
+"""A node in no cluster lets no client reach its Redis or another node's: the review's attacks
+on a node that left its cluster (deleted, or scaled in)."""
+from __future__ import annotations
+
+import redis
+from redis.cluster import RedisCluster
+
+from tests.procs import command, wait_for
+
+SECRET = "tenant A's private value"
+
+
+def out_of_the_cluster(port: int) -> bool:
+    return command(port, "UMCTL", "GETEPOCH") == b":0\r\n"
+
+
+def test_a_node_whose_cluster_was_deleted_serves_none_of_its_keys(mesh_factory):
+    # the node's Redis keeps the deleted cluster's keys until it joins another cluster (then
+    # it is emptied); meanwhile a stranger, with no password, asks for them every way it can
+    mesh = mesh_factory(1, plain=True)
+    mesh.wait_pool(1)
+    node = next(iter(mesh.proxies))
+    port, plain = mesh.proxies[node].port, mesh.plain_ports[node]
+    mesh.umctl("--json", "cluster", "create", "A", "--shards", "1", "--password", "pwA")
+    owner = redis.Redis(host="127.0.0.1", port=port, password="pwA")
+    owner.set("A:secret", SECRET)
+    owner.close()
+    mesh.umctl("cluster", "delete", "A", "--yes")
+    wait_for(lambda: out_of_the_cluster(port), what="the node to leave the cluster")
+    assert command(mesh.redis[node].port, "DBSIZE") == b":1\r\n"  # still there, behind it
+    for p in (port, plain):
+        for argv in (("DBSIZE",), ("KEYS", "*"), ("SCAN", "0"), ("RANDOMKEY",),
+                     ("GET", "A:secret"), ("TYPE", "A:secret"),
+                     ("EVAL", "return redis.call('GET','A:secret')", "0"),
+                     ("EVAL_RO", "return redis.call('GET','A:secret')", "0"),
+                     ("FCALL_RO", "f", "0"), ("OBJECT", "ENCODING", "A:secret"),
+                     ("SUBSCRIBE", "ch"), ("SET", "planted", "x")):
+            reply = command(p, *argv)
+            assert reply.startswith(b"-CLUSTERDOWN"), (p, argv, reply)
+        assert command(p, "PING") == b"+PONG\r\n"  # the connection itself still works
+    assert command(mesh.redis[node].port, "EXISTS", "planted") == b":0\r\n"
+
+
+def test_a_plain_client_of_a_node_that_left_is_redirected_at_most_never_forwarded(mesh_factory):
+    # the node that left redirects a cluster client with the old slot map; a plain client
+    # must not have its commands forwarded by it (forwards go as the mesh's admin, past any
+    # password of whatever cluster the owner serves by then)
+    mesh = mesh_factory(2, plain=True)
+    mesh.wait_pool(2)
+    created = mesh.umctl("--json", "cluster", "create", "A", "--shards", "2")
+    port = mesh.proxies[created["shards"][0]["nodes"][0]["node"]].port
+    rc = RedisCluster(host="127.0.0.1", port=port)
+    for i in range(200):
+        rc.set(f"a:{i}", i)
+    rc.close()
+    out = mesh.umctl("cluster", "scale", "A", "--shards", "1", "--wait", "--timeout", "120",
+                     timeout=150)
+    assert out.returncode == 0, out.stderr
+    left = next(n["node"] for n in mesh.umctl("--json", "nodes") if n["role"] == "free")
+    stays = next(n for n in mesh.proxies if n != left)
+    wait_for(lambda: out_of_the_cluster(mesh.proxies[left].port), what="the node to leave")
+    plain = mesh.plain_ports[left]
+    for i in range(20):
+        reply = command(plain, "GET", f"a:{i}")
+        assert reply.startswith((b"-MOVED", b"-CLUSTERDOWN")), reply
+        reply = command(plain, "SET", f"planted:{i}", "x")
+        assert reply.startswith((b"-MOVED", b"-CLUSTERDOWN")), reply
+    assert command(mesh.redis[stays].port, "KEYS", "planted:*") == b"*0\r\n"
+    # a cluster client on the cluster port is sent to the owner
+    assert command(mesh.proxies[left].port, "GET", "a:1").startswith(b"-MOVED")
