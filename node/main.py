@@ -91,11 +91,10 @@ async def serve(args: argparse.Namespace, key: bytes | None) -> None:
         await tg.start(server.run)
         agent = await start_agent(tg, server, args, key) if args.etcd else None
         if args.metrics:
-            from node.metrics import Collector, MetricsServer, registry_for
+            from node.metrics import Collector, MetricsServer
 
             node_id = agent.config.node_id if agent is not None else ""
-            registry = registry_for(Collector(server, agent, node_id))
-            await tg.start(MetricsServer(args.metrics, registry).run)
+            await tg.start(MetricsServer(args.metrics, Collector(server, agent, node_id)).run)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 structlog.get_logger("proxy").info("proxy_stopping", signal=signum.name)

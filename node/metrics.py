@@ -6,12 +6,20 @@ turns them, and what the node's agent knows (role, fence, lease, replication, mi
 metric families when Prometheus scrapes. The HTTP endpoint is a small asyncio server in the
 same loop, so a scrape never reads the counters while a callback changes them (no thread).
 Every metric is prefixed `moonmesh_` and labelled `cluster`, `node`, `shard`.
+
+The port faces whoever can reach it, so it is cheap to flood and hard to lock: a rendered body
+is served to every scrape for SCRAPE_CACHE_SECONDS (a flood renders once per window), a
+connection has HEAD_TIMEOUT to send its request head, and at MAX_SCRAPES connections the
+oldest one that is still sending its head (or not reading its response) is closed for the
+newcomer, which gets 503 only when every connection is being served.
 """
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anyio
@@ -37,8 +45,11 @@ log = structlog.get_logger("node.metrics")
 
 PREFIX = "moonmesh_"
 MAX_REQUEST_BYTES = 8192  # request line and headers of a scrape; more: 431
-REQUEST_TIMEOUT = 5.0  # seconds to send a whole request
-MAX_SCRAPES = 8  # connections to the metrics port at once; more are answered 503
+HEAD_TIMEOUT = 1.0  # seconds a connection has to send its whole request head; then 400
+SCRAPE_CACHE_SECONDS = 1.0  # a rendered body is served to every scrape this long
+WRITE_STALL = 1.0  # a response unread this long makes its connection closable at the cap
+WRITE_TIMEOUT = 5.0  # seconds a client has to read its whole response
+MAX_SCRAPES = 8  # connections to the metrics port at once (see `closable`)
 METRICS_PATHS = frozenset({"/metrics", "/"})
 LABELS = ("cluster", "node", "shard")
 
@@ -51,6 +62,8 @@ class Collector(CollectorBase):
         self.server = server
         self.agent = agent
         self.node_id = node_id or server.announce
+        self.renders = 0  # bodies rendered (MetricsServer counts them)
+        self.rendered_at = 0.0  # unix time of the newest
 
     def _labels(self) -> list[str]:
         table = self.server.control.table
@@ -140,6 +153,14 @@ class Collector(CollectorBase):
 
         yield from self._mesh(values, gauge)
 
+        renders = CounterMetricFamily(PREFIX + "metrics_renders", "Bodies this metrics port "
+                                      "rendered (one serves every scrape for "
+                                      f"{SCRAPE_CACHE_SECONDS:g} s)", labels=list(LABELS))
+        renders.add_metric(values, self.renders)
+        yield renders
+        yield gauge("metrics_rendered_timestamp_seconds", "When this body was rendered (unix "
+                    "seconds)", self.rendered_at)
+
     def _mesh(self, values: list[str], gauge) -> Iterator[Metric]:  # noqa: ANN001
         agent = self.agent
         if agent is None:
@@ -191,9 +212,9 @@ def _response(status: str, body: bytes, content_type: str = "text/plain; charset
     return head if head_only else head + body
 
 
-def answer(request: bytes, registry: CollectorRegistry) -> bytes:
-    """The response to one HTTP request (its request line and headers). Pure but for the
-    scrape itself."""
+def answer(request: bytes, body: Callable[[], bytes]) -> bytes:
+    """The response to one HTTP request (its request line and headers); `body` renders (or
+    reuses) the metrics. Pure but for `body`."""
     line = request.split(b"\r\n", 1)[0].decode("latin-1")
     parts = line.split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
@@ -203,15 +224,56 @@ def answer(request: bytes, registry: CollectorRegistry) -> bytes:
         return _response("405 Method Not Allowed", b"GET only\n")
     if target not in METRICS_PATHS:
         return _response("404 Not Found", b"try /metrics\n")
-    return _response("200 OK", generate_latest(registry), CONTENT_TYPE_LATEST,
-                     head_only=method == "HEAD")
+    return _response("200 OK", body(), CONTENT_TYPE_LATEST, head_only=method == "HEAD")
+
+
+@dataclass(frozen=True)
+class Holder:
+    """What the cap looks at of one open connection (times on `clock.now()`)."""
+    opened: float
+    head_sent: bool
+    writing_since: float | None  # when its response was written; None before
+
+
+def closable(holders: Sequence[Holder], now: float) -> int | None:
+    """Which connection to close for a newcomer at the cap: the oldest still sending its
+    request head, else the oldest whose response has gone unread WRITE_STALL; None: every
+    one is being served (the newcomer gets 503). Pure."""
+    waiting = [i for i, h in enumerate(holders) if not h.head_sent]
+    if not waiting:
+        waiting = [i for i, h in enumerate(holders) if h.writing_since is not None
+                   and now - h.writing_since >= WRITE_STALL]
+    return min(waiting, key=lambda i: holders[i].opened) if waiting else None
+
+
+class _Connection:
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.opened = clock.now()
+        self.head_sent = False
+        self.writing_since: float | None = None
+
+    def holder(self) -> Holder:
+        return Holder(self.opened, self.head_sent, self.writing_since)
 
 
 class MetricsServer:
-    def __init__(self, listen: str, registry: CollectorRegistry) -> None:
+    def __init__(self, listen: str, collector: Collector) -> None:
         self.listen = listen
-        self.registry = registry
-        self.open = 0
+        self.collector = collector
+        self.registry = registry_for(collector)
+        self.connections: list[_Connection] = []
+        self.cached = b""
+        self.cached_at = -math.inf
+
+    def body(self) -> bytes:
+        """The rendered metrics, rendered again only SCRAPE_CACHE_SECONDS after the last."""
+        now = clock.now()
+        if now - self.cached_at >= SCRAPE_CACHE_SECONDS:
+            self.collector.renders += 1  # the body counts itself
+            self.collector.rendered_at = time.time()
+            self.cached, self.cached_at = generate_latest(self.registry), now
+        return self.cached
 
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
         where = Address.parse(self.listen)
@@ -224,29 +286,41 @@ class MetricsServer:
         finally:
             server.close()
 
+    def _admit(self, conn: _Connection) -> bool:
+        """Room for `conn`, closing another if the cap says so; False: answer 503."""
+        if len(self.connections) >= MAX_SCRAPES:
+            victim = closable([c.holder() for c in self.connections], clock.now())
+            if victim is None:
+                return False
+            # its handler sees the connection lost (its read or drain fails) and ends
+            self.connections.pop(victim).writer.transport.abort()
+        self.connections.append(conn)
+        return True
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.open += 1
+        conn = _Connection(writer)
         try:
-            if self.open > MAX_SCRAPES:
+            if not self._admit(conn):
                 writer.write(_response("503 Service Unavailable", b"too many scrapes\n"))
-                return
-            try:
-                request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"),
-                                                 REQUEST_TIMEOUT)
-            except asyncio.LimitOverrunError:
-                writer.write(_response("431 Request Header Fields Too Large",
-                                       b"request too large\n"))
-                return
-            except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
-                writer.write(_response("400 Bad Request", b"incomplete request\n"))
-                return
-            writer.write(answer(request, self.registry))
+            else:
+                writer.write(await self._answer(reader, conn))
+            conn.writing_since = clock.now()
+            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+        except (TimeoutError, ConnectionError, OSError):
+            writer.transport.abort()  # a client not reading its response, or gone
         except Exception as exc:  # noqa: BLE001 - a scrape never takes the proxy down
             log.warning("metrics_request_failed", error=repr(exc))
         finally:
-            self.open -= 1
-            try:
-                await writer.drain()
-                writer.close()
-            except (ConnectionError, OSError):
-                pass
+            if conn in self.connections:
+                self.connections.remove(conn)
+            writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader, conn: _Connection) -> bytes:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+        except asyncio.LimitOverrunError:
+            return _response("431 Request Header Fields Too Large", b"request too large\n")
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            return _response("400 Bad Request", b"incomplete request\n")
+        conn.head_sent = True
+        return answer(request, self.body)

@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,45 @@ def test_the_api_reads_the_mesh_and_acts_only_with_the_token(mesh_factory, tmp_p
     assert http(f"{readonly}/api/clusters/api")[0] == 200
     assert http(f"{readonly}/api/state")[1]["auth"] == {"token_configured": False,
                                                         "token_valid": False}
+
+
+def status_for_host(port: int, host: str, path: str, method: str = "GET") -> tuple[int, bytes]:
+    """(status, body) of a request to 127.0.0.1:`port` whose Host header says `host`."""
+    conn = HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=b"{}" if method == "POST" else None,
+                     headers={"Host": host})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_only_the_loopback_names_reach_a_loopback_server(spawn):
+    """DNS rebinding: a page of evil.example whose name now points at 127.0.0.1 sends
+    `Host: evil.example`; it gets 400, while 127.0.0.1, localhost and ::1 (any port) work."""
+    etcd = spawn.etcd()[0]
+    port = free_port()
+    spawn.launcher.process(f"serve-{port}", [
+        sys.executable, "-m", "tools.umctl_mesh.cli", "--etcd", etcd.addr, "serve",
+        "--listen", f"127.0.0.1:{port}"], port).start()
+    for host in ["evil.example", f"evil.example:{port}", "127.0.0.1.evil.example",
+                 "localhost.evil.example", "mesh"]:
+        for method, path in [("GET", "/"), ("GET", "/api/state"),
+                             ("POST", "/api/clusters")]:
+            assert status_for_host(port, host, path, method)[0] == 400, (host, path)
+    for host in [f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}",
+                 f"LOCALHOST:{port}"]:
+        status, body = status_for_host(port, host, "/")
+        assert status == 200 and b"<title>Moonmesh</title>" in body, host
+        status, body = status_for_host(port, host, "/api/state")
+        assert status == 200 and "ready" in json.loads(body), host
+    refused = subprocess.run([sys.executable, "-m", "tools.umctl_mesh.cli", "--etcd", etcd.addr,
+                              "serve", "--listen", f"127.0.0.1:{free_port()}", "--allow-host",
+                              "mesh.example"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--allow-host is for a server off loopback" \
+        in refused.stderr, refused.stderr
 
 
 @pytest.fixture

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
+import time
 from pathlib import Path
 
 import hiredis
@@ -16,6 +18,7 @@ from redis.exceptions import MovedError
 
 from core import secret
 from core.slots import key_slot
+from node.metrics import HEAD_TIMEOUT, MAX_SCRAPES, SCRAPE_CACHE_SECONDS
 from tests.conftest import MESH_SECRET, Mesh, Spawner
 from tests.procs import command, free_port, wait_for
 
@@ -46,14 +49,26 @@ def http(port: int, request: bytes, timeout: float = 5.0) -> bytes:
     return out
 
 
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """Every sample the node serves: (name, sorted labels without cluster/node/shard) ->
-    value."""
-    response = http(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-    head, _, body = response.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
+def fresh_body(port: int, request: bytes = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+               ) -> str:
+    """A body rendered after this call began: the port serves one body to every scrape for
+    SCRAPE_CACHE_SECONDS, so a count read just after a change may predate it."""
+    since = time.time()
+
+    def rendered_since() -> str | None:
+        response = http(port, request)
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        at = re.search(rb"^moonmesh_metrics_rendered_timestamp_seconds{[^}]*} (\S+)$", body,
+                       re.M)
+        assert at is not None, body[:300]
+        return body.decode() if float(at.group(1)) >= since else None
+    return wait_for(rendered_since, SCRAPE_CACHE_SECONDS + 5, "a body rendered after the scrape")
+
+
+def samples(body: str) -> dict[tuple[str, tuple], float]:
     out = {}
-    for family in text_string_to_metric_families(body.decode()):
+    for family in text_string_to_metric_families(body):
         for sample in family.samples:
             labels = tuple(sorted((k, v) for k, v in sample.labels.items()
                                   if k not in ("cluster", "node", "shard")))
@@ -61,11 +76,16 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
     return out
 
 
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """Every sample the node serves, rendered after this call began: (name, sorted labels
+    without cluster/node/shard) -> value."""
+    return samples(fresh_body(port))
+
+
 def served_names(port: int) -> set[str]:
     """The names of every sample the node serves, and of every family it declares (a
     migration's have samples only while one runs)."""
-    response = http(port, b"GET /metrics HTTP/1.0\r\n\r\n")
-    body = response.partition(b"\r\n\r\n")[2].decode()
+    body = fresh_body(port, b"GET /metrics HTTP/1.0\r\n\r\n")
     names = set()
     for family in text_string_to_metric_families(body):
         names.add(family.name)
@@ -176,6 +196,56 @@ def test_bad_http_requests_get_4xx_and_the_proxy_keeps_serving(mesh):
     assert http(metrics, b"GET /metrics HTTP/1.1\r\n").startswith(b"HTTP/1.1 400")  # cut short
     assert redis.Redis(port=port).ping()
     assert ("moonmesh_view_epoch", ()) in scrape(metrics)
+
+
+def test_idle_connections_do_not_lock_out_a_scrape(mesh):
+    """Twice the cap of connections that never send a request: a scrape still gets 200 at
+    once (the oldest idle one is closed for it), and every idle one is closed within
+    HEAD_TIMEOUT."""
+    _, _, metrics = node_and_ports(mesh)
+    idle = [socket.create_connection(("127.0.0.1", metrics), timeout=HEAD_TIMEOUT + 5)
+            for _ in range(2 * MAX_SCRAPES)]
+    try:
+        started = time.monotonic()
+        for _ in range(3):
+            assert http(metrics, b"GET /metrics HTTP/1.1\r\n\r\n",
+                        timeout=HEAD_TIMEOUT / 2).startswith(b"HTTP/1.1 200")
+        for conn in idle:
+            try:
+                while conn.recv(65536):  # a 400 (head timed out) or nothing (closed)
+                    pass
+            except ConnectionResetError:
+                pass
+        assert time.monotonic() - started < HEAD_TIMEOUT + 2
+    finally:
+        for conn in idle:
+            conn.close()
+
+
+def test_a_scrape_flood_renders_once_per_window(mesh):
+    _, _, metrics = node_and_ports(mesh)
+    renders = ("moonmesh_metrics_renders_total", ())
+    before = scrape(metrics)[renders]
+    statuses: list[bytes] = []
+    stop = threading.Event()
+
+    def flood() -> None:
+        while not stop.is_set():
+            statuses.append(http(metrics, b"GET /metrics HTTP/1.1\r\n\r\n")[:12])
+
+    threads = [threading.Thread(target=flood) for _ in range(2)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    stop.wait(2.5 * SCRAPE_CACHE_SECONDS)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    took = time.monotonic() - started
+    after = scrape(metrics)[renders]  # the first body rendered after the flood
+    assert set(statuses) == {b"HTTP/1.1 200"} and len(statuses) >= 20
+    # one render per window the flood spanned (and the one after it), not one per scrape
+    assert 1 <= after - before <= took / SCRAPE_CACHE_SECONDS + 2, (after - before, took)
 
 
 def prove(client: redis.Redis) -> None:

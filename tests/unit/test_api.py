@@ -248,6 +248,9 @@ def test_change_documents():
     (["serve", "--listen", "127.0.0.1:99999"], "argument --listen:"),
     (["serve", "--token-file", "{short}"], "is shorter than 16 characters"),
     (["serve", "--token-file", "{missing}"], "cannot read"),
+    (["serve", "--allow-host", "mesh.example:8470"], "expected a host name or an IP address"),
+    (["serve", "--allow-host", "*.example"], "expected a host name or an IP address"),
+    (["serve", "--allow-host", ""], "expected a host name or an IP address"),
 ])
 def test_serve_refuses_bad_arguments_before_reaching_etcd(argv, message, tmp_path, capsys):
     from tools.umctl_mesh.cli import build_parser
@@ -265,3 +268,38 @@ def test_serve_reads_its_token_file(tmp_path):
     (tmp_path / "token").write_text(TOKEN + "\nignored\n")
     args = build_parser().parse_args(["serve", "--token-file", str(tmp_path / "token")])
     assert args.token_file.token == TOKEN and str(args.listen) == "127.0.0.1:8470"
+
+
+@pytest.mark.parametrize("listen, extra, want", [
+    ("127.0.0.1", [], ["127.0.0.1", "localhost", "[::1]"]),
+    ("::1", [], ["[::1]", "localhost", "127.0.0.1"]),
+    ("127.0.0.2", [], ["127.0.0.2", "localhost", "127.0.0.1", "[::1]"]),
+    ("localhost", [], ["localhost", "127.0.0.1", "[::1]"]),
+    ("10.1.2.3", [], ["10.1.2.3"]),
+    ("10.1.2.3", ["mesh.example", "fd00::1", "10.1.2.3"], ["10.1.2.3", "mesh.example",
+                                                          "[fd00::1]"]),
+    ("fd00::7", ["mesh.example"], ["[fd00::7]", "mesh.example"]),
+    ("Dash.Example", [], ["dash.example"]),
+    ("0.0.0.0", ["mesh.example"], ["0.0.0.0", "mesh.example", "localhost", "127.0.0.1",
+                                   "[::1]"]),
+])
+def test_allowed_hosts(listen, extra, want):
+    from tools.umctl_mesh.serve import allowed_hosts
+
+    assert allowed_hosts(listen, extra) == want
+
+
+def test_allow_host_on_loopback_is_refused():
+    from tools.umctl_mesh.serve import allowed_hosts
+
+    with pytest.raises(ops.UsageError, match="--allow-host is for a server off loopback"):
+        allowed_hosts("127.0.0.1", ["mesh.example"])
+
+
+@pytest.mark.parametrize("given, kept", [("Mesh.Example", "mesh.example"), ("[::1]", "::1"),
+                                         ("10.0.0.1", "10.0.0.1"), ("a-b.c", "a-b.c")])
+def test_allow_host_values(given, kept):
+    from tools.umctl_mesh.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--allow-host", given, "--allow-host", "x.y"])
+    assert args.allow_host == [kept, "x.y"]

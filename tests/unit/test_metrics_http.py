@@ -1,10 +1,11 @@
-"""node/metrics.py: the metrics port's answers to each kind of request (no network)."""
+"""node/metrics.py: the metrics port's answers to each kind of request, and which connection
+it closes at its cap (no network)."""
 from __future__ import annotations
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from node.metrics import answer
+from node.metrics import MAX_SCRAPES, WRITE_STALL, Holder, answer, closable
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def registry() -> CollectorRegistry:
     (b"\xff\xfe\r\n\r\n", b"400 Bad Request"),
 ])
 def test_answers(registry, request_, status):
-    response = answer(request_, registry)
+    response = answer(request_, lambda: generate_latest(registry))
     head, _, body = response.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 " + status)
     assert b"Connection: close" in head
@@ -37,3 +38,30 @@ def test_answers(registry, request_, status):
         assert len(body) == length
     if status == b"200 OK" and not request_.startswith(b"HEAD"):
         assert b"moonmesh_probe_total 3.0" in body
+
+
+def test_only_a_scrape_renders_the_body():
+    rendered = []
+    answer(b"POST /metrics HTTP/1.1\r\n\r\n", lambda: rendered.append(1) or b"")
+    answer(b"GET /x HTTP/1.1\r\n\r\n", lambda: rendered.append(1) or b"")
+    assert rendered == []
+
+
+NOW = 100.0
+HEAD = Holder(opened=NOW - 0.5, head_sent=False, writing_since=None)
+SERVED = Holder(opened=NOW - 0.1, head_sent=True, writing_since=NOW - 0.05)
+STALLED = Holder(opened=NOW - 3, head_sent=True, writing_since=NOW - WRITE_STALL - 0.1)
+
+
+@pytest.mark.parametrize(("name", "holders", "want"), [
+    ("every one being served: the newcomer gets 503", [SERVED] * MAX_SCRAPES, None),
+    ("the one still sending its head", [SERVED, HEAD, SERVED], 1),
+    ("the oldest of those sending their heads",
+     [Holder(NOW - 0.2, False, None), Holder(NOW - 0.9, False, None), SERVED], 1),
+    ("one sending its head before one not reading", [STALLED, SERVED, HEAD], 2),
+    ("one not reading its response for WRITE_STALL", [SERVED, STALLED], 1),
+    ("a response written just now is not stalled",
+     [Holder(NOW - 9, True, NOW - WRITE_STALL + 0.01)], None),
+])
+def test_closable_at_the_cap(name, holders, want):
+    assert closable(holders, NOW) == want

@@ -233,3 +233,78 @@ def test_a_migration_seen_only_while_planned_takes_the_report_of_its_start():
     tracker.observe([row("a", 8192, 0, None, epoch=2)], 0.0)  # planned at epoch 2
     gone = tracker.observe([], 1.0, {"s1>a@3": 1002, "s1>b@3": 5})  # started at 3, committed
     assert gone.unreported == 0 and gone.keys_moved == 1002
+
+
+# -- data from outside stays literal text (hot keys, slowlog arguments, client names) --------
+
+HOSTILE = ["[/oops]", "[link=https://evil.example]hotkey[/link]", "a\x1b]0;pwned\x07b",
+           "[red]x", "c1\x9b31m", "del\x7f"]
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    ("[/oops]", "[/oops]"),
+    ("a\x1b]0;pwned\x07b", "a\\x1b]0;pwned\\x07b"),
+    ("two\nlines\ttab\r", "two\\x0alines\\x09tab\\x0d"),
+    ("\x00\x7f\x80\x9f", "\\x00\\x7f\\x80\\x9f"),
+    ("é ключ 🔑 \xa0", "é ключ 🔑 \xa0"),  # printable non-ASCII stays as it is
+    (42, "42"),
+])
+def test_literal_escapes_control_characters_only(value, shown):
+    assert render.literal(value) == shown
+
+
+# what rich itself writes to a terminal: SGR styles, cursor moves and hiding, line erases
+RICH_OWN = re.compile(r"\x1b\[[0-9;]*[mAK]|\x1b\[\?25[lh]|\r")
+
+
+def no_injected_sequences(text: str) -> None:
+    """Once rich's own sequences are gone, nothing but printable text and newlines."""
+    rest = RICH_OWN.sub("", text)
+    assert all(c.isprintable() or c == "\n" for c in rest), repr(rest)
+
+
+def test_hostile_cells_on_a_terminal_are_shown_as_typed():
+    out = Tty()
+    render.print_table(["KEY", "OPS"], [[key, 1] for key in HOSTILE], out)
+    text = out.getvalue()
+    assert "\x1b[1m" in text  # rich drew it (the bold header): the terminal path
+    for shown in ["[/oops]", "[link=https://evil.example]hotkey[/link]",
+                  "a\\x1b]0;pwned\\x07b", "[red]x", "c1\\x9b31m", "del\\x7f"]:
+        assert shown in text
+    assert "\x1b[31m" not in text  # [red] made no colour
+    no_injected_sequences(text)
+
+
+def test_hostile_cells_off_a_terminal_are_escaped_too():
+    out = io.StringIO()
+    render.print_table(["KEY", "OPS"], [[key, 1] for key in HOSTILE], out)
+    text = out.getvalue()
+    assert "a\\x1b]0;pwned\\x07b" in text and "[/oops]" in text and "\x1b" not in text
+    assert len(text.splitlines()) == 1 + len(HOSTILE)
+
+
+def test_progress_and_status_lines_keep_hostile_text_literal():
+    out = Tty()
+    bar = render.ProgressLine("[/d]\x1b]0;t\x07", stream=out)
+    bar.update(1, 2, "[/oops] [link=https://evil.example]x[/link] \x1b]0;pwned\x07")
+    bar.close("[/final]\x1b[2J")
+    line = render.StatusLine(out)
+    line.show("[/status] \x1b]0;pwned\x07")
+    line.close()
+    text = out.getvalue()
+    for shown in ["[/d]\\x1b]0;t\\x07", "[/oops]", "[link=https://evil.example]x[/link]",
+                  "\\x1b]0;pwned\\x07", "[/final]\\x1b[2J", "[/status]"]:
+        assert shown in text
+    no_injected_sequences(text)
+
+
+def test_plain_progress_and_status_lines_escape_control_characters():
+    out = io.StringIO()
+    bar = render.ProgressLine("migrating", stream=out)
+    bar.update(0, 1, "k\x1b]0;pwned\x07")
+    bar.close("done\x1b[2J")
+    line = render.StatusLine(out)
+    line.show("s\x1b]0;x\x07")
+    text = out.getvalue()
+    assert "\x1b" not in text and "k\\x1b]0;pwned\\x07" in text and "done\\x1b[2J" in text
+    assert "s\\x1b]0;x\\x07" in text

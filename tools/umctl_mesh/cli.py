@@ -870,7 +870,8 @@ async def cmd_slowlog(store: EtcdStore, args: argparse.Namespace) -> int:
         else:
             print(f"no slow commands logged on the nodes of {view.cluster}")
         for nid, why in sorted(failed.items()):
-            print(f"umctl-mesh: could not read the slowlog of {nid}: {why}", file=sys.stderr)
+            print(f"umctl-mesh: could not read the slowlog of {nid}: {render.literal(why)}",
+                  file=sys.stderr)
     return EXIT_FAILED if failed and not entries else 0
 
 
@@ -907,7 +908,7 @@ async def cmd_top(store: EtcdStore, args: argparse.Namespace) -> int:
             "-" if n["ops_per_sec"] is None else n["ops_per_sec"]] for n in report["nodes"]])
     for node, problems in sorted(report["problems"].items()):
         for problem in problems:
-            print(f"umctl-mesh: {node}: {problem}", file=sys.stderr)
+            print(f"umctl-mesh: {node}: {render.literal(problem)}", file=sys.stderr)
     return 0
 
 

@@ -9,13 +9,21 @@ A monitor task reads etcd and every registered proxy's `INFO proxy` each POLL_IN
 page polls `/api/state`, which is that read (pool by host, clusters with their slot maps,
 migrations with progress, failovers seen, DATA LOST notes, ops/s per node). The other JSON
 endpoints read etcd when asked. The page itself is static HTML and JavaScript in `static/`.
+
+Every request's Host header must name this server (Starlette's TrustedHostMiddleware, 400
+otherwise), so a page of another site whose name was rebound to this address (DNS
+rebinding) cannot read the API from a browser: on a loopback listener only `localhost`,
+127.0.0.1 and ::1 (any port); otherwise the listen host and the `--allow-host` names
+(`allowed_hosts` decides, pure).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import ipaddress
 import os
+import re
 import socket
 import time
 from collections import deque
@@ -27,6 +35,8 @@ import anyio
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -48,6 +58,9 @@ POLL_INTERVAL = 1.0  # seconds between the monitor's reads (and the page's)
 READ_TIMEOUT = 5.0  # one read of etcd by the monitor
 INFO_TIMEOUT = 1.0  # one proxy's INFO
 STATIC = Path(__file__).parent / "static"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")  # the Host names a loopback server accepts
+HOST_NAME = re.compile(r"(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+                       r"(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 
 
 def add_parser(sub: Any) -> None:
@@ -67,7 +80,56 @@ def add_parser(sub: Any) -> None:
     serve.add_argument("--token-file", metavar="FILE", type=token_file_arg,
                        help=f"the API token (its first line; at least {api.MIN_TOKEN_LENGTH} "
                             f"characters); default ${TOKEN_ENV}; neither: read-only")
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       type=allow_host_arg,
+                       help="a name (or address) browsers and clients reach the server by, "
+                            "accepted in the Host header besides the --listen host (again for "
+                            "more); a server on loopback accepts only localhost, 127.0.0.1 "
+                            "and ::1")
     serve.set_defaults(func=cmd_serve)
+
+
+def allow_host_arg(text: str) -> str:
+    """--allow-host: a DNS name or an IP address, without a port (lowercase, no brackets)."""
+    name = text.lower()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if not HOST_NAME.fullmatch(name):
+        raise argparse.ArgumentTypeError(f"expected a host name or an IP address without a "
+                                         f"port, got '{text}'")
+    return name
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def allowed_hosts(listen_host: str, extra: list[str]) -> list[str]:
+    """The Host header values (TrustedHostMiddleware's patterns: IPv6 in brackets) a server
+    listening on `listen_host` accepts; pure. A loopback listener accepts the loopback names
+    only (and its own address); a wildcard one (0.0.0.0, ::) also listens on loopback, so it
+    accepts those too. ops.UsageError: --allow-host on loopback."""
+    ip = _ip(listen_host)
+    loopback = listen_host.lower() == "localhost" or (ip is not None and ip.is_loopback)
+    if loopback and extra:
+        raise ops.UsageError(f"--allow-host is for a server off loopback: on {listen_host} "
+                             f"only {', '.join(LOOPBACK_NAMES)} reach it")
+    names = [listen_host.lower(), *extra]
+    if loopback or (ip is not None and ip.is_unspecified):
+        names += LOOPBACK_NAMES
+    out: list[str] = []
+    for name in names:
+        pattern = f"[{name}]" if ":" in name else name
+        if pattern not in out:
+            out.append(pattern)
+    return out
 
 
 def listen_arg(text: str) -> Address:
@@ -224,7 +286,8 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def build_app(store: EtcdStore, token: str | None, mesh_secret: bytes | None,
-              monitor: Monitor) -> Starlette:
+              monitor: Monitor, hosts: list[str]) -> Starlette:
+    """The API and page; `hosts`: the Host header values accepted (`allowed_hosts`)."""
     repo = MeshRepo(store)
 
     def action(fn: Callable[[Request, dict[str, Any]], Awaitable[Response]]) -> Handler:
@@ -404,11 +467,14 @@ def build_app(store: EtcdStore, token: str | None, mesh_secret: bytes | None,
         Route("/api/nodes/{node}/drain", action(drain), methods=["POST"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan,
+                     middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts,
+                                            www_redirect=False)],
                      exception_handlers={HTTPException: http_error, StoreError: etcd_down})
 
 
 async def cmd_serve(store: EtcdStore, args: argparse.Namespace) -> int:
     address = args.listen
+    hosts = allowed_hosts(address.host, args.allow_host)
     token, source = load_token(args.token_file)
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -420,7 +486,7 @@ async def cmd_serve(store: EtcdStore, args: argparse.Namespace) -> int:
         raise ops.OpError(f"cannot listen on {address}: {exc.strerror or exc}") from None
     sock.listen(128)
     monitor = Monitor(store, args.mesh_secret)
-    app = build_app(store, token, args.mesh_secret, monitor)
+    app = build_app(store, token, args.mesh_secret, monitor, hosts)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
     print(f"dashboard and API on http://{address}/ (etcd {store.describe()}; API token "
           f"{source})", flush=True)
