@@ -9,6 +9,7 @@ from anyio.abc import TaskGroup
 
 from .backend import BackendPool
 from .control import ControlPort
+from .jobs import KeyCounts
 from .migration import Migrations
 from .peers import PeerPool
 from .routing import RoutingTable
@@ -27,6 +28,9 @@ class ProxyContext:
         self.sessions: set[Any] = set()  # the client sessions connected now
         self.commands_processed = 0
         self.stats = ProxyStats()  # counters and samples for metrics, HOTKEYS, SLOT-STATS
+        self.stats_tenant = control.table.tenant  # whose `stats` are (reset when it changes)
+        # CLUSTER SLOT-STATS' last key counts (proxy/local.py), reused while fresh
+        self.key_counts: KeyCounts | None = None
         self.dedicated_open = 0  # connections of clients' own (proxy/dedicated.py)
         self.slot_scans = 0  # CLUSTER COUNTKEYSINSLOT/GETKEYSINSLOT running (proxy/local.py)
         self.started_at = time.time()
@@ -42,7 +46,13 @@ class ProxyContext:
     def table_changed(self, table: RoutingTable) -> None:
         """A new table is served: clients of another tenant lose their own connections,
         clients blocked on a slot that left are unblocked (proxy/session.py), and the
-        connections to proxies that left the view are closed."""
+        connections to proxies that left the view are closed. Another tenant (or none: the
+        node is free) starts from empty statistics: the last one's keys and traffic are
+        not shown to it."""
+        if table.tenant != self.stats_tenant:
+            self.stats_tenant = table.tenant
+            self.stats.reset()
+            self.key_counts = None
         self.peers.retain({n.address for n in table.nodes}, table.tenant)
         for session in list(self.sessions):
             session.table_changed(table)

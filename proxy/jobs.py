@@ -7,6 +7,7 @@ returns is the reply the command waits for.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import anyio
@@ -22,6 +23,9 @@ log = structlog.get_logger("proxy.jobs")
 
 SLOT_SCAN_TIMEOUT = 60.0
 SLOT_SCAN_BATCH = 1000
+# CLUSTER SLOT-STATS reuses the key counts of a SCAN this long (seconds) for the same table
+# (tenant and epoch): each is a SCAN of the whole backend, so they may be this old
+SLOT_COUNTS_FRESH = 10.0
 HANDOVER_ATTEMPTS = 6  # FAILOVER tries before a graceful failover gives up
 HANDOVER_RETRY_WAIT = 0.5
 HANDOVER_ROLE_POLL = 0.05
@@ -100,19 +104,39 @@ async def keys_in_slot(pool: BackendPool, slot: int, count: int | None) -> list[
     return await _scan(pool, take) or keys
 
 
-async def slot_key_counts(pool: BackendPool, slots: frozenset[int]) -> list[int] | Err:
-    """CLUSTER SLOT-STATS's key-count: one SCAN of the whole backend, each key hashed, the
-    keys of `slots` counted (16384 entries; other slots 0)."""
+@dataclass(frozen=True, slots=True)
+class KeyCounts:
+    """CLUSTER SLOT-STATS's key counts of every slot, from one SCAN of the backend made
+    for the table of `tenant` at `epoch`, started at `taken` (time.monotonic())."""
+
+    tenant: str
+    epoch: int
+    taken: float
+    counts: tuple[int, ...]
+
+    def fresh_for(self, tenant: str, epoch: int, now: float) -> bool:
+        """Reusable for the table of `tenant` at `epoch` at time `now`."""
+        return self.tenant == tenant and self.epoch == epoch \
+            and 0 <= now - self.taken < SLOT_COUNTS_FRESH
+
+
+async def slot_key_counts(pool: BackendPool, wanted: Callable[[], bool]) -> list[int] | Err \
+        | None:
+    """CLUSTER SLOT-STATS's key-count: one SCAN of the whole backend, each key hashed and
+    counted under its slot (16384 entries). None: given up, as `wanted()` said no more (its
+    client is gone) between two batches."""
     counts = [0] * SLOT_COUNT
+    abandoned = False
 
     def take(batch: list[bytes]) -> bool:
+        nonlocal abandoned
         for key in batch:
-            slot = key_slot(key)
-            if slot in slots:
-                counts[slot] += 1
-        return False
+            counts[key_slot(key)] += 1
+        abandoned = not wanted()
+        return abandoned
 
-    return await _scan(pool, take) or counts
+    failed = await _scan(pool, take)
+    return failed or (None if abandoned else counts)
 
 
 class DedicatedOwner(Protocol):

@@ -9,7 +9,7 @@ import asyncio
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import hiredis
@@ -459,47 +459,73 @@ async def _keys_in_slot(c: Client, pending: Pending, slot: int, count: int | Non
     c.replies_arrived()
 
 
-def served_slots(table: RoutingTable) -> frozenset[int]:
-    """The slots of this node's shard (a replica: its master's), as CLUSTER SLOT-STATS lists."""
+def served_slots(table: RoutingTable, within: slotstats.SlotsRange | None = None
+                 ) -> frozenset[int]:
+    """The slots of this node's shard (a replica: its master's), as CLUSTER SLOT-STATS lists
+    (those `within` a range only, if given)."""
     me = table.myself
     if me is not None and me.master_id is not None:
         me = next((n for n in table.nodes if n.node_id == me.master_id), None)
-    return frozenset(slotstats.served_slots(me.ranges)) if me is not None else frozenset()
+    return frozenset(slotstats.served_slots(me.ranges, within)) if me is not None \
+        else frozenset()
 
 
 async def _slot_stats(c: Client, pending: Pending, request: slotstats.SlotsRange
-                      | slotstats.OrderBy, served: frozenset[int]) -> None:
+                      | slotstats.OrderBy, served: frozenset[int], tenant: str,
+                      epoch: int) -> None:
+    ctx = c.ctx
     try:
-        counts = await jobs.slot_key_counts(c.ctx.pool, served)
+        if c.transport is None:  # its client is gone: no scan for nobody
+            return
+        taken = time.monotonic()
+        counts = await jobs.slot_key_counts(ctx.pool, lambda: c.transport is not None)
     finally:
-        c.ctx.slot_scans -= 1
+        ctx.slot_scans -= 1
+    if counts is None:  # given up: the client is gone
+        return
     if isinstance(counts, Err):
         pending.data = error(counts)
     else:
-        stats = c.ctx.stats
-        numbers = slotstats.SlotNumbers(counts, stats.slot_cpu_usec, stats.slot_bytes_in,
-                                        stats.slot_bytes_out)
-        pending.data = encode(slotstats.rows(request, served, numbers), c.resp3)
+        ctx.key_counts = jobs.KeyCounts(tenant, epoch, taken, tuple(counts))
+        pending.data = encode(_slot_stats_rows(ctx, request, served, counts), c.resp3)
     c.replies_arrived()
+
+
+def _slot_stats_rows(ctx: ProxyContext, request: slotstats.SlotsRange | slotstats.OrderBy,
+                     served: frozenset[int], counts: Sequence[int]) -> list:
+    stats = ctx.stats
+    numbers = slotstats.SlotNumbers(counts, stats.slot_cpu_usec, stats.slot_bytes_in,
+                                    stats.slot_bytes_out)
+    return slotstats.rows(request, served, numbers)
 
 
 def slot_stats(c: Client, argv: list[bytes]) -> None:
     """CLUSTER SLOT-STATS (proxy/slotstats.py). key-count takes a SCAN of the whole backend
-    (it keeps no per-slot index), so it shares COUNTKEYSINSLOT's limit of MAX_SLOT_SCANS."""
+    (it keeps no per-slot index), so it shares COUNTKEYSINSLOT's limit of MAX_SLOT_SCANS;
+    its counts are reused for jobs.SLOT_COUNTS_FRESH seconds while the table's tenant and
+    epoch stay (they may be that old). A node serving no slots answers at once."""
     try:
         request = slotstats.parse(argv)
     except slotstats.SlotStatsError as exc:
         c.reply(error(str(exc)))
         return
-    served = served_slots(c.ctx.control.table)
-    if isinstance(request, slotstats.SlotsRange):
-        served = frozenset(s for s in served if request.start <= s <= request.end)
-    if c.ctx.slot_scans >= MAX_SLOT_SCANS:
+    ctx = c.ctx
+    table = ctx.control.table
+    served = served_slots(table, request if isinstance(request, slotstats.SlotsRange)
+                          else None)
+    if not served:
+        c.reply_value([])
+        return
+    cached = ctx.key_counts
+    if cached is not None and cached.fresh_for(table.tenant, table.epoch, time.monotonic()):
+        c.reply_value(_slot_stats_rows(ctx, request, served, cached.counts))
+        return
+    if ctx.slot_scans >= MAX_SLOT_SCANS:
         c.reply(error(f"BUSY {MAX_SLOT_SCANS} scans of this node's keyspace are running "
                       "(CLUSTER COUNTKEYSINSLOT/GETKEYSINSLOT/SLOT-STATS); try again later"))
         return
-    c.ctx.slot_scans += 1
-    c.ctx.spawn(_slot_stats, c, c.reply_later(), request, served)
+    ctx.slot_scans += 1
+    ctx.spawn(_slot_stats, c, c.reply_later(), request, served, table.tenant, table.epoch)
 
 
 def cluster(c: Client, argv: list[bytes]) -> None:

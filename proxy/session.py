@@ -190,7 +190,13 @@ class Session(asyncio.Protocol):
     def _sample(self, batch: list[list[bytes]]) -> Sample | None:
         """This read holds a sampled command: the hot keys and bytes in take it; it is timed
         too when this client waits for no earlier reply (so what is written back until its
-        last reply is its own)."""
+        last reply is its own). Only a client of the served tenant that passed its
+        authentication gives samples: a stranger's keys are no hot keys of the cluster."""
+        table = self.control.table
+        if self.tenant != table.tenant or (self.auth_hash != table.password_hash
+                                           and not self.admin):
+            self.stats.skip(len(batch))
+            return None
         name, slot, weight = self.stats.sample(batch)
         if self.replies or self.sample is not None or self.backlog is not None:
             return None

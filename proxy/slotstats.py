@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from core.slots import SLOT_COUNT
 
-_INTEGER = re.compile(rb"-?(0|[1-9][0-9]*)")  # what Redis's string2ll takes
+_INTEGER = re.compile(rb"-?[1-9][0-9]*|0")  # what Redis's string2ll takes (not -0)
 METRICS = ("key-count", "cpu-usec", "network-bytes-in", "network-bytes-out")
 
 BAD_SLOT = "ERR Invalid or out of range slot"
@@ -110,8 +110,13 @@ class SlotNumbers:
                        "network-bytes-in": int(self.bytes_in[slot]),
                        "network-bytes-out": int(self.bytes_out[slot])}]
 
+    def column(self, metric: str) -> Sequence[float]:
+        """The numbers of `metric` (one of METRICS), by slot."""
+        return (self.key_count, self.cpu_usec, self.bytes_in, self.bytes_out)[
+            METRICS.index(metric)]
+
     def value(self, slot: int, metric: str) -> int:
-        return self.row(slot)[1][metric]
+        return int(self.column(metric)[slot])
 
 
 def rows(request: SlotsRange | OrderBy, served: Iterable[int], numbers: SlotNumbers) -> list:
@@ -120,11 +125,16 @@ def rows(request: SlotsRange | OrderBy, served: Iterable[int], numbers: SlotNumb
     mine = sorted(set(served))
     if isinstance(request, SlotsRange):
         return [numbers.row(s) for s in mine if request.start <= s <= request.end]
-    sign = -1 if request.desc else 1
-    ordered = sorted(mine, key=lambda s: (sign * numbers.value(s, request.metric), s))
+    # a stable sort of the slots in order (reversed too) keeps ties by the lower slot
+    column = numbers.column(request.metric)
+    ordered = sorted(mine, key=lambda s: int(column[s]), reverse=request.desc)
     return [numbers.row(s) for s in ordered[:request.limit]]
 
 
-def served_slots(ranges: Iterable[tuple[int, int]]) -> list[int]:
-    """The slots of inclusive ranges."""
+def served_slots(ranges: Iterable[tuple[int, int]], within: SlotsRange | None = None
+                 ) -> list[int]:
+    """The slots of inclusive ranges (those `within` a range only, if given: without going
+    through the others)."""
+    if within is not None:
+        ranges = [(max(start, within.start), min(end, within.end)) for start, end in ranges]
     return [s for start, end in ranges for s in range(start, end + 1)]

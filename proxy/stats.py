@@ -19,9 +19,15 @@ each name otherwise, and one countdown. Everything else is sampled:
   (`network-bytes-out`), both divided evenly among the read's commands and weighted like
   the rest.
 
-Bounds: command names are folded to the Redis command table's names (anything else is
-`other`) once more than MAX_COMMAND_NAMES distinct spellings were seen; error kinds are
+Bounds: a name that is no command of the Redis command table (longer than its longest
+name, LONGEST_NAME bytes, or unknown) is counted as `other` at once, so the names kept take
+at most MAX_COMMAND_NAMES * LONGEST_NAME bytes; the spellings of known names are folded to
+the table's names once more than MAX_COMMAND_NAMES distinct ones were seen; error kinds are
 capped at MAX_ERROR_KINDS; per-slot counters are three lists of 16384 numbers.
+
+Tenancy: the statistics are the served cluster's. `reset()` clears them in place when the
+node serves another tenant (proxy/context.py), and only clients of the served tenant that
+passed its authentication (or proved the admin secret) give samples (proxy/session.py).
 """
 from __future__ import annotations
 
@@ -52,6 +58,9 @@ def next_gap(random: Callable[[], float] = random.random) -> int:
 MAX_COMMAND_NAMES = 512  # distinct raw command names kept before folding to known ones
 MAX_ERROR_KINDS = 64  # distinct error kinds (the first word of an error reply) kept
 OTHER = "other"
+_OTHER = OTHER.encode()
+# the longest command name of the command table: any longer argv[0] is `other` at once
+LONGEST_NAME = max(map(len, COMMANDS))
 # latency histogram upper bounds, seconds (Prometheus `le`); +Inf is implied
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0)
@@ -68,6 +77,12 @@ def command_name(raw: bytes) -> str:
     """The name a raw argv[0] is counted under: the command table's, or `other`."""
     upper = raw.upper()
     return upper.decode() if upper in COMMANDS else OTHER
+
+
+def is_command(raw: bytes) -> bool:
+    """A name of the command table in any spelling (the length is checked first: a huge
+    made-up name is not upper-cased)."""
+    return len(raw) <= LONGEST_NAME and raw.upper() in COMMANDS
 
 
 def fold_commands(raw: dict[bytes, int]) -> dict[bytes, int]:
@@ -106,8 +121,10 @@ def name_and_key(argv: list[bytes]) -> tuple[str, bytes | None]:
     key position, or None."""
     known = _spellings.get(argv[0])
     if known is None:
-        spec = COMMANDS.get(argv[0].upper())
-        known = (spec.name.decode(), spec.first_key) if spec is not None else (OTHER, 0)
+        if not is_command(argv[0]):  # not kept: made-up names would fill the cache
+            return OTHER, None
+        spec = COMMANDS[argv[0].upper()]
+        known = (spec.name.decode(), spec.first_key)
         if len(_spellings) >= MAX_SPELLINGS:
             _spellings.clear()
         _spellings[argv[0]] = known
@@ -143,7 +160,16 @@ class Sample:
 
 
 class ProxyStats:
+    """Sessions keep a reference to the one instance of their proxy (ProxyContext.stats):
+    it is cleared in place (`reset`), never replaced."""
+
     def __init__(self) -> None:
+        self.clients_accepted = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything counted for the tenant served so far (the node serves another
+        one now, or none). `clients_accepted` is the process's and stays."""
         self.commands: dict[bytes, int] = {}  # raw argv[0] -> commands read
         self.errors: dict[str, int] = {}  # kind -> error replies the proxy made itself
         self.countdown = next_gap()  # commands until the next sample point (1 or more)
@@ -153,18 +179,28 @@ class ProxyStats:
         self.slot_bytes_out = [0.0] * SLOT_COUNT
         self.latency: dict[str, list[int]] = {}  # name -> per-bucket (not cumulative) counts
         self.latency_sum: dict[str, float] = {}
-        self.clients_accepted = 0
 
     # -- the hot path's helpers, called off its common case ---------------------------------
     def count_new(self, name: bytes, n: int) -> None:
-        """A name (spelling) not counted yet."""
+        """A name (spelling) not counted yet: made-up names go to `other` at once."""
+        if not is_command(name):
+            name = _OTHER
+            n += self.commands.get(name, 0)
         self.commands[name] = n
         if len(self.commands) > MAX_COMMAND_NAMES:
             self.commands = fold_commands(self.commands)
 
     def count_each(self, batch: list[list[bytes]]) -> None:
-        """A read of several kinds of command: each name counted (in C)."""
-        count_into(self.commands, map(_first, batch))
+        """A read of several kinds of command: each name counted (in C); names new to the
+        table that are no commands are moved to `other` at once."""
+        commands = self.commands
+        before = len(commands)
+        count_into(commands, map(_first, batch))
+        if len(commands) != before:
+            for argv in batch:
+                name = argv[0]
+                if name != _OTHER and name in commands and not is_command(name):
+                    commands[_OTHER] = commands.get(_OTHER, 0) + commands.pop(name)
         if len(self.commands) > MAX_COMMAND_NAMES:
             self.commands = fold_commands(self.commands)
 
@@ -180,14 +216,8 @@ class ProxyStats:
         sample point, for hot keys and bytes in, weighted by the sample points the read
         holds (SAMPLE_EVERY each); draw the points after it. Its name, slot (-1: keyless)
         and weight."""
-        n = len(batch)
-        first = at = self.countdown - 1
-        points = 0
-        while at < n:
-            points += 1
-            at += next_gap()
-        self.countdown = at - n + 1
-        weight = points * SAMPLE_EVERY
+        first = self.countdown - 1
+        weight = self.skip(len(batch))
         argv = batch[first]
         name, key = name_and_key(argv)
         slot = -1
@@ -196,6 +226,18 @@ class ProxyStats:
             slot = key_slot(key)
             self.slot_bytes_in[slot] += len(encode_command(argv)) * weight
         return name, slot, weight
+
+    def skip(self, n: int) -> int:
+        """A read of `n` commands reached the countdown: draw the sample points after it;
+        the weight of its sample (alone: a read whose sample is not taken, see
+        proxy/session.py)."""
+        at = self.countdown - 1
+        points = 0
+        while at < n:
+            points += 1
+            at += next_gap()
+        self.countdown = at - n + 1
+        return points * SAMPLE_EVERY
 
     def finish(self, sample: Sample, elapsed: float) -> None:
         """A timed read's last reply is out: charge the sampled command's slot its share of

@@ -27,6 +27,7 @@ def argv(*words: str) -> list[bytes]:
 @pytest.mark.parametrize(("words", "expected"), [
     (("SLOTSRANGE", "0", "16383"), SlotsRange(0, 16383)),
     (("slotsrange", "7", "7"), SlotsRange(7, 7)),
+    (("SLOTSRANGE", "0", "0"), SlotsRange(0, 0)),
     (("ORDERBY", "key-count"), OrderBy("key-count", 16384, True)),
     (("orderby", "CPU-USEC", "limit", "10"), OrderBy("cpu-usec", 10, True)),
     (("ORDERBY", "network-bytes-in", "ASC"), OrderBy("network-bytes-in", 16384, False)),
@@ -44,6 +45,9 @@ def test_parse(words, expected):
     (("SLOTSRANGE", "-1", "5"), BAD_SLOT),
     (("SLOTSRANGE", "a", "5"), BAD_SLOT),
     (("SLOTSRANGE", " 1", "5"), BAD_SLOT),
+    (("SLOTSRANGE", "-0", "5"), BAD_SLOT),  # Valkey's string2ll takes no -0
+    (("SLOTSRANGE", "0", "-0"), BAD_SLOT),
+    (("SLOTSRANGE", "01", "5"), BAD_SLOT),
     (("SLOTSRANGE", "5", "1"), "ERR Start slot number 5 is greater than end slot number 1"),
     (("SLOTSRANGE", "1", "2", "3"),
      "ERR unknown subcommand or wrong number of arguments for 'SLOT-STATS'. Try CLUSTER HELP."),
@@ -54,6 +58,8 @@ def test_parse(words, expected):
     (("ORDERBY", "key-count", "LIMIT", "0"), BAD_LIMIT),
     (("ORDERBY", "key-count", "LIMIT", "16385"), BAD_LIMIT),
     (("ORDERBY", "key-count", "LIMIT", "x"), BAD_LIMIT),
+    (("ORDERBY", "key-count", "LIMIT", "-0"), BAD_LIMIT),
+    (("ORDERBY", "key-count", "LIMIT", "-1"), BAD_LIMIT),
     (("ORDERBY", "key-count", "LIMIT", "1", "LIMIT", "2"), REPEATED),
     (("ORDERBY", "key-count", "ASC", "DESC"), REPEATED),
     (("ORDERBY", "key-count", "sideways"), SYNTAX),
@@ -97,5 +103,23 @@ def test_floats_are_reported_as_integers():
     assert rows(SlotsRange(0, 0), [0], n) == [row(0, cpu=1, bout=2)]
 
 
+def test_ties_are_of_the_reported_integers_and_go_to_the_lower_slot():
+    cpu = [0.0] * 16384
+    cpu[7], cpu[3], cpu[9] = 1.2, 1.9, 2.0
+    n = SlotNumbers([0] * 16384, cpu, [0] * 16384, [0] * 16384)
+    assert [r[0] for r in rows(OrderBy("cpu-usec", 3, True), [9, 7, 3, 1], n)] == [9, 3, 7]
+    assert [r[0] for r in rows(OrderBy("cpu-usec", 4, False), [9, 7, 3, 1], n)] == [1, 3, 7, 9]
+
+
 def test_served_slots_of_ranges():
     assert served_slots([(0, 2), (10, 10)]) == [0, 1, 2, 10]
+
+
+@pytest.mark.parametrize(("ranges", "within", "expected"), [
+    ([(0, 16383)], SlotsRange(5, 7), [5, 6, 7]),
+    ([(0, 2), (10, 12)], SlotsRange(2, 10), [2, 10]),
+    ([(0, 2), (10, 12)], SlotsRange(3, 9), []),
+    ([(0, 2)], SlotsRange(16383, 16383), []),
+])
+def test_served_slots_within_a_range(ranges, within, expected):
+    assert served_slots(ranges, within) == expected

@@ -10,9 +10,11 @@ from hypothesis import strategies as st
 
 import proxy.stats
 from core.slots import key_slot
+from proxy.jobs import SLOT_COUNTS_FRESH, KeyCounts
 from proxy.resp import encode_command
 from proxy.stats import (
     LATENCY_BUCKETS,
+    LONGEST_NAME,
     MAX_COMMAND_NAMES,
     MAX_ERROR_KINDS,
     SAMPLE_EVERY,
@@ -22,7 +24,9 @@ from proxy.stats import (
     count_into,
     error_kind,
     fold_commands,
+    is_command,
     key_of,
+    name_and_key,
     next_gap,
     request_bytes,
 )
@@ -178,3 +182,70 @@ def test_made_up_names_from_a_hostile_client_stay_bounded():
     assert len(stats.commands) <= MAX_COMMAND_NAMES + 1
     assert stats.command_counts() == {"GET": 5 * MAX_COMMAND_NAMES,
                                       "other": 10 * MAX_COMMAND_NAMES}
+
+
+@pytest.mark.parametrize(("raw", "known"), [
+    (b"get", True), (b"GEORADIUSBYMEMBER_RO", True), (b"nosuch", False), (b"", False),
+    (b"GET" + b" " * LONGEST_NAME, False), (b"x" * (1 << 20), False),
+])
+def test_is_command(raw, known):
+    assert is_command(raw) is known
+
+
+def test_made_up_names_are_other_at_once_so_their_bytes_are_bounded():
+    stats = ProxyStats()
+    huge = [b"%06d" % i + b"x" * 100_000 for i in range(50)]
+    for name in huge[:25]:
+        stats.count_new(name, 1)
+    for name in huge[25:]:
+        stats.count_each([[b"GET", b"k"], [name, b"k"], [b"get", b"k"]])
+    assert set(stats.commands) == {b"other", b"GET", b"get"}
+    assert sum(map(len, stats.commands)) <= (MAX_COMMAND_NAMES + 1) * LONGEST_NAME
+    assert stats.command_counts() == {"GET": 50, "other": 50}
+
+
+def test_made_up_names_are_not_cached_by_samples():
+    name = b"y" * (1 << 20)
+    assert name_and_key([name, b"k"]) == ("other", None)
+    assert name not in proxy.stats._spellings
+    assert name_and_key([b"gEt", b"k"]) == ("GET", b"k")
+
+
+def test_reset_forgets_everything_but_clients_accepted():
+    stats = ProxyStats()
+    stats.clients_accepted = 3
+    stats.count_new(b"GET", 5)
+    stats.count_error(b"-MOVED 1 h:1\r\n")
+    stats.countdown = 1
+    _, slot, _ = stats.sample([[b"GET", b"secret-key"]])
+    stats.finish(Sample(0.0, "GET", slot, SAMPLE_EVERY, 1), 0.001)
+    assert stats.hotkeys.top(1) and stats.slot_bytes_in[slot] and stats.latency
+    stats.reset()
+    assert stats.commands == {} and stats.errors == {} and stats.latency == {}
+    assert stats.hotkeys.top(10) == [] and stats.hotkeys.total == 0
+    assert not any(stats.slot_bytes_in) and not any(stats.slot_cpu_usec) \
+        and not any(stats.slot_bytes_out)
+    assert stats.latency_snapshot() == {} and stats.command_counts() == {}
+    assert stats.clients_accepted == 3 and stats.countdown >= 1
+
+
+def test_skip_draws_the_points_of_a_read_without_a_sample(monkeypatch_gap):
+    monkeypatch_gap(10)
+    stats = ProxyStats()
+    stats.countdown = 3
+    assert stats.skip(25) == 3 * SAMPLE_EVERY  # points at commands 3, 13 and 23
+    assert stats.countdown == 8  # the next at command 33: the 8th of the next read
+    assert stats.hotkeys.total == 0
+
+
+@pytest.mark.parametrize(("tenant", "epoch", "age", "fresh"), [
+    ("t", 3, 0.0, True),
+    ("t", 3, SLOT_COUNTS_FRESH - 0.1, True),
+    ("t", 3, SLOT_COUNTS_FRESH, False),  # too old
+    ("t", 3, -1.0, False),  # a clock that went back: not trusted
+    ("t", 4, 0.0, False),  # another epoch of the table: slots may have moved
+    ("u", 3, 0.0, False),  # another tenant's counts
+])
+def test_key_counts_are_reused_for_the_same_table_while_fresh(tenant, epoch, age, fresh):
+    counts = KeyCounts("t", 3, 100.0, (0,) * 16384)
+    assert counts.fresh_for(tenant, epoch, 100.0 + age) is fresh
