@@ -113,3 +113,33 @@ def free_up_ports(nodes: int) -> int:
         if all(port_free(p + offset) for p in range(port, port + nodes)
                for offset in (0, REDIS_PORT_OFFSET, PLAIN_PORT_OFFSET, METRICS_PORT_OFFSET)):
             return port
+
+
+def http(port: int, request: bytes, timeout: float = 5.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def fresh_body(port: int, request: bytes = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+               ) -> str:
+    """A metrics body rendered after this call began: the port serves one body to every
+    scrape for SCRAPE_CACHE_SECONDS, so a count read just after a change may predate it."""
+    import re
+
+    from node.metrics import SCRAPE_CACHE_SECONDS
+
+    since = time.time()
+
+    def rendered_since() -> str | None:
+        response = http(port, request)
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        at = re.search(rb"^moonmesh_metrics_rendered_timestamp_seconds{[^}]*} (\S+)$", body,
+                       re.M)
+        assert at is not None, body[:300]
+        return body.decode() if float(at.group(1)) >= since else None
+    return wait_for(rendered_since, SCRAPE_CACHE_SECONDS + 5, "a body rendered after the scrape")

@@ -20,7 +20,7 @@ from core import secret
 from core.slots import key_slot
 from node.metrics import HEAD_TIMEOUT, MAX_SCRAPES, SCRAPE_CACHE_SECONDS
 from tests.conftest import MESH_SECRET, Mesh, Spawner
-from tests.procs import command, free_port, wait_for
+from tests.procs import command, free_port, fresh_body, http, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "moonmesh-dashboard.json"
@@ -38,32 +38,6 @@ def mesh():
         yield m
     finally:
         spawner.cleanup()
-
-
-def http(port: int, request: bytes, timeout: float = 5.0) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(request)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-    return out
-
-
-def fresh_body(port: int, request: bytes = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
-               ) -> str:
-    """A body rendered after this call began: the port serves one body to every scrape for
-    SCRAPE_CACHE_SECONDS, so a count read just after a change may predate it."""
-    since = time.time()
-
-    def rendered_since() -> str | None:
-        response = http(port, request)
-        head, _, body = response.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200"), head
-        at = re.search(rb"^moonmesh_metrics_rendered_timestamp_seconds{[^}]*} (\S+)$", body,
-                       re.M)
-        assert at is not None, body[:300]
-        return body.decode() if float(at.group(1)) >= since else None
-    return wait_for(rendered_since, SCRAPE_CACHE_SECONDS + 5, "a body rendered after the scrape")
 
 
 def samples(body: str) -> dict[tuple[str, tuple], float]:

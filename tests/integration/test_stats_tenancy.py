@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import time
-import urllib.request
 
 import hiredis
 import pytest
@@ -16,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from core import secret
 from proxy.jobs import SLOT_COUNTS_FRESH
 from tests.conftest import MESH_SECRET, Mesh, Spawner
-from tests.procs import command, free_port, read_replies, wait_for
+from tests.procs import command, free_port, fresh_body, read_replies, wait_for
 
 A_KEY = "A:customer:4242:credit-card"
 
@@ -40,8 +39,7 @@ def hotkeys(port: int) -> list:
 
 
 def command_counts(metrics_port: int) -> dict[str, float]:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
-                                  timeout=10).read().decode()
+    body = fresh_body(metrics_port)
     return {s.labels["command"]: s.value for f in text_string_to_metric_families(body)
             for s in f.samples if s.name == "moonmesh_commands_total"}
 
