@@ -143,3 +143,17 @@ def fresh_body(port: int, request: bytes = b"GET /metrics HTTP/1.1\r\nHost: x\r\
         assert at is not None, body[:300]
         return body.decode() if float(at.group(1)) >= since else None
     return wait_for(rendered_since, SCRAPE_CACHE_SECONDS + 5, "a body rendered after the scrape")
+
+
+def read_until(proc, prefix: str, timeout: float = 60) -> list[str]:  # noqa: ANN001
+    """The lines `proc` (a Popen with text stdout) prints up to the first that starts with
+    `prefix`, that one included; its output so far if it ends first."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError(f"no line starting {prefix!r} in {timeout:g} s:\n" + "".join(lines))

@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from http.client import HTTPConnection
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import free_up_ports, wait_for
+from tests.procs import free_up_ports, read_until, wait_for
 from tools.launch import free_port, port_free
 from tools.umctl_mesh import api
 from tools.umctl_mesh.local import (
@@ -317,13 +316,7 @@ def test_up_starts_the_dashboard(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, "".join(lines)
-            lines.append(line)
-            if line.startswith("dashboard:"):
-                break
+        lines = read_until(proc, "dashboard:")
         match = re.fullmatch(r"dashboard: +(http://127\.0\.0\.1:(\d+)/) +\(actions need the token "
                              r"in (\S+)\)\n", lines[-1])
         assert match and int(match.group(2)) == dashboard, "".join(lines)

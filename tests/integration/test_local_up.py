@@ -13,7 +13,7 @@ import urllib.request
 
 from redis.cluster import RedisCluster
 
-from tests.procs import free_up_ports
+from tests.procs import free_up_ports, read_until
 
 
 def test_up_starts_a_mesh_that_clients_use_and_stops_cleanly(tmp_path):
@@ -32,15 +32,9 @@ def test_up_starts_a_mesh_that_clients_use_and_stops_cleanly(tmp_path):
                              "--replicas", "1", "--port", str(port),
                              "--password-file", str(password_file)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines = []
+    lines: list[str] = []
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, "".join(lines)
-            lines.append(line)
-            if line.startswith("stop with Ctrl-C"):
-                break
+        lines = read_until(proc, "stop with Ctrl-C")
         output = "".join(lines)
         # every node serves its metrics at PORT+30000
         assert (f"metrics (Prometheus):  http://127.0.0.1:{port + METRICS_PORT_OFFSET}/metrics"

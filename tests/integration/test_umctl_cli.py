@@ -14,7 +14,7 @@ import time
 
 from redis.cluster import RedisCluster
 
-from tests.procs import command, free_up_ports, wait_for
+from tests.procs import command, free_up_ports, read_until, wait_for
 
 UMCTL = [sys.executable, "-m", "tools.umctl_mesh.cli"]
 
@@ -26,15 +26,9 @@ def test_up_spare_starts_free_nodes_that_a_scale_takes_with_progress_in_keys(tmp
     proc = subprocess.Popen([*UMCTL, "up", "--shards", "1", "--replicas", "0", "--spare", "2",
                              "--port", str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
-    lines = []
+    lines: list[str] = []
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, "".join(lines)
-            lines.append(line)
-            if line.startswith("stop with Ctrl-C"):
-                break
+        lines = read_until(proc, "stop with Ctrl-C")
         output = "".join(lines)
         assert "3 nodes on" in output and "2 of them spare" in output
         assert "more capacity:" in output and f"--node-id node-{port + 3}" in output

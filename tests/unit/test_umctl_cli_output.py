@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -123,7 +122,6 @@ def test_the_status_line_off_a_terminal_is_printed_when_it_changes(monkeypatch):
     assert [x.split("] ", 1)[1] for x in lines] == ["3 nodes", "2 nodes"]
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is the shell tested")
 def test_the_bash_completion_script_loads_and_completes_subcommands(capsys):
     assert cli.main(["completion", "bash"]) == 0
     script = capsys.readouterr().out
