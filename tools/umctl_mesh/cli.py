@@ -888,7 +888,7 @@ async def cmd_top(store: EtcdStore, args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"cluster {report['cluster']}  epoch {report['epoch']}")
-    print("\nhot keys (estimated ops since each proxy started)")
+    print("\nhot keys (estimated ops since each node began serving this cluster)")
     if report["hot_keys"]:
         table(["KEY", "OPS", "SHARD", "NODES"],
               [[k["key"], k["ops"], k["shard"] or "-", " ".join(k["nodes"])]
