@@ -20,12 +20,13 @@ import anyio
 from core import clock
 from core.view import ClusterView
 from mesh.redisctl import RedisCtl, RedisCtlError
+from proxy.hotkeys import DEFAULT_CAPACITY as HOTKEYS_TRACKED
 
 from . import api, ops
 from .check import Credentials, authenticate, short_error
 
 DEFAULT_COUNT = 10  # rows of each table
-MAX_COUNT = 128  # UMCTL HOTKEYS answers at most this many keys (proxy/hotkeys.py)
+MAX_COUNT = HOTKEYS_TRACKED  # UMCTL HOTKEYS answers at most this many keys
 DEFAULT_INTERVAL = 1.0  # seconds between the two INFO reads of the ops/s
 DEFAULT_TIMEOUT = 10.0  # seconds for what one proxy is asked (SLOT-STATS scans its Redis)
 SLOT_FIELDS = ("key-count", "cpu-usec", "network-bytes-in", "network-bytes-out")
