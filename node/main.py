@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 import anyio
 import structlog
-from anyio.abc import TaskGroup
 
 from core import logs, secret
 from core.address import Address, AddressError
@@ -20,6 +19,7 @@ from proxy.server import ProxyServer
 
 if TYPE_CHECKING:
     from mesh.agent import NodeAgent
+    from mesh.store.etcd import EtcdStore
 
 
 EXIT_USAGE = 2  # as argparse exits on a bad flag
@@ -87,14 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(args: argparse.Namespace, key: bytes | None) -> None:
     server = ProxyServer(args.listen, args.backend, args.announce, args.backend_password,
                          args.migration_rate, key, plain_listen=args.plain_listen)
+    store, agent = make_agent(server, args, key) if args.etcd else (None, None)
     async with anyio.create_task_group() as tg:
-        await tg.start(server.run)
-        agent = await start_agent(tg, server, args, key) if args.etcd else None
         if args.metrics:
             from node.metrics import Collector, MetricsServer
 
+            # bound before the proxy port, so a proxy that answers has its metrics up too
             node_id = agent.config.node_id if agent is not None else ""
             await tg.start(MetricsServer(args.metrics, Collector(server, agent, node_id)).run)
+        await tg.start(server.run)
+        if store is not None and agent is not None:
+            tg.start_soon(run_agent, store, agent)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 structlog.get_logger("proxy").info("proxy_stopping", signal=signum.name)
@@ -104,9 +107,9 @@ async def serve(args: argparse.Namespace, key: bytes | None) -> None:
                 break
 
 
-async def start_agent(tg: TaskGroup, server: ProxyServer, args: argparse.Namespace,
-                      key: bytes | None) -> NodeAgent:
-    """Start the node's agent in `tg`; its etcd store closes when the task group ends."""
+def make_agent(server: ProxyServer, args: argparse.Namespace,
+               key: bytes | None) -> tuple[EtcdStore, NodeAgent]:
+    """The node's agent and its etcd store, not yet started."""
     from mesh.agent import NodeAgent, NodeConfig
     from mesh.store.etcd import EtcdStore
 
@@ -118,14 +121,13 @@ async def start_agent(tg: TaskGroup, server: ProxyServer, args: argparse.Namespa
         proxy=server.announce, backend=server.backend_address,
         host=args.host_tag or announce.host,
         backend_password=args.backend_password, mesh_secret=key)
-    agent = NodeAgent(store, server.control, config)
+    return store, NodeAgent(store, server.control, config)
 
-    async def run() -> None:
-        async with store:
-            await agent.run()
 
-    tg.start_soon(run)
-    return agent
+async def run_agent(store: EtcdStore, agent: NodeAgent) -> None:
+    """Run `agent` until cancelled; its etcd store closes when it ends."""
+    async with store:
+        await agent.run()
 
 
 def admin_secret(args: argparse.Namespace) -> bytes | None:
