@@ -225,7 +225,9 @@ def decide(argv: list[bytes], table: RoutingTable, client: ClientState,
         # emptied when the node joins another), so nothing reaches it, keyed or not
         return IN_NO_CLUSTER
     if client.auth_hash != table.password_hash and name not in NO_AUTH_NEEDED \
-            and not client.admin:  # a peer acts for the cluster, whatever its password now
+            and not client.admin and client.auth_hash != table.login_hash:
+        # a peer acts for the cluster, whatever its password now; on a node that left a
+        # cluster, that cluster's password logs in (its keyed commands are redirected above)
         return Refuse(NOAUTH)
     write = "write" in spec.flags or (spec.name in MAY_WRITE and not _declared_read_only(argv))
     if write:

@@ -144,7 +144,7 @@ def readwrite(c: Client, argv: list[bytes]) -> None:
 
 def _password_error(c: Client, user: bytes, password: bytes) -> bytes | None:
     """The error for a failed login, or None once `c` is authenticated."""
-    expected = c.ctx.control.table.password_hash
+    expected = c.ctx.control.table.login_hash
     if expected is None:
         return error("ERR AUTH <password> called without any password configured for the "
                      "default user. Are you sure your configuration is correct?")
@@ -190,7 +190,7 @@ def hello(c: Client, argv: list[bytes]) -> None:
         else:
             c.reply(error(f"ERR Syntax error in HELLO option '{opt.decode(errors='replace')}'"))
             return
-    if c.auth_hash != c.ctx.control.table.password_hash:
+    if c.auth_hash != c.ctx.control.table.login_hash:
         c.reply(error("NOAUTH HELLO must be called with the client already authenticated, "
                       "otherwise the HELLO <proto> AUTH <user> <pass> option can be used "
                       "to authenticate the client and select the RESP protocol version "
@@ -312,6 +312,8 @@ def info(c: Client, argv: list[bytes]) -> None:
                 b"redis_mode:standalone\r\n", b"redis_mode:cluster\r\n")
         body = re.sub(rb"tcp_port:\d+\r\n", port, body)
         body = re.sub(rb"(executable|config_file):[^\r]*\r\n", rb"\1:\r\n", body)  # host paths
+        if not c.ctx.control.table.configured:  # the keys it holds are a cluster's it left
+            body = re.sub(rb"db\d+:[^\r]*\r\n", b"", body)
         if extra:
             body += b"\r\n" + extra.encode()
         return b"%s%d\r\n%s\r\n" % (data[:1], len(body), body)

@@ -117,6 +117,15 @@ class RoutingTable:
     def configured(self) -> bool:
         return bool(self.cluster)
 
+    @property
+    def login_hash(self) -> str | None:
+        """The password hash AUTH and HELLO check: the served cluster's or, on a node that
+        just left a cluster, that cluster's (its clients' keyed commands are redirected
+        after they log in; proxy/admission.py)."""
+        if not self.tenant and self.departed is not None:
+            return self.departed.password_hash
+        return self.password_hash
+
     def migrations(self) -> dict[str, tuple[MigratingSlots, bytearray]]:
         """Each running migration this proxy takes part in, with a mask of its slots."""
         found: dict[str, tuple[MigratingSlots, bytearray]] = {}

@@ -9,15 +9,14 @@ same command and mixes others in between is counted under that name too), a C-le
 each name otherwise, and one countdown. Everything else is sampled:
 
 - one command in SAMPLE_EVERY on average (counted across all clients, at random gaps) is a
-  sample point; a read holding any gives one *sample*, its first such command, weighted by
-  the points the read holds (SAMPLE_EVERY each): its key goes to the hot-key table
-  (proxy/hotkeys.py) and its request bytes to its slot's `network-bytes-in`, so the counts
-  estimate the totals;
-- a sampled read made while its client waited for no other reply is also *timed*: from the
-  read to its last reply written (the latency histogram, under the sampled command's name),
-  the proxy's time handling the read (`cpu-usec`) and the bytes written back
-  (`network-bytes-out`), both divided evenly among the read's commands and weighted like
-  the rest.
+  sample point: its key goes to the hot-key table (proxy/hotkeys.py) and its request bytes
+  to its slot's `network-bytes-in`, weighted SAMPLE_EVERY, so the counts estimate the
+  totals (a long pipeline gives as many samples as it holds points, not one);
+- a read holding a point, made while its client waited for no other reply, is also
+  *timed*: from the read to its last reply written (the latency histogram, under the first
+  point's command name), the proxy's time handling the read (`cpu-usec`) and the bytes
+  written back (`network-bytes-out`), both divided evenly among the read's commands and
+  weighted like the rest.
 
 Bounds: a name that is no command of the Redis command table (longer than its longest
 name, LONGEST_NAME bytes, or unknown) is counted as `other` at once, so the names kept take
@@ -46,7 +45,7 @@ from .hotkeys import SpaceSaving
 from .resp import encode_command
 
 # one command in this many, on average, is a sample point (hot keys, slot statistics,
-# latency); at most one sample per read, weighted by the points the read holds. A sample
+# latency); a read's points are all hot-key samples, its first one is timed. A sample
 # costs about 3-4 fast-path commands, so this keeps it near 1-2% (docs/architecture.md,
 # "Metrics"). The gaps between points are random (uniform, 1 to 2*SAMPLE_EVERY-1): a fixed
 # stride would see one key only of a client cycling through a multiple of it.
@@ -212,20 +211,28 @@ class ProxyStats:
         errors[kind] = errors.get(kind, 0) + 1
 
     def sample(self, batch: list[list[bytes]]) -> tuple[str, int, int]:
-        """The read reached the countdown: take one of its commands, the one at the first
-        sample point, for hot keys and bytes in, weighted by the sample points the read
-        holds (SAMPLE_EVERY each); draw the points after it. Its name, slot (-1: keyless)
-        and weight."""
-        first = self.countdown - 1
-        weight = self.skip(len(batch))
-        argv = batch[first]
-        name, key = name_and_key(argv)
-        slot = -1
-        if key is not None:
-            self.hotkeys.offer(key, weight)
-            slot = key_slot(key)
-            self.slot_bytes_in[slot] += len(encode_command(argv)) * weight
-        return name, slot, weight
+        """The read reached the countdown: each command at a sample point goes to the hot
+        keys and to its slot's bytes in, weighted SAMPLE_EVERY; draw the points after the
+        read. The first point's name and slot (-1: keyless), and the weight of all the
+        read's points (what a timed read's cost is shared by)."""
+        n = len(batch)
+        at = self.countdown - 1
+        first_name, first_slot, points = "", -1, 0
+        offer, bytes_in = self.hotkeys.offer, self.slot_bytes_in
+        while at < n:
+            argv = batch[at]
+            name, key = name_and_key(argv)
+            slot = -1
+            if key is not None:
+                offer(key, SAMPLE_EVERY)
+                slot = key_slot(key)
+                bytes_in[slot] += len(encode_command(argv)) * SAMPLE_EVERY
+            if not points:
+                first_name, first_slot = name, slot
+            points += 1
+            at += next_gap()
+        self.countdown = at - n + 1
+        return first_name, first_slot, points * SAMPLE_EVERY
 
     def skip(self, n: int) -> int:
         """A read of `n` commands reached the countdown: draw the sample points after it;

@@ -975,7 +975,11 @@ def main() -> int:
                            "mb_per_sec": r.mb_per_sec} for r in rows]))
     if failure:
         print(f"the run stopped early: {failure}")
-    return 0 if not failure and all(r.ok and not r.errors for r in rows) else 1
+    # client errors fail the run for Moonmesh's rows only: redis-py itself sometimes raises
+    # (an AttributeError) while native resharding moves slots, which is no fault of ours
+    # and is shown in the native row's errors column
+    return 0 if not failure and all(r.ok and not (r.errors and r.system == "moonmesh")
+                                    for r in rows) else 1
 
 
 if __name__ == "__main__":

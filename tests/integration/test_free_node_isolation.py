@@ -38,6 +38,7 @@ def test_a_node_whose_cluster_was_deleted_serves_none_of_its_keys(mesh_factory):
             reply = command(p, *argv)
             assert reply.startswith(b"-CLUSTERDOWN"), (p, argv, reply)
         assert command(p, "PING") == b"+PONG\r\n"  # the connection itself still works
+        assert b"# Keyspace\r\n" in command(p, "INFO") and b"db0:" not in command(p, "INFO")
     assert command(mesh.redis[node].port, "EXISTS", "planted") == b":0\r\n"
 
 

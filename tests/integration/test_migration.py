@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -14,7 +15,8 @@ from redis.retry import Retry
 
 from core.slots import key_slot
 from proxy.mover import BATCH_KEYS, MOVES_IN_FLIGHT
-from tests.procs import command, wait_for
+from proxy.resp import encode_command
+from tests.procs import command, read_replies, wait_for
 
 COUNTER_KEYS = 300
 SET_KEYS = 300
@@ -118,8 +120,8 @@ def wait_moving(mesh, name: str) -> None:  # noqa: ANN001
              what="the migration to move keys")
 
 
-def load_keys(port: int, prefix: str, n: int) -> None:
-    rc = RedisCluster(host="127.0.0.1", port=port)
+def load_keys(port: int, prefix: str, n: int, password: str | None = None) -> None:
+    rc = RedisCluster(host="127.0.0.1", port=port, password=password)
     pipe = rc.pipeline()
     for i in range(n):
         pipe.set(f"{prefix}:{i}", i)
@@ -177,14 +179,17 @@ def test_scale_out_and_in_under_load_loses_nothing(mesh_factory):
 
 def test_a_client_with_the_old_slot_map_is_redirected_by_a_node_that_left(mesh_factory):
     # a cluster client that read the slot map before a scale-in, and first connects to the
-    # removed node after it left: that node redirects it (it answered -CLUSTERDOWN, which a
-    # cluster client without retries reports as an error; the scale test saw it under load)
+    # removed node after it left: that node takes the cluster's password and redirects it
+    # (it answered -CLUSTERDOWN, which a cluster client without retries reports as an
+    # error; the scale test saw it under load). Without the password it learns nothing.
     mesh = mesh_factory(3)
     mesh.wait_pool(3)
-    created = mesh.umctl("--json", "cluster", "create", "shrink", "--shards", "3")
+    created = mesh.umctl("--json", "cluster", "create", "shrink", "--shards", "3",
+                         "--password", "pw-shrink")
     port = mesh.proxies[created["shards"][0]["nodes"][0]["node"]].port
-    load_keys(port, "s", 3000)
-    stale = RedisCluster(host="127.0.0.1", port=port, retry=Retry(NoBackoff(), 0))
+    load_keys(port, "s", 3000, password="pw-shrink")
+    stale = RedisCluster(host="127.0.0.1", port=port, password="pw-shrink",
+                         retry=Retry(NoBackoff(), 0))
     out = mesh.umctl("cluster", "scale", "shrink", "--shards", "2", "--wait", "--timeout", "120",
                      timeout=150)
     assert out.returncode == 0, out.stderr
@@ -199,6 +204,12 @@ def test_a_client_with_the_old_slot_map_is_redirected_by_a_node_that_left(mesh_f
         ._created_connections
     assert [stale.get(f"s:{i}") for i in on_left] == [str(i).encode() for i in on_left]
     stale.close()
+    key = f"s:{on_left[0]}"
+    assert command(left_port, "GET", key).startswith(b"-CLUSTERDOWN")  # no password
+    with socket.create_connection(("127.0.0.1", left_port), timeout=5) as s:
+        s.sendall(encode_command([b"AUTH", b"wrong"]) + encode_command([b"GET", key.encode()]))
+        wrong, get = read_replies(s, 2)
+    assert wrong.startswith(b"-WRONGPASS") and get.startswith(b"-CLUSTERDOWN")
 
 
 def test_manual_migration_and_the_migrations_report(mesh_factory):

@@ -75,6 +75,9 @@ def test_nodes_and_cluster_show_give_the_id_clients_see_in_cluster_nodes(mesh_fa
              "both nodes ok")
     node_table = mesh.umctl("nodes").stdout.splitlines()
     show_table = mesh.umctl("cluster", "show", "ids").stdout.splitlines()
+    node_json = {n["node"]: n["cluster_node_id"] for n in mesh.umctl("--json", "nodes")}
+    show_json = {n["node"]: n["cluster_node_id"] for shard in
+                 mesh.umctl("--json", "cluster", "show", "ids")["shards"] for n in shard["nodes"]}
     assert node_table[0].split()[-4:] == ["HEALTH", "CLUSTER", "NODES", "ID"]
     assert show_table[1].split()[-4:] == ["APPLIED", "CLUSTER", "NODES", "ID"]
     for node_id, proxy in mesh.proxies.items():
@@ -83,7 +86,8 @@ def test_nodes_and_cluster_show_give_the_id_clients_see_in_cluster_nodes(mesh_fa
         mine = next(x.split()[0] for x in lines[1:] if "myself" in x)
         shown = next(x.split()[-1] for x in node_table if x.lstrip("*").startswith(node_id))
         in_show = next(x.split()[-1] for x in show_table if f" {node_id} " in x)
-        assert shown == in_show == mine, (node_id, shown, in_show, lines)
+        assert shown == in_show == mine == node_json[node_id] == show_json[node_id], \
+            (node_id, shown, in_show, lines)
 
 
 def test_slowlog_merges_every_nodes_slow_commands_naming_node_and_shard(mesh_factory):

@@ -89,8 +89,9 @@ def test_key_of(argv, key):
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(1, 600), min_size=1, max_size=40), st.integers(1, 2 * SAMPLE_EVERY))
 def test_samples_stand_for_every_command_exactly(reads, gap):
-    """With gaps of `gap` commands between sample points: a read gives at most one sample,
-    weighted by the points it holds, so the weights add up to the points passed."""
+    """With gaps of `gap` commands between sample points: every point is a hot-key sample of
+    weight SAMPLE_EVERY, and a read's weight is its points', so both add up to the points
+    passed."""
     with patch.object(proxy.stats, "next_gap", lambda: gap):
         check_weights(reads, gap)
 
@@ -141,7 +142,9 @@ def test_a_read_gives_its_first_sample_point(monkeypatch_gap):
     batch = [[b"GET", b"k%d" % i] for i in range(2 * SAMPLE_EVERY + 5)]
     name, slot, weight = stats.sample(batch)
     assert (name, slot, weight) == ("GET", key_slot(b"k2"), 3 * SAMPLE_EVERY)
-    assert stats.hotkeys.top(1)[0].key == b"k2"
+    # every point's key is a sample: one pipeline's hot key is found however long it is
+    assert sorted((c.key, c.count) for c in stats.hotkeys.top(10)) == [
+        (b"k%d" % i, SAMPLE_EVERY) for i in sorted([2, 2 + SAMPLE_EVERY, 2 + 2 * SAMPLE_EVERY])]
     # points at 2, 2+S, 2+2S; the next is 2+3S, i.e. S-2 commands into the next read
     assert stats.countdown == 2 + 3 * SAMPLE_EVERY - len(batch) + 1
 

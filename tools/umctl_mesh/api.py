@@ -13,6 +13,7 @@ from typing import Any
 
 from core.slots import SlotRange, SlotRangeError, normalize, parse_range, slot_count
 from core.view import MAX_MIGRATION_RATE, ClusterView, to_json
+from proxy.routing import node_id as cluster_node_id
 
 from .ops import Pool, UsageError, migration_rows, replicas_in_sync
 
@@ -229,6 +230,8 @@ def node_rows(pool: Pool, ops_per_sec: dict[str, float | None]) -> list[dict[str
             "proxy": rec.proxy if rec else "", "backend": rec.backend if rec else "",
             "host": rec.host if rec else "", "version": rec.version if rec else "",
             "cluster": cluster, "role": role or "free",
+            # the id clients see in CLUSTER NODES/SLOTS/SHARDS (None: in no cluster)
+            "cluster_node_id": cluster_node_id(cluster, nid) if view else None,
             "applied_epoch": (st.applied(view.cluster, view.uid) or None)
             if st and view else None,
             "health": node_health(pool, nid) if role != "held" else "held",

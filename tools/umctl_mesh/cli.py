@@ -344,13 +344,6 @@ def build_parser() -> argparse.ArgumentParser:
 # -- rendering -------------------------------------------------------------------------------
 
 
-def cluster_id(cluster: str, node: str, role: str) -> str:
-    """The id clients see for `node` in CLUSTER NODES/SLOTS/SHARDS (proxy/routing.py derives
-    it from the cluster and node names), or `-` for a node in no cluster."""
-    return cluster_node_id(cluster, node) if cluster and role in ("master", "replica") else "-"
-
-
-
 def table(headers: list[str], rows: Sequence[Sequence[object]]) -> None:
     """Print a table on stdout: rich on a terminal, plain columns otherwise."""
     render.print_table(headers, rows)
@@ -366,6 +359,7 @@ def view_doc(view: ClusterView, pool: ops.Pool) -> dict:
             st = pool.statuses.get(nid)
             members.append({
                 "node": nid, "role": "master" if nid == shard.master else "replica",
+                "cluster_node_id": cluster_node_id(view.cluster, nid),  # CLUSTER NODES's id
                 "failed": nid in view.failed,
                 "proxy": view.address_of(nid).proxy, "backend": view.address_of(nid).backend,
                 "applied_epoch": st.epoch if st and st.cluster == view.cluster else None,
@@ -387,7 +381,7 @@ def view_doc(view: ClusterView, pool: ops.Pool) -> dict:
 
 # what `nodes --json` says of each node (api.node_rows, which the dashboard reads too, has more)
 NODE_FIELDS = ("node", "leader", "alive", "proxy", "backend", "host", "cluster", "role",
-               "applied_epoch", "health", "leaving")
+               "cluster_node_id", "applied_epoch", "health", "leaving")
 
 async def cmd_nodes(store: EtcdStore, args: argparse.Namespace) -> int:
     pool = await ops.read_pool(store)
@@ -400,7 +394,7 @@ async def cmd_nodes(store: EtcdStore, args: argparse.Namespace) -> int:
               [[("*" if r["leader"] else "") + r["node"], r["proxy"], r["backend"],
                 r["host"], r["cluster"] or "-", r["role"],
                 r["applied_epoch"] if r["applied_epoch"] is not None else "-",
-                r["health"], cluster_id(r["cluster"], r["node"], r["role"])] for r in rows])
+                r["health"], r["cluster_node_id"] or "-"] for r in rows])
         print(f"\n{len(pool.nodes)} nodes alive, {len(pool.free())} free; "
               f"leader: {pool.leader or 'none'}")
     return 0
@@ -457,7 +451,7 @@ def print_view(view: ClusterView, pool: ops.Pool) -> None:
                          ranges if n["role"] == "master" else "",
                          "yes" if applied is not None and applied >= view.epoch
                          else f"no ({applied if applied is not None else '-'})",
-                         cluster_node_id(view.cluster, n["node"])])
+                         n["cluster_node_id"]])
     table(["SHARD", "ROLE", "NODE", "PROXY", "BACKEND", "SLOTS", "APPLIED", "CLUSTER NODES ID"],
           rows)
     live = ", ".join(f"{s['id']} {s['replicas_live']}" for s in doc["shards"])
