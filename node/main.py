@@ -8,6 +8,12 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+if __name__ == "__main__":
+    # structlog renders tracebacks with rich when it can import it (umctl-mesh installs it):
+    # the proxy's log lines need no boxes, and importing rich cost ~0.1 s of CPU at every
+    # start (a test run starts about a thousand proxies)
+    sys.modules.setdefault("rich", None)  # type: ignore[arg-type]  # None: not importable
+
 import anyio
 import structlog
 

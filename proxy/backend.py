@@ -18,6 +18,7 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential, wait_random
 
 from core.address import Address
+from core.outage import OutageLog, Say
 
 from .resp import BackendProtocolError, ReplyScanner, encode_command
 
@@ -349,6 +350,9 @@ class BackendPool:
                             for _ in range(BULK_CONNECTIONS_PER_PROTOCOL if bulk else size)]
             for resp3 in (False, True) for bulk in (False, True)
         }
+        # one line when the Redis goes and one when it is back, not one per connection and
+        # reconnect attempt
+        self.outage = OutageLog()
         for (_, bulk), conns in self.shared.items():
             for conn in conns:
                 conn.bulk = bulk
@@ -391,30 +395,43 @@ class BackendPool:
     async def run(self, tg: TaskGroup) -> None:
         for conns in [*self.shared.values(), *self.synced.values()]:
             for conn in conns:
-                tg.start_soon(keep_connected, conn)
+                tg.start_soon(keep_connected, conn, True, self.outage)
 
 
-
-async def keep_connected(conn: BackendConnection, close_on_exit: bool = True) -> None:
-    """Connect `conn` and reconnect it with backoff whenever it drops, until cancelled."""
+async def keep_connected(conn: BackendConnection, close_on_exit: bool = True,
+                         outage: OutageLog | None = None) -> None:
+    """Connect `conn` and reconnect it with backoff whenever it drops, until cancelled.
+    `outage`: shared by the connections of one pool, which then log the Redis going and
+    coming back once between them (None: this connection logs each failure)."""
     address = str(Address(conn.host, conn.port))
+
+    def failed(event: str, **fields: object) -> None:
+        said = outage.failed(anyio.current_time()) if outage is not None else Say.LOST
+        if said is Say.LOST:
+            log.warning(event, backend=address, **fields)
+        elif said is Say.STILL:
+            log.warning("backend_still_unreachable", backend=address,
+                        failures=outage.failures if outage else 0, **fields)
+
     try:
         while not conn.closed:  # closed by its owner: it never connects again
             async for attempt in AsyncRetrying(
                 wait=wait_exponential(multiplier=0.05, max=RECONNECT_MAX_WAIT)
                 + wait_random(0, 0.05),
                 retry=retry_if_exception_type(OSError), stop=stop_never, sleep=anyio.sleep,
-                before_sleep=lambda state: log.warning(
-                    "backend_connect_failed", backend=address,
-                    attempt=state.attempt_number,
+                before_sleep=lambda state: failed(
+                    "backend_connect_failed", attempt=state.attempt_number,
                     error=str(state.outcome.exception() if state.outcome else None)),
             ):
                 with attempt:
                     await conn.connect()
             log.debug("backend_connected", backend=address, resp3=conn.resp3)
+            away = outage.succeeded(anyio.current_time()) if outage is not None else None
+            if away is not None:
+                log.warning("backend_reachable_again", backend=address, after_sec=round(away, 1))
             connected = anyio.current_time()
             await conn.lost.wait()
-            log.warning("backend_connection_lost", backend=address)
+            failed("backend_connection_lost")
             if anyio.current_time() - connected < SHORT_LINK:
                 # closed at once (a peer refusing our handshake, say): no redial storm
                 await anyio.sleep(RECONNECT_MAX_WAIT)

@@ -22,9 +22,9 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from core import clock
 from core.address import Address, AddressError
+from core.outage import OutageLog, Say
 
 from .keys import Keys
-from .outage import OutageLog, Say
 
 log = structlog.get_logger("mesh.store")
 
@@ -117,7 +117,7 @@ class EtcdStore:
         self.outage = OutageLog()
 
     def _failed(self, what: str, exc: BaseException) -> None:
-        """A call or watch found etcd away: logged when that is news (mesh/store/outage.py)."""
+        """A call or watch found etcd away: logged when that is news (core/outage.py)."""
         said = self.outage.failed(time.monotonic())
         if said is Say.LOST:
             log.warning("etcd_unreachable", endpoints=self.describe(), what=what,

@@ -136,6 +136,28 @@ def test_client_name_is_per_client(node):
     assert a.client_getname() == "alpha" and b.client_getname() is None
 
 
+# how long the Redis stays down in the outage-logging test: every pooled connection logged
+# each reconnect attempt before (backoff 50 ms doubling to 2 s: ~100 lines in 3 s)
+BACKEND_OUTAGE = 3.0
+
+
+def test_a_backend_outage_is_logged_once_going_and_once_back(spawn):
+    backend = spawn.redis()
+    proxy = spawn.proxy(backend)
+    setcluster(proxy, backend)
+    assert command(proxy.port, "SET", "k", "v") == b"+OK\r\n"
+    before = len(proxy.log().splitlines())
+    backend.kill()
+    time.sleep(BACKEND_OUTAGE)  # the outage's length is the point
+    backend.restart()
+    wait_for(lambda: command(proxy.port, "SET", "k", "v") == b"+OK\r\n", 10,
+             "the proxy to reconnect")
+    lines = proxy.log().splitlines()[before:]
+    assert sum("backend_connection_lost" in x for x in lines) == 1, lines
+    assert sum("backend_reachable_again" in x for x in lines) == 1, lines
+    assert len(lines) <= 3, lines  # and at most one backend_still_unreachable
+
+
 def test_dead_backend_gives_clusterdown_quickly_then_recovers(spawn):
     backend = spawn.redis()
     proxy = spawn.proxy(backend)

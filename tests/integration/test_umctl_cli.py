@@ -123,7 +123,7 @@ def test_slowlog_merges_every_nodes_slow_commands_naming_node_and_shard(mesh_fac
 # lease_lost, lease_lost_reregistering, one etcd_still_unreachable at most, and the way back
 # (etcd_reachable_again, node_registered, unfenced); each watch restart, failed call and
 # agent restart logged a line of its own before
-OUTAGE = 12.0
+OUTAGE = 6.0
 MAX_OUTAGE_LINES = 10
 
 

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from mesh.store.outage import OUTAGE_REPEAT, OutageLog, Say
+from core.outage import OUTAGE_REPEAT, OutageLog, Say
 from tools.umctl_mesh import cli, render, slowlog
 from tools.umctl_mesh.progress import MigrationTracker, format_seconds
 

@@ -1,9 +1,11 @@
-"""When to say that etcd is unreachable: once when it goes, at most every OUTAGE_REPEAT
-seconds while it stays away, and once when it is back. Pure: the store's calls and watches
-report each failure and success with the time, and the answer says what to log (if anything).
+"""When to say that something a node depends on (etcd, its Redis) is unreachable: once when
+it goes, at most every OUTAGE_REPEAT seconds while it stays away, and once when it is back.
+Pure: the callers report each failure and success with the time, and the answer says what to
+log (if anything).
 
 Without it every watch restart, retried call and agent restart logged its own line during an
-outage, several a second on every node."""
+etcd outage, and every pooled backend connection each reconnect attempt while Redis was
+down: several lines a second on every node."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ class OutageLog:
         return self.down_since is not None
 
     def failed(self, now: float) -> Say | None:
-        """A call or watch failed for want of etcd at `now`: what to log, if anything."""
+        """A call, watch or connection failed at `now`: what to log, if anything."""
         self.failures += 1
         if self.down_since is None:
             self.down_since, self.last_said, self.failures = now, now, 1
@@ -40,7 +42,7 @@ class OutageLog:
         return None
 
     def succeeded(self, now: float) -> float | None:
-        """etcd answered at `now`: how long it was away if this ends an outage, else None."""
+        """It answered at `now`: how long it was away if this ends an outage, else None."""
         if self.down_since is None:
             return None
         away, self.down_since = now - self.down_since, None
