@@ -162,7 +162,7 @@ async def handle_failures(repo: MeshRepo, fence: Fence, state: FailureState) -> 
         old = step.replaced
         registered_at = nodes[old].revision if old is not None and old in nodes else 0
         change = ViewCommit(
-            claim=step.claimed, unassign=step.released, forget_data=step.released, fence=fence,
+            claim=step.claimed, unassign=step.released, fence=fence,
             statuses_as_read=() if old is None else ((old, status_revisions.get(old, 0)),),
             nodes_as_read=() if old is None else ((old, registered_at),))
         if await repo.commit_view(stored.cluster, stored.revision, step.view, change):

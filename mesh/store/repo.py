@@ -66,14 +66,14 @@ class ViewCommit:
 
     `claim`: free nodes taken into the cluster (their assignment must be absent; it is
     written). `hold`: assignments rewritten as held (`cluster delete --keep-data`).
-    `unassign`: assignments deleted (the nodes return to the pool). `forget_data`: data
-    ownership records deleted (the nodes' data is gone: they are emptied if they join again).
+    `unassign`: assignments deleted (the nodes return to the pool), and with them the
+    nodes' data ownership: a node that joins again, even the same cluster, is emptied (what
+    its Redis kept from before is stale: a key deleted since would come back).
     """
 
     claim: tuple[str, ...] = ()
     hold: tuple[str, ...] = ()
     unassign: tuple[str, ...] = ()
-    forget_data: tuple[str, ...] = ()
     fence: Fence | None = None  # leader duties: the leader's election key must still exist
     # (node, mod revision; 0: absent): these statuses must be as the caller read them (a
     # master replaced on its own word that it fenced must not have spoken again since)
@@ -161,7 +161,7 @@ class MeshRepo:
         puts.update({keys.assignment(n): Assignment(cluster, held=True).encode()
                      for n in change.hold})
         deletes += [keys.assignment(n) for n in change.unassign]
-        deletes += [keys.data_owner(n) for n in change.forget_data]
+        deletes += [keys.data_owner(n) for n in change.unassign]
         return await self.store.commit(checks, puts, tuple(deletes), fence=change.fence)
 
     # -- nodes -------------------------------------------------------------------------------

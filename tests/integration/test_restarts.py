@@ -246,3 +246,36 @@ def test_rolling_restart_of_every_node_under_load(mesh_factory, capsys):
     assert {n: place[0] for n, place in members(shown).items()} == places
     assert [s["replicas_live"] for s in shown["shards"]] == [1, 1, 1]
     assert all(len(s["nodes"]) == 2 for s in shown["shards"])
+
+
+def test_a_node_that_rejoins_its_cluster_is_emptied_and_deleted_keys_stay_deleted(mesh_factory):
+    # a replica dropped by a scale-in keeps its Redis's copy; the cluster deletes its keys
+    # meanwhile; a scale-out takes the same node back as the new shard's master. It served
+    # the deleted keys again when its old data ownership survived the scale-in
+    mesh = mesh_factory(2)
+    mesh.wait_pool(2)
+    created = mesh.umctl("--json", "cluster", "create", "back", "--shards", "1", "--replicas", "1")
+    nodes = created["shards"][0]["nodes"]
+    master = next(n["node"] for n in nodes if n["role"] == "master")
+    replica = next(n["node"] for n in nodes if n["role"] != "master")
+    rc = RedisCluster(host="127.0.0.1", port=mesh.proxies[master].port)
+    keys = [f"k:{i}" for i in range(200)]
+    for k in keys:
+        rc.set(k, "old")
+    wait_for(lambda: command(mesh.redis[replica].port, "DBSIZE") == b":200\r\n",
+             what="the replica to hold every key")
+    out = mesh.umctl("cluster", "scale", "back", "--replicas", "0")
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: command(mesh.proxies[replica].port, "UMCTL", "GETEPOCH") == b":0\r\n",
+             what="the replica to leave")
+    assert rc.delete(*keys[:100]) == 100  # one shard: every key is on the master
+    out = mesh.umctl("cluster", "scale", "back", "--shards", "2", "--wait", "--timeout", "60",
+                     timeout=90)
+    assert out.returncode == 0, out.stderr
+    assert set(members(mesh.umctl("--json", "cluster", "show", "back"))) == \
+        {master, replica}  # the same node came back, as the new shard's master
+    rc.close()
+    rc = RedisCluster(host="127.0.0.1", port=mesh.proxies[master].port)
+    assert [k for k in keys[:100] if rc.get(k) is not None] == []
+    assert all(rc.get(k) == b"old" for k in keys[100:])
+    rc.close()

@@ -132,7 +132,7 @@ async def test_released_nodes_lose_assignment_and_data_ownership(repo, store):
     await repo.set_data_owner("node-1", DataOwner("mydb", "u1"))
     read = await repo.view("mydb")
     assert await repo.commit_view("mydb", read.revision, view.next(),
-                                  ViewCommit(unassign=("node-1",), forget_data=("node-1",)))
+                                  ViewCommit(unassign=("node-1",)))
     assert await repo.data_owner("node-1") is None
     assert set(await repo.assigned()) == {"node-0"}
 
