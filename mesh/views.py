@@ -198,6 +198,10 @@ class ViewApplier:
         if owner != wanted:
             await self.ctl.call("REPLICAOF", "NO", "ONE")  # a replica refuses FLUSHALL
             await self.ctl.call("FLUSHALL")
+            # what the last tenant did shows in these too (its commands' arguments in the
+            # slow log, its command counts)
+            for reset in (("SLOWLOG", "RESET"), ("LATENCY", "RESET"), ("CONFIG", "RESETSTAT")):
+                await self.ctl.call(*reset)
             self.log.info("backend_emptied", previous=owner.cluster if owner else None,
                           cluster=view.cluster)
             await self.repo.set_data_owner(self.node_id, wanted)

@@ -26,7 +26,7 @@ from .control import Applied
 from .hotkeys import DEFAULT_CAPACITY as MAX_HOTKEYS
 from .replies import MAX_CLIENT_OUTPUT_BYTES, Rewrite
 from .resp import OK, PONG, Err, bulk, encode, error, integer
-from .routing import RoutingTable, format_ranges, hash_password, table_from_meta
+from .routing import SLOT_NOT_SERVED, RoutingTable, format_ranges, hash_password, table_from_meta
 from .umctl import ClusterMeta, UmctlError, parse_setcluster
 
 REDIS_COMPAT_VERSION = "7.0.0"
@@ -190,7 +190,8 @@ def hello(c: Client, argv: list[bytes]) -> None:
         else:
             c.reply(error(f"ERR Syntax error in HELLO option '{opt.decode(errors='replace')}'"))
             return
-    if c.auth_hash != c.ctx.control.table.login_hash:
+    table = c.ctx.control.table
+    if c.auth_hash != table.password_hash and c.auth_hash != table.login_hash:
         c.reply(error("NOAUTH HELLO must be called with the client already authenticated, "
                       "otherwise the HELLO <proto> AUTH <user> <pass> option can be used "
                       "to authenticate the client and select the RESP protocol version "
@@ -239,6 +240,9 @@ def client_info(c: Client, argv: list[bytes]) -> None:
 
 
 def config_set(c: Client, argv: list[bytes]) -> None:
+    if not c.ctx.control.table.configured:  # a setting would outlive it, into the next tenant
+        c.reply(SLOT_NOT_SERVED)
+        return
     if len(argv) % 2:
         c.reply(error(commands.arity_error(commands.COMMANDS[b"CONFIG"].subcommands[b"SET"])))  # type: ignore[index]  # CONFIG has subcommands
         return
@@ -312,12 +316,14 @@ def info(c: Client, argv: list[bytes]) -> None:
                 b"redis_mode:standalone\r\n", b"redis_mode:cluster\r\n")
         body = re.sub(rb"tcp_port:\d+\r\n", port, body)
         body = re.sub(rb"(executable|config_file):[^\r]*\r\n", rb"\1:\r\n", body)  # host paths
-        if not c.ctx.control.table.configured:  # the keys it holds are a cluster's it left
-            body = re.sub(rb"db\d+:[^\r]*\r\n", b"", body)
         if extra:
             body += b"\r\n" + extra.encode()
         return b"%s%d\r\n%s\r\n" % (data[:1], len(body), body)
 
+    if not c.ctx.control.table.configured:
+        # its Redis's other sections describe the data of the cluster it left (memory, key
+        # counts, command statistics): a node in no cluster tells its server section only
+        argv = [b"INFO", b"server"]
     c.forward([a for a in argv if a.lower() != b"proxy"], Rewrite(as_cluster_node))
 
 
@@ -582,6 +588,9 @@ def cluster(c: Client, argv: list[bytes]) -> None:
             return
         if not 0 <= slot < SLOT_COUNT or (count is not None and count < 0):
             c.reply(error("ERR Invalid slot or number of keys"))
+            return
+        if not table.configured:  # no slots, no keys: what its Redis holds is a cluster's it left
+            c.reply_value(0 if count is None else [])
             return
         if c.ctx.slot_scans >= MAX_SLOT_SCANS:
             c.reply(error(f"BUSY {MAX_SLOT_SCANS} scans of this node's keyspace are running "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import redis
 from redis.cluster import RedisCluster
 
+from core.slots import key_slot
 from tests.procs import command, wait_for
 
 SECRET = "tenant A's private value"
@@ -23,6 +24,7 @@ def test_a_node_whose_cluster_was_deleted_serves_none_of_its_keys(mesh_factory):
     port, plain = mesh.proxies[node].port, mesh.plain_ports[node]
     mesh.umctl("--json", "cluster", "create", "A", "--shards", "1", "--password", "pwA")
     owner = redis.Redis(host="127.0.0.1", port=port, password="pwA")
+    owner.config_set("slowlog-log-slower-than", 0)  # A's commands, arguments and all, logged
     owner.set("A:secret", SECRET)
     owner.close()
     mesh.umctl("cluster", "delete", "A", "--yes")
@@ -38,8 +40,26 @@ def test_a_node_whose_cluster_was_deleted_serves_none_of_its_keys(mesh_factory):
             reply = command(p, *argv)
             assert reply.startswith(b"-CLUSTERDOWN"), (p, argv, reply)
         assert command(p, "PING") == b"+PONG\r\n"  # the connection itself still works
-        assert b"# Keyspace\r\n" in command(p, "INFO") and b"db0:" not in command(p, "INFO")
+        slot = str(key_slot(b"A:secret"))
+        # a node without slots has no keys in any (its Redis still has them)
+        assert command(p, "CLUSTER", "COUNTKEYSINSLOT", slot) == b":0\r\n"
+        assert command(p, "CLUSTER", "GETKEYSINSLOT", slot, "10") == b"*0\r\n"
+        info = command(p, "INFO", "everything")  # its server section, nothing of A's data
+        assert b"# Server\r\n" in info and b"# Proxy\r\n" in info, info
+        assert not any(x in info for x in (b"db0:", b"# Memory", b"cmdstat_", b"# Stats"))
+        # a setting would outlive the node's time in no cluster, into the next tenant's
+        assert command(p, "CONFIG", "SET", "slowlog-log-slower-than", "0").startswith(
+            b"-CLUSTERDOWN")
     assert command(mesh.redis[node].port, "EXISTS", "planted") == b":0\r\n"
+    # the next cluster on the node sees nothing of A: not its keys, nor its slow log, nor
+    # its command counts
+    mesh.umctl("--json", "cluster", "create", "B", "--shards", "1")
+    wait_for(lambda: not out_of_the_cluster(port), what="the node to join B")
+    b = redis.Redis(host="127.0.0.1", port=port)
+    assert b.dbsize() == 0
+    assert SECRET.encode() not in command(port, "SLOWLOG", "GET", "1000")
+    assert b"cmdstat_set" not in command(port, "INFO", "commandstats")
+    b.close()
 
 
 def test_a_plain_client_of_a_node_that_left_is_redirected_at_most_never_forwarded(mesh_factory):
