@@ -162,12 +162,20 @@ def main(argv: list[str] | None = None) -> int:
     elif key is None:
         log.warning("no_admin_password", hint="anyone who reaches this proxy may reconfigure "
                     "it with UMCTL SETCLUSTER; give --admin-password")
+    failed = False
     try:
         anyio.run(serve, args, key, backend_options={"use_uvloop": True})
-    except OSError as exc:
-        log.error("proxy_failed", error=str(exc))
-        return 1
-    return 0
+    except* OSError as group:  # a port taken, say; raised out of serve's task group
+        for failure in leaves(group):
+            log.error("proxy_failed", error=str(failure))
+        failed = True
+    return 1 if failed else 0
+
+
+def leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    """The exceptions in `group` and in the groups inside it (task groups nest)."""
+    return [leaf for exc in group.exceptions
+            for leaf in (leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])]
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -11,6 +13,7 @@ from redis.cluster import RedisCluster
 from core.slots import key_slot
 from proxy.resp import encode_command, scan_reply
 from tests.procs import command, read_replies, wait_for
+from tools.launch import free_port
 
 
 def setcluster(proxy, backend, *extra: str, epoch: int = 1) -> bytes:
@@ -241,3 +244,21 @@ def test_json_logs(spawn):
     assert "proxy_listening" in names and "view_applied" in names
     applied = next(e for e in events if e["event"] == "view_applied")
     assert applied["cluster"] == "mydb" and applied["epoch"] == 1 and applied["level"] == "info"
+
+
+@pytest.mark.parametrize("taken", ["proxy", "metrics"])
+def test_a_proxy_whose_port_is_taken_exits_1_saying_so_in_one_line(taken):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        listen = port if taken == "proxy" else free_port()
+        argv = [sys.executable, "-m", "node.main", "--listen", f"127.0.0.1:{listen}",
+                "--backend", "127.0.0.1:1"]
+        if taken == "metrics":
+            argv += ["--metrics", f"127.0.0.1:{port}"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1, done.stderr
+    failed = [line for line in done.stderr.splitlines() if "proxy_failed" in line]
+    assert len(failed) == 1 and f"127.0.0.1', {port}" in failed[0], done.stderr
+    assert "Traceback" not in done.stderr
