@@ -31,6 +31,9 @@ from .store.repo import MeshRepo, ViewChange
 log = structlog.get_logger("mesh.views")
 
 BACKEND_TIMEOUT = 2.0
+# run after the FLUSHALL that empties a node for its next cluster (see _take_backend_for)
+BACKEND_RESETS = (("FUNCTION", "FLUSH"), ("SCRIPT", "FLUSH"), ("SLOWLOG", "RESET"),
+                  ("LATENCY", "RESET"), ("CONFIG", "RESETSTAT"))
 VIEW_RESYNC_INTERVAL = 10.0  # seconds between two reads of every view, the watch aside
 
 
@@ -192,19 +195,32 @@ class ViewApplier:
 
     async def _take_backend_for(self, view: ClusterView) -> None:
         """Empty the backend unless it already holds this very cluster's data (same creation,
-        not just the same name): one tenant's keys never reach another."""
+        not just the same name): one tenant's keys never reach another. The ownership is
+        recorded only while the node's assignment is the one read before emptying: an
+        unassignment deletes the record, and one written after it would let the node rejoin
+        later with a stale copy (deleted keys back)."""
         owner = await self.repo.data_owner(self.node_id)
         wanted = DataOwner(view.cluster, view.uid)
-        if owner != wanted:
-            await self.ctl.call("REPLICAOF", "NO", "ONE")  # a replica refuses FLUSHALL
-            await self.ctl.call("FLUSHALL")
-            # what the last tenant did shows in these too (its commands' arguments in the
-            # slow log, its command counts)
-            for reset in (("SLOWLOG", "RESET"), ("LATENCY", "RESET"), ("CONFIG", "RESETSTAT")):
+        if owner == wanted:
+            return
+        assigned = await self.repo.assignment(self.node_id)
+        if assigned is None or assigned.assignment.cluster != view.cluster:
+            raise StoreError(f"not assigned to {view.cluster} (any more)")
+        await self.ctl.call("REPLICAOF", "NO", "ONE")  # a replica refuses FLUSHALL
+        await self.ctl.call("FLUSHALL")
+        # what the last tenant left besides keys: its functions and cached scripts (runnable
+        # by the next, FLUSHALL keeps them), its commands' arguments in the slow log, its
+        # command counts. Best effort: a Redis that renamed one of these still joins
+        for reset in BACKEND_RESETS:
+            try:
                 await self.ctl.call(*reset)
-            self.log.info("backend_emptied", previous=owner.cluster if owner else None,
-                          cluster=view.cluster)
-            await self.repo.set_data_owner(self.node_id, wanted)
+            except RedisCtlError as exc:
+                self.log.warning("backend_reset_failed", command=" ".join(reset),
+                                 error=str(exc))
+        self.log.info("backend_emptied", previous=owner.cluster if owner else None,
+                      cluster=view.cluster)
+        if not await self.repo.set_data_owner(self.node_id, wanted, assigned.revision):
+            raise StoreError(f"the assignment to {view.cluster} changed while joining it")
 
     async def _set_role(self, view: ClusterView) -> None:
         """Make the backend the master or the replica `view` says it is."""

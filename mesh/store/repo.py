@@ -273,8 +273,11 @@ class MeshRepo:
         return StoredAssignment(Assignment.decode(kv.value), kv.mod_revision)
 
     async def release(self, node_id: str, revision: int) -> bool:
-        """Delete the node's assignment if it is still at `revision`."""
-        return await self.store.cas(self.keys.assignment(node_id), None, revision)
+        """Delete the node's assignment, if it is still at `revision`, and its data ownership
+        (a held node joining its cluster again is emptied first: its copy is stale)."""
+        key = self.keys.assignment(node_id)
+        return await self.store.commit({key: revision}, {},
+                                       (key, self.keys.data_owner(node_id)))
 
     async def data_owner(self, node_id: str) -> DataOwner | None:
         """Whose data the node's Redis holds; None if unknown (or unreadable)."""
@@ -286,5 +289,8 @@ class MeshRepo:
         except RecordError:
             return None
 
-    async def set_data_owner(self, node_id: str, owner: DataOwner) -> None:
-        await self.store.put(self.keys.data_owner(node_id), owner.encode())
+    async def set_data_owner(self, node_id: str, owner: DataOwner, assigned: int) -> bool:
+        """Record `owner` if the node's assignment is still at revision `assigned` (False:
+        the node was unassigned, or assigned anew, since: whatever it joined is no more)."""
+        return await self.store.commit({self.keys.assignment(node_id): assigned},
+                                       {self.keys.data_owner(node_id): owner.encode()})

@@ -26,6 +26,9 @@ def test_a_node_whose_cluster_was_deleted_serves_none_of_its_keys(mesh_factory):
     owner = redis.Redis(host="127.0.0.1", port=port, password="pwA")
     owner.config_set("slowlog-log-slower-than", 0)  # A's commands, arguments and all, logged
     owner.set("A:secret", SECRET)
+    owner.function_load("#!lua name=alib\nredis.register_function('afn', "
+                        "function(keys, args) return 'A secret code' end)")
+    script = owner.script_load("return 'A script'")
     owner.close()
     mesh.umctl("cluster", "delete", "A", "--yes")
     wait_for(lambda: out_of_the_cluster(port), what="the node to leave the cluster")
@@ -59,6 +62,8 @@ def test_a_node_whose_cluster_was_deleted_serves_none_of_its_keys(mesh_factory):
     assert b.dbsize() == 0
     assert SECRET.encode() not in command(port, "SLOWLOG", "GET", "1000")
     assert b"cmdstat_set" not in command(port, "INFO", "commandstats")
+    # nor its functions and cached scripts, which FLUSHALL keeps
+    assert b.function_list() == [] and b.script_exists(script) == [False]
     b.close()
 
 

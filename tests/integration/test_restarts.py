@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from redis.cluster import RedisCluster
 
 from tests.integration.test_failover import make_cluster, master_of, wait_replication
@@ -248,10 +249,13 @@ def test_rolling_restart_of_every_node_under_load(mesh_factory, capsys):
     assert all(len(s["nodes"]) == 2 for s in shown["shards"])
 
 
-def test_a_node_that_rejoins_its_cluster_is_emptied_and_deleted_keys_stay_deleted(mesh_factory):
-    # a replica dropped by a scale-in keeps its Redis's copy; the cluster deletes its keys
-    # meanwhile; a scale-out takes the same node back as the new shard's master. It served
-    # the deleted keys again when its old data ownership survived the scale-in
+@pytest.mark.parametrize("leaves_by", ["scale-in", "drain-and-release"])
+def test_a_node_that_rejoins_its_cluster_is_emptied_and_deleted_keys_stay_deleted(
+        mesh_factory, leaves_by):
+    # a replica that left (dropped by a scale-in, or drained, held and released) keeps its
+    # Redis's copy; the cluster deletes keys meanwhile; a scale-out takes the same node back
+    # as the new shard's master. It served the deleted keys again when its old data
+    # ownership survived the scale-in or the release
     mesh = mesh_factory(2)
     mesh.wait_pool(2)
     created = mesh.umctl("--json", "cluster", "create", "back", "--shards", "1", "--replicas", "1")
@@ -264,11 +268,15 @@ def test_a_node_that_rejoins_its_cluster_is_emptied_and_deleted_keys_stay_delete
         rc.set(k, "old")
     wait_for(lambda: command(mesh.redis[replica].port, "DBSIZE") == b":200\r\n",
              what="the replica to hold every key")
+    if leaves_by == "drain-and-release":
+        assert mesh.umctl("nodes", "drain", replica).returncode == 0
     out = mesh.umctl("cluster", "scale", "back", "--replicas", "0")
     assert out.returncode == 0, out.stderr
     wait_for(lambda: command(mesh.proxies[replica].port, "UMCTL", "GETEPOCH") == b":0\r\n",
              what="the replica to leave")
     assert rc.delete(*keys[:100]) == 100  # one shard: every key is on the master
+    if leaves_by == "drain-and-release":
+        assert mesh.umctl("nodes", "release", replica).returncode == 0
     out = mesh.umctl("cluster", "scale", "back", "--shards", "2", "--wait", "--timeout", "60",
                      timeout=90)
     assert out.returncode == 0, out.stderr

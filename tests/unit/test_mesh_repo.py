@@ -129,7 +129,8 @@ async def test_a_leader_write_needs_its_election_key(repo, store):
 async def test_released_nodes_lose_assignment_and_data_ownership(repo, store):
     view = make_view(2, 0)
     await repo.commit_view("mydb", 0, view, ViewCommit(claim=view.node_ids))
-    await repo.set_data_owner("node-1", DataOwner("mydb", "u1"))
+    assigned = await repo.assignment("node-1")
+    assert await repo.set_data_owner("node-1", DataOwner("mydb", "u1"), assigned.revision)
     read = await repo.view("mydb")
     assert await repo.commit_view("mydb", read.revision, view.next(),
                                   ViewCommit(unassign=("node-1",)))
@@ -137,7 +138,7 @@ async def test_released_nodes_lose_assignment_and_data_ownership(repo, store):
     assert set(await repo.assigned()) == {"node-0"}
 
 
-async def test_delete_keeping_data_holds_the_nodes(repo):
+async def test_delete_keeping_data_holds_the_nodes(repo, store):
     view = make_view(2, 0)
     await repo.commit_view("mydb", 0, view, ViewCommit(claim=view.node_ids))
     read = await repo.view("mydb")
@@ -146,8 +147,10 @@ async def test_delete_keeping_data_holds_the_nodes(repo):
     assert all(a.assignment == Assignment("mydb", held=True)
                for a in (await repo.assignments()).values())
     held = await repo.assignment("node-0")
+    await store.put(store.keys.data_owner("node-0"), DataOwner("mydb", "u1").encode())
     assert await repo.release("node-0", held.revision)
     assert await repo.assignment("node-0") is None
+    assert await repo.data_owner("node-0") is None  # emptied if it joins again
 
 
 async def test_an_invalid_view_is_never_written(repo):
@@ -197,8 +200,21 @@ async def test_the_leader_is_the_oldest_candidate_with_a_record(repo, store):
 async def test_a_malformed_data_owner_counts_as_unknown(repo, store):
     await store.put(store.keys.data_owner("n"), b"\xff")
     assert await repo.data_owner("n") is None
-    await repo.set_data_owner("n", DataOwner("c", "u"))
+    await store.put(store.keys.data_owner("n"), DataOwner("c", "u").encode())
     assert await repo.data_owner("n") == DataOwner("c", "u")
+
+
+async def test_data_ownership_is_recorded_only_under_the_assignment_read_before(repo):
+    # the node read its assignment, emptied its Redis, and was unassigned meanwhile: an
+    # ownership written now would outlive the unassignment that deleted it
+    view = make_view(2, 0)
+    await repo.commit_view("mydb", 0, view, ViewCommit(claim=view.node_ids))
+    assigned = await repo.assignment("node-1")
+    read = await repo.view("mydb")
+    assert await repo.commit_view("mydb", read.revision, view.next(),
+                                  ViewCommit(unassign=("node-1",)))
+    assert not await repo.set_data_owner("node-1", DataOwner("mydb", "u1"), assigned.revision)
+    assert await repo.data_owner("node-1") is None
 
 
 async def test_the_view_is_the_first_put_so_a_retried_commit_checks_it(repo, store):
