@@ -165,9 +165,10 @@ class Mesh:
 
     def __init__(self, spawn: Spawner, nodes: int, etcd_members: int = 1,
                  proxy_args: tuple[str, ...] = (), plain: bool = False,
-                 metrics: bool = False) -> None:
+                 metrics: bool = False, redis_args: tuple[str, ...] = ()) -> None:
         self.spawn = spawn
         self.proxy_args = proxy_args
+        self.redis_args = redis_args
         self.plain = plain  # every node also has a plain listener (--plain-listen)
         self.plain_ports: dict[str, int] = {}
         self.metrics = metrics  # every node serves Prometheus metrics (--metrics)
@@ -187,7 +188,7 @@ class Mesh:
 
     def add_nodes(self, count: int) -> list[str]:
         """`count` more nodes (their proxies started together); their node ids."""
-        backends = [self.spawn.redis() for _ in range(count)]
+        backends = [self.spawn.redis(*self.redis_args) for _ in range(count)]
         plain = [free_port() for _ in range(count)] if self.plain else []
         metrics = [free_port() for _ in range(count)] if self.metrics else []
         each = [(*(("--plain-listen", f"127.0.0.1:{plain[i]}") if plain else ()),
@@ -241,5 +242,6 @@ def standalone_node():
 
 @pytest.fixture
 def mesh_factory(spawn):
-    return lambda nodes, etcd_members=1, proxy_args=(), plain=False, metrics=False: Mesh(
-        spawn, nodes, etcd_members, tuple(proxy_args), plain, metrics)
+    return lambda nodes, etcd_members=1, proxy_args=(), plain=False, metrics=False, \
+        redis_args=(): Mesh(spawn, nodes, etcd_members, tuple(proxy_args), plain, metrics,
+                            tuple(redis_args))

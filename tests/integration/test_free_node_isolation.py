@@ -94,3 +94,17 @@ def test_a_plain_client_of_a_node_that_left_is_redirected_at_most_never_forwarde
     assert command(mesh.redis[stays].port, "KEYS", "planted:*") == b"*0\r\n"
     # a cluster client on the cluster port is sent to the owner
     assert command(mesh.proxies[left].port, "GET", "a:1").startswith(b"-MOVED")
+
+
+def test_a_redis_with_config_renamed_still_joins_a_cluster(mesh_factory):
+    # joining resets the slow log and statistics after the FLUSHALL, best effort: a node
+    # whose Redis hides CONFIG (a common hardening) retried its join forever
+    mesh = mesh_factory(1, proxy_args=("--log-level", "info"),
+                        redis_args=("--rename-command", "CONFIG", ""))
+    mesh.wait_pool(1)
+    port = next(iter(mesh.proxies.values())).port
+    mesh.umctl("--json", "cluster", "create", "hardened", "--shards", "1")
+    wait_for(lambda: not out_of_the_cluster(port), what="the node to join")
+    assert redis.Redis(host="127.0.0.1", port=port).set("k", "v")
+    log = next(iter(mesh.proxies.values())).log()
+    assert "backend_reset_failed" in log and "CONFIG RESETSTAT" in log
