@@ -16,6 +16,7 @@ import structlog
 from core import clock
 from core.address import Address
 from core.nodes import DataOwner
+from core.tenant_config import TENANT_SETTABLE
 from core.view import ClusterView, Migration
 from proxy.control import FENCED_LEASE, ControlPort
 from proxy.routing import empty_table, table_from_view
@@ -54,6 +55,9 @@ class ViewApplier:
         self.lock = anyio.Lock()  # one change of the proxy or the backend at a time
         self.keeper: LeaseKeeper | None = None  # the current lease's
         self.log = log.bind(node=node_id)
+        # the tenant-settable parameters as the backend had them when this agent first read
+        # them, set back whenever the node is emptied for a cluster (None: not read yet)
+        self.backend_config: dict[str, str] | None = None
 
     # -- watching ----------------------------------------------------------------------------
     async def run(self, keeper: LeaseKeeper) -> None:
@@ -61,6 +65,8 @@ class ViewApplier:
         The lease counts for the fence only once the views were read under it: until then
         `self.views` holds what an earlier lease saw, which may miss a failover that made
         this node a replica (the backend check's reconcile must not unfence on it)."""
+        if self.backend_config is None:
+            await self._read_backend_config()
         revision = await self.read_all()
         self.keeper = keeper
         async with self.lock:
@@ -217,10 +223,35 @@ class ViewApplier:
             except RedisCtlError as exc:
                 self.log.warning("backend_reset_failed", command=" ".join(reset),
                                  error=str(exc))
+        await self._restore_backend_config()
         self.log.info("backend_emptied", previous=owner.cluster if owner else None,
                       cluster=view.cluster)
         if not await self.repo.set_data_owner(self.node_id, wanted, assigned.revision):
             raise StoreError(f"the assignment to {view.cluster} changed while joining it")
+
+    async def _read_backend_config(self) -> None:
+        try:
+            with anyio.fail_after(BACKEND_TIMEOUT):
+                reply = await self.ctl.call("CONFIG", "GET", *sorted(TENANT_SETTABLE))
+        except (RedisCtlError, TimeoutError, OSError) as exc:
+            self.log.warning("backend_config_unread", error=str(exc))
+            return
+        pairs = reply if isinstance(reply, list) else []
+        self.backend_config = {bytes(k).decode(): bytes(v).decode()
+                               for k, v in zip(pairs[::2], pairs[1::2])}
+
+    async def _restore_backend_config(self) -> None:
+        """Set the tenant-settable parameters back, one by one (aliases, such as the
+        ziplist and listpack names, may not share one CONFIG SET); best effort."""
+        if self.backend_config is None:
+            self.log.warning("backend_config_not_restored", why="never read")
+            return
+        for name, value in sorted(self.backend_config.items()):
+            try:
+                await self.ctl.call("CONFIG", "SET", name, value)
+            except RedisCtlError as exc:
+                self.log.warning("backend_config_not_restored", parameter=name,
+                                 error=str(exc))
 
     async def _set_role(self, view: ClusterView) -> None:
         """Make the backend the master or the replica `view` says it is."""

@@ -17,6 +17,7 @@ import hiredis
 from core import __version__, secret
 from core.address import Address
 from core.slots import SLOT_COUNT, key_slot
+from core.tenant_config import TENANT_SETTABLE
 
 from . import broadcast, clusterinfo, commands, jobs, policy, slotstats
 from .admission import NOAUTH
@@ -240,7 +241,7 @@ def client_info(c: Client, argv: list[bytes]) -> None:
 
 
 def config_set(c: Client, argv: list[bytes]) -> None:
-    if not c.ctx.control.table.configured:  # a setting would outlive it, into the next tenant
+    if not c.ctx.control.table.configured:  # nobody's to set: the next cluster's are reset
         c.reply(SLOT_NOT_SERVED)
         return
     if len(argv) % 2:
@@ -248,7 +249,7 @@ def config_set(c: Client, argv: list[bytes]) -> None:
         return
     for param in argv[2::2]:
         name = param.decode(errors="replace").lower()
-        if name not in policy.TENANT_SETTABLE:
+        if name not in TENANT_SETTABLE:
             c.reply(error(f"ERR CONFIG SET {name} is not allowed through moonmesh: the "
                           "operator sets it (a cluster's users may set slowlog, latency, "
                           "keyspace-notification and encoding parameters)"))
@@ -272,6 +273,9 @@ def _mask_hidden(data: bytes) -> bytes:
 
 
 def config_get(c: Client, argv: list[bytes]) -> None:
+    if not c.ctx.control.table.configured:  # what the cluster it left had set
+        c.reply(SLOT_NOT_SERVED)
+        return
     c.forward(argv, Rewrite(_mask_hidden))
 
 

@@ -23,8 +23,12 @@ def test_a_node_whose_cluster_was_deleted_serves_none_of_its_keys(mesh_factory):
     node = next(iter(mesh.proxies))
     port, plain = mesh.proxies[node].port, mesh.plain_ports[node]
     mesh.umctl("--json", "cluster", "create", "A", "--shards", "1", "--password", "pwA")
+    tuned = ("hash-max-listpack-entries", "slowlog-log-slower-than")
+    backend = redis.Redis(host="127.0.0.1", port=mesh.redis[node].port)
+    defaults = {name: backend.config_get(name)[name] for name in tuned}
     owner = redis.Redis(host="127.0.0.1", port=port, password="pwA")
     owner.config_set("slowlog-log-slower-than", 0)  # A's commands, arguments and all, logged
+    owner.config_set("hash-max-listpack-entries", 77777)  # and tuning the next must not get
     owner.set("A:secret", SECRET)
     owner.function_load("#!lua name=alib\nredis.register_function('afn', "
                         "function(keys, args) return 'A secret code' end)")
@@ -50,8 +54,10 @@ def test_a_node_whose_cluster_was_deleted_serves_none_of_its_keys(mesh_factory):
         info = command(p, "INFO", "everything")  # its server section, nothing of A's data
         assert b"# Server\r\n" in info and b"# Proxy\r\n" in info, info
         assert not any(x in info for x in (b"db0:", b"# Memory", b"cmdstat_", b"# Stats"))
-        # a setting would outlive the node's time in no cluster, into the next tenant's
+        # no settings of the cluster it left, none for the next
         assert command(p, "CONFIG", "SET", "slowlog-log-slower-than", "0").startswith(
+            b"-CLUSTERDOWN")
+        assert command(p, "CONFIG", "GET", "hash-max-listpack-entries").startswith(
             b"-CLUSTERDOWN")
     assert command(mesh.redis[node].port, "EXISTS", "planted") == b":0\r\n"
     # the next cluster on the node sees nothing of A: not its keys, nor its slow log, nor
@@ -62,8 +68,10 @@ def test_a_node_whose_cluster_was_deleted_serves_none_of_its_keys(mesh_factory):
     assert b.dbsize() == 0
     assert SECRET.encode() not in command(port, "SLOWLOG", "GET", "1000")
     assert b"cmdstat_set" not in command(port, "INFO", "commandstats")
-    # nor its functions and cached scripts, which FLUSHALL keeps
+    # nor its functions and cached scripts, which FLUSHALL keeps, nor its settings
     assert b.function_list() == [] and b.script_exists(script) == [False]
+    assert {name: b.config_get(name)[name] for name in tuned} == defaults
+    assert defaults["hash-max-listpack-entries"] != "77777"
     b.close()
 
 
