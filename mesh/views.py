@@ -212,6 +212,8 @@ class ViewApplier:
         assigned = await self.repo.assignment(self.node_id)
         if assigned is None or assigned.assignment.cluster != view.cluster:
             raise StoreError(f"not assigned to {view.cluster} (any more)")
+        if self.backend_config is None:  # its Redis was away when the agent started
+            await self._read_backend_config()
         await self.ctl.call("REPLICAOF", "NO", "ONE")  # a replica refuses FLUSHALL
         await self.ctl.call("FLUSHALL")
         # what the last tenant left besides keys: its functions and cached scripts (runnable
