@@ -406,12 +406,15 @@ async def keep_connected(conn: BackendConnection, close_on_exit: bool = True,
     address = str(Address(conn.host, conn.port))
 
     def failed(event: str, **fields: object) -> None:
-        said = outage.failed(anyio.current_time()) if outage is not None else Say.LOST
+        if outage is None:
+            log.warning(event, backend=address, **fields)
+            return
+        said = outage.failed(anyio.current_time())
         if said is Say.LOST:
             log.warning(event, backend=address, **fields)
         elif said is Say.STILL:
             log.warning("backend_still_unreachable", backend=address,
-                        failures=outage.failures if outage else 0, **fields)
+                        failures=outage.failures, **fields)
 
     try:
         while not conn.closed:  # closed by its owner: it never connects again

@@ -188,9 +188,9 @@ class Session(asyncio.Protocol):
             self._handled(timed)
 
     def _sample(self, batch: list[list[bytes]]) -> Sample | None:
-        """This read holds a sampled command: the hot keys and bytes in take it; it is timed
-        too when this client waits for no earlier reply (so what is written back until its
-        last reply is its own). Only a client of the served tenant that passed its
+        """This read holds sample points: their commands go to the hot keys and bytes in;
+        the read is timed too when this client waits for no earlier reply (so what is written
+        back until its last reply is its own). Only a client of the served tenant that passed its
         authentication gives samples: a stranger's keys are no hot keys of the cluster."""
         table = self.control.table
         if self.tenant != table.tenant or (self.auth_hash != table.password_hash
