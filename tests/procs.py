@@ -101,17 +101,24 @@ def blocked_clients(redis_port: int) -> int:
 
 def free_up_ports(nodes: int) -> int:
     """A PORT for `umctl-mesh up --port PORT` with `nodes` nodes: their proxy ports, and the
-    Redis, plain-listener and metrics ports at fixed offsets from them, all free now."""
+    Redis, plain-listener and metrics ports at fixed offsets from them, all free now and all
+    outside the kernel's ephemeral range (`up` binds them seconds after this check, and an
+    outgoing connection could take a port from that range in between)."""
     import random
 
-    from tools.launch import port_free
+    from tools.launch import ephemeral_range, port_free
     from tools.umctl_mesh.local import METRICS_PORT_OFFSET, PLAIN_PORT_OFFSET, REDIS_PORT_OFFSET
 
+    low, high = ephemeral_range()
+    offsets = (0, REDIS_PORT_OFFSET, PLAIN_PORT_OFFSET, METRICS_PORT_OFFSET)
+    candidates = [port for port in range(1024, 65536 - METRICS_PORT_OFFSET - nodes)
+                  if not any(low <= port + off + i <= high for off in offsets
+                             for i in range(nodes))]
+    assert candidates, f"no `up` layout avoids the ephemeral ports {low}-{high}"
     rng = random.Random()
     while True:
-        port = rng.randrange(20000, 30000)
-        if all(port_free(p + offset) for p in range(port, port + nodes)
-               for offset in (0, REDIS_PORT_OFFSET, PLAIN_PORT_OFFSET, METRICS_PORT_OFFSET)):
+        port = rng.choice(candidates)
+        if all(port_free(p + off) for p in range(port, port + nodes) for off in offsets):
             return port
 
 
@@ -147,13 +154,30 @@ def fresh_body(port: int, request: bytes = b"GET /metrics HTTP/1.1\r\nHost: x\r\
 
 def read_until(proc, prefix: str, timeout: float = 60) -> list[str]:  # noqa: ANN001
     """The lines `proc` (a Popen with text stdout) prints up to the first that starts with
-    `prefix`, that one included; its output so far if it ends first."""
+    `prefix`, that one included; its output so far if it ends first. A reader thread does the
+    reading, so a process that prints nothing more still fails here, with its lines so far."""
+    import queue
+    import threading
+
     lines: list[str] = []
+    read: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:  # ends at `prefix` or at EOF (the caller's cleanup ends the process)
+        while True:
+            line = proc.stdout.readline()
+            read.put(line)
+            if not line or line.startswith(prefix):
+                return
+
+    threading.Thread(target=pump, daemon=True).start()
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
+    while True:
+        try:
+            line = read.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"no line starting {prefix!r} in {timeout:g} s:\n"
+                                 + "".join(lines)) from None
         assert line, "".join(lines)
         lines.append(line)
         if line.startswith(prefix):
             return lines
-    raise AssertionError(f"no line starting {prefix!r} in {timeout:g} s:\n" + "".join(lines))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -39,14 +40,39 @@ class LaunchError(Exception):
 # --------------------------------------------------------------------------- ports
 
 
+# Ports are drawn below the kernel's ephemeral range: a port bind(0) hands out is one any
+# outgoing connection (a client of etcd, a pooled backend link) can take before the server that
+# was meant to listen on it binds, and `umctl-mesh up` binds seconds after it checked its ports.
+PORT_FLOOR = 10000  # below it: well-known services, and `umctl-mesh up`'s default 7000..
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+EPHEMERAL_DEFAULT = (32768, 60999)  # Linux's default, if the file cannot be read
+_handed_out: set[int] = set()  # never hand one port out twice from one process
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (inclusive)."""
+    try:
+        low, high = map(int, Path(EPHEMERAL_RANGE_FILE).read_text().split())
+    except (OSError, ValueError):
+        return EPHEMERAL_DEFAULT
+    return low, high
+
+
 def free_port(below: int = 65536) -> int:
-    """A port nothing listens on now, under `below` (native Redis Cluster's bus is port+10000)."""
-    while True:
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            port = s.getsockname()[1]
-        if port < below:
+    """A port nothing listens on now, under `below` (native Redis Cluster's bus is port+10000),
+    outside the ephemeral range where it can, and not handed out before by this process."""
+    low, high = ephemeral_range()
+    candidates = [(PORT_FLOOR, min(below, low))]
+    if high + 1 < below:
+        candidates.append((high + 1, below))
+    rng = random.Random()
+    for _ in range(10_000):
+        start, stop = rng.choice([c for c in candidates if c[0] < c[1]] or [(1024, below)])
+        port = rng.randrange(start, stop)
+        if port not in _handed_out and port_free(port):
+            _handed_out.add(port)
             return port
+    raise LaunchError(f"no free port under {below}")
 
 
 def port_free(port: int) -> bool:
