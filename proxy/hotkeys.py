@@ -7,6 +7,10 @@ takes a free entry, or replaces the entry with the smallest count and inherits t
 total / capacity is guaranteed to be in the table, and each estimate is at most `error`
 above the truth. The data path feeds it a sample (proxy/stats.py), each key with the sample's
 weight, so the counts estimate operations.
+
+The table is of recent operations: `halve` divides every count and error by two, and the data
+path calls it once per HALF_LIFE seconds (ProxyStats.age_hotkeys), so a key that was hot an
+hour ago and is idle now is soon out-counted by today's.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 DEFAULT_CAPACITY = 128  # keys tracked per node; `top(n)` is exact for keys well above 1/128
 MAX_KEY_BYTES = 256  # a longer key is tracked by its first bytes (memory stays bounded)
 HEAP_SLACK = 4  # the eviction heap is rebuilt when it holds this many entries per key tracked
+HALF_LIFE = 60.0  # seconds: every estimate is halved this often (Redis's lfu-decay-time is 1 min)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +80,18 @@ class SpaceSaving:
             return []
         best = heapq.nsmallest(n, self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
         return [HotKey(k, c, self.errors[k]) for k, c in best]
+
+    def halve(self, times: int = 1) -> None:
+        """Age the table: every count and error divided by 2**`times`, rounded down; a key
+        whose count falls to 0 goes. The counts still add up to `total`."""
+        if times <= 0:
+            return
+        counts = {k: c >> times for k, c in self.counts.items() if c >> times}
+        self.errors = {k: self.errors[k] >> times for k in counts}
+        self.counts = counts
+        self.total = sum(counts.values())
+        self.heap = [(c, k) for k, c in counts.items()]
+        heapq.heapify(self.heap)
 
     def clear(self) -> None:
         self.counts.clear()

@@ -436,6 +436,7 @@ def umctl(c: Client, argv: list[bytes]) -> None:
             c.reply(error(f"ERR usage: UMCTL HOTKEYS [N], N from 1 to {MAX_HOTKEYS}"))
             return
         n = int(argv[2]) if len(argv) == 3 else DEFAULT_HOTKEYS
+        ctx.stats.age_hotkeys(time.monotonic())
         c.reply_value([[hot.key, hot.count] for hot in ctx.stats.hotkeys.top(n)])
     elif sub == b"GETEPOCH":
         c.reply(integer(table.epoch))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
-from time import perf_counter
+from time import monotonic, perf_counter
 
 import structlog
 
@@ -197,7 +197,7 @@ class Session(asyncio.Protocol):
                                            and not self.admin):
             self.stats.skip(len(batch))
             return None
-        name, slot, weight = self.stats.sample(batch)
+        name, slot, weight = self.stats.sample(batch, monotonic())
         if self.replies or self.sample is not None or self.backlog is not None:
             return None
         self.sample = Sample(perf_counter(), name, slot, weight, len(batch))

@@ -41,6 +41,7 @@ from operator import itemgetter
 from core.slots import SLOT_COUNT, key_slot
 
 from .commands import COMMANDS
+from .hotkeys import HALF_LIFE as HOTKEYS_HALF_LIFE
 from .hotkeys import SpaceSaving
 from .resp import encode_command
 
@@ -173,6 +174,7 @@ class ProxyStats:
         self.errors: dict[str, int] = {}  # kind -> error replies the proxy made itself
         self.countdown = next_gap()  # commands until the next sample point (1 or more)
         self.hotkeys = SpaceSaving()
+        self.hotkeys_aged_at = 0.0  # time.monotonic() the hot keys were last halved (as of)
         self.slot_cpu_usec = [0.0] * SLOT_COUNT
         self.slot_bytes_in = [0] * SLOT_COUNT
         self.slot_bytes_out = [0.0] * SLOT_COUNT
@@ -210,11 +212,21 @@ class ProxyStats:
             kind = OTHER
         errors[kind] = errors.get(kind, 0) + 1
 
-    def sample(self, batch: list[list[bytes]]) -> tuple[str, int, int]:
-        """The read reached the countdown: each command at a sample point goes to the hot
-        keys and to its slot's bytes in, weighted SAMPLE_EVERY; draw the points after the
-        read. The first point's name and slot (-1: keyless), and the weight of all the
-        read's points (what a timed read's cost is shared by)."""
+    def age_hotkeys(self, now: float) -> None:
+        """Halve the hot keys once for every HOTKEYS_HALF_LIFE passed since they last were
+        (`now`: time.monotonic()); a table idle for an hour is emptied."""
+        times = int((now - self.hotkeys_aged_at) // HOTKEYS_HALF_LIFE)
+        if times > 0:
+            self.hotkeys.halve(times)
+            self.hotkeys_aged_at += times * HOTKEYS_HALF_LIFE
+
+    def sample(self, batch: list[list[bytes]], now: float) -> tuple[str, int, int]:
+        """The read reached the countdown (at `now`, time.monotonic()): each command at a
+        sample point goes to the hot keys and to its slot's bytes in, weighted SAMPLE_EVERY;
+        draw the points after the read. The first point's name and slot (-1: keyless), and
+        the weight of all the read's points (what a timed read's cost is shared by)."""
+        if now - self.hotkeys_aged_at >= HOTKEYS_HALF_LIFE:
+            self.age_hotkeys(now)
         n = len(batch)
         at = self.countdown - 1
         first_name, first_slot, points = "", -1, 0

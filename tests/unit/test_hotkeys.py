@@ -64,3 +64,43 @@ def test_space_saving_guarantees(stream, capacity):
     assert sum(table.counts.values()) == len(stream) == table.total
     top = table.top(capacity)
     assert [h.count for h in top] == sorted((h.count for h in top), reverse=True)
+
+
+@pytest.mark.parametrize(("offered", "times", "expected"), [
+    ({b"a": 8, b"b": 3}, 1, [(b"a", 4, 0), (b"b", 1, 0)]),
+    ({b"a": 8, b"b": 3}, 2, [(b"a", 2, 0)]),  # b falls to 0 and goes
+    ({b"a": 8}, 0, [(b"a", 8, 0)]),
+    ({b"a": 8}, 10_000, []),  # an hour idle: empty
+])
+def test_halving_ages_every_count(offered, times, expected):
+    table = SpaceSaving(4)
+    for key, weight in offered.items():
+        table.offer(key, weight)
+    table.halve(times)
+    assert table.top(4) == [HotKey(*e) for e in expected]
+    assert table.total == sum(table.counts.values())
+
+
+def test_a_key_hot_now_outranks_one_hot_long_ago():
+    table = SpaceSaving(2)
+    table.offer(b"old", 1000)
+    for _ in range(5):  # five half-lives without `old`, `new` at a tenth of its rate
+        table.halve()
+        table.offer(b"new", 100)
+    assert [h.key for h in table.top(2)] == [b"new", b"old"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 30), st.just(-1)), max_size=300), st.integers(1, 12))
+def test_halving_keeps_the_table_consistent(stream, capacity):
+    """-1 in the stream is a halving: errors stay within counts, the counts add up to the
+    total, the heap still finds the smallest, and memory stays bounded."""
+    table = SpaceSaving(capacity)
+    for x in stream:
+        if x < 0:
+            table.halve()
+        else:
+            table.offer(b"%d" % x)
+        assert len(table.counts) <= capacity and table.errors.keys() == table.counts.keys()
+        assert all(0 <= table.errors[k] <= c for k, c in table.counts.items())
+        assert sum(table.counts.values()) == table.total

@@ -13,6 +13,7 @@ from core.slots import key_slot
 from proxy.jobs import SLOT_COUNTS_FRESH, KeyCounts
 from proxy.resp import encode_command
 from proxy.stats import (
+    HOTKEYS_HALF_LIFE,
     LATENCY_BUCKETS,
     LONGEST_NAME,
     MAX_COMMAND_NAMES,
@@ -103,7 +104,7 @@ def check_weights(reads: list[int], gap: int) -> None:
     for n in reads:
         batch = [[b"GET", b"k%d" % (total + i)] for i in range(n)]
         if n >= stats.countdown:
-            name, slot, weight = stats.sample(batch)
+            name, slot, weight = stats.sample(batch, 0.0)
             assert name == "GET" and weight % SAMPLE_EVERY == 0 and weight
             weights += weight
         else:
@@ -128,7 +129,7 @@ def test_weights_estimate_the_commands_read():
     for n in [1] * 20_000 + [16] * 3_000 + [256] * 300:
         batch = [[b"GET", b"k"]] * n
         if n >= stats.countdown:
-            stats.sample(batch)
+            stats.sample(batch, 0.0)
         else:
             stats.countdown -= n
         total += n
@@ -140,7 +141,7 @@ def test_a_read_gives_its_first_sample_point(monkeypatch_gap):
     stats = ProxyStats()
     stats.countdown = 3
     batch = [[b"GET", b"k%d" % i] for i in range(2 * SAMPLE_EVERY + 5)]
-    name, slot, weight = stats.sample(batch)
+    name, slot, weight = stats.sample(batch, 0.0)
     assert (name, slot, weight) == ("GET", key_slot(b"k2"), 3 * SAMPLE_EVERY)
     # every point's key is a sample: one pipeline's hot key is found however long it is
     assert sorted((c.key, c.count) for c in stats.hotkeys.top(10)) == [
@@ -152,7 +153,7 @@ def test_a_read_gives_its_first_sample_point(monkeypatch_gap):
 def test_sampled_commands_charge_their_slot():
     stats = ProxyStats()
     stats.countdown = 1
-    name, slot, weight = stats.sample([[b"SET", b"k", b"v"]])
+    name, slot, weight = stats.sample([[b"SET", b"k", b"v"]], 0.0)
     weight = SAMPLE_EVERY  # one point in a read of one command
     assert (name, slot, weight) == ("SET", key_slot(b"k"), SAMPLE_EVERY)
     assert stats.slot_bytes_in[slot] == len(encode_command([b"SET", b"k", b"v"])) * SAMPLE_EVERY
@@ -171,7 +172,7 @@ def test_sampled_commands_charge_their_slot():
 def test_keyless_sampled_commands_charge_no_slot():
     stats = ProxyStats()
     stats.countdown = 1
-    assert stats.sample([[b"PING"]]) == ("PING", -1, SAMPLE_EVERY)  # one point, one command
+    assert stats.sample([[b"PING"]], 0.0) == ("PING", -1, SAMPLE_EVERY)  # one point, one command
     assert stats.hotkeys.total == 0
     stats.finish(Sample(0.0, "PING", -1, SAMPLE_EVERY, 1), 0.001)
     assert sum(stats.slot_cpu_usec) == 0 and stats.latency_snapshot()["PING"].count == 1
@@ -220,7 +221,7 @@ def test_reset_forgets_everything_but_clients_accepted():
     stats.count_new(b"GET", 5)
     stats.count_error(b"-MOVED 1 h:1\r\n")
     stats.countdown = 1
-    _, slot, _ = stats.sample([[b"GET", b"secret-key"]])
+    _, slot, _ = stats.sample([[b"GET", b"secret-key"]], 0.0)
     stats.finish(Sample(0.0, "GET", slot, SAMPLE_EVERY, 1), 0.001)
     assert stats.hotkeys.top(1) and stats.slot_bytes_in[slot] and stats.latency
     stats.reset()
@@ -252,3 +253,17 @@ def test_skip_draws_the_points_of_a_read_without_a_sample(monkeypatch_gap):
 def test_key_counts_are_reused_for_the_same_table_while_fresh(tenant, epoch, age, fresh):
     counts = KeyCounts("t", 3, 100.0, (0,) * 16384)
     assert counts.fresh_for(tenant, epoch, 100.0 + age) is fresh
+
+
+def test_hot_keys_are_halved_once_per_half_life_passed():
+    stats = ProxyStats()
+    stats.countdown = 1
+    with patch.object(proxy.stats, "next_gap", lambda: 1):
+        stats.sample([[b"GET", b"k"]], 100.0)  # a fresh table ages nothing that was offered
+        assert stats.hotkeys.top(1)[0].count == SAMPLE_EVERY
+        stats.sample([[b"GET", b"other"]], 100.0 + HOTKEYS_HALF_LIFE)
+        assert dict(stats.hotkeys.counts) == {b"k": SAMPLE_EVERY // 2, b"other": SAMPLE_EVERY}
+    stats.age_hotkeys(100.0 + 3 * HOTKEYS_HALF_LIFE)  # UMCTL HOTKEYS ages it as it reads
+    assert dict(stats.hotkeys.counts) == {b"k": SAMPLE_EVERY // 8, b"other": SAMPLE_EVERY // 4}
+    stats.age_hotkeys(100.0 + 3 * HOTKEYS_HALF_LIFE + 1)  # less than a half-life more: as is
+    assert dict(stats.hotkeys.counts) == {b"k": SAMPLE_EVERY // 8, b"other": SAMPLE_EVERY // 4}
