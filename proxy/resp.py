@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import hiredis
 
-# Limits, as Redis's defaults (proto-max-bulk-len, the 1M multibulk cap, PROTO_INLINE_MAX_SIZE).
+# Limits, as Redis's defaults (proto-max-bulk-len, PROTO_INLINE_MAX_SIZE), except:
 MAX_BULK_LEN = 512 * 1024 * 1024
-MAX_MULTIBULK_LEN = 1024 * 1024
+# arguments in one command: Redis takes 1M, but the proxy handles a command's arguments in one
+# turn of its loop (re-encoded, keys hashed, split over shards), about 2 us each here, and a
+# turn of over FENCE_AFTER (1 s) fences the node, over its lease TTL costs it the lease: a
+# tenant's 1M-key DEL did both. At this size a turn stays near a quarter of a second.
+MAX_MULTIBULK_LEN = 128 * 1024
+TOO_MANY_ARGUMENTS = ("ERR Protocol error: invalid multibulk length (this proxy takes at most "
+                      f"{MAX_MULTIBULK_LEN} arguments a command: split it)")
 MAX_INLINE_LEN = 64 * 1024
 # hiredis is fed a big read this much at a time (see RequestParser._parse_multibulk)
 FEED_SLICE = 16 * 1024
@@ -92,7 +98,12 @@ class RequestParser:
                     if cmd.__class__ is not list:
                         raise RequestError("ERR Protocol error: expected '*'")
                     argc = len(cmd)
-                    pos += 3 + (_DIGITS[argc] if argc < 256 else len(str(argc)))
+                    if argc < 256:
+                        pos += 3 + _DIGITS[argc]
+                    else:
+                        if argc > MAX_MULTIBULK_LEN:  # came whole: no header check saw it
+                            raise RequestError(TOO_MANY_ARGUMENTS)
+                        pos += 3 + len(str(argc))
                     for arg in cmd:
                         # Redis takes bulk strings only, hiredis also +simple, =verbatim...
                         # (headers in earlier reads were checked by _HeaderCheck)
@@ -187,7 +198,7 @@ class _HeaderCheck:
             value = int(digits)
             if multibulk:
                 if value > MAX_MULTIBULK_LEN:
-                    raise RequestError("ERR Protocol error: invalid multibulk length")
+                    raise RequestError(TOO_MANY_ARGUMENTS)
                 self.args_left = value
             else:
                 if value > MAX_BULK_LEN:

@@ -4,7 +4,9 @@ redis-benchmark without --cluster, against a real 3-shard mesh."""
 from __future__ import annotations
 
 import json
+import re
 import signal
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -14,8 +16,9 @@ import redis
 from redis.exceptions import ClusterCrossSlotError
 
 from core.slots import key_slot
+from proxy.resp import MAX_MULTIBULK_LEN, encode_command
 from tests.conftest import Mesh, Spawner
-from tests.procs import blocked_clients, command, wait_for
+from tests.procs import blocked_clients, command, read_replies, wait_for
 
 CLIENTS = Path(__file__).parent.parent / "clients"
 
@@ -98,6 +101,35 @@ def test_multi_key_commands_are_split_by_slot_and_merged_in_order(mesh):
     # a hash tag keeps one slot: one command, one owner, atomic as in Redis
     assert r.msetnx({"{t}multi:a": 1, "{t}multi:b": 2}) is True
     assert r.mget("{t}multi:a", "{t}multi:b") == [b"1", b"2"]
+
+
+def lease_trouble(mesh: Mesh) -> int:
+    """How many times the mesh's nodes fenced themselves or lost a lease, from their logs."""
+    logs = "".join(p.log() for p in mesh.proxies.values())
+    return len(re.findall(r"\b(fenced|lease_lost)\b", logs))
+
+
+def test_the_biggest_command_allowed_costs_no_node_its_lease_and_a_bigger_one_is_refused(mesh):
+    """A node handles a command's arguments in one turn of its loop. A DEL of 1M keys (Redis's
+    own limit) took ~2 s of it on the plain listener: the node fenced itself, lost its lease and
+    its shard failed over, for one tenant's command. Now a command takes at most
+    MAX_MULTIBULK_LEN arguments, and the largest, split over every shard, fences nobody."""
+    layout, trouble = shards(mesh), lease_trouble(mesh)
+    keys = [b"huge:%d" % i for i in range(MAX_MULTIBULK_LEN)]
+    with socket.create_connection(("127.0.0.1", plain_port(mesh)), timeout=60) as s:
+        s.sendall(encode_command([b"DEL"] + keys[:-1]))
+        assert read_replies(s, 1, timeout=60) == [b":0\r\n"]
+    with socket.create_connection(("127.0.0.1", plain_port(mesh)), timeout=60) as s:
+        # its start is enough: the header says how many arguments follow
+        s.sendall(encode_command([b"DEL"] + keys)[:64 * 1024])
+        refused = read_replies(s, 1, timeout=60)[0]
+        assert refused.startswith(b"-ERR Protocol error") and b"at most" in refused, refused
+        s.settimeout(10)
+        assert s.recv(1) == b""  # and hangs up, as Redis does after a protocol error
+    # the confirming reads of every node went on: nothing fenced, no lease or shard changed
+    assert command(plain_port(mesh), "PING") == b"+PONG\r\n"
+    assert lease_trouble(mesh) == trouble
+    assert shards(mesh) == layout
 
 
 def test_resp3_clients_get_resp3_replies_through_forwards(mesh):

@@ -126,6 +126,29 @@ def test_malformed_requests_raise_request_error(data):
         RequestParser().feed(data)
 
 
+READ_BYTES = 256 * 1024  # what asyncio and uvloop hand data_received at most
+
+
+@pytest.mark.parametrize("read_bytes", [READ_BYTES, 1 << 30])  # in reads, or whole at once
+def test_a_command_of_more_arguments_than_the_limit_is_refused_however_it_arrives(read_bytes):
+    data = encode_command([b"DEL"] + [b"k%d" % i for i in range(MAX_MULTIBULK_LEN)])
+    parser = RequestParser()
+    with pytest.raises(RequestError, match=f"at most {MAX_MULTIBULK_LEN} arguments"):
+        for at in range(0, len(data), read_bytes):
+            parser.feed(data[at:at + read_bytes])
+
+
+@pytest.mark.parametrize("read_bytes", [READ_BYTES, 1 << 30])
+def test_a_command_of_as_many_arguments_as_the_limit_is_parsed(read_bytes):
+    argv = [b"DEL"] + [b"k%d" % i for i in range(MAX_MULTIBULK_LEN - 1)]
+    data = encode_command(argv)
+    parser = RequestParser()
+    got = []
+    for at in range(0, len(data), read_bytes):
+        got += parser.feed(data[at:at + read_bytes])
+    assert got == [argv]
+
+
 def test_too_big_inline_request_is_refused():
     with pytest.raises(RequestError, match="too big inline"):
         RequestParser().feed(b"A" * (70 * 1024))
