@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.hotkeys import MAX_KEY_BYTES as HOTKEY_BYTES
 from tests.unit.test_view import make_view
 from tools.umctl_mesh.top import (
     NodeReading,
@@ -50,15 +51,32 @@ def test_a_malformed_slot_stats_reply_is_an_error(reply):
 
 
 def test_a_key_read_on_master_and_replica_adds_up_and_the_most_used_comes_first():
-    readings = [NodeReading("node-0", hotkeys=((b"cart", 100), (b"user", 40))),
+    # user and alpha hash to s1's slots, cart and zeta to s2's
+    readings = [NodeReading("node-0", hotkeys=((b"alpha", 100), (b"user", 40))),
                 NodeReading("node-1", hotkeys=((b"user", 80),)),
-                NodeReading("node-2", hotkeys=((b"zeta", 50), (b"alpha", 50)))]
+                NodeReading("node-2", hotkeys=((b"zeta", 50), (b"cart", 50)))]
     got = merge_keys(readings, VIEW, 10)
     assert [(k["key"], k["ops"], k["nodes"]) for k in got] == [
-        ("user", 120, ["node-0", "node-1"]), ("cart", 100, ["node-0"]),
-        ("alpha", 50, ["node-2"]), ("zeta", 50, ["node-2"])]
+        ("user", 120, ["node-0", "node-1"]), ("alpha", 100, ["node-0"]),
+        ("cart", 50, ["node-2"]), ("zeta", 50, ["node-2"])]
     assert [k["shard"] for k in got] == ["s1", "s1", "s2", "s2"]
     assert len(merge_keys(readings, VIEW, 2)) == 2
+
+
+def test_a_key_counts_at_its_owning_shard_not_where_it_was_forwarded_from():
+    # node-0 took cart (an s2 key) on its plain listener and forwarded it: node-2 sampled
+    # the same commands again
+    readings = [NodeReading("node-0", hotkeys=((b"cart", 300),)),
+                NodeReading("node-2", hotkeys=((b"cart", 100),))]
+    assert merge_keys(readings, VIEW, 10) == [
+        {"key": "cart", "ops": 100, "nodes": ["node-2"], "shard": "s2"}]
+
+
+def test_a_key_cut_to_the_tracked_length_counts_where_it_was_seen():
+    cut = b"k" * HOTKEY_BYTES  # its first bytes only: their slot says nothing of the key's
+    got = merge_keys([NodeReading("node-0", hotkeys=((cut, 7),)),
+                      NodeReading("node-2", hotkeys=((cut, 5),))], VIEW, 10)
+    assert [(k["ops"], k["nodes"], k["shard"]) for k in got] == [(12, ["node-0", "node-2"], "s1")]
 
 
 def test_a_key_that_is_not_text_is_shown_escaped():

@@ -882,7 +882,7 @@ async def cmd_top(store: EtcdStore, args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"cluster {report['cluster']}  epoch {report['epoch']}")
-    print("\nhot keys (estimated ops since each node began serving this cluster)")
+    print("\nhot keys (estimated ops at the owning shard, of recent traffic: halved each minute)")
     if report["hot_keys"]:
         table(["KEY", "OPS", "SHARD", "NODES"],
               [[k["key"], k["ops"], k["shard"] or "-", " ".join(k["nodes"])]

@@ -18,9 +18,11 @@ from typing import Any
 import anyio
 
 from core import clock
+from core.slots import SLOT_COUNT, key_slot
 from core.view import ClusterView
 from mesh.redisctl import RedisCtl, RedisCtlError
 from proxy.hotkeys import DEFAULT_CAPACITY as HOTKEYS_TRACKED
+from proxy.hotkeys import MAX_KEY_BYTES as HOTKEY_BYTES
 
 from . import api, ops
 from .check import Credentials, authenticate, short_error
@@ -71,18 +73,27 @@ def parse_slot_stats(reply: object) -> tuple[tuple[int, dict[str, int]], ...]:
 
 
 def merge_keys(readings: list[NodeReading], view: ClusterView, count: int) -> list[dict]:
-    """The `count` keys with the most estimated ops over every node, and the nodes that
-    served them."""
+    """The `count` keys with the most estimated ops over the nodes that served them: those of
+    the shard that owns the key's slot. Another node's estimate is left out: it sampled the
+    key on its way elsewhere (forwarded from a plain listener, or redirected), and the owner
+    sampled the same commands again."""
+    owners = _slot_owners(view)
     totals: dict[bytes, int] = {}
     served_by: dict[bytes, list[str]] = {}
+    shard_of_key: dict[bytes, str | None] = {}
     for r in readings:
+        here = _shard_of_node(view, r.node)
         for key, ops_count in r.hotkeys:
+            # a key cut to HOTKEY_BYTES may hash elsewhere than the key: trust the node then
+            shard = here if len(key) >= HOTKEY_BYTES else owners[key_slot(key)]
+            if shard != here:
+                continue
             totals[key] = totals.get(key, 0) + ops_count
             served_by.setdefault(key, []).append(r.node)
+            shard_of_key.setdefault(key, shard)
     ranked = sorted(totals, key=lambda k: (-totals[k], k))[:count]
     return [{"key": key.decode(errors="backslashreplace"), "ops": totals[key],
-             "nodes": sorted(served_by[key]),
-             "shard": _shard_of_node(view, served_by[key][0])} for key in ranked]
+             "nodes": sorted(served_by[key]), "shard": shard_of_key[key]} for key in ranked]
 
 
 def merge_slots(readings: list[NodeReading], view: ClusterView, count: int) -> list[dict]:
@@ -96,9 +107,8 @@ def merge_slots(readings: list[NodeReading], view: ClusterView, count: int) -> l
                 into[name] += stats[name]
             into["key-count"] = max(into["key-count"], stats["key-count"])
     ranked = sorted(merged, key=lambda s: (-merged[s]["cpu-usec"], s))[:count]
-    owner = {slot: shard.id for shard in view.shards for start, end in shard.slots
-             for slot in range(start, end + 1) if slot in merged}
-    return [{"slot": slot, "shard": owner.get(slot), **merged[slot]} for slot in ranked]
+    owners = _slot_owners(view)
+    return [{"slot": slot, "shard": owners[slot], **merged[slot]} for slot in ranked]
 
 
 def node_rows(readings: list[NodeReading], view: ClusterView) -> list[dict]:
@@ -112,6 +122,15 @@ def node_rows(readings: list[NodeReading], view: ClusterView) -> list[dict]:
                      else round(r.ops_per_sec, 1)})
     return sorted(rows, key=lambda row: (row["ops_per_sec"] is None,
                                          -(row["ops_per_sec"] or 0), row["node"]))
+
+
+def _slot_owners(view: ClusterView) -> list[str | None]:
+    """The id of the shard that owns each slot (None: no shard)."""
+    owners: list[str | None] = [None] * SLOT_COUNT
+    for shard in view.shards:
+        for start, end in shard.slots:
+            owners[start:end + 1] = [shard.id] * (end - start + 1)
+    return owners
 
 
 def _shard_of_node(view: ClusterView, node: str) -> str | None:
