@@ -225,7 +225,7 @@ class ProxyStats:
         sample point goes to the hot keys and to its slot's bytes in, weighted SAMPLE_EVERY;
         draw the points after the read. The first point's name and slot (-1: keyless), and
         the weight of all the read's points (what a timed read's cost is shared by)."""
-        if now - self.hotkeys_aged_at >= HOTKEYS_HALF_LIFE:
+        if now - self.hotkeys_aged_at >= HOTKEYS_HALF_LIFE:  # age_hotkeys' test, saving a call
             self.age_hotkeys(now)
         n = len(batch)
         at = self.countdown - 1
