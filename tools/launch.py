@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import random
 import shutil
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -35,6 +37,22 @@ PR_SET_PDEATHSIG = 1  # prctl(2)
 
 class LaunchError(Exception):
     """A process did not start: it exited, or its port did not listen in time."""
+
+
+def wait_etcd_healthy(member: Process, deadline: float) -> None:
+    """Until `member`'s /health says true (its cluster has a leader), or LaunchError at
+    `deadline` (time.monotonic())."""
+    url = f"http://{member.addr}/health"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            with direct.open(url, timeout=1) as answer:
+                if json.load(answer).get("health") == "true":
+                    return
+        if not member.alive() or time.monotonic() > deadline:
+            raise LaunchError(f"{member.name} has no healthy cluster (no leader?); the end of "
+                              f"{member.log_path}:\n{member.tail()}")
+        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- ports
@@ -304,6 +322,9 @@ class Launcher:
             p.spawn()
         for p in started:
             p.wait_listening()
+        deadline = time.monotonic() + START_TIMEOUT
+        for p in started:  # listening is not serving: a client's first read waits for a leader
+            wait_etcd_healthy(p, deadline)
         return started
 
     def dead(self) -> list[str]:
