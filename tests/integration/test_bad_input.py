@@ -137,17 +137,27 @@ def backend_gets(port: int) -> int:
     return int(stats.split("cmdstat_get:calls=")[1].split(",")[0]) if "cmdstat_get:" in stats else 0
 
 
+HOLD_BACK_WAIT = 1.0  # seconds a send may take to reach Redis before the proxy is held back
+
+
 def test_client_that_reads_slowly_is_held_back_with_bounded_memory(one_node):
     assert command(one_node.port, "SET", "big", b"x" * (1024 * 1024)) == b"+OK\r\n"
     backend = one_node.backend.port
     before = backend_gets(backend)
     alone = connected_clients(one_node.port)
     with socket.create_connection(("127.0.0.1", one_node.port)) as s:
-        for _ in range(40):  # 400 requests for 1 MB each, in small reads, none read back
+        reading = True  # the proxy still takes each send as it comes
+        for sent in range(10, 410, 10):  # 400 requests for 1 MB each, none read back
             s.sendall(encode_command([b"GET", b"big"]) * 10)
             # pacing: each send is a read of its own for the proxy, as from a client that
-            # pipelines steadily (one read of all 400 would be run whole: 400 MB queued)
-            time.sleep(0.02)
+            # pipelines steadily (one read of all 400 would be run whole: 400 MB queued). A
+            # fixed 20 ms gap let sends pile up into one read whenever the proxy was slow to
+            # be scheduled; so the next send waits until these reached Redis, until the
+            # proxy stops taking them (held back)
+            deadline = time.monotonic() + HOLD_BACK_WAIT
+            while reading and backend_gets(backend) - before < sent:
+                reading = time.monotonic() < deadline
+                time.sleep(0.005)
         # the proxy stopped reading: most GETs wait unread in the socket, not as replies in
         # the proxy's memory (all 400 would be 400 MB, past the 256 MB output limit). Time
         # passing is the point: the proxy must still hold back a second later.
